@@ -1,0 +1,12 @@
+//! trainrelay: a store-and-forward MQTT relay for the onboard unit of a train.
+//!
+//! Data flows one way per direction:
+//! local broker -> routes -> store -> uplink (to the central broker), and
+//! uplink -> routes -> local broker (to the cab iPads).
+
+pub mod broker;
+pub mod clock;
+pub mod message;
+pub mod shutdown;
+pub mod store;
+pub mod topic;

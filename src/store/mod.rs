@@ -1,0 +1,307 @@
+//! The durable store: one SQLite database, one writer thread, group commit.
+//!
+//! # Contract
+//! - Every change to durable state (uplink queue, iPad sessions, retained messages) is a *job*
+//!   sent to [`Db::run`]. The writer thread takes all jobs that are waiting, runs each inside
+//!   its own savepoint in one transaction, commits once, and only then answers every job. A job
+//!   whose caller sees `Ok` is committed; if the commit fails (disk full, I/O error) every job
+//!   of that batch gets the error and none of its changes are kept.
+//! - Batching is natural: while one batch commits (and fsyncs), the next one gathers, so under
+//!   load one fsync covers many messages and when idle a job waits for nothing.
+//! - The database runs in WAL mode. `synchronous = FULL` (the default) makes a commit durable
+//!   against power loss; `NORMAL` survives a crash of the process but a power cut can roll
+//!   back the last few batches (which were already acknowledged).
+//! - The schema is versioned with `PRAGMA user_version`; [`schema`] holds the migrations from the
+//!   first release on. A store written by a newer version is refused, not guessed at.
+
+pub mod queue;
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use rusqlite::{Connection, OpenFlags};
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest number of jobs committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// Errors of the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store {path}: cannot create its directory: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store {path} has schema version {found}, newer than this trainrelay knows ({known}); refusing to touch it")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("store {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    #[error("store is full")]
+    Full,
+    #[error("store is closed")]
+    Closed,
+}
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Durable against power loss: the WAL is fsynced at every commit.
+    #[default]
+    Full,
+    /// Durable against a crash of the process; a power cut may lose the last commits.
+    Normal,
+}
+
+type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// A job runs against the open transaction, or is told why there is none.
+type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
+
+/// Handle to the store's writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    tx: mpsc::UnboundedSender<Job>,
+    path: PathBuf,
+}
+
+/// Owns the writer thread; [`DbThread::join`] waits until every job sent before it ran.
+pub struct DbThread {
+    handle: thread::JoinHandle<()>,
+}
+
+impl Db {
+    /// Opens (creating if needed) the store at `path`, migrates it, and starts the writer.
+    pub fn open(path: &Path, sync: Synchronous) -> Result<(Db, DbThread), StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let conn = open_connection(path, sync)?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let handle = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, &mut rx))
+            .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
+        Ok((
+            Db {
+                tx,
+                path: path.to_path_buf(),
+            },
+            DbThread { handle },
+        ))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the writer's next transaction and answers once that is committed.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.submit(f).await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Like [`Db::run`] but callable from synchronous code; the answer comes on the returned
+    /// channel, which may be dropped if nobody waits for it.
+    pub fn submit<T, F>(&self, f: F) -> oneshot::Receiver<Result<T, StoreError>>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Ok(conn) => f(conn),
+                Err(e) => Err(StoreError::Commit(e.to_string())),
+            };
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit_error| {
+                let result = match commit_error {
+                    Some(e) => Err(StoreError::Commit(e.to_string())),
+                    None => result,
+                };
+                let _ = reply.send(result);
+            });
+            (ok, done)
+        });
+        // If the writer is gone the reply sender is dropped and the caller sees Closed.
+        let _ = self.tx.send(job);
+        answer
+    }
+
+    /// Runs `f` and blocks the calling thread for the answer. Not for use on an async task.
+    pub fn run_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.submit(f)
+            .blocking_recv()
+            .map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl DbThread {
+    /// Waits for the writer to finish. Every [`Db`] handle must be dropped first.
+    pub fn join(self) {
+        let _ = self.handle.join();
+    }
+}
+
+fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    let corrupt = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
+            StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }
+        }
+        _ => StoreError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    };
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(corrupt)?;
+    let level = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)
+        .map_err(corrupt)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(corrupt)?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: check,
+        });
+    }
+    schema::migrate(&conn, path)?;
+    Ok(conn)
+}
+
+fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begun {
+            let err = StoreError::Commit(e.to_string());
+            for job in batch.drain(..) {
+                let (_, done) = job(Err(&err));
+                done(Some(&err));
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let (ok, done) = job(Ok(&conn));
+            if !ok {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn.execute_batch("RELEASE job");
+            completions.push(done);
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => completions.into_iter().for_each(|done| done(None)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let err = StoreError::Commit(e.to_string());
+                log::error!("store {}: commit failed: {e}", conn.path().unwrap_or("?"));
+                completions.into_iter().for_each(|done| done(Some(&err)));
+            }
+        }
+    }
+    // All handles dropped: checkpoint so the next start opens a compact database.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_commit_and_failed_jobs_roll_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Full).unwrap();
+        db.run(|c| {
+            c.execute("INSERT INTO meta(key, value) VALUES ('a', '1')", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let failed = db
+            .run(|c| {
+                c.execute("INSERT INTO meta(key, value) VALUES ('b', '2')", [])?;
+                Err::<(), _>(StoreError::Full)
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Full)));
+        let keys: Vec<String> = db
+            .run(|c| {
+                let mut st = c.prepare("SELECT key FROM meta WHERE key IN ('a','b') ORDER BY key")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys, vec!["a".to_string()]);
+        drop(db);
+        thread.join();
+    }
+
+    #[test]
+    fn garbage_file_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        match Db::open(&path, Synchronous::Full) {
+            Err(StoreError::Corrupt { path: p, .. }) => assert_eq!(p, path),
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("expected Corrupt, got a store"),
+        }
+    }
+}

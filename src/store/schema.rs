@@ -1,0 +1,71 @@
+//! Schema migrations. Each entry moves the store from version `index` to `index + 1`; entries
+//! are never edited once released, only appended.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The migrations, in order. The schema version of a store is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: core tables: store identity and the uplink queue.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE uplink_queue (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        route         TEXT    NOT NULL,
+        priority      INTEGER NOT NULL,
+        topic         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        qos           INTEGER NOT NULL,
+        retain        INTEGER NOT NULL,
+        props         BLOB,
+        accepted_wall INTEGER NOT NULL,
+        accepted_boot INTEGER NOT NULL,
+        boot_id       INTEGER NOT NULL,
+        deadline_wall INTEGER,
+        deadline_boot INTEGER,
+        size          INTEGER NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX uplink_queue_order ON uplink_queue(priority, id);
+    CREATE INDEX uplink_queue_deadline ON uplink_queue(deadline_wall) WHERE deadline_wall IS NOT NULL;
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the store at `path` (already open as `conn`) to the current version.
+pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = current_version();
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            StoreError::Open {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        })?;
+        log::info!("store {}: migrated to schema version {version}", path.display());
+    }
+    Ok(())
+}
