@@ -44,7 +44,11 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("store {path} has schema version {found}, newer than this trainrelay knows ({known}); refusing to touch it")]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("store {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("store: {0}")]
@@ -129,6 +133,20 @@ impl Db {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
+        self.submit_then(f, |result| result)
+    }
+
+    /// Like [`Db::submit`], but `then` sees the final outcome (the job's result, or the commit
+    /// error) on the writer thread, after the commit and before the next batch begins, and its
+    /// value is the answer. Owners of in-memory state derived from the database use it to apply
+    /// a change only once it is durable, or to notice that it was rolled back.
+    pub fn submit_then<T, U, F, G>(&self, f: F, then: G) -> oneshot::Receiver<Result<U, StoreError>>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> Result<U, StoreError> + Send + 'static,
+        T: Send + 'static,
+        U: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = match conn {
@@ -141,7 +159,7 @@ impl Db {
                     Some(e) => Err(StoreError::Commit(e.to_string())),
                     None => result,
                 };
-                let _ = reply.send(result);
+                let _ = reply.send(then(result));
             });
             (ok, done)
         });
@@ -282,7 +300,8 @@ mod tests {
         assert!(matches!(failed, Err(StoreError::Full)));
         let keys: Vec<String> = db
             .run(|c| {
-                let mut st = c.prepare("SELECT key FROM meta WHERE key IN ('a','b') ORDER BY key")?;
+                let mut st =
+                    c.prepare("SELECT key FROM meta WHERE key IN ('a','b') ORDER BY key")?;
                 let rows = st.query_map([], |r| r.get(0))?;
                 Ok(rows.collect::<Result<Vec<String>, _>>()?)
             })

@@ -1,0 +1,998 @@
+//! The durable uplink queue: messages accepted from the cab iPads wait here, in SQLite, until
+//! the central broker has acknowledged them.
+//!
+//! # Contract
+//!
+//! - **Committed means kept.** [`Queue::enqueue`] answers `Ok(id)` only after the row is
+//!   committed (group commit on the store's writer thread, see [`crate::store`]). With
+//!   `synchronous = FULL` that survives a power cut; with `NORMAL` it survives a crash of the
+//!   process, and a power cut may roll back the last few batches.
+//! - **Deleted only on purpose.** A row leaves the queue for exactly one of these reasons, each
+//!   counted in [`CounterSnapshot`]: acknowledged by the central broker ([`Queue::ack`],
+//!   `acked`), dropped to make room under [`WhenFull::DropOldest`] (`dropped_full`), expired
+//!   (`expired`), or unreadable (`corrupt`, logged as an error). Nothing else deletes rows, so a
+//!   message that is never acknowledged is retried until it expires or is pushed out.
+//! - **Delivery order** is `(priority, id)`: priority 0 first, then 1, ... 9; within a priority,
+//!   the order of acceptance. Ids come from an `AUTOINCREMENT` key, so they grow strictly with
+//!   the order of submission to [`Queue::enqueue`] and are never reused, even after the newest
+//!   row was deleted or the daemon restarted.
+//! - **Stable message id.** Every entry has `msg_id = "{epoch}-{id}"`, where `epoch` is a random
+//!   value drawn once per store file and kept in `meta`. It stays the same across restarts, so
+//!   the far side can detect a resend after a reconnect or a crash as a duplicate, and it changes
+//!   when the store file is replaced, so a fresh store's ids do not collide with the old ones.
+//! - **Bounded size.** `max_bytes` bounds the *logical* queued bytes: the sum over rows of
+//!   [`entry_size`] = topic + payload + encoded properties + [`ROW_OVERHEAD`]. The SQLite file
+//!   is somewhat larger (page slack, indexes, the WAL, free pages after deletes); size the
+//!   partition with that margin. A single entry larger than `max_bytes` is refused with
+//!   [`StoreError::Full`] under either policy. When an entry does not fit, `RejectNew` refuses
+//!   it (`rejected_full`, nothing stored), `DropOldest` deletes the oldest rows by id — whatever
+//!   their priority, and even if they are in flight — until it fits.
+//! - **Exact totals.** Row count and byte total are kept in memory (atomics), loaded by
+//!   [`Queue::open`] with one SQL aggregate, and changed only by the rows a statement really
+//!   inserted or deleted (`DELETE ... RETURNING size`, or a count in the same transaction).
+//!   They are updated on the writer thread as each job runs, so the next job of the same batch
+//!   sees them; if a batch fails to commit they are re-read from SQL before the next job.
+//!   Counters (`accepted`, `acked`, ...) are only advanced once the change is committed.
+//! - **Bounded memory.** Nothing loads the whole queue: [`Queue::next_batch`] steps a cursor
+//!   over the `(priority, id)` index and stops after `limit` entries, sweeping and stats run as
+//!   SQL aggregates/deletes. Memory is bounded by the batch, never by the backlog.
+//! - **Never panics on disk data.** Every column is checked when a row is read; a row that
+//!   cannot be decoded (bad UTF-8, unknown QoS, damaged properties, half a deadline) is deleted,
+//!   counted as `corrupt` and logged, and the scan goes on.
+//!
+//! # Expiry
+//!
+//! A message's deadline is fixed when it is accepted (see [`crate::clock`]). Each row keeps the
+//! deadline as both boot-clock and wall-clock milliseconds plus the boot it was accepted in, and
+//! the expiry test is [`Stamp::is_past`] written in SQL:
+//!
+//! ```sql
+//! (boot_id = :cur_boot AND deadline_boot <= :now_boot) OR
+//! (boot_id != :cur_boot AND deadline_wall <= :now_wall)
+//! ```
+//!
+//! Within a boot the monotonic boot clock decides, so a wall clock corrected by NTP or GNSS
+//! neither expires the buffer nor keeps it forever; after a reboot the wall clock decides.
+//! `NULL` deadlines never expire. Expired rows are never returned by [`Queue::next_batch`]: the
+//! ones it meets while scanning are deleted and counted, and [`Queue::sweep_expired`] deletes all
+//! of them so they stop holding space. A row in flight may expire and be swept; its later ack is
+//! then ignored like any ack of an unknown id.
+//!
+//! # Layout
+//!
+//! Table `uplink_queue` (schema migration 1): `id` (AUTOINCREMENT key), `route`, `priority`,
+//! `topic`, `payload` (BLOB), `qos`, `retain`, `props` (BLOB, `NULL` when there are none; a small
+//! versioned binary encoding, see [`encode_props`]), `accepted_wall`, `accepted_boot`, `boot_id`,
+//! `deadline_wall`, `deadline_boot` (both `NULL` for "never"), `size` (the row's
+//! [`entry_size`], so totals can be kept without re-encoding), `attempts` (failed deliveries).
+//! Indexes: `(priority, id)` for delivery order. Table `meta` holds the key `uplink_epoch`.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rusqlite::types::ValueRef;
+use rusqlite::{named_params, params, Connection, OptionalExtension, Row};
+use serde::Deserialize;
+use tokio::sync::{oneshot, Notify};
+
+use super::{Db, StoreError};
+use crate::clock::Stamp;
+use crate::message::{Message, Properties, QoS};
+
+/// Bytes charged per row on top of topic, payload and properties: the fixed columns (about a
+/// dozen integers), SQLite's record header, the `(priority, id)` index entry, and a short route
+/// name. An allowance, not a measurement: `max_bytes` bounds logical bytes, not the file size.
+pub const ROW_OVERHEAD: u64 = 96;
+
+/// The most expired or unreadable rows one [`Queue::next_batch`] call remembers to delete; more
+/// are still skipped (never returned) and left to [`Queue::sweep_expired`]. Bounds memory when a
+/// long tunnel left a huge expired backlog.
+const MAX_SKIPPED_PER_BATCH: usize = 4096;
+
+/// `meta` key of the store's identity used in message ids.
+const EPOCH_KEY: &str = "uplink_epoch";
+
+/// Highest (least urgent) priority; larger values are stored as this.
+pub const LOWEST_PRIORITY: u8 = 9;
+
+/// What to do with a new entry that does not fit in `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest entries (lowest ids) until the new one fits.
+    #[default]
+    DropOldest,
+    /// Refuse the new entry.
+    RejectNew,
+}
+
+/// Limits of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Upper bound of the sum of [`entry_size`] over all queued rows.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+/// A message accepted for the uplink, already mapped to its remote topic by its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// Name of the route that accepted it (for stats).
+    pub route: String,
+    /// 0 is sent first, 9 last; values above 9 are stored as 9.
+    pub priority: u8,
+    pub message: Message,
+}
+
+/// A queued message, as read back for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Row id: what [`Queue::ack`] and [`Queue::record_attempt`] take.
+    pub id: i64,
+    /// `"{epoch}-{id}"`, stable across restarts of the same store.
+    pub msg_id: String,
+    pub route: String,
+    pub priority: u8,
+    pub message: Message,
+    /// Failed delivery attempts recorded so far.
+    pub attempts: u32,
+}
+
+/// Row count and logical bytes of the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Counters since [`Queue::open`]; they only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Entries committed by [`Queue::enqueue`].
+    pub accepted: u64,
+    /// Rows deleted to make room under [`WhenFull::DropOldest`].
+    pub dropped_full: u64,
+    /// Entries refused because the queue was full (or the entry alone exceeds `max_bytes`).
+    pub rejected_full: u64,
+    /// Rows deleted because their deadline passed.
+    pub expired: u64,
+    /// Rows deleted by [`Queue::ack`].
+    pub acked: u64,
+    /// Rows deleted because they could not be decoded.
+    pub corrupt: u64,
+}
+
+/// Depth of one route's part of the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStats {
+    pub route: String,
+    pub depth: u64,
+    pub bytes: u64,
+    /// When the oldest waiting entry of this route was accepted.
+    pub oldest_accepted: Option<Stamp>,
+}
+
+/// Depth of the queue, in total and per route (sorted by route name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_accepted: Option<Stamp>,
+    pub routes: Vec<RouteStats>,
+}
+
+/// State shared by all clones of a [`Queue`].
+struct Shared {
+    config: QueueConfig,
+    epoch: String,
+    /// Totals as of the last job run on the writer thread (see the module contract).
+    rows: AtomicU64,
+    bytes: AtomicU64,
+    /// Set when a commit failed: the totals may include rolled-back changes.
+    resync: AtomicBool,
+    accepted: AtomicU64,
+    dropped_full: AtomicU64,
+    rejected_full: AtomicU64,
+    expired: AtomicU64,
+    acked: AtomicU64,
+    corrupt: AtomicU64,
+    notify: Notify,
+}
+
+impl Shared {
+    /// Runs first in every job on the writer thread: re-reads the totals if a commit failed.
+    fn sync_totals(&self, conn: &Connection) -> Result<(), StoreError> {
+        if self.resync.swap(false, Ordering::AcqRel) {
+            match load_totals(conn) {
+                Ok(t) => {
+                    self.rows.store(t.rows, Ordering::Release);
+                    self.bytes.store(t.bytes, Ordering::Release);
+                }
+                Err(e) => {
+                    self.resync.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn added(&self, rows: u64, bytes: u64) {
+        self.rows.fetch_add(rows, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn removed(&self, t: Totals) {
+        let sub = |a: &AtomicU64, n: u64| {
+            let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.rows, t.rows);
+        sub(&self.bytes, t.bytes);
+    }
+
+    /// Second half of every job, after its commit: a failed commit means the totals are stale.
+    fn settle<T>(&self, result: &Result<T, StoreError>) {
+        if matches!(result, Err(StoreError::Commit(_))) {
+            self.resync.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Handle to the uplink queue. Cheap to clone; clones share totals and counters.
+#[derive(Clone)]
+pub struct Queue {
+    db: Db,
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Loads totals (rows, bytes) and the store's identity (a random epoch kept in `meta`, drawn
+    /// on first use), used in message ids.
+    pub async fn open(db: Db, config: QueueConfig) -> Result<Queue, StoreError> {
+        let (epoch, totals) = db
+            .run(|conn| {
+                let epoch = load_or_create_epoch(conn)?;
+                Ok((epoch, load_totals(conn)?))
+            })
+            .await?;
+        if totals.bytes > config.max_bytes {
+            log::warn!(
+                "uplink queue holds {} bytes, more than max_bytes {}; {}",
+                totals.bytes,
+                config.max_bytes,
+                match config.when_full {
+                    WhenFull::DropOldest => "the oldest entries go as new ones arrive",
+                    WhenFull::RejectNew => "new entries are refused until it drains",
+                }
+            );
+        }
+        Ok(Queue {
+            db,
+            shared: Arc::new(Shared {
+                config,
+                epoch,
+                rows: AtomicU64::new(totals.rows),
+                bytes: AtomicU64::new(totals.bytes),
+                resync: AtomicBool::new(false),
+                accepted: AtomicU64::new(0),
+                dropped_full: AtomicU64::new(0),
+                rejected_full: AtomicU64::new(0),
+                expired: AtomicU64::new(0),
+                acked: AtomicU64::new(0),
+                corrupt: AtomicU64::new(0),
+                notify: Notify::new(),
+            }),
+        })
+    }
+
+    /// The store's identity, the first part of every `msg_id`.
+    pub fn epoch(&self) -> &str {
+        &self.shared.epoch
+    }
+
+    /// The stable id of row `id`.
+    pub fn msg_id(&self, id: i64) -> String {
+        format!("{}-{id}", self.shared.epoch)
+    }
+
+    /// Appends in submission order; the answer comes after the commit. Full + `RejectNew` →
+    /// `Err(StoreError::Full)` and nothing stored; full + `DropOldest` → the oldest rows (by id)
+    /// are deleted until it fits, each counted as `dropped_full`. A single entry larger than
+    /// `max_bytes` is refused with `Full` under both policies.
+    ///
+    /// Synchronous so the broker's ingest hook can call it; the receiver may be dropped.
+    pub fn enqueue(&self, e: NewEntry) -> oneshot::Receiver<Result<i64, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        let props = encode_props(&e.message.properties);
+        let size = size_of_parts(&e.message, props.as_deref());
+        let priority = e.priority.min(LOWEST_PRIORITY);
+        self.db.submit_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let QueueConfig {
+                    max_bytes,
+                    when_full,
+                } = shared.config;
+                if size > max_bytes {
+                    return Err(StoreError::Full);
+                }
+                let mut dropped = Totals::default();
+                let current = shared.bytes.load(Ordering::Acquire);
+                if current.saturating_add(size) > max_bytes {
+                    if when_full == WhenFull::RejectNew {
+                        return Err(StoreError::Full);
+                    }
+                    let mut oldest = conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE id = (SELECT MIN(id) FROM uplink_queue) \
+                         RETURNING size",
+                    )?;
+                    while current.saturating_sub(dropped.bytes).saturating_add(size) > max_bytes {
+                        let gone: Option<u64> = oldest
+                            .query_row([], |r| Ok(size_value(r.get_ref(0)?)))
+                            .optional()?;
+                        match gone {
+                            Some(bytes) => {
+                                dropped.rows += 1;
+                                dropped.bytes += bytes;
+                            }
+                            None => {
+                                // Empty, yet the totals said otherwise: trust the table.
+                                shared.resync.store(true, Ordering::Release);
+                                break;
+                            }
+                        }
+                    }
+                }
+                let m = &e.message;
+                let (deadline_wall, deadline_boot) = deadline_columns(m);
+                conn.prepare_cached(
+                    "INSERT INTO uplink_queue (route, priority, topic, payload, qos, retain, \
+                     props, accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, \
+                     size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )?
+                .execute(params![
+                    e.route,
+                    priority,
+                    m.topic,
+                    &m.payload[..],
+                    m.qos as u8,
+                    m.retain,
+                    props,
+                    m.accepted.wall_ms,
+                    m.accepted.boot_ms,
+                    m.accepted.boot_id,
+                    deadline_wall,
+                    deadline_boot,
+                    i64::try_from(size).unwrap_or(i64::MAX),
+                ])?;
+                let id = conn.last_insert_rowid();
+                shared.removed(dropped);
+                shared.added(1, size);
+                Ok((id, dropped.rows))
+            },
+            move |result| {
+                after.settle(&result);
+                match result {
+                    Ok((id, dropped)) => {
+                        after.accepted.fetch_add(1, Ordering::Relaxed);
+                        after.dropped_full.fetch_add(dropped, Ordering::Relaxed);
+                        if dropped > 0 {
+                            log::debug!("uplink queue full: dropped the {dropped} oldest entries");
+                        }
+                        after.notify.notify_one();
+                        Ok(id)
+                    }
+                    Err(StoreError::Full) => {
+                        after.rejected_full.fetch_add(1, Ordering::Relaxed);
+                        Err(StoreError::Full)
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        )
+    }
+
+    /// Up to `limit` entries in delivery order (priority, then id), skipping ids in `exclude`
+    /// (those in flight). Expired rows found on the way are deleted and counted instead of
+    /// returned.
+    pub async fn next_batch(
+        &self,
+        exclude: Vec<i64>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.next_batch_at(exclude, limit, Stamp::now()).await
+    }
+
+    /// [`Queue::next_batch`] with an explicit "now" (for tests and simulations).
+    pub async fn next_batch_at(
+        &self,
+        exclude: Vec<i64>,
+        limit: usize,
+        now: Stamp,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.run_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let exclude: HashSet<i64> = exclude.into_iter().collect();
+                let mut out = Vec::with_capacity(limit.min(1024));
+                let mut expired = Vec::new();
+                let mut bad = Vec::new();
+                if limit > 0 {
+                    let mut st = conn.prepare_cached(&format!(
+                        "SELECT id, COALESCE({EXPIRED}, 0), route, priority, topic, payload, \
+                         qos, retain, props, accepted_wall, accepted_boot, boot_id, \
+                         deadline_wall, deadline_boot, attempts \
+                         FROM uplink_queue ORDER BY priority, id"
+                    ))?;
+                    let mut rows = st.query(named_params! {
+                        ":cur_boot": now.boot_id,
+                        ":now_boot": now.boot_ms,
+                        ":now_wall": now.wall_ms,
+                    })?;
+                    while let Some(row) = rows.next()? {
+                        let id: i64 = row.get(0)?;
+                        if exclude.contains(&id) {
+                            continue;
+                        }
+                        if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
+                            if expired.len() < MAX_SKIPPED_PER_BATCH {
+                                expired.push(id);
+                            }
+                            continue;
+                        }
+                        match decode_row(row, &shared.epoch) {
+                            Ok(entry) => {
+                                out.push(entry);
+                                if out.len() >= limit {
+                                    break;
+                                }
+                            }
+                            Err(why) => {
+                                log::error!(
+                                    "uplink queue: row {id} cannot be decoded ({why}); deleting it"
+                                );
+                                if bad.len() < MAX_SKIPPED_PER_BATCH {
+                                    bad.push(id);
+                                }
+                            }
+                        }
+                    }
+                }
+                let expired = delete_ids(conn, &expired)?;
+                let bad = delete_ids(conn, &bad)?;
+                shared.removed(expired);
+                shared.removed(bad);
+                Ok((out, expired.rows, bad.rows))
+            },
+            move |result| {
+                after.settle(&result);
+                let (out, expired, bad) = result?;
+                after.expired.fetch_add(expired, Ordering::Relaxed);
+                after.corrupt.fetch_add(bad, Ordering::Relaxed);
+                Ok(out)
+            },
+        )
+        .await
+    }
+
+    /// Deletes acknowledged rows; ids that are gone already are ignored.
+    pub async fn ack(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.run_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let gone = delete_ids(conn, &ids)?;
+                shared.removed(gone);
+                Ok(gone.rows)
+            },
+            move |result| {
+                after.settle(&result);
+                after.acked.fetch_add(result?, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Records a failed delivery attempt (e.g. refused by the broker) for the given rows.
+    pub async fn record_attempt(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        self.db
+            .run(move |conn| {
+                let mut st = conn.prepare_cached(
+                    "UPDATE uplink_queue SET attempts = attempts + 1 WHERE id = ?1",
+                )?;
+                for id in ids {
+                    st.execute([id])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes every expired row; returns how many.
+    pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
+        self.sweep_expired_at(Stamp::now()).await
+    }
+
+    /// [`Queue::sweep_expired`] with an explicit "now" (for tests and simulations).
+    pub async fn sweep_expired_at(&self, now: Stamp) -> Result<u64, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.run_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let args = named_params! {
+                    ":cur_boot": now.boot_id,
+                    ":now_boot": now.boot_ms,
+                    ":now_wall": now.wall_ms,
+                };
+                // Counted first and deleted in the same transaction: the same rows.
+                let (rows, bytes): (i64, i64) = conn
+                    .prepare_cached(&format!(
+                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE {EXPIRED}"
+                    ))?
+                    .query_row(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if rows > 0 {
+                    let deleted = conn
+                        .prepare_cached(&format!("DELETE FROM uplink_queue WHERE {EXPIRED}"))?
+                        .execute(args)?;
+                    debug_assert_eq!(deleted as i64, rows);
+                }
+                let gone = Totals {
+                    rows: rows.max(0) as u64,
+                    bytes: bytes.max(0) as u64,
+                };
+                shared.removed(gone);
+                Ok(gone.rows)
+            },
+            move |result| {
+                after.settle(&result);
+                let n = result?;
+                after.expired.fetch_add(n, Ordering::Relaxed);
+                Ok(n)
+            },
+        )
+        .await
+    }
+
+    /// Depth, bytes and oldest accepted stamp, per route and in total. Aggregates in SQL; the
+    /// cost grows with the backlog, so call it for status, not per message.
+    pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.db
+            .run(|conn| {
+                let mut per_route = Vec::new();
+                {
+                    let mut st = conn.prepare_cached(
+                        "SELECT route, COUNT(*), COALESCE(SUM(size), 0), MIN(id) \
+                         FROM uplink_queue GROUP BY route ORDER BY route",
+                    )?;
+                    let mut rows = st.query([])?;
+                    while let Some(r) = rows.next()? {
+                        let route = text_lossy(r.get_ref(0)?);
+                        let depth: i64 = r.get(1)?;
+                        let bytes: i64 = r.get(2)?;
+                        let oldest: i64 = r.get(3)?;
+                        per_route.push((route, depth, bytes, oldest));
+                    }
+                }
+                let mut accepted_of = conn.prepare_cached(
+                    "SELECT accepted_wall, accepted_boot, boot_id FROM uplink_queue WHERE id = ?1",
+                )?;
+                let mut stats = QueueStats::default();
+                let mut oldest_id = None;
+                for (route, depth, bytes, oldest) in per_route {
+                    let stamp = accepted_of
+                        .query_row([oldest], |r| {
+                            Ok(match (r.get_ref(0)?, r.get_ref(1)?, r.get_ref(2)?) {
+                                (
+                                    ValueRef::Integer(wall_ms),
+                                    ValueRef::Integer(boot_ms),
+                                    ValueRef::Integer(boot_id),
+                                ) => Some(Stamp {
+                                    wall_ms,
+                                    boot_ms,
+                                    boot_id,
+                                }),
+                                _ => None,
+                            })
+                        })
+                        .optional()?
+                        .flatten();
+                    stats.depth += depth.max(0) as u64;
+                    stats.bytes += bytes.max(0) as u64;
+                    if oldest_id.is_none_or(|o| oldest < o) {
+                        oldest_id = Some(oldest);
+                        stats.oldest_accepted = stamp;
+                    }
+                    stats.routes.push(RouteStats {
+                        route,
+                        depth: depth.max(0) as u64,
+                        bytes: bytes.max(0) as u64,
+                        oldest_accepted: stamp,
+                    });
+                }
+                Ok(stats)
+            })
+            .await
+    }
+
+    /// Rows and logical bytes queued, from memory.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            rows: self.shared.rows.load(Ordering::Acquire),
+            bytes: self.shared.bytes.load(Ordering::Acquire),
+        }
+    }
+
+    /// Monotonic counters since [`Queue::open`].
+    pub fn counters(&self) -> CounterSnapshot {
+        let s = &self.shared;
+        CounterSnapshot {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            dropped_full: s.dropped_full.load(Ordering::Relaxed),
+            rejected_full: s.rejected_full.load(Ordering::Relaxed),
+            expired: s.expired.load(Ordering::Relaxed),
+            acked: s.acked.load(Ordering::Relaxed),
+            corrupt: s.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once new entries were committed since the last time it resolved. Meant for the
+    /// one task that drains the queue: a commit with nobody waiting leaves a permit, so a wake-up
+    /// between two waits is not lost (it may resolve once with nothing new, which is harmless).
+    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
+        self.shared.notify.notified()
+    }
+
+    async fn run_then<T, U, F, G>(&self, f: F, then: G) -> Result<U, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> Result<U, StoreError> + Send + 'static,
+        T: Send + 'static,
+        U: Send + 'static,
+    {
+        self.db
+            .submit_then(f, then)
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The expiry test of the module doc, with named parameters `:cur_boot`, `:now_boot`,
+/// `:now_wall`. `NULL` (never expires) when the row has no deadline.
+const EXPIRED: &str = "((boot_id = :cur_boot AND deadline_boot <= :now_boot) OR \
+                       (boot_id != :cur_boot AND deadline_wall <= :now_wall))";
+
+/// The logical size of a message in the queue, as charged against `max_bytes`: topic + payload
+/// + encoded properties + [`ROW_OVERHEAD`].
+pub fn entry_size(message: &Message) -> u64 {
+    size_of_parts(message, encode_props(&message.properties).as_deref())
+}
+
+fn size_of_parts(message: &Message, props: Option<&[u8]>) -> u64 {
+    (message.topic.len() + message.payload.len() + props.map_or(0, <[u8]>::len)) as u64
+        + ROW_OVERHEAD
+}
+
+/// Deadline columns, in the boot the message was accepted in. A deadline stamped in another
+/// boot than the acceptance (not produced by this relay) is rebased by the wall clock.
+fn deadline_columns(m: &Message) -> (Option<i64>, Option<i64>) {
+    match m.deadline {
+        None => (None, None),
+        Some(d) if d.boot_id == m.accepted.boot_id => (Some(d.wall_ms), Some(d.boot_ms)),
+        Some(d) => {
+            let ahead = d.wall_ms.saturating_sub(m.accepted.wall_ms);
+            (
+                Some(d.wall_ms),
+                Some(m.accepted.boot_ms.saturating_add(ahead)),
+            )
+        }
+    }
+}
+
+fn load_totals(conn: &Connection) -> Result<Totals, StoreError> {
+    let (rows, bytes): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(Totals {
+        rows: rows.max(0) as u64,
+        bytes: bytes.max(0) as u64,
+    })
+}
+
+fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreError> {
+    // Outer `None`: no epoch yet; inner `None`: a value that is not usable text.
+    let stored: Option<Option<String>> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [EPOCH_KEY], |r| {
+            Ok(match r.get_ref(0)? {
+                ValueRef::Text(t) => std::str::from_utf8(t)
+                    .ok()
+                    .filter(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_alphanumeric()))
+                    .map(str::to_owned),
+                _ => None,
+            })
+        })
+        .optional()?;
+    match stored {
+        Some(Some(epoch)) => return Ok(epoch),
+        Some(None) => log::error!(
+            "uplink queue: the stored epoch is unreadable; drawing a new one, so ids of queued \
+             messages change and the central side may not recognise their resends"
+        ),
+        None => {}
+    }
+    let epoch = format!("{:016x}", fastrand::u64(..));
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        [EPOCH_KEY, epoch.as_str()],
+    )?;
+    Ok(epoch)
+}
+
+/// Deletes the rows with these ids; returns what was really deleted.
+fn delete_ids(conn: &Connection, ids: &[i64]) -> Result<Totals, StoreError> {
+    let mut gone = Totals::default();
+    if ids.is_empty() {
+        return Ok(gone);
+    }
+    let mut st = conn.prepare_cached("DELETE FROM uplink_queue WHERE id = ?1 RETURNING size")?;
+    for id in ids {
+        if let Some(bytes) = st
+            .query_row([id], |r| Ok(size_value(r.get_ref(0)?)))
+            .optional()?
+        {
+            gone.rows += 1;
+            gone.bytes += bytes;
+        }
+    }
+    Ok(gone)
+}
+
+/// The `size` column; the same reading as `SUM(size)` for the integers this module writes.
+fn size_value(v: ValueRef<'_>) -> u64 {
+    match v {
+        ValueRef::Integer(n) => n.max(0) as u64,
+        ValueRef::Real(f) if f > 0.0 => f as u64,
+        _ => 0,
+    }
+}
+
+fn text_lossy(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => String::new(),
+    }
+}
+
+/// Reads one row of the `next_batch` query (columns 2.. after `id` and the expiry flag).
+fn decode_row(row: &Row<'_>, epoch: &str) -> Result<Entry, String> {
+    let col = |i: usize| row.get_ref(i).map_err(|e| e.to_string());
+    let int = |i: usize, name: &str| match col(i)? {
+        ValueRef::Integer(n) => Ok(n),
+        other => Err(format!("{name} is {:?}, not an integer", other.data_type())),
+    };
+    let text = |i: usize, name: &str| match col(i)? {
+        ValueRef::Text(t) => std::str::from_utf8(t)
+            .map(str::to_owned)
+            .map_err(|_| format!("{name} is not UTF-8")),
+        other => Err(format!("{name} is {:?}, not text", other.data_type())),
+    };
+    let id = int(0, "id")?;
+    let route = text(2, "route")?;
+    let priority = u8::try_from(int(3, "priority")?).map_err(|_| "priority out of range")?;
+    let topic = text(4, "topic")?;
+    let payload = match col(5)? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => Bytes::copy_from_slice(b),
+        other => return Err(format!("payload is {:?}", other.data_type())),
+    };
+    let qos = u8::try_from(int(6, "qos")?)
+        .ok()
+        .and_then(QoS::from_u8)
+        .ok_or("qos out of range")?;
+    let retain = match int(7, "retain")? {
+        0 => false,
+        1 => true,
+        _ => return Err("retain is not 0 or 1".into()),
+    };
+    let properties = match col(8)? {
+        ValueRef::Null => Properties::default(),
+        ValueRef::Blob(b) => decode_props(b)?,
+        other => return Err(format!("props is {:?}", other.data_type())),
+    };
+    let boot_id = int(11, "boot_id")?;
+    let accepted = Stamp {
+        wall_ms: int(9, "accepted_wall")?,
+        boot_ms: int(10, "accepted_boot")?,
+        boot_id,
+    };
+    let deadline = match (col(12)?, col(13)?) {
+        (ValueRef::Null, ValueRef::Null) => None,
+        (ValueRef::Integer(wall_ms), ValueRef::Integer(boot_ms)) => Some(Stamp {
+            wall_ms,
+            boot_ms,
+            boot_id,
+        }),
+        _ => return Err("deadline columns are damaged".into()),
+    };
+    let attempts = u32::try_from(int(14, "attempts")?.max(0)).unwrap_or(u32::MAX);
+    Ok(Entry {
+        id,
+        msg_id: format!("{epoch}-{id}"),
+        route,
+        priority,
+        message: Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            accepted,
+            deadline,
+        },
+        attempts,
+    })
+}
+
+/// Version byte of the properties encoding.
+const PROPS_V1: u8 = 1;
+const HAS_FORMAT: u8 = 1;
+const HAS_CONTENT_TYPE: u8 = 2;
+const HAS_RESPONSE_TOPIC: u8 = 4;
+const HAS_CORRELATION: u8 = 8;
+
+/// Encodes properties for the `props` column; `None` (stored as `NULL`) when there are none.
+///
+/// Layout: version byte `1`, a flags byte (which optional fields follow), the payload format
+/// indicator byte if present, then content type, response topic and correlation data if present,
+/// then the count of user properties and each key and value, in order. Strings and byte strings
+/// are a LEB128 length followed by the bytes. Decoding rejects unknown versions and flags,
+/// truncation and trailing bytes.
+pub fn encode_props(p: &Properties) -> Option<Vec<u8>> {
+    if *p == Properties::default() {
+        return None;
+    }
+    let mut flags = 0;
+    if p.payload_format_indicator.is_some() {
+        flags |= HAS_FORMAT;
+    }
+    if p.content_type.is_some() {
+        flags |= HAS_CONTENT_TYPE;
+    }
+    if p.response_topic.is_some() {
+        flags |= HAS_RESPONSE_TOPIC;
+    }
+    if p.correlation_data.is_some() {
+        flags |= HAS_CORRELATION;
+    }
+    let mut out = vec![PROPS_V1, flags];
+    if let Some(f) = p.payload_format_indicator {
+        out.push(f);
+    }
+    if let Some(s) = &p.content_type {
+        put_bytes(&mut out, s.as_bytes());
+    }
+    if let Some(s) = &p.response_topic {
+        put_bytes(&mut out, s.as_bytes());
+    }
+    if let Some(b) = &p.correlation_data {
+        put_bytes(&mut out, b);
+    }
+    put_len(&mut out, p.user_properties.len());
+    for (k, v) in &p.user_properties {
+        put_bytes(&mut out, k.as_bytes());
+        put_bytes(&mut out, v.as_bytes());
+    }
+    Some(out)
+}
+
+/// Inverse of [`encode_props`].
+pub fn decode_props(b: &[u8]) -> Result<Properties, String> {
+    let mut r = Reader { b };
+    if r.byte()? != PROPS_V1 {
+        return Err("props: unknown encoding version".into());
+    }
+    let flags = r.byte()?;
+    if flags & !(HAS_FORMAT | HAS_CONTENT_TYPE | HAS_RESPONSE_TOPIC | HAS_CORRELATION) != 0 {
+        return Err("props: unknown flags".into());
+    }
+    let mut p = Properties::default();
+    if flags & HAS_FORMAT != 0 {
+        p.payload_format_indicator = Some(r.byte()?);
+    }
+    if flags & HAS_CONTENT_TYPE != 0 {
+        p.content_type = Some(r.string()?);
+    }
+    if flags & HAS_RESPONSE_TOPIC != 0 {
+        p.response_topic = Some(r.string()?);
+    }
+    if flags & HAS_CORRELATION != 0 {
+        p.correlation_data = Some(Bytes::copy_from_slice(r.bytes()?));
+    }
+    let n = r.len()?;
+    // Each pair takes at least two bytes: a hostile count cannot make us allocate.
+    if n > r.b.len() / 2 {
+        return Err("props: user property count exceeds the data".into());
+    }
+    p.user_properties.reserve(n);
+    for _ in 0..n {
+        let k = r.string()?;
+        let v = r.string()?;
+        p.user_properties.push((k, v));
+    }
+    if !r.b.is_empty() {
+        return Err("props: trailing bytes".into());
+    }
+    Ok(p)
+}
+
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let low = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(low);
+            return;
+        }
+        out.push(low | 0x80);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b.len());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let (&first, rest) = self.b.split_first().ok_or("props: truncated")?;
+        self.b = rest;
+        Ok(first)
+    }
+
+    fn len(&mut self) -> Result<usize, String> {
+        let mut n: usize = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            n |= usize::from(b & 0x7f)
+                .checked_shl(shift)
+                .ok_or("props: length overflows")?;
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err("props: length overflows".into())
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.len()?;
+        if n > self.b.len() {
+            return Err("props: truncated".into());
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| "props: string is not UTF-8".into())
+    }
+}
