@@ -1405,6 +1405,14 @@ mod tests {
     }
 
     #[test]
+    fn when_full_reads_snake_case() {
+        let parse = |s: &str| serde_json::from_str::<WhenFull>(s);
+        assert_eq!(parse("\"drop_oldest\"").unwrap(), WhenFull::DropOldest);
+        assert_eq!(parse("\"reject_new\"").unwrap(), WhenFull::RejectNew);
+        assert!(parse("\"RejectNew\"").is_err());
+    }
+
+    #[test]
     fn damaged_props_are_errors_not_panics() {
         let p = Properties {
             content_type: Some("abc".into()),
