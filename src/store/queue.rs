@@ -54,7 +54,8 @@
 //! Within a boot the monotonic boot clock decides, so a wall clock corrected by NTP or GNSS
 //! neither expires the buffer nor keeps it forever; after a reboot the wall clock decides.
 //! `NULL` deadlines never expire. Expired rows are never returned by [`Queue::next_batch`]: the
-//! ones it meets while scanning are deleted and counted, and [`Queue::sweep_expired`] deletes all
+//! ones it meets while scanning (excluded, in-flight ids are left alone) are deleted and
+//! counted, and [`Queue::sweep_expired`] deletes all
 //! of them so they stop holding space. A row in flight may expire and be swept; its later ack is
 //! then ignored like any ack of an unknown id.
 //!
