@@ -6,7 +6,14 @@
 
 pub mod broker;
 pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod downlink;
+pub mod logging;
 pub mod message;
+pub mod relay;
+pub mod route;
 pub mod shutdown;
 pub mod store;
 pub mod topic;
+pub mod uplink;

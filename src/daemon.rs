@@ -1,0 +1,152 @@
+//! `trainrelay run`: wires the pieces together and owns their lifetimes.
+//!
+//! Start-up order: store, queue, local broker (bound), uplink; then READY. Shutdown on
+//! SIGTERM/SIGINT: every task sees the shared signal, the local broker stops accepting and
+//! closes its clients, the uplink says goodbye to the central broker, and the store's writer
+//! finishes what was submitted before the process exits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::config::Config;
+use crate::downlink::Downlink;
+use crate::relay::RelayHooks;
+use crate::route::Routes;
+use crate::shutdown::{self, Shutdown};
+use crate::store::queue::{Queue, QueueConfig};
+use crate::store::Db;
+use crate::uplink::{StatusHandle, Uplink};
+
+/// How long tasks get to finish after the shutdown signal.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let (db, db_thread) = Db::open(&config.store.path, config.store.synchronous)?;
+    let queue = Queue::open(
+        db.clone(),
+        QueueConfig {
+            max_bytes: config.store.max_bytes.as_u64(),
+            when_full: config.store.when_full,
+        },
+    )
+    .await?;
+    let routes = Arc::new(Routes::from_config(&config));
+    let hooks = Arc::new(RelayHooks::new(
+        routes.clone(),
+        queue.clone(),
+        &config.train_id,
+    ));
+    let broker = Broker::bind(broker_config(&config), db.clone(), hooks).await?;
+    let credentials = read_credentials(&config)?;
+
+    let (trigger, shutdown) = shutdown::channel();
+    let status = StatusHandle::default();
+    let downlink = Downlink::new(routes.clone(), broker.handle());
+    let uplink = Uplink::new(
+        &config.uplink,
+        credentials,
+        queue.clone(),
+        downlink,
+        routes.down_filters(),
+        status.clone(),
+    );
+    log::info!(
+        "trainrelay {} for train {}: iPads on {}, central broker {}, store {}",
+        env!("CARGO_PKG_VERSION"),
+        config.train_id,
+        broker.local_addr(),
+        config.uplink.url,
+        config.store.path.display()
+    );
+    let tasks = vec![
+        tokio::spawn(log_errors("local broker", broker.run(shutdown.clone()))),
+        tokio::spawn(uplink.run(shutdown.clone())),
+        tokio::spawn(sweep(queue.clone(), config.store.sweep_interval, shutdown.clone())),
+    ];
+    drop(queue);
+    drop(db);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    tokio::select! {
+        _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    trigger.trigger();
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(GRACE, task).await.is_err() {
+            log::warn!("a task did not stop within {GRACE:?}; aborting it");
+            abort.abort();
+        }
+    }
+    // Every store handle is gone now: the writer drains its queue and stops.
+    tokio::task::spawn_blocking(move || db_thread.join())
+        .await
+        .context("store writer")?;
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn log_errors<E: std::fmt::Display>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<(), E>>,
+) {
+    if let Err(e) = fut.await {
+        log::error!("{what}: {e}");
+    }
+}
+
+/// Deletes expired rows now and then, so they do not hold space.
+async fn sweep(queue: Queue, every: Duration, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.recv() => return,
+        }
+        match queue.sweep_expired().await {
+            Ok(0) => {}
+            Ok(n) => log::info!("store: dropped {n} expired messages"),
+            Err(e) => log::error!("store: sweeping expired messages failed: {e}"),
+        }
+    }
+}
+
+fn broker_config(config: &Config) -> BrokerConfig {
+    let l = &config.local;
+    BrokerConfig {
+        listen: l.listen,
+        max_connections: l.max_connections,
+        max_packet_size: u32::try_from(l.max_packet_size.as_u64()).unwrap_or(u32::MAX),
+        receive_maximum: l.receive_maximum,
+        max_queued_messages: l.max_queued_messages,
+        max_subscriptions: l.max_subscriptions,
+        max_session_expiry: l.max_session_expiry,
+        connect_timeout: l.connect_timeout,
+    }
+}
+
+fn read_credentials(config: &Config) -> anyhow::Result<Option<(String, String)>> {
+    let Some(user) = &config.uplink.username else {
+        return Ok(None);
+    };
+    let password = match &config.uplink.password_file {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("uplink.password_file {}", file.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        None => String::new(),
+    };
+    Ok(Some((user.clone(), password)))
+}

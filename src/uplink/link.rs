@@ -1,0 +1,388 @@
+//! One connection to the central broker, over rumqttc, with the protocol version hidden.
+//!
+//! rumqttc's event loop is polled in a task of its own (its `poll` must not be cancelled
+//! half-way, and publishing from the polling task would deadlock); the uplink reads normalised
+//! [`LinkEvent`]s from a channel and sends requests with non-blocking calls. A `Link` lives for
+//! one connection only: on any error it is dropped (which aborts the polling task and closes
+//! the socket) and a fresh one is made, so no rumqttc state — in particular its own replay of
+//! unacknowledged publishes — outlives a connection. The store is the only source of truth.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as v5b;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::clock::Stamp;
+use crate::config::Protocol;
+use crate::message::{Message, Properties, QoS};
+
+/// How to reach and greet the central broker.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub protocol: Protocol,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+    pub session_expiry: Duration,
+    pub inflight: u16,
+    pub max_packet_size: u32,
+    pub credentials: Option<(String, String)>,
+    /// Last Will: topic and payload, retained, QoS 1.
+    pub will: Option<(String, Bytes)>,
+}
+
+/// What happened on the connection.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// CONNACK accepted.
+    Connected {
+        session_present: bool,
+        receive_maximum: Option<u16>,
+        max_packet_size: Option<u32>,
+    },
+    /// A QoS 1 publish was written with this packet id (0 for QoS 0), in request order.
+    Sent { pkid: u16 },
+    /// The broker acknowledged a publish; `refused` carries the v5 reason if it did not take it.
+    Acked { pkid: u16, refused: Option<String> },
+    /// A message from the central broker; acknowledge it with [`Link::ack`] once handled.
+    Message { message: Message, token: AckToken },
+    /// Any other packet from the broker (proof the link is alive).
+    Other,
+    /// rumqttc held back a publish because of a packet-id collision: request order is lost.
+    Collision,
+}
+
+/// What [`Link::ack`] needs to acknowledge a received message.
+#[derive(Debug)]
+pub enum AckToken {
+    None,
+    V4(rumqttc::Publish),
+    V5(v5b::Publish),
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// One live connection attempt.
+pub struct Link {
+    client: Client,
+    events: mpsc::Receiver<Result<LinkEvent, String>>,
+    poller: JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// An outgoing message, ready for the wire.
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: &'a Properties,
+    /// Remaining lifetime, forwarded as v5 Message Expiry Interval.
+    pub expiry_secs: Option<u32>,
+    /// Extra user properties (the relay's message id).
+    pub extra_user_properties: Vec<(String, String)>,
+}
+
+impl Link {
+    /// Starts connecting; the first event is `Connected` or an error.
+    pub fn start(o: &LinkOptions) -> Link {
+        // Requests beyond the in-flight window are never made, so a small channel suffices.
+        let cap = usize::from(o.inflight) + 16;
+        let (tx, events) = mpsc::channel(256);
+        let (client, poller) = match o.protocol {
+            Protocol::V311 => {
+                let mut opts = rumqttc::MqttOptions::new(&o.client_id, &o.host, o.port);
+                opts.set_keep_alive(o.keep_alive)
+                    .set_clean_session(false)
+                    .set_manual_acks(true)
+                    .set_inflight(o.inflight)
+                    .set_max_packet_size(o.max_packet_size as usize, o.max_packet_size as usize);
+                let mut net = rumqttc::NetworkOptions::new();
+                net.set_connection_timeout(o.connect_timeout.as_secs().max(1));
+                if let Some((user, pass)) = &o.credentials {
+                    opts.set_credentials(user, pass);
+                }
+                if let Some((topic, payload)) = &o.will {
+                    opts.set_last_will(rumqttc::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
+                }
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
+                eventloop.set_network_options(net);
+                let poller = tokio::spawn(async move {
+                    loop {
+                        let item = match eventloop.poll().await {
+                            Ok(ev) => match v4_event(ev) {
+                                Some(e) => Ok(e),
+                                None => continue,
+                            },
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let failed = item.is_err();
+                        if tx.send(item).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                (Client::V4(client), poller)
+            }
+            Protocol::V5 => {
+                let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, &o.host, o.port);
+                let expiry = u32::try_from(o.session_expiry.as_secs()).unwrap_or(u32::MAX);
+                opts.set_keep_alive(o.keep_alive)
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(expiry))
+                    .set_manual_acks(true)
+                    .set_outgoing_inflight_upper_limit(o.inflight)
+                    .set_max_packet_size(Some(o.max_packet_size))
+                    .set_connection_timeout(o.connect_timeout.as_secs().max(1));
+                if let Some((user, pass)) = &o.credentials {
+                    opts.set_credentials(user, pass);
+                }
+                if let Some((topic, payload)) = &o.will {
+                    opts.set_last_will(v5b::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                }
+                let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, cap);
+                let poller = tokio::spawn(async move {
+                    loop {
+                        let item = match eventloop.poll().await {
+                            Ok(ev) => match v5_event(ev) {
+                                Some(e) => Ok(e),
+                                None => continue,
+                            },
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let failed = item.is_err();
+                        if tx.send(item).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                (Client::V5(client), poller)
+            }
+        };
+        Link {
+            client,
+            events,
+            poller,
+        }
+    }
+
+    /// The next event; `Err` ends the connection.
+    pub async fn next_event(&mut self) -> Result<LinkEvent, String> {
+        match self.events.recv().await {
+            Some(item) => item,
+            None => Err("connection task ended".into()),
+        }
+    }
+
+    /// Queues a publish without waiting. `Err` means it was not queued.
+    pub fn publish(&self, m: Outgoing<'_>) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => c
+                .try_publish(m.topic, v4_qos(m.qos), m.retain, m.payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let p = m.properties;
+                let mut user_properties = p.user_properties.clone();
+                user_properties.extend(m.extra_user_properties);
+                let props = v5b::PublishProperties {
+                    payload_format_indicator: p.payload_format_indicator,
+                    message_expiry_interval: m.expiry_secs,
+                    topic_alias: None,
+                    response_topic: p.response_topic.clone(),
+                    correlation_data: p.correlation_data.clone(),
+                    user_properties,
+                    subscription_identifiers: Vec::new(),
+                    content_type: p.content_type.clone(),
+                };
+                c.try_publish_with_properties(m.topic, v5_qos(m.qos), m.retain, m.payload, props)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Acknowledges a received message.
+    pub fn ack(&self, token: AckToken) -> Result<(), String> {
+        match (&self.client, token) {
+            (Client::V4(c), AckToken::V4(p)) => c.try_ack(&p).map_err(|e| e.to_string()),
+            (Client::V5(c), AckToken::V5(p)) => c.try_ack(&p).map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Subscribes to the downlink filters at QoS 1. On v5, retained messages are sent only for
+    /// a subscription the session did not have, so a reconnect does not replay the state.
+    pub fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        match &self.client {
+            Client::V4(c) => c
+                .try_subscribe_many(filters.iter().map(|(f, q)| {
+                    rumqttc::SubscribeFilter::new(f.clone(), v4_qos(qos_of(*q)))
+                }))
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|(f, q)| {
+                    let mut filter = v5b::Filter::new(f.clone(), v5_qos(qos_of(*q)));
+                    filter.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
+                    filter
+                }))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Asks for a clean DISCONNECT.
+    pub fn disconnect(&self) {
+        let _ = match &self.client {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+fn qos_of(q: u8) -> QoS {
+    if q == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn v4_qos(q: QoS) -> rumqttc::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        // QoS 2 is never used upstream.
+        _ => rumqttc::QoS::AtLeastOnce,
+    }
+}
+
+fn v5_qos(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
+fn v4_event(ev: rumqttc::Event) -> Option<LinkEvent> {
+    use rumqttc::{Event, Incoming, Outgoing as Out};
+    Some(match ev {
+        // rumqttc reports only a ConnAck that accepted the connection.
+        Event::Incoming(Incoming::ConnAck(c)) => LinkEvent::Connected {
+            session_present: c.session_present,
+            receive_maximum: None,
+            max_packet_size: None,
+        },
+        Event::Incoming(Incoming::PubAck(ack)) => LinkEvent::Acked {
+            pkid: ack.pkid,
+            refused: None,
+        },
+        Event::Incoming(Incoming::Publish(p)) => {
+            let qos = match p.qos {
+                rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+                rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            };
+            let topic = p.topic.clone();
+            let accepted = Stamp::now();
+            let message = Message {
+                topic,
+                payload: p.payload.clone(),
+                qos,
+                retain: p.retain,
+                properties: Properties::default(),
+                accepted,
+                deadline: None,
+            };
+            let token = if qos == QoS::AtMostOnce {
+                AckToken::None
+            } else {
+                AckToken::V4(p)
+            };
+            LinkEvent::Message { message, token }
+        }
+        Event::Incoming(_) => LinkEvent::Other,
+        Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },
+        Event::Outgoing(Out::AwaitAck(_)) => LinkEvent::Collision,
+        Event::Outgoing(_) => return None,
+    })
+}
+
+fn v5_event(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::Event;
+    use rumqttc::Outgoing as Out;
+    Some(match ev {
+        Event::Incoming(Packet::ConnAck(c)) => LinkEvent::Connected {
+            session_present: c.session_present,
+            receive_maximum: c.properties.as_ref().and_then(|p| p.receive_max),
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+        },
+        Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked {
+            pkid: ack.pkid,
+            refused: match ack.reason {
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                other => Some(format!("{other:?}")),
+            },
+        },
+        Event::Incoming(Packet::Publish(p)) => {
+            let qos = match p.qos {
+                rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            };
+            let accepted = Stamp::now();
+            let props = p.properties.clone().unwrap_or_default();
+            let deadline = props
+                .message_expiry_interval
+                .map(|s| accepted.plus(Duration::from_secs(u64::from(s))));
+            let message = Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.clone(),
+                qos,
+                retain: p.retain,
+                properties: Properties {
+                    payload_format_indicator: props.payload_format_indicator,
+                    content_type: props.content_type,
+                    response_topic: props.response_topic,
+                    correlation_data: props.correlation_data,
+                    user_properties: props.user_properties,
+                },
+                accepted,
+                deadline,
+            };
+            let token = if qos == QoS::AtMostOnce {
+                AckToken::None
+            } else {
+                AckToken::V5(p)
+            };
+            LinkEvent::Message { message, token }
+        }
+        Event::Incoming(_) => LinkEvent::Other,
+        Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },
+        Event::Outgoing(Out::AwaitAck(_)) => LinkEvent::Collision,
+        Event::Outgoing(_) => return None,
+    })
+}

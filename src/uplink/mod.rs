@@ -1,0 +1,492 @@
+//! The uplink: the relay's one connection to the central broker.
+//!
+//! It drains the store to the central broker and hands what the central broker sends to the
+//! downlink. The rules it keeps:
+//! - a row leaves the store only when the central broker acknowledged it (v5: with a success
+//!   reason code); everything not acknowledged when a connection ends is sent again, oldest
+//!   first, on the next one (so it may arrive twice, never zero times);
+//! - an expired row is never sent, and a forwarded message carries its remaining expiry;
+//! - at most `inflight` messages (lowered to the broker's Receive Maximum) are unacknowledged
+//!   at once, and draining starts the moment a connection is up;
+//! - a link is declared dead when nothing at all arrived from the broker for 1.5 × keep-alive
+//!   (rumqttc pings every keep-alive, so a live link always answers within that time), not
+//!   when TCP gives up minutes later;
+//! - reconnects back off exponentially with full jitter, reset after a stable connection.
+
+pub mod link;
+mod status;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::clock::{self, Stamp};
+use crate::config::UplinkConfig;
+use crate::downlink::Downlink;
+use crate::message::{Properties, QoS};
+use crate::shutdown::Shutdown;
+use crate::store::queue::{Entry, Queue};
+use link::{Link, LinkEvent, LinkOptions, Outgoing};
+pub use status::{LinkState, LinkStatus, StatusHandle};
+
+/// A connection that lasted this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Parses `mqtt://host:port` (port defaults to 1883).
+pub fn parse_url(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("mqtt://")?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, port.parse().ok()?),
+            None if after.is_empty() => (host, 1883),
+            None => return None,
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (rest, 1883),
+        }
+    };
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
+/// The uplink task's inputs.
+pub struct Uplink {
+    options: LinkOptions,
+    config: UplinkConfig,
+    queue: Queue,
+    downlink: Downlink,
+    down_filters: Vec<(String, u8)>,
+    status: StatusHandle,
+}
+
+/// What a message in flight stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Row(i64),
+    /// The relay's own presence message; not in the store.
+    Presence,
+}
+
+/// Why a connection ended.
+enum End {
+    Shutdown,
+    Failed(String),
+}
+
+impl Uplink {
+    pub fn new(
+        config: &UplinkConfig,
+        credentials: Option<(String, String)>,
+        queue: Queue,
+        downlink: Downlink,
+        down_filters: Vec<(String, u8)>,
+        status: StatusHandle,
+    ) -> Uplink {
+        let (host, port) = parse_url(&config.url).unwrap_or_else(|| ("127.0.0.1".into(), 1884));
+        let options = LinkOptions {
+            host,
+            port,
+            client_id: config.client_id.clone(),
+            protocol: config.protocol,
+            keep_alive: config.keep_alive,
+            connect_timeout: config.connect_timeout,
+            session_expiry: config.session_expiry,
+            inflight: config.inflight,
+            max_packet_size: u32::try_from(config.max_packet_size.as_u64()).unwrap_or(u32::MAX),
+            credentials,
+            will: Some((
+                config.status_topic.clone(),
+                Bytes::from_static(b"offline"),
+            )),
+        };
+        Uplink {
+            options,
+            config: config.clone(),
+            queue,
+            downlink,
+            down_filters,
+            status,
+        }
+    }
+
+    /// Connects, drains and reconnects until shutdown.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut failures: u32 = 0;
+        let mut subscribed_once = false;
+        loop {
+            if shutdown.is_shutdown() {
+                break;
+            }
+            self.status.set(LinkState::Connecting, None);
+            let started = Instant::now();
+            let end = self.connection(&mut shutdown, &mut subscribed_once).await;
+            let reason = match end {
+                End::Shutdown => break,
+                End::Failed(reason) => reason,
+            };
+            if started.elapsed() >= STABLE_AFTER {
+                failures = 0;
+            }
+            let delay = backoff(self.config.backoff_min, self.config.backoff_max, failures);
+            failures = failures.saturating_add(1);
+            if self.status.set(LinkState::BackingOff, Some(reason.clone())) || failures % 20 == 0 {
+                log::warn!(
+                    "uplink {}: {reason}; retrying in {:.1}s (attempt {failures})",
+                    self.config.url,
+                    delay.as_secs_f64()
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.status.reconnect_requested() => {}
+                _ = shutdown.recv() => break,
+            }
+        }
+        self.status.set(LinkState::Stopped, None);
+    }
+
+    async fn connection(&self, shutdown: &mut Shutdown, subscribed_once: &mut bool) -> End {
+        let mut link = Link::start(&self.options);
+        let connect_deadline = self.config.connect_timeout + Duration::from_secs(1);
+        let connected = tokio::select! {
+            ev = tokio::time::timeout(connect_deadline, link.next_event()) => ev,
+            _ = shutdown.recv() => return End::Shutdown,
+        };
+        let (session_present, receive_maximum, broker_max_packet) = match connected {
+            Ok(Ok(LinkEvent::Connected {
+                session_present,
+                receive_maximum,
+                max_packet_size,
+            })) => (session_present, receive_maximum, max_packet_size),
+            Ok(Ok(other)) => return End::Failed(format!("expected CONNACK, got {other:?}")),
+            Ok(Err(e)) => return End::Failed(format!("connect failed: {e}")),
+            Err(_) => return End::Failed("connect timed out".into()),
+        };
+        let window = usize::from(
+            receive_maximum
+                .unwrap_or(self.config.inflight)
+                .min(self.config.inflight)
+                .max(1),
+        );
+        let max_packet = broker_max_packet
+            .unwrap_or(u32::MAX)
+            .min(self.options.max_packet_size) as usize;
+        self.status.set(LinkState::Connected, None);
+        log::info!(
+            "uplink {}: connected (session present: {session_present}, window {window})",
+            self.config.url
+        );
+        if !session_present || !*subscribed_once {
+            if let Err(e) = link.subscribe(&self.down_filters) {
+                return End::Failed(format!("cannot subscribe: {e}"));
+            }
+            *subscribed_once = true;
+        }
+
+        let mut drain = Drain::default();
+        let online = Outgoing {
+            topic: &self.config.status_topic,
+            payload: Bytes::from_static(b"online"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: &Properties::default(),
+            expiry_secs: None,
+            extra_user_properties: Vec::new(),
+        };
+        if let Err(e) = link.publish(online) {
+            return End::Failed(format!("cannot publish presence: {e}"));
+        }
+        drain.queued.push_back(Tag::Presence);
+
+        let keep_alive = self.config.keep_alive;
+        let dead_after = keep_alive + keep_alive / 2;
+        let mut last_incoming = Instant::now();
+        let mut liveness = tokio::time::interval(Duration::from_millis(200));
+        let mut more = true;
+        loop {
+            if more && drain.rows_in_flight() < window {
+                match self.fill(&link, &mut drain, window, max_packet).await {
+                    Ok(filled_all) => more = filled_all,
+                    Err(e) => return End::Failed(e),
+                }
+            }
+            tokio::select! {
+                ev = link.next_event() => {
+                    last_incoming = Instant::now();
+                    match ev {
+                        Ok(ev) => {
+                            if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
+                                self.lost(&drain);
+                                return End::Failed(e);
+                            }
+                        }
+                        Err(e) => {
+                            self.lost(&drain);
+                            return End::Failed(format!("connection lost: {e}"));
+                        }
+                    }
+                }
+                _ = self.queue.notified() => more = true,
+                _ = liveness.tick() => {
+                    if last_incoming.elapsed() > dead_after {
+                        self.lost(&drain);
+                        return End::Failed(format!(
+                            "nothing received for {:.1}s (keep-alive {}s): link is dead",
+                            last_incoming.elapsed().as_secs_f64(),
+                            keep_alive.as_secs()
+                        ));
+                    }
+                }
+                _ = self.status.reconnect_requested() => {
+                    self.lost(&drain);
+                    return End::Failed("reconnect requested".into());
+                }
+                _ = shutdown.recv() => {
+                    self.goodbye(&mut link).await;
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Sends rows from the store until the window is full. Returns whether the store may
+    /// hold more rows that were not fetched.
+    async fn fill(
+        &self,
+        link: &Link,
+        drain: &mut Drain,
+        window: usize,
+        max_packet: usize,
+    ) -> Result<bool, String> {
+        let want = window - drain.rows_in_flight();
+        let exclude: Vec<i64> = drain.excluded().collect();
+        let batch = self
+            .queue
+            .next_batch(exclude, want)
+            .await
+            .map_err(|e| e.to_string())?;
+        let got = batch.len();
+        let now = Stamp::now();
+        for entry in batch {
+            match self.send(link, &entry, &now, max_packet) {
+                Send::Sent => {
+                    drain.queued.push_back(Tag::Row(entry.id));
+                    drain.in_flight.insert(entry.id);
+                }
+                Send::Skip => {
+                    drain.skipped.insert(entry.id);
+                }
+                Send::Refused(reason) => {
+                    log::error!(
+                        "uplink: message {} on route {} cannot be sent: {reason}",
+                        entry.msg_id,
+                        entry.route
+                    );
+                    drain.skipped.insert(entry.id);
+                    let _ = self.queue.record_attempt(vec![entry.id]).await;
+                }
+                Send::Busy => return Ok(true),
+            }
+        }
+        Ok(got == want)
+    }
+
+    fn send(&self, link: &Link, entry: &Entry, now: &Stamp, max_packet: usize) -> Send {
+        let m = &entry.message;
+        let expiry_secs = match m.deadline {
+            None => None,
+            Some(deadline) => match deadline.remaining(now) {
+                Some(left) => Some(clock::expiry_secs(left)),
+                // Expired since it was fetched: leave it to the sweeper.
+                None => return Send::Skip,
+            },
+        };
+        let size = m.topic.len() + m.payload.len() + 64 + entry.msg_id.len();
+        if size > max_packet {
+            return Send::Refused(format!(
+                "{size} bytes exceed the central broker's maximum packet size {max_packet}"
+            ));
+        }
+        let out = Outgoing {
+            topic: &m.topic,
+            payload: m.payload.clone(),
+            qos: m.qos,
+            retain: m.retain,
+            properties: &m.properties,
+            expiry_secs,
+            extra_user_properties: vec![("trainrelay-msg-id".into(), entry.msg_id.clone())],
+        };
+        match link.publish(out) {
+            Ok(()) => Send::Sent,
+            Err(_) => Send::Busy,
+        }
+    }
+
+    async fn on_event(
+        &self,
+        link: &Link,
+        drain: &mut Drain,
+        ev: LinkEvent,
+        more: &mut bool,
+    ) -> Result<(), String> {
+        match ev {
+            LinkEvent::Sent { pkid } => {
+                let Some(tag) = drain.queued.pop_front() else {
+                    return Err(format!("publish {pkid} sent that was never requested"));
+                };
+                if pkid == 0 {
+                    // QoS 0: done once written.
+                    if let Tag::Row(id) = tag {
+                        drain.in_flight.remove(&id);
+                        self.ack_rows(vec![id]).await?;
+                        *more = true;
+                    }
+                } else {
+                    drain.by_pkid.insert(pkid, tag);
+                }
+            }
+            LinkEvent::Acked { pkid, refused } => {
+                let Some(tag) = drain.by_pkid.remove(&pkid) else {
+                    return Ok(());
+                };
+                if let Tag::Row(id) = tag {
+                    drain.in_flight.remove(&id);
+                    match refused {
+                        None => {
+                            self.ack_rows(vec![id]).await?;
+                            self.status.count_forwarded(1);
+                        }
+                        Some(reason) => {
+                            log::warn!("uplink: central broker refused row {id}: {reason}");
+                            drain.skipped.insert(id);
+                            let _ = self.queue.record_attempt(vec![id]).await;
+                        }
+                    }
+                    *more = true;
+                }
+            }
+            LinkEvent::Message { message, token } => {
+                self.downlink
+                    .deliver(message)
+                    .await
+                    .map_err(|e| format!("downlink: {e}"))?;
+                link.ack(token)?;
+            }
+            LinkEvent::Collision => {
+                return Err("packet id collision: resending from the store".into());
+            }
+            LinkEvent::Connected { .. } | LinkEvent::Other => {}
+        }
+        Ok(())
+    }
+
+    async fn ack_rows(&self, ids: Vec<i64>) -> Result<(), String> {
+        self.queue.ack(ids).await.map_err(|e| e.to_string())
+    }
+
+    fn lost(&self, drain: &Drain) {
+        let n = drain.rows_in_flight() as u64;
+        if n > 0 {
+            self.status.count_resent(n);
+        }
+    }
+
+    /// Clean end: tell the central broker we are going (retained `offline`), then DISCONNECT.
+    async fn goodbye(&self, link: &mut Link) {
+        let offline = Outgoing {
+            topic: &self.config.status_topic,
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: &Properties::default(),
+            expiry_secs: None,
+            extra_user_properties: Vec::new(),
+        };
+        if link.publish(offline).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(ev) = link.next_event().await {
+                    if matches!(ev, LinkEvent::Acked { .. }) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        link.disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(300), link.next_event()).await;
+    }
+}
+
+enum Send {
+    Sent,
+    /// Expired in the meantime; not sent.
+    Skip,
+    /// Can never be sent as it is.
+    Refused(String),
+    /// The request channel is full; try again later.
+    Busy,
+}
+
+/// In-flight bookkeeping of one connection.
+#[derive(Default)]
+struct Drain {
+    /// Requests handed to rumqttc whose packet id is not known yet, in order.
+    queued: VecDeque<Tag>,
+    /// Written publishes waiting for their PUBACK.
+    by_pkid: HashMap<u16, Tag>,
+    /// Store rows queued or written and not yet acknowledged.
+    in_flight: HashSet<i64>,
+    /// Rows not to fetch again on this connection (refused or expired meanwhile).
+    skipped: HashSet<i64>,
+}
+
+impl Drain {
+    fn rows_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn excluded(&self) -> impl Iterator<Item = i64> + '_ {
+        self.in_flight.iter().chain(self.skipped.iter()).copied()
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^failures)].
+fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let cap = min
+        .saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX))
+        .min(max);
+    let span = cap.saturating_sub(min).as_millis() as u64;
+    min + Duration::from_millis(fastrand::u64(0..=span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("mqtt://h:1884"), Some(("h".into(), 1884)));
+        assert_eq!(parse_url("mqtt://h"), Some(("h".into(), 1883)));
+        assert_eq!(parse_url("mqtt://[::1]:1884"), Some(("::1".into(), 1884)));
+        assert_eq!(parse_url("mqtt://h:x"), None);
+        assert_eq!(parse_url("http://h:1"), None);
+        assert_eq!(parse_url("mqtt://"), None);
+    }
+
+    #[test]
+    fn backoff_stays_in_bounds() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        for failures in 0..40 {
+            let d = backoff(min, max, failures);
+            assert!(d >= min && d <= max, "{d:?}");
+        }
+        assert!(backoff(min, max, 0) <= Duration::from_millis(500));
+    }
+}

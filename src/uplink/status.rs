@@ -1,0 +1,119 @@
+//! The uplink's state machine as others see it: the status socket and the logs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::clock::Stamp;
+
+/// Where the uplink is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Connecting,
+    Connected,
+    BackingOff,
+    Stopped,
+}
+
+/// A snapshot for reporting.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    /// Wall-clock milliseconds since the epoch when `state` began.
+    pub since_ms: i64,
+    pub last_error: Option<String>,
+    pub connects: u64,
+    pub forwarded: u64,
+    /// Rows that were in flight when a connection ended and so are sent again (possible
+    /// duplicates at the central broker).
+    pub resent: u64,
+}
+
+struct Inner {
+    state: LinkState,
+    since_ms: i64,
+    last_error: Option<String>,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct StatusHandle {
+    inner: Arc<Mutex<Inner>>,
+    connects: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
+    resent: Arc<AtomicU64>,
+    reconnect: Arc<Notify>,
+}
+
+impl Default for StatusHandle {
+    fn default() -> Self {
+        StatusHandle {
+            inner: Arc::new(Mutex::new(Inner {
+                state: LinkState::Connecting,
+                since_ms: Stamp::now().wall_ms,
+                last_error: None,
+            })),
+            connects: Arc::default(),
+            forwarded: Arc::default(),
+            resent: Arc::default(),
+            reconnect: Arc::default(),
+        }
+    }
+}
+
+impl StatusHandle {
+    /// Moves to `state`; returns true if that is a change (worth logging).
+    pub fn set(&self, state: LinkState, error: Option<String>) -> bool {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if state == LinkState::Connected {
+            self.connects.fetch_add(1, Ordering::Relaxed);
+        }
+        if error.is_some() {
+            inner.last_error = error;
+        }
+        if inner.state == state {
+            return false;
+        }
+        inner.state = state;
+        inner.since_ms = Stamp::now().wall_ms;
+        true
+    }
+
+    pub fn snapshot(&self) -> LinkStatus {
+        let inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        LinkStatus {
+            state: inner.state,
+            since_ms: inner.since_ms,
+            last_error: inner.last_error.clone(),
+            connects: self.connects.load(Ordering::Relaxed),
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            resent: self.resent.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn count_forwarded(&self, n: u64) {
+        self.forwarded.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_resent(&self, n: u64) {
+        self.resent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Asks the uplink to drop the connection and reconnect now.
+    pub fn request_reconnect(&self) {
+        self.reconnect.notify_one();
+    }
+
+    pub(crate) async fn reconnect_requested(&self) {
+        self.reconnect.notified().await;
+    }
+}

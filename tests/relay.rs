@@ -1,0 +1,218 @@
+//! Relay acceptance tests: a real Mosquitto as the central broker, the real daemon, real
+//! clients. Each test asserts what arrives where.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+const QUIET: Duration = Duration::from_secs(15);
+
+fn assert_complete_in_order(order: &[u64], n: u64, what: &str) {
+    let missing: Vec<u64> = (0..n).filter(|i| !order.contains(i)).collect();
+    assert!(missing.is_empty(), "{what}: {} lost, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{what}: order broken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_delivers_v311_and_v5_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+
+    let mut v4 = V4Client::connect(relay.local_port, "ipad-v4", true).await;
+    let mut v5 = V5Client::connect(relay.local_port, "ipad-v5", true).await;
+    v4.publish_acked("up/v4", payloads("v4", 1000)).await;
+    v5.publish_acked("up/v5", payloads("v5", 1000), None).await;
+
+    let got = control.collect(2000, QUIET).await;
+    for m in &got {
+        let topic = String::from_utf8_lossy(&m.topic);
+        assert!(topic == "trains/T1/up/v4" || topic == "trains/T1/up/v5", "unexpected topic {topic}");
+    }
+    let (a, dup_a) = sequence(&got, "v4");
+    let (b, dup_b) = sequence(&got, "v5");
+    assert_complete_in_order(&a, 1000, "v3.1.1 publisher");
+    assert_complete_in_order(&b, 1000, "v5 publisher");
+    println!("duplicates: v3.1.1 {dup_a}, v5 {dup_b}");
+    // Every forwarded message carries the relay's stable message id.
+    let has_id = got.iter().all(|m| {
+        m.properties.as_ref().is_some_and(|p| {
+            p.user_properties.iter().any(|(k, _)| k == "trainrelay-msg-id")
+        })
+    });
+    assert!(has_id, "a forwarded message lacks trainrelay-msg-id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_delivers_live_and_retained_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let mut v4 = V4Client::connect(relay.local_port, "ipad-v4", true).await;
+    let mut v5 = V5Client::connect(relay.local_port, "ipad-v5", true).await;
+    v4.subscribe("down/#").await;
+    v5.subscribe("down/#").await;
+    // Wait until the relay is connected upstream and subscribed.
+    let control = V5Client::connect(central.port, "control", true).await;
+    let mut probe = V5Client::connect(central.port, "probe", true).await;
+    probe.subscribe("trains/T1/status").await;
+    let online = probe.collect(1, Duration::from_secs(20)).await;
+    assert_eq!(online.first().map(|p| p.payload.as_ref()), Some(&b"online"[..]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    control
+        .client
+        .publish("trains/T1/down/speed", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, "80")
+        .await
+        .unwrap();
+    control
+        .client
+        .publish("fleet/broadcast/news", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "hello")
+        .await
+        .unwrap();
+    let got4 = v4.collect(1, QUIET).await;
+    assert_eq!(got4.first().map(|p| (p.topic.as_str(), p.payload.as_ref())), Some(("down/speed", &b"80"[..])));
+    let got5 = v5.collect(1, QUIET).await;
+    assert_eq!(got5.first().map(|p| p.payload.as_ref()), Some(&b"80"[..]));
+
+    let mut late = V5Client::connect(relay.local_port, "ipad-late", true).await;
+    late.subscribe("down/#").await;
+    let retained = late.collect(1, QUIET).await;
+    let first = retained.first().expect("late subscriber got no retained state");
+    assert_eq!(first.payload.as_ref(), b"80");
+    assert!(first.retain, "retained state must arrive with the retain flag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_outage_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::start(dir.path()).await;
+    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+
+    ipad.publish_acked("up/x", payloads("m", 500), None).await;
+    central.stop();
+    let publish = ipad.publish_acked("up/x", payloads("m", 2000).into_iter().skip(500), None);
+    let outage = tokio::time::sleep(Duration::from_secs(10));
+    tokio::join!(publish, outage);
+    central.restart().await;
+    drop(control);
+    let mut control = V5Client::connect(central.port, "control", false).await;
+
+    let got = control.collect(2000, QUIET).await;
+    let (order, dups) = sequence(&got, "m");
+    // Messages from before the outage may have reached the old connection only.
+    let missing: Vec<u64> = (500..2000).filter(|i| !order.contains(i)).collect();
+    assert!(missing.is_empty(), "lost during the outage: {}", missing.len());
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "order broken");
+    println!("central outage: {} received, {dups} duplicates", got.len());
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sigkill_keeps_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::start(dir.path()).await;
+    let control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    drop(control);
+    central.stop();
+
+    let mut relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    let acked = ipad.publish_acked("up/x", payloads("k", 2000), None).await;
+    assert_eq!(acked, 2000);
+    relay.kill();
+    drop(ipad);
+    relay.restart().await;
+    central.restart().await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    let got = control.collect(2000, QUIET).await;
+    let (order, dups) = sequence(&got, "k");
+    assert_complete_in_order(&order, 2000, "after SIGKILL");
+    println!("relay SIGKILL: {dups} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_never_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::start(dir.path()).await;
+    let control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/#").await;
+    drop(control);
+    central.stop();
+
+    let extra = format!(
+        "{}\n[[route]]\ndirection = \"up\"\nlocal = \"short/#\"\nremote = \"trains/T1/short/#\"\nttl = \"2s\"\n",
+        store_section("")
+    );
+    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &extra)).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    let expiring = PublishProperties {
+        message_expiry_interval: Some(2),
+        ..Default::default()
+    };
+    let lasting = PublishProperties {
+        message_expiry_interval: Some(600),
+        ..Default::default()
+    };
+    ipad.publish_acked("up/x", payloads("expiring", 20), Some(expiring)).await;
+    ipad.publish_acked("short/x", payloads("ttl", 20), None).await;
+    ipad.publish_acked("up/x", payloads("lasting", 20), Some(lasting)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    central.restart().await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    let got = control.collect(60, Duration::from_secs(8)).await;
+    assert_eq!(sequence(&got, "expiring").0.len(), 0, "a message with v5 expiry 2 s was delivered");
+    assert_eq!(sequence(&got, "ttl").0.len(), 0, "a message with route TTL 2 s was delivered");
+    let lasting: Vec<_> = got
+        .iter()
+        .filter(|m| m.payload.starts_with(b"lasting-"))
+        .collect();
+    assert_eq!(lasting.len(), 20);
+    for m in lasting {
+        let left = m
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .expect("forwarded message lost its expiry");
+        assert!(left < 600 && left > 500, "remaining expiry {left}");
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_files_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("train_id = \"T1\"\n[store]\nmax_byte = \"1MiB\"\n", "max_byte"),
+        ("train_id = \"T1\"\n[[route]]\ndirection = \"up\"\nlocal = \"up/#/x\"\nremote = \"r/#\"\n", "route[0].local"),
+        ("train_id = \"T1\"\n[uplink]\nkeep_alive = \"often\"\n", "keep_alive"),
+        ("train_id = \"T1\"\n[store]\nwhen_full = \"explode\"\n", "when_full"),
+        ("train_id = \"T1\"\n[[route]]\ndirection = \"up\"\nlocal = \"a/#\"\nremote = \"b/#\"\nqos = 2\n", "route[0].qos"),
+        ("train_id = \"T1\"\n[uplink]\nurl = \"http://x\"\n", "uplink.url"),
+        ("train_id = \n", "line 1"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        for args in [vec!["check-config".to_string()], vec!["run".into(), "--config".into()]] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_trainrelay"))
+                .args(&args)
+                .arg(&file)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {text:?}: {err}");
+            assert!(err.contains(key), "{args:?} {text:?}: message does not name {key}: {err}");
+            assert!(err.contains(&file.display().to_string()), "message does not name the file: {err}");
+        }
+    }
+}
