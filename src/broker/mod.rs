@@ -5,17 +5,36 @@
 //!   for before it acknowledges a client's PUBLISH, and connection events;
 //! - [`BrokerHandle::inject`]: publish as the relay itself;
 //! - [`Broker::run`]: serve until the shutdown signal, then close cleanly.
+//!
+//! Inside, one task per connection ([`connection`]) owns the socket and the protocol state of
+//! that connection; everything shared (sessions, retained messages, counters) is in
+//! [`router::Shared`] behind one short-held lock; durable state goes to the store through
+//! [`persist`] (sessions with an expiry, their subscriptions and QoS 1/2 messages, retained
+//! messages), so a restart of the daemon resumes them.
+
+mod codec;
+mod connection;
+mod listener;
+mod persist;
+mod retained;
+mod router;
+mod session;
+mod subscriptions;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
 use crate::message::Message;
 use crate::shutdown::Shutdown;
 use crate::store::{Db, StoreError};
+use router::Shared;
 
 /// Limits and settings of the local broker.
 #[derive(Debug, Clone)]
@@ -184,9 +203,148 @@ pub struct BrokerStats {
     pub dropped_expired: u64,
     pub denied_publish: u64,
     pub denied_subscribe: u64,
+    /// Messages not sent to a client because they exceed its Maximum Packet Size.
+    pub dropped_too_large: u64,
 }
 
-#[doc(hidden)]
-pub type _HooksObject = Arc<dyn Hooks>;
-#[doc(hidden)]
-pub type _Unused = (Db, Shutdown, Duration);
+/// How often expired sessions and messages are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long shutdown waits for connections to say goodbye.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The local broker: a bound listener plus its state, ready to [`Broker::run`].
+pub struct Broker {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+/// Cheap handle for the rest of the daemon: inject messages, read status.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Binds the listener, loads persisted sessions and retained messages from `db`.
+    pub async fn bind(config: BrokerConfig, db: Db, hooks: Arc<dyn Hooks>) -> Result<Broker, BrokerError> {
+        let loaded = db.run(|conn| persist::load(conn)).await?;
+        let (shared, ops) = Shared::new(config.clone(), db, hooks, loaded);
+        if let Some(commit) = shared.submit(ops) {
+            commit.await.map_err(|_| StoreError::Closed)??;
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        log::info!("local broker: listening on {local_addr}");
+        Ok(Broker {
+            listener,
+            local_addr,
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn handle(&self) -> BrokerHandle {
+        BrokerHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Serves until `shutdown` fires; then stops accepting, disconnects clients (v5: DISCONNECT
+    /// 0x8B server shutting down), persists state, returns.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), BrokerError> {
+        let mut tasks = JoinSet::new();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                r = self.listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        listener::admit(stream, peer, &self.shared, &shutdown, &mut tasks);
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        log::warn!("local broker: accept on {} failed: {e}", self.local_addr);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = sweep.tick() => self.shared.sweep(),
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        log::info!("local broker: shutting down");
+        self.shared.closed.store(true, Ordering::SeqCst);
+        drop(self.listener);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            log::warn!("local broker: some connections did not close in time; aborting them");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        self.shared.sweep();
+        // An empty job: its commit means every earlier write of the broker is on disk.
+        self.shared.db.run(|_| Ok(())).await?;
+        Ok(())
+    }
+}
+
+impl BrokerHandle {
+    /// Publish as the relay itself (no ACL, no ingest hook). Routes to subscribers,
+    /// stores/clears retained, queues for offline persistent sessions. Resolves once the
+    /// durable part (retained row, persistent sessions' queued rows) is committed, so the
+    /// caller can then acknowledge upstream.
+    pub async fn inject(&self, msg: Message) -> Result<(), BrokerError> {
+        if self.shared.is_closed() {
+            return Err(BrokerError::Closed);
+        }
+        if let Err(e) = crate::topic::validate_name(&msg.topic) {
+            return Err(BrokerError::InvalidTopic {
+                topic: msg.topic,
+                reason: e.to_string(),
+            });
+        }
+        if let Some(commit) = self.shared.publish(msg, None) {
+            commit.await.map_err(|_| StoreError::Closed)??;
+        }
+        Ok(())
+    }
+
+    /// Connected clients.
+    pub fn clients(&self) -> Vec<ClientSummary> {
+        let st = self.shared.lock();
+        let mut out: Vec<ClientSummary> = st
+            .sessions
+            .values()
+            .filter_map(|s| {
+                s.conn.as_ref().map(|c| ClientSummary {
+                    client_id: s.client_id.clone(),
+                    peer: c.info.peer,
+                    protocol: c.info.protocol,
+                    connected_since_ms: c.connected_since_ms,
+                    subscriptions: s.subs.len(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out
+    }
+
+    pub fn stats(&self) -> BrokerStats {
+        self.shared.lock().stats.clone()
+    }
+}

@@ -41,6 +41,55 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX uplink_queue_deadline_wall ON uplink_queue(deadline_wall)
         WHERE deadline_wall IS NOT NULL;
     "#,
+    // 2: local broker: persistent iPad sessions, their subscriptions and queued messages, and
+    // retained messages.
+    r#"
+    CREATE TABLE broker_sessions (
+        client_id         TEXT PRIMARY KEY,
+        expiry_secs       INTEGER NOT NULL,
+        disconnected_wall INTEGER
+    );
+    CREATE TABLE broker_subscriptions (
+        client_id           TEXT    NOT NULL,
+        filter              TEXT    NOT NULL,
+        qos                 INTEGER NOT NULL,
+        no_local            INTEGER NOT NULL,
+        retain_as_published INTEGER NOT NULL,
+        retain_handling     INTEGER NOT NULL,
+        sub_id              INTEGER,
+        PRIMARY KEY (client_id, filter)
+    );
+    CREATE TABLE broker_session_messages (
+        seq           INTEGER PRIMARY KEY,
+        client_id     TEXT    NOT NULL,
+        topic         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        msg_qos       INTEGER NOT NULL,
+        qos           INTEGER NOT NULL,
+        msg_retain    INTEGER NOT NULL,
+        retain        INTEGER NOT NULL,
+        props         TEXT,
+        sub_ids       TEXT    NOT NULL,
+        accepted_wall INTEGER NOT NULL,
+        accepted_boot INTEGER NOT NULL,
+        boot_id       INTEGER NOT NULL,
+        deadline_wall INTEGER,
+        deadline_boot INTEGER,
+        released      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX broker_session_messages_client ON broker_session_messages(client_id, seq);
+    CREATE TABLE broker_retained (
+        topic         TEXT PRIMARY KEY,
+        payload       BLOB    NOT NULL,
+        qos           INTEGER NOT NULL,
+        props         TEXT,
+        accepted_wall INTEGER NOT NULL,
+        accepted_boot INTEGER NOT NULL,
+        boot_id       INTEGER NOT NULL,
+        deadline_wall INTEGER,
+        deadline_boot INTEGER
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,1216 @@
+//! One task per client connection: CONNECT, then a loop over the socket, the session's queue,
+//! the ingest verdicts and the keep-alive timer.
+//!
+//! # Inbound PUBLISH pipeline
+//! Every inbound PUBLISH that passes validation and `may_publish` goes to the ingest hook at
+//! once, in arrival order, and joins a FIFO of pending verdicts. The connection keeps reading
+//! while verdicts are outstanding; whenever the verdict at the head of the FIFO is known, the
+//! message is delivered to local subscribers and acknowledged, so deliveries and acks keep the
+//! arrival order. The FIFO is bounded by our Receive Maximum (QoS 1/2 only): a client that
+//! exceeds it is disconnected (v5 reason 0x93).
+//!
+//! # Refusing a PUBLISH in 3.1.1
+//! MQTT 3.1.1 has no negative PUBACK. When the ingest hook refuses a QoS 1/2 message from a
+//! 3.1.1 client, the broker withholds the acknowledgement and closes the connection: the client
+//! keeps the message in its session and sends it again after reconnecting, by which time the
+//! relay may have room for it. An ACL denial (`may_publish` false) is different: it will not
+//! change on retry, so the message is acknowledged and dropped (and counted), as 3.1.1 §4.1
+//! allows.
+//!
+//! # Dead clients
+//! Keep-alive is measured only from what the client sends; our own writes never reset it, so a
+//! client that vanished while we were sending it messages is still detected after 1.5 × its
+//! keep-alive. Every write has a timeout, so a client that stops reading cannot hold the task.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+use super::codec::{self, ConnectPacket, DecodeError, InPublish, Inbound, OutPublish, Outbound};
+use super::persist::Op;
+use super::router::Shared;
+use super::session::{ConnLink, Inflight, OutState, Session};
+use super::subscriptions::Subscription;
+use super::{AuthVerdict, BrokerEvent, ClientInfo, ConnectRequest, Ingest, Protocol, RejectReason};
+use crate::clock::{self, Stamp};
+use crate::message::{Message, QoS};
+use crate::shutdown::Shutdown;
+use crate::topic;
+
+/// Client topic aliases we accept (advertised in CONNACK).
+pub const TOPIC_ALIAS_MAX: u16 = 16;
+/// A write that takes longer than this means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outgoing window for 3.1.1 clients, which cannot announce one.
+const V311_WINDOW: usize = 32;
+/// QoS 0 messages written per wake-up before giving other work a turn.
+const FLUSH_BATCH: usize = 256;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT with reason 0x00: the will is discarded.
+    Normal,
+    /// DISCONNECT 0x04 (or any other reason from the client): the will is published.
+    ClientWithWill(u8),
+    /// Closed by the network, a timeout, or an error of the client: the will is published.
+    Abnormal(String),
+    /// Another connection took the session over.
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Normal => "normal disconnect".into(),
+            End::ClientWithWill(r) => format!("client disconnected with reason {r:#04x}"),
+            End::Abnormal(s) => s.clone(),
+            End::TakenOver => "session taken over".into(),
+            End::Shutdown => "server shutting down".into(),
+        }
+    }
+}
+
+enum Verdict {
+    Ready(Result<(), RejectReason>),
+    Waiting(oneshot::Receiver<Result<(), RejectReason>>),
+}
+
+struct PendingIn {
+    pkid: u16,
+    qos: QoS,
+    msg: Message,
+    verdict: Verdict,
+    acl_denied: bool,
+}
+
+/// Serves one accepted socket to the end. `refuse`: the broker is at max_connections, so the
+/// client gets a "server busy" CONNACK once it has sent CONNECT.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    refuse: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = stream.into_split();
+    let mut pre = PreConnect {
+        reader,
+        writer,
+        rbuf: BytesMut::with_capacity(1024),
+    };
+    let timeout = shared.config.connect_timeout;
+    let max = shared.config.max_packet_size;
+    let connect = match tokio::time::timeout(timeout, pre.read_connect(max)).await {
+        Err(_) => {
+            log::info!("local broker: {peer} sent no complete CONNECT within {timeout:?}; closing");
+            shared.lock().stats.refused_connections += 1;
+            return;
+        }
+        Ok(Err(e)) => {
+            log::info!("local broker: {peer}: refused CONNECT: {e}");
+            {
+                let mut st = shared.lock();
+                st.stats.refused_connections += 1;
+                st.stats.protocol_errors += u64::from(!matches!(e, PreError::Closed));
+            }
+            pre.refuse_bytes(&e).await;
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    if refuse || shared.is_closed() {
+        log::warn!(
+            "local broker: refusing '{}' from {peer}: at the limit of {} connections",
+            connect.client_id,
+            shared.config.max_connections
+        );
+        shared.lock().stats.refused_connections += 1;
+        let code = match connect.protocol {
+            Protocol::V311 => 3,
+            Protocol::V5 => 0x89,
+        };
+        pre.connack_refusal(connect.protocol, code).await;
+        return;
+    }
+    let Some(mut conn) = Conn::accept(pre, connect, peer, shared.clone()).await else {
+        return;
+    };
+    let end = conn.run(shutdown).await;
+    conn.finish(end);
+}
+
+#[derive(Debug)]
+enum PreError {
+    Closed,
+    Decode(DecodeError, Option<Protocol>),
+}
+
+impl std::fmt::Display for PreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PreError::Closed => write!(f, "connection closed before CONNECT"),
+            PreError::Decode(e, _) => write!(f, "{e}"),
+        }
+    }
+}
+
+struct PreConnect {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+}
+
+impl PreConnect {
+    async fn read_connect(&mut self, max: u32) -> Result<ConnectPacket, PreError> {
+        loop {
+            match codec::connect_level(&self.rbuf, max) {
+                Ok(Some(level)) => {
+                    let protocol = if level == 5 {
+                        Protocol::V5
+                    } else {
+                        Protocol::V311
+                    };
+                    match codec::decode_connect(&mut self.rbuf, protocol, max) {
+                        Ok(Some(c)) => return Ok(c),
+                        Ok(None) => {}
+                        Err(e) => return Err(PreError::Decode(e, Some(protocol))),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(PreError::Decode(e, None)),
+            }
+            match self.reader.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return Err(PreError::Closed),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn write_raw(&mut self, bytes: &[u8]) {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.shutdown()).await;
+    }
+
+    /// Answers a CONNECT we could not accept, where the protocol allows an answer.
+    async fn refuse_bytes(&mut self, e: &PreError) {
+        match e {
+            PreError::Decode(DecodeError::UnsupportedProtocol { level }, _) => {
+                if *level < 5 {
+                    // 3.1.1 §3.2.2.3: 0x01 unacceptable protocol level.
+                    self.write_raw(&[0x20, 0x02, 0x00, 0x01]).await;
+                } else {
+                    // MQTT 5 §3.1.2.2: 0x84 unsupported protocol version.
+                    self.write_raw(&[0x20, 0x03, 0x00, 0x84, 0x00]).await;
+                }
+            }
+            PreError::Decode(d, Some(Protocol::V5)) => {
+                let code = d.reason_code();
+                self.write_raw(&[0x20, 0x03, 0x00, code, 0x00]).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn connack_refusal(&mut self, protocol: Protocol, code: u8) {
+        let mut buf = BytesMut::new();
+        let p = Outbound::ConnAck {
+            session_present: false,
+            code,
+            props: Box::new(None),
+        };
+        if codec::encode(&p, protocol, &mut buf, u32::MAX).is_ok() {
+            self.write_raw(&buf).await;
+        }
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Protocol,
+    info: ClientInfo,
+    conn_id: u64,
+    /// Largest packet we may send to this client.
+    out_max: u32,
+    keep_alive: Option<Duration>,
+    last_recv: Instant,
+    pending: VecDeque<PendingIn>,
+    aliases: HashMap<u16, String>,
+    notify: Arc<Notify>,
+    kick_rx: mpsc::UnboundedReceiver<u8>,
+    /// Session Expiry Interval from CONNECT: 0 may not be raised by DISCONNECT.
+    connect_expiry: u32,
+}
+
+impl Conn {
+    /// Validates CONNECT, attaches the session, and sends CONNACK. `None` if refused.
+    async fn accept(
+        mut pre: PreConnect,
+        c: ConnectPacket,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+    ) -> Option<Conn> {
+        let protocol = c.protocol;
+        let refuse = |v311: u8, v5: u8| match protocol {
+            Protocol::V311 => v311,
+            Protocol::V5 => v5,
+        };
+        let mut client_id = c.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            if protocol == Protocol::V311 && !c.clean_start {
+                log::info!("local broker: {peer}: empty client id with clean session 0; refused");
+                shared.lock().stats.refused_connections += 1;
+                pre.connack_refusal(protocol, 0x02).await;
+                return None;
+            }
+            client_id = format!("trainrelay-{:016x}", fastrand::u64(..));
+            if protocol == Protocol::V5 {
+                assigned = Some(client_id.clone());
+            }
+        }
+        if let Some(w) = &c.will {
+            if let Err(e) = topic::validate_name(&w.topic) {
+                log::info!("local broker: '{client_id}' from {peer}: will topic '{}' {e}", w.topic);
+                {
+                    let mut st = shared.lock();
+                    st.stats.refused_connections += 1;
+                    st.stats.protocol_errors += 1;
+                }
+                if protocol == Protocol::V5 {
+                    pre.connack_refusal(protocol, 0x90).await;
+                }
+                return None;
+            }
+        }
+        let verdict = shared.hooks.authenticate(&ConnectRequest {
+            client_id: &client_id,
+            username: c.username.as_deref(),
+            password: c.password.as_deref(),
+            peer,
+            protocol,
+        });
+        let info = ClientInfo {
+            client_id: client_id.clone(),
+            username: c.username.clone(),
+            peer,
+            protocol,
+        };
+        let code = match verdict {
+            AuthVerdict::Allow => None,
+            AuthVerdict::BadCredentials => Some(refuse(0x04, 0x86)),
+            AuthVerdict::NotAuthorized => Some(refuse(0x05, 0x87)),
+        };
+        let code = code.or_else(|| {
+            c.will
+                .as_ref()
+                .filter(|w| !shared.hooks.may_publish(&info, &w.topic))
+                .map(|_| refuse(0x05, 0x87))
+        });
+        if let Some(code) = code {
+            log::info!("local broker: '{client_id}' from {peer} refused with CONNACK {code:#04x}");
+            shared.lock().stats.refused_connections += 1;
+            pre.connack_refusal(protocol, code).await;
+            return None;
+        }
+
+        let max_expiry = u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+        let expiry = match protocol {
+            Protocol::V311 if c.clean_start => 0,
+            Protocol::V311 => max_expiry,
+            Protocol::V5 => c.session_expiry.min(max_expiry),
+        };
+        let out_window = match protocol {
+            Protocol::V311 => V311_WINDOW,
+            Protocol::V5 => usize::from(c.receive_maximum),
+        };
+        let notify = Arc::new(Notify::new());
+        let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let (conn_id, session_present) = {
+            let mut st = shared.lock();
+            let conn_id = st.new_conn_id();
+            let mut ops = Vec::new();
+            let mut existed = false;
+            if let Some(s) = st.sessions.get_mut(&client_id) {
+                existed = true;
+                if let Some(old) = s.conn.take() {
+                    log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
+                    let _ = old.kick.send(0x8E);
+                }
+                if let Some(cancel) = s.will_cancel.take() {
+                    let _ = cancel.send(());
+                }
+            }
+            if existed && c.clean_start {
+                st.remove_session(&client_id, &mut ops);
+                existed = false;
+            }
+            let s = st
+                .sessions
+                .entry(client_id.clone())
+                .or_insert_with(|| Session::new(client_id.clone(), expiry));
+            let was_persistent = existed && s.persistent();
+            s.expiry_secs = expiry;
+            if s.persistent() {
+                ops.push(Op::UpsertSession {
+                    client_id: client_id.clone(),
+                    expiry_secs: expiry,
+                });
+                if !was_persistent {
+                    for sub in s.subs.iter() {
+                        ops.push(Op::UpsertSub {
+                            client_id: client_id.clone(),
+                            sub: sub.clone(),
+                        });
+                    }
+                }
+            } else if was_persistent {
+                ops.push(Op::DeleteSession {
+                    client_id: client_id.clone(),
+                });
+                s.queue.iter_mut().for_each(|d| d.seq = None);
+                s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
+            }
+            s.will = c.will.clone();
+            s.expires_at = None;
+            s.conn = Some(ConnLink {
+                conn_id,
+                info: info.clone(),
+                notify: Arc::clone(&notify),
+                kick: kick_tx,
+                connected_since_ms: Stamp::now().wall_ms,
+                out_window: out_window.clamp(1, 65535),
+            });
+            st.stats.connections += 1;
+            let _ = shared.submit(ops);
+            (conn_id, existed)
+        };
+
+        let props = (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
+            session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
+            receive_max: Some(shared.config.receive_maximum),
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: Some(shared.config.max_packet_size),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: Some(0),
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let out_max = c
+            .max_packet_size
+            .unwrap_or(u32::MAX)
+            .min(shared.config.max_packet_size.max(1024));
+        let mut conn = Conn {
+            shared: Arc::clone(&shared),
+            reader: pre.reader,
+            writer: pre.writer,
+            rbuf: pre.rbuf,
+            wbuf: BytesMut::with_capacity(4096),
+            protocol,
+            info: info.clone(),
+            conn_id,
+            out_max,
+            keep_alive: (c.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+            last_recv: Instant::now(),
+            pending: VecDeque::new(),
+            aliases: HashMap::new(),
+            notify,
+            kick_rx,
+            connect_expiry: expiry,
+        };
+        log::info!(
+            "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
+            c.keep_alive,
+            if session_present { "resumed" } else { "new" }
+        );
+        conn.queue(Outbound::ConnAck {
+            session_present,
+            code: 0,
+            props: Box::new(props),
+        });
+        if conn.write_out().await.is_err() {
+            conn.finish(End::Abnormal("CONNACK could not be written".into()));
+            return None;
+        }
+        shared.hooks.on_event(BrokerEvent::Connected(info));
+        Some(conn)
+    }
+
+    fn queue(&mut self, p: Outbound) {
+        if let Err(e) = codec::encode(&p, self.protocol, &mut self.wbuf, self.out_max) {
+            log::warn!(
+                "local broker: cannot encode a packet for '{}': {e}",
+                self.info.client_id
+            );
+        }
+    }
+
+    async fn write_out(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(End::Abnormal(format!("write failed: {e}"))),
+            Err(_) => Err(End::Abnormal(format!(
+                "client did not read for {WRITE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Sends a v5 DISCONNECT (3.1.1 has none) and counts a protocol error.
+    async fn protocol_error(&mut self, reason: u8, what: String) -> End {
+        log::warn!(
+            "local broker: '{}' ({}): {what}; disconnecting",
+            self.info.client_id,
+            self.info.peer
+        );
+        self.shared.lock().stats.protocol_errors += 1;
+        self.queue(Outbound::Disconnect { reason });
+        let _ = self.write_out().await;
+        End::Abnormal(what)
+    }
+
+    async fn run(&mut self, mut shutdown: Shutdown) -> End {
+        if let Err(end) = self.resend_inflight().await {
+            return end;
+        }
+        loop {
+            if let Err(end) = self.flush_queue().await {
+                return end;
+            }
+            let deadline = self.keep_alive.map(|ka| self.last_recv + ka);
+            enum Ev {
+                Kick(u8),
+                Shutdown,
+                Read(std::io::Result<usize>),
+                Verdict(Result<(), RejectReason>),
+                Notified,
+                KeepAlive,
+            }
+            let ev = tokio::select! {
+                k = self.kick_rx.recv() => Ev::Kick(k.unwrap_or(0x8E)),
+                _ = shutdown.recv() => Ev::Shutdown,
+                r = self.reader.read_buf(&mut self.rbuf) => Ev::Read(r),
+                v = head_verdict(&mut self.pending) => Ev::Verdict(v),
+                _ = self.notify.notified() => Ev::Notified,
+                _ = sleep_until(deadline) => Ev::KeepAlive,
+            };
+            let step = match ev {
+                Ev::Kick(reason) => {
+                    self.queue(Outbound::Disconnect { reason });
+                    let _ = self.write_out().await;
+                    return End::TakenOver;
+                }
+                Ev::Shutdown => {
+                    self.queue(Outbound::Disconnect { reason: 0x8B });
+                    let _ = self.write_out().await;
+                    return End::Shutdown;
+                }
+                Ev::Read(Ok(0)) => Err(End::Abnormal("connection closed by the client".into())),
+                Ev::Read(Err(e)) => Err(End::Abnormal(format!("read failed: {e}"))),
+                Ev::Read(Ok(_)) => {
+                    self.last_recv = Instant::now();
+                    self.read_packets().await
+                }
+                Ev::Verdict(v) => {
+                    if let Some(head) = self.pending.front_mut() {
+                        head.verdict = Verdict::Ready(v);
+                    }
+                    Ok(())
+                }
+                Ev::Notified => Ok(()),
+                Ev::KeepAlive => {
+                    let ka = self.keep_alive.unwrap_or_default();
+                    Err(self
+                        .protocol_error(0x8D, format!("nothing received for {ka:?} (1.5 × keep-alive)"))
+                        .await)
+                }
+            };
+            let step = match step {
+                Ok(()) => self.drain_verdicts().await,
+                Err(e) => Err(e),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if let Err(end) = self.write_out().await {
+                return end;
+            }
+        }
+    }
+
+    async fn read_packets(&mut self) -> Result<(), End> {
+        loop {
+            match codec::decode(&mut self.rbuf, self.protocol, self.shared.config.max_packet_size) {
+                Ok(Some(p)) => self.handle(p).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+            }
+        }
+    }
+
+    async fn handle(&mut self, p: Inbound) -> Result<(), End> {
+        match p {
+            Inbound::Publish(p) => self.on_publish(p).await,
+            Inbound::PubAck(pkid) => {
+                self.complete_outgoing(pkid, OutState::AwaitAck);
+                Ok(())
+            }
+            Inbound::PubRec { pkid, failed } => {
+                let mut release = true;
+                let mut st = self.shared.lock();
+                let mut ops = Vec::new();
+                if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                    if let Some(pos) = s
+                        .inflight
+                        .iter()
+                        .position(|f| f.pkid == pkid && f.state == OutState::AwaitRec)
+                    {
+                        if failed {
+                            if let Some(f) = s.inflight.remove(pos) {
+                                ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
+                            }
+                            release = false;
+                        } else if let Some(f) = s.inflight.get_mut(pos) {
+                            f.state = OutState::AwaitComp;
+                            ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
+                        }
+                    }
+                }
+                let _ = self.shared.submit(ops);
+                drop(st);
+                if release {
+                    self.queue(Outbound::PubRel { pkid });
+                }
+                Ok(())
+            }
+            Inbound::PubComp(pkid) => {
+                self.complete_outgoing(pkid, OutState::AwaitComp);
+                Ok(())
+            }
+            Inbound::PubRel(pkid) => {
+                let found = {
+                    let mut st = self.shared.lock();
+                    st.sessions
+                        .get_mut(&self.info.client_id)
+                        .is_some_and(|s| s.incoming_qos2.remove(&pkid))
+                };
+                self.queue(Outbound::PubComp {
+                    pkid,
+                    reason: if found { 0 } else { 0x92 },
+                });
+                Ok(())
+            }
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                sub_id,
+            } => self.on_subscribe(pkid, filters, sub_id).await,
+            Inbound::Unsubscribe { pkid, filters } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                {
+                    let mut st = self.shared.lock();
+                    let mut ops = Vec::new();
+                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                        for f in filters {
+                            if s.subs.remove(&f) {
+                                codes.push(0);
+                                if s.persistent() {
+                                    ops.push(Op::DeleteSub {
+                                        client_id: self.info.client_id.clone(),
+                                        filter: f,
+                                    });
+                                }
+                            } else {
+                                codes.push(0x11);
+                            }
+                        }
+                    }
+                    let _ = self.shared.submit(ops);
+                }
+                self.queue(Outbound::UnsubAck { pkid, codes });
+                Ok(())
+            }
+            Inbound::PingReq => {
+                self.queue(Outbound::PingResp);
+                Ok(())
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(e) = session_expiry {
+                    if self.connect_expiry == 0 && e != 0 {
+                        return Err(self
+                            .protocol_error(
+                                0x82,
+                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0".into(),
+                            )
+                            .await);
+                    }
+                    let max = u32::try_from(self.shared.config.max_session_expiry.as_secs())
+                        .unwrap_or(u32::MAX);
+                    let e = e.min(max);
+                    let mut st = self.shared.lock();
+                    let mut ops = Vec::new();
+                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                        let was = s.persistent();
+                        s.expiry_secs = e;
+                        if s.persistent() {
+                            ops.push(Op::UpsertSession {
+                                client_id: self.info.client_id.clone(),
+                                expiry_secs: e,
+                            });
+                        } else if was {
+                            ops.push(Op::DeleteSession {
+                                client_id: self.info.client_id.clone(),
+                            });
+                        }
+                    }
+                    let _ = self.shared.submit(ops);
+                }
+                Err(if reason == 0 {
+                    End::Normal
+                } else {
+                    End::ClientWithWill(reason)
+                })
+            }
+            Inbound::Auth => Err(self
+                .protocol_error(0x82, "AUTH without an authentication method".into())
+                .await),
+            Inbound::ServerOnly(what) => Err(self
+                .protocol_error(0x82, format!("client sent {what}, which only a server may send"))
+                .await),
+        }
+    }
+
+    fn complete_outgoing(&mut self, pkid: u16, expected: OutState) {
+        let mut st = self.shared.lock();
+        let mut ops = Vec::new();
+        if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+            if let Some(pos) = s
+                .inflight
+                .iter()
+                .position(|f| f.pkid == pkid && f.state == expected)
+            {
+                if let Some(f) = s.inflight.remove(pos) {
+                    ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
+                }
+                s.conn.iter().for_each(|c| c.notify.notify_one());
+            }
+        }
+        let _ = self.shared.submit(ops);
+    }
+
+    async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
+        let mut topic_name = p.topic;
+        if self.protocol == Protocol::V5 {
+            if let Some(alias) = p.topic_alias {
+                if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                    return Err(self
+                        .protocol_error(0x94, format!("topic alias {alias} out of range 1..={TOPIC_ALIAS_MAX}"))
+                        .await);
+                }
+                if topic_name.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => topic_name = t.clone(),
+                        None => {
+                            return Err(self
+                                .protocol_error(0x82, format!("unknown topic alias {alias}"))
+                                .await)
+                        }
+                    }
+                } else {
+                    self.aliases.insert(alias, topic_name.clone());
+                }
+            }
+        }
+        if let Err(e) = topic::validate_name(&topic_name) {
+            return Err(self
+                .protocol_error(0x90, format!("PUBLISH topic '{topic_name}' {e}"))
+                .await);
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let duplicate = {
+                let st = self.shared.lock();
+                st.sessions
+                    .get(&self.info.client_id)
+                    .is_some_and(|s| s.incoming_qos2.contains(&p.pkid))
+            };
+            if duplicate {
+                // Already accepted and PUBREC'd: acknowledge again, deliver nothing.
+                self.queue(Outbound::PubRec {
+                    pkid: p.pkid,
+                    reason: 0,
+                });
+                return Ok(());
+            }
+            if self
+                .pending
+                .iter()
+                .any(|q| q.qos == QoS::ExactlyOnce && q.pkid == p.pkid)
+            {
+                return Ok(());
+            }
+        }
+        if p.qos != QoS::AtMostOnce {
+            let awaiting_rel = {
+                let st = self.shared.lock();
+                st.sessions
+                    .get(&self.info.client_id)
+                    .map_or(0, |s| s.incoming_qos2.len())
+            };
+            let in_flight = self.pending.iter().filter(|q| q.qos != QoS::AtMostOnce).count()
+                + awaiting_rel;
+            if in_flight >= usize::from(self.shared.config.receive_maximum) {
+                return Err(self
+                    .protocol_error(
+                        0x93,
+                        format!(
+                            "more than {} unacknowledged QoS 1/2 PUBLISHes",
+                            self.shared.config.receive_maximum
+                        ),
+                    )
+                    .await);
+            }
+        }
+        let accepted = Stamp::now();
+        let msg = Message {
+            topic: topic_name,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: p.properties,
+            accepted,
+            deadline: p
+                .expiry
+                .map(|s| accepted.plus(Duration::from_secs(u64::from(s)))),
+        };
+        let (verdict, acl_denied) = if !self.shared.hooks.may_publish(&self.info, &msg.topic) {
+            log::info!(
+                "local broker: '{}' may not publish to '{}'; dropped",
+                self.info.client_id,
+                msg.topic
+            );
+            self.shared.lock().stats.denied_publish += 1;
+            (Verdict::Ready(Err(RejectReason::NotAuthorized)), true)
+        } else {
+            let v = match self.shared.hooks.ingest(&self.info, &msg) {
+                Ingest::Accept => Verdict::Ready(Ok(())),
+                Ingest::Reject(r) => Verdict::Ready(Err(r)),
+                Ingest::Pending(rx) => Verdict::Waiting(rx),
+            };
+            (v, false)
+        };
+        self.pending.push_back(PendingIn {
+            pkid: p.pkid,
+            qos: p.qos,
+            msg,
+            verdict,
+            acl_denied,
+        });
+        Ok(())
+    }
+
+    /// Resolves verdicts at the head of the FIFO, in order, as far as they are known.
+    async fn drain_verdicts(&mut self) -> Result<(), End> {
+        loop {
+            let Some(front) = self.pending.front_mut() else {
+                return Ok(());
+            };
+            let result = match &mut front.verdict {
+                Verdict::Ready(r) => *r,
+                Verdict::Waiting(rx) => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(oneshot::error::TryRecvError::Closed) => Err(RejectReason::UnspecifiedError),
+                },
+            };
+            let Some(p) = self.pending.pop_front() else {
+                return Ok(());
+            };
+            self.resolve(p, result).await?;
+        }
+    }
+
+    async fn resolve(&mut self, p: PendingIn, result: Result<(), RejectReason>) -> Result<(), End> {
+        let code = match result {
+            Ok(()) => {
+                self.shared.lock().stats.messages_in += 1;
+                let _ = self.shared.publish(p.msg, Some(&self.info.client_id));
+                0
+            }
+            Err(r) if p.acl_denied && self.protocol == Protocol::V311 => {
+                let _ = r;
+                0
+            }
+            Err(r) => {
+                if self.protocol == Protocol::V311 && p.qos != QoS::AtMostOnce {
+                    log::warn!(
+                        "local broker: relay refused a message from 3.1.1 client '{}' ({r:?}); closing without PUBACK so it redelivers",
+                        self.info.client_id
+                    );
+                    return Err(End::Abnormal(format!(
+                        "ingest refused a QoS {} message ({r:?})",
+                        p.qos as u8
+                    )));
+                }
+                match r {
+                    RejectReason::UnspecifiedError => 0x80,
+                    RejectReason::ImplementationSpecificError => 0x83,
+                    RejectReason::NotAuthorized => 0x87,
+                    RejectReason::QuotaExceeded => 0x97,
+                }
+            }
+        };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue(Outbound::PubAck {
+                pkid: p.pkid,
+                reason: code,
+            }),
+            QoS::ExactlyOnce => {
+                if code < 0x80 {
+                    let mut st = self.shared.lock();
+                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                        s.incoming_qos2.insert(p.pkid);
+                    }
+                }
+                self.queue(Outbound::PubRec {
+                    pkid: p.pkid,
+                    reason: code,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<codec::SubRequest>,
+        sub_id: Option<usize>,
+    ) -> Result<(), End> {
+        let v5 = self.protocol == Protocol::V5;
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut accepted = Vec::new();
+        for f in filters {
+            if f.filter.starts_with("$share/") {
+                codes.push(if v5 { 0x9E } else { 0x80 });
+                continue;
+            }
+            if let Err(e) = topic::validate_filter(&f.filter) {
+                if !v5 {
+                    // 3.1.1 §4.8: an invalid filter is a protocol violation.
+                    return Err(self
+                        .protocol_error(0x8F, format!("invalid topic filter '{}': {e}", f.filter))
+                        .await);
+                }
+                codes.push(0x8F);
+                continue;
+            }
+            if !self.shared.hooks.may_subscribe(&self.info, &f.filter) {
+                self.shared.lock().stats.denied_subscribe += 1;
+                codes.push(if v5 { 0x87 } else { 0x80 });
+                continue;
+            }
+            codes.push(f.qos as u8);
+            accepted.push((codes.len() - 1, f));
+        }
+        let now = Stamp::now();
+        {
+            let mut st = self.shared.lock();
+            let mut ops = Vec::new();
+            let mut retained = Vec::new();
+            let limit = self.shared.config.max_subscriptions;
+            if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                for (idx, f) in accepted {
+                    if !s.subs.contains(&f.filter) && s.subs.len() >= limit {
+                        if let Some(c) = codes.get_mut(idx) {
+                            *c = if v5 { 0x97 } else { 0x80 };
+                        }
+                        continue;
+                    }
+                    let sub = Subscription {
+                        filter: f.filter.clone(),
+                        qos: f.qos,
+                        no_local: f.no_local,
+                        retain_as_published: f.retain_as_published,
+                        retain_handling: f.retain_handling,
+                        id: sub_id,
+                    };
+                    let is_new = s.subs.insert(sub.clone());
+                    if s.persistent() {
+                        ops.push(Op::UpsertSub {
+                            client_id: self.info.client_id.clone(),
+                            sub: sub.clone(),
+                        });
+                    }
+                    if f.retain_handling == 0 || (f.retain_handling == 1 && is_new) {
+                        retained.push(sub);
+                    }
+                }
+            }
+            let mut deliveries = Vec::new();
+            for sub in retained {
+                for m in st.retained.matching(&sub.filter, &now) {
+                    deliveries.push(super::session::Delivery {
+                        qos: m.qos.min(sub.qos),
+                        msg: m,
+                        retain: true,
+                        sub_ids: sub.id.into_iter().collect(),
+                        seq: None,
+                    });
+                }
+            }
+            for d in deliveries {
+                st.enqueue(
+                    &self.info.client_id,
+                    d,
+                    self.shared.config.max_queued_messages,
+                    &mut ops,
+                );
+            }
+            let _ = self.shared.submit(ops);
+        }
+        // SUBACK first: the retained messages queued above are written after it.
+        self.queue(Outbound::SubAck { pkid, codes });
+        self.write_out().await
+    }
+
+    /// After a session resumes, sends again what the client has not acknowledged.
+    async fn resend_inflight(&mut self) -> Result<(), End> {
+        let now = Stamp::now();
+        let packets = {
+            let mut st = self.shared.lock();
+            let mut ops = Vec::new();
+            let mut packets = Vec::new();
+            let mut expired = 0;
+            if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                s.inflight.retain(|f| {
+                    if f.state != OutState::AwaitComp && f.delivery.msg.is_expired(&now) {
+                        expired += 1;
+                        ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                for f in &s.inflight {
+                    packets.push(match f.state {
+                        OutState::AwaitComp => Outbound::PubRel { pkid: f.pkid },
+                        _ => Outbound::Publish(out_publish(f, true, &now)),
+                    });
+                }
+            }
+            st.stats.dropped_expired += expired;
+            let _ = self.shared.submit(ops);
+            packets
+        };
+        for p in packets {
+            self.queue(p);
+        }
+        self.write_out().await
+    }
+
+    /// Moves messages from the session queue into the in-flight window and writes them.
+    async fn flush_queue(&mut self) -> Result<(), End> {
+        let now = Stamp::now();
+        {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            let mut ops = Vec::new();
+            let Some(s) = st.sessions.get_mut(&self.info.client_id) else {
+                return Ok(());
+            };
+            let Some(link) = s.conn.as_ref().filter(|c| c.conn_id == self.conn_id) else {
+                return Ok(());
+            };
+            let window = link.out_window;
+            let mut sent = 0usize;
+            while let Some(front_qos) = s.queue.front().map(|d| d.qos) {
+                if front_qos != QoS::AtMostOnce && s.inflight.len() >= window {
+                    break;
+                }
+                if sent >= FLUSH_BATCH {
+                    self.notify.notify_one();
+                    break;
+                }
+                let Some(d) = s.queue.pop_front() else {
+                    break;
+                };
+                if d.msg.is_expired(&now) {
+                    st.stats.dropped_expired += 1;
+                    ops.extend(d.seq.map(|seq| Op::DeleteMsg { seq }));
+                    continue;
+                }
+                let pkid = if d.qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    match s.next_pkid() {
+                        Some(id) => id,
+                        None => {
+                            s.queue.push_front(d);
+                            break;
+                        }
+                    }
+                };
+                let f = Inflight {
+                    pkid,
+                    state: if d.qos == QoS::ExactlyOnce {
+                        OutState::AwaitRec
+                    } else {
+                        OutState::AwaitAck
+                    },
+                    delivery: d,
+                };
+                let packet = Outbound::Publish(out_publish(&f, false, &now));
+                match codec::encode(&packet, self.protocol, &mut self.wbuf, self.out_max) {
+                    Ok(()) => {
+                        sent += 1;
+                        st.stats.messages_out += 1;
+                        if f.delivery.qos != QoS::AtMostOnce {
+                            s.inflight.push_back(f);
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "local broker: message on '{}' not sent to '{}': {e} (client maximum packet size {})",
+                            f.delivery.msg.topic,
+                            self.info.client_id,
+                            self.out_max
+                        );
+                        st.stats.dropped_too_large += 1;
+                        ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
+                    }
+                }
+            }
+            let _ = self.shared.submit(ops);
+        }
+        self.write_out().await
+    }
+
+    /// Detaches from the session: schedules or fires the will, starts the session's expiry.
+    fn finish(&mut self, end: End) {
+        let reason = end.describe();
+        let publish_will = matches!(end, End::ClientWithWill(_) | End::Abnormal(_));
+        let mut fire_now = None;
+        {
+            let mut st = self.shared.lock();
+            let mut ops = Vec::new();
+            let cid = self.info.client_id.clone();
+            let mine = st
+                .sessions
+                .get(&cid)
+                .and_then(|s| s.conn.as_ref())
+                .is_some_and(|c| c.conn_id == self.conn_id);
+            if mine {
+                let mut remove = false;
+                if let Some(s) = st.sessions.get_mut(&cid) {
+                    s.conn = None;
+                    let will = s.will.take();
+                    if s.expiry_secs == 0 {
+                        remove = true;
+                    } else {
+                        s.expires_at =
+                            Some(Stamp::now().plus(Duration::from_secs(u64::from(s.expiry_secs))));
+                        if s.persistent() {
+                            ops.push(Op::SessionDisconnected {
+                                client_id: cid.clone(),
+                                wall_ms: Stamp::now().wall_ms,
+                            });
+                        }
+                    }
+                    if let Some(w) = will.filter(|_| publish_will) {
+                        let delay = w.delay.min(s.expiry_secs);
+                        if delay == 0 {
+                            fire_now = Some(w);
+                        } else {
+                            s.will_cancel = Some(self.shared.schedule_will(
+                                self.info.clone(),
+                                w,
+                                Duration::from_secs(u64::from(delay)),
+                            ));
+                        }
+                    }
+                }
+                if remove {
+                    st.remove_session(&cid, &mut ops);
+                }
+            }
+            let _ = self.shared.submit(ops);
+        }
+        log::info!(
+            "local broker: '{}' ({}) disconnected: {reason}",
+            self.info.client_id,
+            self.info.peer
+        );
+        if let Some(w) = fire_now {
+            self.shared.fire_will(self.info.clone(), w);
+        }
+        self.shared.hooks.on_event(BrokerEvent::Disconnected {
+            client: self.info.clone(),
+            reason,
+        });
+    }
+}
+
+fn out_publish(f: &Inflight, dup: bool, now: &Stamp) -> OutPublish {
+    let m = &f.delivery.msg;
+    OutPublish {
+        dup: dup && f.delivery.qos != QoS::AtMostOnce,
+        qos: f.delivery.qos,
+        retain: f.delivery.retain,
+        topic: m.topic.clone(),
+        pkid: f.pkid,
+        payload: m.payload.clone(),
+        properties: m.properties.clone(),
+        expiry: m
+            .deadline
+            .map(|d| clock::expiry_secs(d.remaining(now).unwrap_or(Duration::ZERO))),
+        sub_ids: f.delivery.sub_ids.clone(),
+    }
+}
+
+async fn head_verdict(pending: &mut VecDeque<PendingIn>) -> Result<(), RejectReason> {
+    match pending.front_mut().map(|p| &mut p.verdict) {
+        Some(Verdict::Waiting(rx)) => rx.await.unwrap_or(Err(RejectReason::UnspecifiedError)),
+        _ => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

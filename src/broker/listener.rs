@@ -1,0 +1,55 @@
+//! Accepts sockets and bounds how many are open at once.
+//!
+//! The bound counts every open socket, also those that have not sent CONNECT yet, so a burst
+//! of idle sockets cannot exhaust file descriptors. Up to `REFUSAL_SLOTS` sockets beyond
+//! `max_connections` are kept just long enough to read their CONNECT and answer "server busy"
+//! (so a well-behaved client learns why); any further socket is closed at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::connection;
+use super::router::Shared;
+use crate::shutdown::Shutdown;
+
+const REFUSAL_SLOTS: usize = 16;
+
+/// Decrements the open-socket count when a connection task ends, however it ends.
+struct SocketGuard(Arc<Shared>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Starts serving an accepted socket, or closes it if too many are open.
+pub fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+    tasks: &mut JoinSet<()>,
+) {
+    let open = shared.open_sockets.fetch_add(1, Ordering::SeqCst) + 1;
+    let guard = SocketGuard(Arc::clone(shared));
+    let max = shared.config.max_connections;
+    if open > max + REFUSAL_SLOTS {
+        log::warn!("local broker: {open} sockets open (limit {max}); closing {peer} at once");
+        shared.lock().stats.refused_connections += 1;
+        drop(stream);
+        drop(guard);
+        return;
+    }
+    let refuse = open > max;
+    let shared = Arc::clone(shared);
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let _guard = guard;
+        connection::serve(stream, peer, shared, shutdown, refuse).await;
+    });
+}

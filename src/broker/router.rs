@@ -1,0 +1,356 @@
+//! The broker's shared state and the one path every message takes to its subscribers.
+//!
+//! All state that more than one connection touches (sessions, retained messages, counters) sits
+//! behind one `std::sync::Mutex`. Critical sections are short and never span an `.await`; hooks
+//! are never called with the lock held, so a hook may call back into [`super::BrokerHandle`].
+//! Store writes are *submitted* while the lock is held, which keeps the rows in the order of the
+//! state changes without waiting for the disk inside the lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::codec::WillSpec;
+use super::persist::{self, Op};
+use super::retained::Retained;
+use super::session::{Delivery, Session};
+use super::{BrokerConfig, BrokerEvent, BrokerStats, ClientInfo, Hooks, Ingest};
+use crate::clock::Stamp;
+use crate::message::{Message, QoS};
+use crate::store::{Db, StoreError};
+
+pub type Commit = oneshot::Receiver<Result<(), StoreError>>;
+
+pub struct State {
+    pub sessions: HashMap<String, Session>,
+    pub retained: Retained,
+    pub stats: BrokerStats,
+    next_conn_id: u64,
+    next_seq: i64,
+}
+
+impl State {
+    pub fn new_conn_id(&mut self) -> u64 {
+        self.next_conn_id += 1;
+        self.next_conn_id
+    }
+
+    /// Queues a delivery for one session, persisting it if the session is persistent.
+    pub fn enqueue(&mut self, client_id: &str, mut d: Delivery, limit: usize, ops: &mut Vec<Op>) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        // QoS 0 is not kept for a client that is not there to take it.
+        if session.conn.is_none() && d.qos == QoS::AtMostOnce {
+            return;
+        }
+        if session.persistent() && d.qos != QoS::AtMostOnce && d.seq.is_none() {
+            self.next_seq += 1;
+            d.seq = Some(self.next_seq);
+            ops.push(Op::InsertMsg {
+                client_id: client_id.to_string(),
+                seq: self.next_seq,
+                delivery: d.clone(),
+            });
+        }
+        if let Some(gone) = session.enqueue(d, limit) {
+            self.stats.dropped_queue_full += 1;
+            log::warn!(
+                "local broker: queue of client '{client_id}' is full ({limit}); dropped a message on '{}'",
+                gone.msg.topic
+            );
+            if let Some(seq) = gone.seq {
+                ops.push(Op::DeleteMsg { seq });
+            }
+        }
+        if let Some(c) = &session.conn {
+            c.notify.notify_one();
+        }
+    }
+
+    /// Removes a session and its rows.
+    pub fn remove_session(&mut self, client_id: &str, ops: &mut Vec<Op>) -> Option<Session> {
+        let s = self.sessions.remove(client_id)?;
+        if s.persistent() {
+            ops.push(Op::DeleteSession {
+                client_id: client_id.to_string(),
+            });
+        }
+        Some(s)
+    }
+}
+
+pub struct Shared {
+    pub config: BrokerConfig,
+    pub db: Db,
+    pub hooks: Arc<dyn Hooks>,
+    state: Mutex<State>,
+    /// Sockets open, including those that have not sent CONNECT yet.
+    pub open_sockets: AtomicUsize,
+    /// Set once shutdown begins: no new connections, `inject` refused.
+    pub closed: AtomicBool,
+}
+
+impl Shared {
+    /// Builds the state from what the store holds.
+    pub fn new(
+        config: BrokerConfig,
+        db: Db,
+        hooks: Arc<dyn Hooks>,
+        loaded: persist::Loaded,
+    ) -> (Shared, Vec<Op>) {
+        let now = Stamp::now();
+        let mut ops = Vec::new();
+        let mut sessions = HashMap::new();
+        for ls in loaded.sessions {
+            let expiry_ms = i64::from(ls.expiry_secs) * 1000;
+            let gone_ms = ls
+                .disconnected_wall
+                .map(|w| (now.wall_ms - w).max(0))
+                .unwrap_or(0);
+            let left = expiry_ms - gone_ms;
+            if left <= 0 {
+                log::info!("local broker: session '{}' expired while stopped", ls.client_id);
+                ops.push(Op::DeleteSession {
+                    client_id: ls.client_id,
+                });
+                continue;
+            }
+            let mut s = Session::new(ls.client_id.clone(), ls.expiry_secs);
+            for sub in ls.subs {
+                s.subs.insert(sub);
+            }
+            for (d, released) in ls.messages {
+                if released || d.msg.is_expired(&now) {
+                    if let Some(seq) = d.seq {
+                        ops.push(Op::DeleteMsg { seq });
+                    }
+                    continue;
+                }
+                s.queue.push_back(d);
+            }
+            s.expires_at = Some(now.plus(Duration::from_millis(left as u64)));
+            ops.push(Op::SessionDisconnected {
+                client_id: ls.client_id.clone(),
+                wall_ms: ls.disconnected_wall.unwrap_or(now.wall_ms),
+            });
+            sessions.insert(ls.client_id, s);
+        }
+        let mut retained = Retained::default();
+        for m in loaded.retained {
+            if m.is_expired(&now) {
+                ops.push(Op::DeleteRetained { topic: m.topic });
+            } else {
+                retained.insert_loaded(m);
+            }
+        }
+        log::info!(
+            "local broker: loaded {} persistent sessions and {} retained messages",
+            sessions.len(),
+            retained.len()
+        );
+        let state = State {
+            sessions,
+            retained,
+            stats: BrokerStats::default(),
+            next_conn_id: 0,
+            next_seq: loaded.max_seq,
+        };
+        (
+            Shared {
+                config,
+                db,
+                hooks,
+                state: Mutex::new(state),
+                open_sockets: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            },
+            ops,
+        )
+    }
+
+    /// The state lock. A panic while it was held cannot leave it half-written in a way that
+    /// matters more than stopping the broker would, so poisoning is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `ops` to the store; call with the lock held to keep rows in state order.
+    pub fn submit(&self, ops: Vec<Op>) -> Option<Commit> {
+        if ops.is_empty() {
+            return None;
+        }
+        Some(self.db.submit(move |conn| persist::apply(conn, &ops)))
+    }
+
+    /// Routes `msg` to every matching session and applies its retain flag. `publisher`: the
+    /// client id of the sender, for No Local. Returns the commit of the durable part.
+    pub fn publish(&self, msg: Message, publisher: Option<&str>) -> Option<Commit> {
+        let msg = Arc::new(msg);
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        self.route_locked(&mut st, &msg, publisher, &mut ops);
+        self.submit(ops)
+    }
+
+    fn route_locked(
+        &self,
+        st: &mut State,
+        msg: &Arc<Message>,
+        publisher: Option<&str>,
+        ops: &mut Vec<Op>,
+    ) {
+        if msg.retain {
+            if st.retained.apply(msg) {
+                ops.push(Op::UpsertRetained(Arc::clone(msg)));
+            } else {
+                ops.push(Op::DeleteRetained {
+                    topic: msg.topic.clone(),
+                });
+            }
+        }
+        let mut targets = Vec::new();
+        for (cid, s) in &st.sessions {
+            let own = publisher == Some(cid.as_str());
+            if let Some(m) = s.subs.matching(&msg.topic, own) {
+                targets.push((cid.clone(), m));
+            }
+        }
+        for (cid, m) in targets {
+            let d = Delivery {
+                msg: Arc::clone(msg),
+                qos: msg.qos.min(m.qos),
+                retain: msg.retain && m.retain_as_published,
+                sub_ids: m.sub_ids,
+                seq: None,
+            };
+            st.enqueue(&cid, d, self.config.max_queued_messages, ops);
+        }
+    }
+
+    /// Publishes a client's will: through the ingest hook (so it reaches the uplink queue like
+    /// any other message from that client), then to local subscribers if accepted.
+    pub fn fire_will(self: &Arc<Self>, info: ClientInfo, will: WillSpec) {
+        let accepted = Stamp::now();
+        let msg = Message {
+            topic: will.topic.clone(),
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties: will.properties,
+            accepted,
+            deadline: will
+                .expiry
+                .map(|s| accepted.plus(Duration::from_secs(u64::from(s)))),
+        };
+        log::info!(
+            "local broker: publishing the will of '{}' on '{}'",
+            info.client_id,
+            msg.topic
+        );
+        let event = BrokerEvent::WillPublished {
+            client_id: info.client_id.clone(),
+            topic: msg.topic.clone(),
+        };
+        match self.hooks.ingest(&info, &msg) {
+            Ingest::Accept => {
+                self.lock().stats.messages_in += 1;
+                let _ = self.publish(msg, Some(&info.client_id));
+                self.hooks.on_event(event);
+            }
+            Ingest::Reject(r) => {
+                log::warn!(
+                    "local broker: will of '{}' refused by ingest: {r:?}",
+                    info.client_id
+                );
+            }
+            Ingest::Pending(rx) => {
+                let shared = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = rx.await {
+                        shared.lock().stats.messages_in += 1;
+                        let _ = shared.publish(msg, Some(&info.client_id));
+                        shared.hooks.on_event(event);
+                    } else {
+                        log::warn!(
+                            "local broker: will of '{}' refused by ingest",
+                            info.client_id
+                        );
+                    }
+                });
+            }
+        }
+    }
+
+    /// Starts the will delay of a session whose connection ended abnormally. The will fires
+    /// when the delay runs out or when the session ends, whichever is first; a reconnect
+    /// cancels it.
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        info: ClientInfo,
+        will: WillSpec,
+        delay: Duration,
+    ) -> oneshot::Sender<()> {
+        let (cancel, mut cancelled) = oneshot::channel::<()>();
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                r = &mut cancelled => {
+                    if r.is_ok() {
+                        return;
+                    }
+                    // The session ended (its sender was dropped): publish now.
+                }
+            }
+            shared.fire_will(info, will);
+        });
+        cancel
+    }
+
+    /// Ends expired sessions and drops expired retained and queued messages.
+    pub fn sweep(&self) {
+        let now = Stamp::now();
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        let expired: Vec<String> = st
+            .sessions
+            .values()
+            .filter(|s| s.conn.is_none() && s.expires_at.is_some_and(|e| e.is_past(&now)))
+            .map(|s| s.client_id.clone())
+            .collect();
+        for cid in expired {
+            log::info!("local broker: session '{cid}' expired");
+            st.remove_session(&cid, &mut ops);
+        }
+        for topic in st.retained.remove_expired(&now) {
+            ops.push(Op::DeleteRetained { topic });
+        }
+        let mut dropped = 0u64;
+        for s in st.sessions.values_mut() {
+            if s.conn.is_some() {
+                continue;
+            }
+            s.queue.retain(|d| {
+                if d.msg.is_expired(&now) {
+                    dropped += 1;
+                    if let Some(seq) = d.seq {
+                        ops.push(Op::DeleteMsg { seq });
+                    }
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        st.stats.dropped_expired += dropped;
+        let _ = self.submit(ops);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
