@@ -356,10 +356,16 @@ impl Config {
             return Err(invalid("uplink.inflight", "must be at least 1".into()));
         }
         if self.local.receive_maximum == 0 {
-            return Err(invalid("local.receive_maximum", "must be at least 1".into()));
+            return Err(invalid(
+                "local.receive_maximum",
+                "must be at least 1".into(),
+            ));
         }
         if self.local.max_connections == 0 {
-            return Err(invalid("local.max_connections", "must be at least 1".into()));
+            return Err(invalid(
+                "local.max_connections",
+                "must be at least 1".into(),
+            ));
         }
         if self.local.max_packet_size.as_u64() > u64::from(u32::MAX >> 4)
             || self.local.max_packet_size.as_u64() < 64
@@ -418,7 +424,10 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let Some(span) = e.span() else {
         return e.message().to_string();
     };
-    let line_no = text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1;
+    let line_no = text
+        .get(..span.start)
+        .map_or(0, |t| t.matches('\n').count())
+        + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
     format!("line {line_no} (`{line}`): {}", e.message())
 }

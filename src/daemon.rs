@@ -69,7 +69,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tasks = vec![
         tokio::spawn(log_errors("local broker", broker.run(shutdown.clone()))),
         tokio::spawn(uplink.run(shutdown.clone())),
-        tokio::spawn(sweep(queue.clone(), config.store.sweep_interval, shutdown.clone())),
+        tokio::spawn(sweep(
+            queue.clone(),
+            config.store.sweep_interval,
+            shutdown.clone(),
+        )),
     ];
     drop(queue);
     drop(db);

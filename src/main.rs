@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use trainrelay::config::Config;
 
 #[derive(Parser)]
-#[command(name = "trainrelay", version, about = "Store-and-forward MQTT relay for trains")]
+#[command(
+    name = "trainrelay",
+    version,
+    about = "Store-and-forward MQTT relay for trains"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -40,7 +40,13 @@ impl RelayHooks {
         let id: String = client
             .client_id
             .chars()
-            .map(|c| if matches!(c, '/' | '+' | '#' | '\0') { '_' } else { c })
+            .map(|c| {
+                if matches!(c, '/' | '+' | '#' | '\0') {
+                    '_'
+                } else {
+                    c
+                }
+            })
             .collect();
         let accepted = Stamp::now();
         let payload = serde_json::json!({

@@ -12,15 +12,27 @@ const QUIET: Duration = Duration::from_secs(15);
 
 fn assert_complete_in_order(order: &[u64], n: u64, what: &str) {
     let missing: Vec<u64> = (0..n).filter(|i| !order.contains(i)).collect();
-    assert!(missing.is_empty(), "{what}: {} lost, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "{what}: order broken");
+    assert!(
+        missing.is_empty(),
+        "{what}: {} lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "{what}: order broken"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uplink_delivers_v311_and_v5_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(dir.path()).await;
-    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
     let mut control = V5Client::connect(central.port, "control", false).await;
     control.subscribe("trains/T1/up/#").await;
 
@@ -32,7 +44,10 @@ async fn uplink_delivers_v311_and_v5_in_order() {
     let got = control.collect(2000, QUIET).await;
     for m in &got {
         let topic = String::from_utf8_lossy(&m.topic);
-        assert!(topic == "trains/T1/up/v4" || topic == "trains/T1/up/v5", "unexpected topic {topic}");
+        assert!(
+            topic == "trains/T1/up/v4" || topic == "trains/T1/up/v5",
+            "unexpected topic {topic}"
+        );
     }
     let (a, dup_a) = sequence(&got, "v4");
     let (b, dup_b) = sequence(&got, "v5");
@@ -42,7 +57,9 @@ async fn uplink_delivers_v311_and_v5_in_order() {
     // Every forwarded message carries the relay's stable message id.
     let has_id = got.iter().all(|m| {
         m.properties.as_ref().is_some_and(|p| {
-            p.user_properties.iter().any(|(k, _)| k == "trainrelay-msg-id")
+            p.user_properties
+                .iter()
+                .any(|(k, _)| k == "trainrelay-msg-id")
         })
     });
     assert!(has_id, "a forwarded message lacks trainrelay-msg-id");
@@ -52,7 +69,11 @@ async fn uplink_delivers_v311_and_v5_in_order() {
 async fn downlink_delivers_live_and_retained_state() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(dir.path()).await;
-    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
     let mut v4 = V4Client::connect(relay.local_port, "ipad-v4", true).await;
     let mut v5 = V5Client::connect(relay.local_port, "ipad-v5", true).await;
     v4.subscribe("down/#").await;
@@ -62,37 +83,62 @@ async fn downlink_delivers_live_and_retained_state() {
     let mut probe = V5Client::connect(central.port, "probe", true).await;
     probe.subscribe("trains/T1/status").await;
     let online = probe.collect(1, Duration::from_secs(20)).await;
-    assert_eq!(online.first().map(|p| p.payload.as_ref()), Some(&b"online"[..]));
+    assert_eq!(
+        online.first().map(|p| p.payload.as_ref()),
+        Some(&b"online"[..])
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     control
         .client
-        .publish("trains/T1/down/speed", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, "80")
+        .publish(
+            "trains/T1/down/speed",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            "80",
+        )
         .await
         .unwrap();
     control
         .client
-        .publish("fleet/broadcast/news", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "hello")
+        .publish(
+            "fleet/broadcast/news",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "hello",
+        )
         .await
         .unwrap();
     let got4 = v4.collect(1, QUIET).await;
-    assert_eq!(got4.first().map(|p| (p.topic.as_str(), p.payload.as_ref())), Some(("down/speed", &b"80"[..])));
+    assert_eq!(
+        got4.first().map(|p| (p.topic.as_str(), p.payload.as_ref())),
+        Some(("down/speed", &b"80"[..]))
+    );
     let got5 = v5.collect(1, QUIET).await;
     assert_eq!(got5.first().map(|p| p.payload.as_ref()), Some(&b"80"[..]));
 
     let mut late = V5Client::connect(relay.local_port, "ipad-late", true).await;
     late.subscribe("down/#").await;
     let retained = late.collect(1, QUIET).await;
-    let first = retained.first().expect("late subscriber got no retained state");
+    let first = retained
+        .first()
+        .expect("late subscriber got no retained state");
     assert_eq!(first.payload.as_ref(), b"80");
-    assert!(first.retain, "retained state must arrive with the retain flag");
+    assert!(
+        first.retain,
+        "retained state must arrive with the retain flag"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn central_outage_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut central = Central::start(dir.path()).await;
-    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
     let control = V5Client::connect(central.port, "control", false).await;
     control.subscribe("trains/T1/up/#").await;
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
@@ -110,7 +156,11 @@ async fn central_outage_loses_nothing() {
     let (order, dups) = sequence(&got, "m");
     // Messages from before the outage may have reached the old connection only.
     let missing: Vec<u64> = (500..2000).filter(|i| !order.contains(i)).collect();
-    assert!(missing.is_empty(), "lost during the outage: {}", missing.len());
+    assert!(
+        missing.is_empty(),
+        "lost during the outage: {}",
+        missing.len()
+    );
     assert!(order.windows(2).all(|w| w[0] < w[1]), "order broken");
     println!("central outage: {} received, {dups} duplicates", got.len());
     drop(relay);
@@ -125,7 +175,11 @@ async fn relay_sigkill_keeps_every_acknowledged_message() {
     drop(control);
     central.stop();
 
-    let mut relay = Relay::start(dir.path(), &relay_config(&central.url(), &store_section(""))).await;
+    let mut relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
     let acked = ipad.publish_acked("up/x", payloads("k", 2000), None).await;
     assert_eq!(acked, 2000);
@@ -163,15 +217,26 @@ async fn expired_messages_are_never_forwarded() {
         message_expiry_interval: Some(600),
         ..Default::default()
     };
-    ipad.publish_acked("up/x", payloads("expiring", 20), Some(expiring)).await;
-    ipad.publish_acked("short/x", payloads("ttl", 20), None).await;
-    ipad.publish_acked("up/x", payloads("lasting", 20), Some(lasting)).await;
+    ipad.publish_acked("up/x", payloads("expiring", 20), Some(expiring))
+        .await;
+    ipad.publish_acked("short/x", payloads("ttl", 20), None)
+        .await;
+    ipad.publish_acked("up/x", payloads("lasting", 20), Some(lasting))
+        .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     central.restart().await;
     let mut control = V5Client::connect(central.port, "control", false).await;
     let got = control.collect(60, Duration::from_secs(8)).await;
-    assert_eq!(sequence(&got, "expiring").0.len(), 0, "a message with v5 expiry 2 s was delivered");
-    assert_eq!(sequence(&got, "ttl").0.len(), 0, "a message with route TTL 2 s was delivered");
+    assert_eq!(
+        sequence(&got, "expiring").0.len(),
+        0,
+        "a message with v5 expiry 2 s was delivered"
+    );
+    assert_eq!(
+        sequence(&got, "ttl").0.len(),
+        0,
+        "a message with route TTL 2 s was delivered"
+    );
     let lasting: Vec<_> = got
         .iter()
         .filter(|m| m.payload.starts_with(b"lasting-"))
@@ -203,7 +268,10 @@ async fn bad_config_files_exit_2_naming_the_key() {
     for (i, (text, key)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&file, text).unwrap();
-        for args in [vec!["check-config".to_string()], vec!["run".into(), "--config".into()]] {
+        for args in [
+            vec!["check-config".to_string()],
+            vec!["run".into(), "--config".into()],
+        ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_trainrelay"))
                 .args(&args)
                 .arg(&file)
@@ -211,8 +279,163 @@ async fn bad_config_files_exit_2_naming_the_key() {
                 .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{args:?} {text:?}: {err}");
-            assert!(err.contains(key), "{args:?} {text:?}: message does not name {key}: {err}");
-            assert!(err.contains(&file.display().to_string()), "message does not name the file: {err}");
+            assert!(
+                err.contains(key),
+                "{args:?} {text:?}: message does not name {key}: {err}"
+            );
+            assert!(
+                err.contains(&file.display().to_string()),
+                "message does not name the file: {err}"
+            );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_full_policies_behave_as_documented() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    for policy in ["drop_oldest", "reject_new"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut central = Central::start(dir.path()).await;
+        let mut control = V5Client::connect(central.port, "control", false).await;
+        control.subscribe("trains/T1/up/#").await;
+        drop(control);
+        central.stop();
+        let store = store_section(&format!("max_bytes = \"4KiB\"\nwhen_full = \"{policy}\""));
+        let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store)).await;
+        let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+        // 200-byte payloads: about a dozen fit in 4 KiB.
+        let big: Vec<Vec<u8>> = (0..100)
+            .map(|i| {
+                let mut p = format!("f-{i}").into_bytes();
+                p.push(b' ');
+                p.resize(200, b'.');
+                p
+            })
+            .collect();
+        let reasons = ipad.publish_reasons("up/x", big).await;
+        let accepted = reasons
+            .iter()
+            .filter(|r| **r == PubAckReason::Success)
+            .count();
+        let refused = reasons
+            .iter()
+            .filter(|r| **r == PubAckReason::QuotaExceeded)
+            .count();
+        central.restart().await;
+        let mut control = V5Client::connect(central.port, "control", false).await;
+        let got = control.collect(100, Duration::from_secs(8)).await;
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter_map(|m| {
+                let text = String::from_utf8_lossy(&m.payload).into_owned();
+                text.strip_prefix("f-")?.split(' ').next()?.parse().ok()
+            })
+            .collect();
+        println!(
+            "{policy}: {accepted} acknowledged, {refused} refused with 0x97, {} delivered",
+            seqs.len()
+        );
+        assert!(
+            !seqs.is_empty() && seqs.len() < 100,
+            "{policy}: {} delivered",
+            seqs.len()
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{policy}: order broken"
+        );
+        match policy {
+            "drop_oldest" => {
+                assert_eq!(accepted, 100, "drop_oldest acknowledges everything");
+                // The newest survive.
+                assert_eq!(*seqs.last().unwrap(), 99);
+                let first = seqs[0];
+                assert_eq!(seqs, (first..100).collect::<Vec<_>>());
+            }
+            _ => {
+                assert_eq!(accepted + refused, 100);
+                assert!(refused > 0, "reject_new refused nothing");
+                // The oldest survive: exactly those acknowledged.
+                assert_eq!(seqs, (0..accepted as u64).collect::<Vec<_>>());
+                assert!(reasons[..accepted]
+                    .iter()
+                    .all(|r| *r == PubAckReason::Success));
+            }
+        }
+        drop(relay);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_disturb_the_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    let mut watcher = V4Client::connect(relay.local_port, "watcher-v4", true).await;
+    watcher.subscribe("#").await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+
+    // Garbage bytes: the connection is closed, nothing else happens.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", relay.local_port))
+        .await
+        .unwrap();
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x13, 0x37])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "garbage connection not closed"
+    );
+
+    // A failed connect (protocol level 9), then a good one with the same client id.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", relay.local_port))
+        .await
+        .unwrap();
+    let mut connect = vec![0x10, 0x10, 0x00, 0x04];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[9, 0x02, 0x00, 0x3c, 0x00, 0x04]);
+    connect.extend_from_slice(b"same");
+    raw.write_all(&connect).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
+    drop(raw);
+    let mut same = V5Client::connect(relay.local_port, "same", true).await;
+
+    // A topic starting with a multi-byte character, and v5 user properties towards a
+    // 3.1.1 subscriber.
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    ipad.publish_acked("Ü/x", payloads("umlaut", 1), None).await;
+    ipad.publish_acked("up/props", payloads("props", 1), Some(props))
+        .await;
+    let seen = watcher.collect(2, QUIET).await;
+    let topics: Vec<&str> = seen.iter().map(|p| p.topic.as_str()).collect();
+    assert!(
+        topics.contains(&"Ü/x"),
+        "3.1.1 subscriber missed Ü/x: {topics:?}"
+    );
+    assert!(
+        topics.contains(&"up/props"),
+        "3.1.1 subscriber missed up/props: {topics:?}"
+    );
+
+    // Everyone else still relays.
+    same.publish_acked("up/after", payloads("after", 10), None)
+        .await;
+    let got = control.collect(11, QUIET).await;
+    let (after, _) = sequence(&got, "after");
+    assert_eq!(after, (0..10).collect::<Vec<_>>());
+    assert!(got.iter().any(|m| m.payload.as_ref() == b"props-0"));
 }

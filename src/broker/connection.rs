@@ -286,7 +286,10 @@ impl Conn {
         }
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
-                log::info!("local broker: '{client_id}' from {peer}: will topic '{}' {e}", w.topic);
+                log::info!(
+                    "local broker: '{client_id}' from {peer}: will topic '{}' {e}",
+                    w.topic
+                );
                 {
                     let mut st = shared.lock();
                     st.stats.refused_connections += 1;
@@ -329,7 +332,8 @@ impl Conn {
             return None;
         }
 
-        let max_expiry = u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+        let max_expiry =
+            u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
         let expiry = match protocol {
             Protocol::V311 if c.clean_start => 0,
             Protocol::V311 => max_expiry,
@@ -401,25 +405,26 @@ impl Conn {
             (conn_id, existed)
         };
 
-        let props = (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
-            session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
-            receive_max: Some(shared.config.receive_maximum),
-            max_qos: None,
-            retain_available: None,
-            max_packet_size: Some(shared.config.max_packet_size),
-            assigned_client_identifier: assigned,
-            topic_alias_max: Some(TOPIC_ALIAS_MAX),
-            reason_string: None,
-            user_properties: Vec::new(),
-            wildcard_subscription_available: None,
-            subscription_identifiers_available: None,
-            shared_subscription_available: Some(0),
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
-        });
+        let props =
+            (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
+                session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
+                receive_max: Some(shared.config.receive_maximum),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: Some(shared.config.max_packet_size),
+                assigned_client_identifier: assigned,
+                topic_alias_max: Some(TOPIC_ALIAS_MAX),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: Some(0),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
         let out_max = c
             .max_packet_size
             .unwrap_or(u32::MAX)
@@ -519,7 +524,7 @@ impl Conn {
             let ev = tokio::select! {
                 k = self.kick_rx.recv() => Ev::Kick(k.unwrap_or(0x8E)),
                 _ = shutdown.recv() => Ev::Shutdown,
-                r = self.reader.read_buf(&mut self.rbuf) => Ev::Read(r),
+                r = self.reader.read_buf(&mut self.rbuf), if !self.inbound_full() => Ev::Read(r),
                 v = head_verdict(&mut self.pending) => Ev::Verdict(v),
                 _ = self.notify.notified() => Ev::Notified,
                 _ = sleep_until(deadline) => Ev::KeepAlive,
@@ -551,13 +556,23 @@ impl Conn {
                 Ev::KeepAlive => {
                     let ka = self.keep_alive.unwrap_or_default();
                     Err(self
-                        .protocol_error(0x8D, format!("nothing received for {ka:?} (1.5 × keep-alive)"))
+                        .protocol_error(
+                            0x8D,
+                            format!("nothing received for {ka:?} (1.5 × keep-alive)"),
+                        )
                         .await)
                 }
             };
             let step = match step {
                 Ok(()) => self.drain_verdicts().await,
                 Err(e) => Err(e),
+            };
+            // Packets held back while the in-flight window was full.
+            let step = match step {
+                Ok(()) if !self.rbuf.is_empty() && !self.inbound_full() => {
+                    self.read_packets().await
+                }
+                other => other,
             };
             if let Err(end) = step {
                 return end;
@@ -570,12 +585,39 @@ impl Conn {
 
     async fn read_packets(&mut self) -> Result<(), End> {
         loop {
-            match codec::decode(&mut self.rbuf, self.protocol, self.shared.config.max_packet_size) {
+            // A 3.1.1 client knows no Receive Maximum: instead of disconnecting it for
+            // having too much in flight, stop reading until verdicts free the window (TCP
+            // then pushes back on the client). A v5 client that exceeds it is an error.
+            if self.protocol == Protocol::V311 && self.inbound_full() {
+                return Ok(());
+            }
+            match codec::decode(
+                &mut self.rbuf,
+                self.protocol,
+                self.shared.config.max_packet_size,
+            ) {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
             }
         }
+    }
+
+    /// True when the client has as many QoS 1/2 PUBLISHes unacknowledged as we allow.
+    fn inbound_full(&self) -> bool {
+        let awaiting_rel = {
+            let st = self.shared.lock();
+            st.sessions
+                .get(&self.info.client_id)
+                .map_or(0, |s| s.incoming_qos2.len())
+        };
+        let in_flight = self
+            .pending
+            .iter()
+            .filter(|q| q.qos != QoS::AtMostOnce)
+            .count()
+            + awaiting_rel;
+        in_flight >= usize::from(self.shared.config.receive_maximum)
     }
 
     async fn handle(&mut self, p: Inbound) -> Result<(), End> {
@@ -673,7 +715,8 @@ impl Conn {
                         return Err(self
                             .protocol_error(
                                 0x82,
-                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0".into(),
+                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0"
+                                    .into(),
                             )
                             .await);
                     }
@@ -708,7 +751,10 @@ impl Conn {
                 .protocol_error(0x82, "AUTH without an authentication method".into())
                 .await),
             Inbound::ServerOnly(what) => Err(self
-                .protocol_error(0x82, format!("client sent {what}, which only a server may send"))
+                .protocol_error(
+                    0x82,
+                    format!("client sent {what}, which only a server may send"),
+                )
                 .await),
         }
     }
@@ -737,7 +783,10 @@ impl Conn {
             if let Some(alias) = p.topic_alias {
                 if alias == 0 || alias > TOPIC_ALIAS_MAX {
                     return Err(self
-                        .protocol_error(0x94, format!("topic alias {alias} out of range 1..={TOPIC_ALIAS_MAX}"))
+                        .protocol_error(
+                            0x94,
+                            format!("topic alias {alias} out of range 1..={TOPIC_ALIAS_MAX}"),
+                        )
                         .await);
                 }
                 if topic_name.is_empty() {
@@ -789,7 +838,11 @@ impl Conn {
                     .get(&self.info.client_id)
                     .map_or(0, |s| s.incoming_qos2.len())
             };
-            let in_flight = self.pending.iter().filter(|q| q.qos != QoS::AtMostOnce).count()
+            let in_flight = self
+                .pending
+                .iter()
+                .filter(|q| q.qos != QoS::AtMostOnce)
+                .count()
                 + awaiting_rel;
             if in_flight >= usize::from(self.shared.config.receive_maximum) {
                 return Err(self
@@ -852,7 +905,9 @@ impl Conn {
                 Verdict::Waiting(rx) => match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
-                    Err(oneshot::error::TryRecvError::Closed) => Err(RejectReason::UnspecifiedError),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Err(RejectReason::UnspecifiedError)
+                    }
                 },
             };
             let Some(p) = self.pending.pop_front() else {

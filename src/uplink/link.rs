@@ -49,7 +49,10 @@ pub enum LinkEvent {
     /// The broker acknowledged a publish; `refused` carries the v5 reason if it did not take it.
     Acked { pkid: u16, refused: Option<String> },
     /// A message from the central broker; acknowledge it with [`Link::ack`] once handled.
-    Message { message: Message, token: AckToken },
+    Message {
+        message: Box<Message>,
+        token: AckToken,
+    },
     /// Any other packet from the broker (proof the link is alive).
     Other,
     /// rumqttc held back a publish because of a packet-id collision: request order is lost.
@@ -232,22 +235,28 @@ impl Link {
         }
     }
 
-    /// Subscribes to the downlink filters at QoS 1. On v5, retained messages are sent only for
-    /// a subscription the session did not have, so a reconnect does not replay the state.
+    /// Subscribes to the downlink filters. On v5, retained messages are sent only for a
+    /// subscription the session did not have, so a reconnect does not replay the state, and
+    /// live messages keep their retain flag. (A 3.1.1 broker clears it on live delivery.)
     pub fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
         if filters.is_empty() {
             return Ok(());
         }
         match &self.client {
             Client::V4(c) => c
-                .try_subscribe_many(filters.iter().map(|(f, q)| {
-                    rumqttc::SubscribeFilter::new(f.clone(), v4_qos(qos_of(*q)))
-                }))
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(qos_of(*q)))),
+                )
                 .map_err(|e| e.to_string()),
             Client::V5(c) => c
                 .try_subscribe_many(filters.iter().map(|(f, q)| {
                     let mut filter = v5b::Filter::new(f.clone(), v5_qos(qos_of(*q)));
                     filter.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
+                    // Retain As Published: a live message keeps its retain flag, so the
+                    // local broker keeps it as the current state for iPads that come later.
+                    filter.preserve_retain = true;
                     filter
                 }))
                 .map_err(|e| e.to_string()),
@@ -321,7 +330,10 @@ fn v4_event(ev: rumqttc::Event) -> Option<LinkEvent> {
             } else {
                 AckToken::V4(p)
             };
-            LinkEvent::Message { message, token }
+            LinkEvent::Message {
+                message: Box::new(message),
+                token,
+            }
         }
         Event::Incoming(_) => LinkEvent::Other,
         Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },
@@ -378,7 +390,10 @@ fn v5_event(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
             } else {
                 AckToken::V5(p)
             };
-            LinkEvent::Message { message, token }
+            LinkEvent::Message {
+                message: Box::new(message),
+                token,
+            }
         }
         Event::Incoming(_) => LinkEvent::Other,
         Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },

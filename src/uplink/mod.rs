@@ -101,10 +101,7 @@ impl Uplink {
             inflight: config.inflight,
             max_packet_size: u32::try_from(config.max_packet_size.as_u64()).unwrap_or(u32::MAX),
             credentials,
-            will: Some((
-                config.status_topic.clone(),
-                Bytes::from_static(b"offline"),
-            )),
+            will: Some((config.status_topic.clone(), Bytes::from_static(b"offline"))),
         };
         Uplink {
             options,
@@ -120,6 +117,7 @@ impl Uplink {
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut failures: u32 = 0;
         let mut subscribed_once = false;
+        let mut last_reason: Option<String> = None;
         loop {
             if shutdown.is_shutdown() {
                 break;
@@ -136,11 +134,16 @@ impl Uplink {
             }
             let delay = backoff(self.config.backoff_min, self.config.backoff_max, failures);
             failures = failures.saturating_add(1);
-            if self.status.set(LinkState::BackingOff, Some(reason.clone())) || failures % 20 == 0 {
+            self.status.set(LinkState::BackingOff, Some(reason.clone()));
+            // Say a new failure once; repeat a persisting one only now and then, so a long
+            // outage does not flood the journal.
+            if last_reason.as_deref() != Some(reason.as_str()) {
+                log::warn!("uplink {}: {reason}; retrying", self.config.url);
+                last_reason = Some(reason);
+            } else if failures % 100 == 0 {
                 log::warn!(
-                    "uplink {}: {reason}; retrying in {:.1}s (attempt {failures})",
-                    self.config.url,
-                    delay.as_secs_f64()
+                    "uplink {}: still failing after {failures} attempts: {reason}",
+                    self.config.url
                 );
             }
             tokio::select! {
@@ -374,7 +377,7 @@ impl Uplink {
             }
             LinkEvent::Message { message, token } => {
                 self.downlink
-                    .deliver(message)
+                    .deliver(*message)
                     .await
                     .map_err(|e| format!("downlink: {e}"))?;
                 link.ack(token)?;

@@ -29,7 +29,10 @@ pub fn free_port() -> u16 {
 pub async fn wait_for_port(port: u16, within: Duration) {
     let start = Instant::now();
     while start.elapsed() < within {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -70,7 +73,7 @@ impl Central {
         let mut f = std::fs::File::create(&conf).unwrap();
         writeln!(
             f,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n",
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n",
             port = self.port,
             dir = self.dir.display()
         )
@@ -191,6 +194,14 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(200).collect();
+            eprintln!("--- relay log (last 200 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -474,5 +485,32 @@ impl V4Client {
             }
         }
         out
+    }
+}
+
+impl V5Client {
+    /// Publishes QoS 1 messages and returns the PUBACK reason of each, in order.
+    pub async fn publish_reasons(
+        &mut self,
+        topic: &str,
+        payloads: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Vec<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+        let mut n = 0;
+        for p in payloads {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, p)
+                .await
+                .unwrap();
+            n += 1;
+        }
+        let mut reasons = Vec::new();
+        for _ in 0..n {
+            let ack = tokio::time::timeout(Duration::from_secs(30), self.acks.recv())
+                .await
+                .expect("PUBACK not received within 30 s")
+                .expect("client ended");
+            reasons.push(ack.reason);
+        }
+        reasons
     }
 }
