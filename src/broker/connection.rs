@@ -51,6 +51,10 @@ pub const TOPIC_ALIAS_MAX: u16 = 16;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outgoing window for 3.1.1 clients, which cannot announce one.
 const V311_WINDOW: usize = 32;
+/// How long a normal DISCONNECT waits for the verdicts of messages sent just before it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection waits for the peer to take our last packet.
+const LINGER: Duration = Duration::from_secs(1);
 /// QoS 0 messages written per wake-up before giving other work a turn.
 const FLUSH_BATCH: usize = 256;
 
@@ -149,6 +153,21 @@ pub async fn serve(
     };
     let end = conn.run(shutdown).await;
     conn.finish(end);
+    linger(&mut conn.reader, &mut conn.writer).await;
+}
+
+/// Closes gracefully: a socket closed with unread input sends RST, and the peer's kernel may
+/// then discard our final DISCONNECT or CONNACK before the client reads it. So we half-close
+/// and discard input for a short while (bounded in time) before dropping the socket.
+async fn linger(reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf) {
+    let _ = tokio::time::timeout(LINGER, writer.shutdown()).await;
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, reader.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -200,7 +219,7 @@ impl PreConnect {
 
     async fn write_raw(&mut self, bytes: &[u8]) {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await;
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.shutdown()).await;
+        linger(&mut self.reader, &mut self.writer).await;
     }
 
     /// Answers a CONNECT we could not accept, where the protocol allows an answer.
@@ -741,6 +760,8 @@ impl Conn {
                     }
                     let _ = self.shared.submit(ops);
                 }
+                // Messages sent before DISCONNECT are still owed their delivery.
+                self.settle_pending().await?;
                 Err(if reason == 0 {
                     End::Normal
                 } else {
@@ -892,6 +913,33 @@ impl Conn {
             acl_denied,
         });
         Ok(())
+    }
+
+    /// Waits (bounded) for every outstanding verdict and resolves them in order; used when the
+    /// client ends the connection normally right after publishing.
+    async fn settle_pending(&mut self) -> Result<(), End> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            self.drain_verdicts().await?;
+            if self.pending.is_empty() {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, head_verdict(&mut self.pending)).await {
+                Ok(v) => {
+                    if let Some(head) = self.pending.front_mut() {
+                        head.verdict = Verdict::Ready(v);
+                    }
+                }
+                Err(_) => {
+                    log::warn!(
+                        "local broker: '{}' disconnected with {} messages still awaiting the relay's verdict; they are not delivered",
+                        self.info.client_id,
+                        self.pending.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
     }
 
     /// Resolves verdicts at the head of the FIFO, in order, as far as they are known.

@@ -1,0 +1,165 @@
+//! Publish/subscribe round trips across protocol versions and QoS levels.
+
+mod broker_common;
+
+use std::time::Duration;
+
+use broker_common::*;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+#[tokio::test]
+async fn v311_round_trip_at_qos_0_1_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v4(b.addr, "sub", true).await;
+    sub.subscribe("a/b", qos4(2)).await;
+    let publisher = v4(b.addr, "pub", true).await;
+    for q in 0..=2u8 {
+        publisher
+            .client
+            .publish("a/b", qos4(q), false, vec![q])
+            .await
+            .unwrap();
+        let p = sub.publish().await;
+        assert_eq!(p.topic, "a/b");
+        assert_eq!(p.payload.as_ref(), &[q]);
+        assert_eq!(p.qos, qos4(q));
+    }
+}
+
+#[tokio::test]
+async fn v5_round_trip_at_qos_0_1_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v5(b.addr, "sub5", |_| {}).await;
+    sub.subscribe(filter("a/+", 2)).await;
+    let publisher = v5(b.addr, "pub5", |_| {}).await;
+    for q in 0..=2u8 {
+        publisher
+            .client
+            .publish("a/x", qos5(q), false, vec![q])
+            .await
+            .unwrap();
+        let p = sub.publish().await;
+        assert_eq!(p.topic.as_ref(), b"a/x");
+        assert_eq!(p.payload.as_ref(), &[q]);
+        assert_eq!(p.qos, qos5(q));
+    }
+}
+
+#[tokio::test]
+async fn delivery_qos_is_min_of_publish_and_granted_qos() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut s1 = v4(b.addr, "s1", true).await;
+    s1.subscribe("t", qos4(1)).await;
+    let mut s0 = v5(b.addr, "s0", |_| {}).await;
+    s0.subscribe(filter("t", 0)).await;
+    let publisher = v4(b.addr, "p", true).await;
+    publisher.client.publish("t", qos4(2), false, "x").await.unwrap();
+    assert_eq!(s1.publish().await.qos, qos4(1));
+    assert_eq!(s0.publish().await.qos, qos5(0));
+    publisher.client.publish("t", qos4(0), false, "y").await.unwrap();
+    assert_eq!(s1.publish().await.qos, qos4(0));
+}
+
+#[tokio::test]
+async fn v5_user_properties_are_delivered_to_a_v311_subscriber_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v4(b.addr, "old", true).await;
+    sub.subscribe("props", qos4(1)).await;
+    let mut sub5 = v5(b.addr, "new", |_| {}).await;
+    sub5.subscribe(filter("props", 1)).await;
+    let publisher = v5(b.addr, "pub", |_| {}).await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    publisher
+        .client
+        .publish_with_properties("props", qos5(1), false, "hello", props)
+        .await
+        .unwrap();
+    let p = sub.publish().await;
+    assert_eq!(p.payload.as_ref(), b"hello");
+    let p5 = sub5.publish().await;
+    let got = p5.properties.expect("properties");
+    assert_eq!(got.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(got.content_type.as_deref(), Some("text/plain"));
+}
+
+#[tokio::test]
+async fn non_ascii_topic_is_delivered_to_hash_subscriber_and_broker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v4(b.addr, "all", true).await;
+    sub.subscribe("#", qos4(1)).await;
+    let publisher = v4(b.addr, "p", true).await;
+    publisher.client.publish("Ü/x", qos4(1), false, "1").await.unwrap();
+    assert_eq!(sub.publish().await.topic, "Ü/x");
+    publisher.client.publish("plain", qos4(1), false, "2").await.unwrap();
+    assert_eq!(sub.publish().await.topic, "plain");
+    assert_eq!(b.handle.clients().len(), 2);
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_one_copy_with_all_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v5(b.addr, "overlap", |_| {}).await;
+    let mut props = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+        id: Some(7),
+        user_properties: vec![],
+    };
+    sub.client
+        .subscribe_with_properties("o/#", qos5(0), props.clone())
+        .await
+        .unwrap();
+    sub.suback().await;
+    props.id = Some(9);
+    sub.client
+        .subscribe_with_properties("o/x", qos5(2), props)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let publisher = v5(b.addr, "p", |_| {}).await;
+    publisher.client.publish("o/x", qos5(2), false, "m").await.unwrap();
+    let p = sub.publish().await;
+    assert_eq!(p.qos, qos5(2));
+    let mut ids = p.properties.unwrap().subscription_identifiers;
+    ids.sort();
+    assert_eq!(ids, vec![7, 9]);
+    assert!(sub.no_publish_within(Duration::from_millis(300)).await);
+}
+
+#[tokio::test]
+async fn inject_reaches_subscribers_without_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut sub = v5(b.addr, "s", |_| {}).await;
+    sub.subscribe(filter("down/#", 1)).await;
+    let msg = trainrelay::message::Message {
+        topic: "down/speed".into(),
+        payload: "80".into(),
+        qos: trainrelay::message::QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+        accepted: trainrelay::clock::Stamp::now(),
+        deadline: None,
+    };
+    b.handle.inject(msg).await.unwrap();
+    assert_eq!(sub.publish().await.payload.as_ref(), b"80");
+    assert!(b.hooks.ingested.lock().unwrap().is_empty());
+    let bad = trainrelay::message::Message {
+        topic: "down/+".into(),
+        payload: "x".into(),
+        qos: trainrelay::message::QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+        accepted: trainrelay::clock::Stamp::now(),
+        deadline: None,
+    };
+    assert!(b.handle.inject(bad).await.is_err());
+}
