@@ -297,7 +297,7 @@ async fn store_full_policies_behave_as_documented() {
     for policy in ["drop_oldest", "reject_new"] {
         let dir = tempfile::tempdir().unwrap();
         let mut central = Central::start(dir.path()).await;
-        let mut control = V5Client::connect(central.port, "control", false).await;
+        let control = V5Client::connect(central.port, "control", false).await;
         control.subscribe("trains/T1/up/#").await;
         drop(control);
         central.stop();

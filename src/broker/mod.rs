@@ -232,7 +232,7 @@ impl Broker {
         db: Db,
         hooks: Arc<dyn Hooks>,
     ) -> Result<Broker, BrokerError> {
-        let loaded = db.run(|conn| persist::load(conn)).await?;
+        let loaded = db.run(persist::load).await?;
         let (shared, ops) = Shared::new(config.clone(), db, hooks, loaded);
         if let Some(commit) = shared.submit(ops) {
             commit.await.map_err(|_| StoreError::Closed)??;

@@ -29,6 +29,7 @@ pub struct Delivery {
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum OutState {
     /// QoS 1 sent, waiting for PUBACK.
     AwaitAck,
