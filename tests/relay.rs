@@ -439,3 +439,35 @@ async fn hostile_clients_do_not_disturb_the_others() {
     assert_eq!(after, (0..10).collect::<Vec<_>>());
     assert!(got.iter().any(|m| m.payload.as_ref() == b"props-0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_restart_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::start(dir.path()).await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    drop(control);
+    central.stop();
+
+    let mut relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.publish_acked("up/x", payloads("t", 300), None).await;
+    let started = std::time::Instant::now();
+    let status = relay.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    println!("SIGTERM to exit: {took:?}");
+    drop(ipad);
+
+    relay.restart().await;
+    central.restart().await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    let got = control.collect(300, QUIET).await;
+    let (order, _) = sequence(&got, "t");
+    assert_complete_in_order(&order, 300, "after a clean restart");
+}
