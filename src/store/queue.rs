@@ -72,7 +72,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -166,6 +166,8 @@ pub struct CounterSnapshot {
     pub acked: u64,
     /// Rows deleted because they could not be decoded.
     pub corrupt: u64,
+    /// Waiting rows replaced by a newer entry of the same conflation key.
+    pub conflated: u64,
 }
 
 /// Depth of one route's part of the queue.
@@ -202,6 +204,11 @@ struct Shared {
     expired: AtomicU64,
     acked: AtomicU64,
     corrupt: AtomicU64,
+    conflated: AtomicU64,
+    /// Anti-starvation rule of [`Queue::next_batch`]: every this many calls, 0 = off.
+    starvation_every: AtomicU32,
+    /// Calls of [`Queue::next_batch`] with a non-zero limit since open.
+    fills: AtomicU64,
     notify: Notify,
 }
 
@@ -288,6 +295,9 @@ impl Queue {
                 expired: AtomicU64::new(0),
                 acked: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
+                conflated: AtomicU64::new(0),
+                starvation_every: AtomicU32::new(0),
+                fills: AtomicU64::new(0),
                 notify: Notify::new(),
             }),
         })
@@ -310,6 +320,18 @@ impl Queue {
     ///
     /// Synchronous so the broker's ingest hook can call it; the receiver may be dropped.
     pub fn enqueue(&self, e: NewEntry) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_keyed(e, None)
+    }
+
+    /// [`Queue::enqueue`] with conflation: with `Some(key)`, every waiting row of the same
+    /// route and key is deleted in the same transaction as the insert (counted as
+    /// `conflated`), so only the newest survives. A deleted row may be in flight: its ack is
+    /// then ignored like any ack of a missing id, and the central broker may get both.
+    pub fn enqueue_keyed(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+    ) -> oneshot::Receiver<Result<i64, StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
         let props = encode_props(&e.message.properties);
@@ -325,8 +347,24 @@ impl Queue {
                 if size > max_bytes {
                     return Err(StoreError::Full);
                 }
+                let mut replaced = Totals::default();
+                if let Some(key) = &conflate_key {
+                    let mut older = conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2 \
+                         RETURNING size",
+                    )?;
+                    let mut rows = older.query(params![e.route, key])?;
+                    while let Some(r) = rows.next()? {
+                        replaced.rows += 1;
+                        replaced.bytes += size_value(r.get_ref(0)?);
+                    }
+                }
                 let mut dropped = Totals::default();
-                let current = shared.bytes.load(Ordering::Acquire);
+                // Totals change only once the job cannot fail any more (it may roll back).
+                let current = shared
+                    .bytes
+                    .load(Ordering::Acquire)
+                    .saturating_sub(replaced.bytes);
                 if current.saturating_add(size) > max_bytes {
                     if when_full == WhenFull::RejectNew {
                         return Err(StoreError::Full);
@@ -357,7 +395,8 @@ impl Queue {
                 conn.prepare_cached(
                     "INSERT INTO uplink_queue (route, priority, topic, payload, qos, retain, \
                      props, accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, \
-                     size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                     size, conflate_key) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )?
                 .execute(params![
                     e.route,
@@ -373,17 +412,20 @@ impl Queue {
                     deadline_wall,
                     deadline_boot,
                     i64::try_from(size).unwrap_or(i64::MAX),
+                    conflate_key,
                 ])?;
                 let id = conn.last_insert_rowid();
                 shared.removed(dropped);
+                shared.removed(replaced);
                 shared.added(1, size);
-                Ok((id, dropped.rows))
+                Ok((id, dropped.rows, replaced.rows))
             },
             move |result| {
                 after.settle(&result);
                 match result {
-                    Ok((id, dropped)) => {
+                    Ok((id, dropped, replaced)) => {
                         after.accepted.fetch_add(1, Ordering::Relaxed);
+                        after.conflated.fetch_add(replaced, Ordering::Relaxed);
                         after.dropped_full.fetch_add(dropped, Ordering::Relaxed);
                         if dropped > 0 {
                             log::debug!("uplink queue full: dropped the {dropped} oldest entries");
@@ -428,12 +470,42 @@ impl Queue {
                 let mut out = Vec::with_capacity(limit.min(1024));
                 let mut expired = Vec::new();
                 let mut bad = Vec::new();
+                // Rows the anti-starvation pick already looked at; the main scan skips them.
+                let mut seen: HashSet<i64> = HashSet::new();
                 if limit > 0 {
+                    let fill = shared.fills.fetch_add(1, Ordering::AcqRel) + 1;
+                    let every = u64::from(shared.starvation_every.load(Ordering::Acquire));
+                    if every > 0 && fill % every == 0 {
+                        let mut st = conn.prepare_cached(&format!(
+                            "SELECT {COLUMNS} FROM uplink_queue WHERE priority = :priority \
+                             ORDER BY id"
+                        ))?;
+                        'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
+                            let mut rows = st.query(named_params! {
+                                ":cur_boot": now.boot_id,
+                                ":now_boot": now.boot_ms,
+                                ":now_wall": now.wall_ms,
+                                ":priority": priority,
+                            })?;
+                            while let Some(row) = rows.next()? {
+                                match visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)? {
+                                    Visit::Skip => {}
+                                    Visit::Gone(id) => {
+                                        seen.insert(id);
+                                    }
+                                    Visit::Take(entry) => {
+                                        seen.insert(entry.id);
+                                        out.push(entry);
+                                        break 'levels;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if out.len() < limit {
                     let mut st = conn.prepare_cached(&format!(
-                        "SELECT id, COALESCE({EXPIRED}, 0), route, priority, topic, payload, \
-                         qos, retain, props, accepted_wall, accepted_boot, boot_id, \
-                         deadline_wall, deadline_boot, attempts \
-                         FROM uplink_queue ORDER BY priority, id"
+                        "SELECT {COLUMNS} FROM uplink_queue ORDER BY priority, id"
                     ))?;
                     let mut rows = st.query(named_params! {
                         ":cur_boot": now.boot_id,
@@ -442,29 +514,15 @@ impl Queue {
                     })?;
                     while let Some(row) = rows.next()? {
                         let id: i64 = row.get(0)?;
-                        if exclude.contains(&id) {
+                        if seen.contains(&id) {
                             continue;
                         }
-                        if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
-                            if expired.len() < MAX_SKIPPED_PER_BATCH {
-                                expired.push(id);
-                            }
-                            continue;
-                        }
-                        match decode_row(row, &shared.epoch) {
-                            Ok(entry) => {
-                                out.push(entry);
-                                if out.len() >= limit {
-                                    break;
-                                }
-                            }
-                            Err(why) => {
-                                log::error!(
-                                    "uplink queue: row {id} cannot be decoded ({why}); deleting it"
-                                );
-                                if bad.len() < MAX_SKIPPED_PER_BATCH {
-                                    bad.push(id);
-                                }
+                        if let Visit::Take(entry) =
+                            visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)?
+                        {
+                            out.push(entry);
+                            if out.len() >= limit {
+                                break;
                             }
                         }
                     }
@@ -484,6 +542,15 @@ impl Queue {
             },
         )
         .await
+    }
+
+    /// Sets the anti-starvation rule of [`Queue::next_batch`]: every `every`-th call (with a
+    /// non-zero limit) since [`Queue::open`], the first entry returned is the oldest deliverable
+    /// row of the *lowest* waiting priority (highest number), then the batch goes on in normal
+    /// order. So a priority-9 backlog still moves at one row per `every` fills while priority
+    /// 0 traffic keeps coming. 0 turns the rule off (strict priority order).
+    pub fn set_starvation_every(&self, every: u32) {
+        self.shared.starvation_every.store(every, Ordering::Release);
     }
 
     /// Deletes acknowledged rows; ids that are gone already are ignored.
@@ -650,6 +717,7 @@ impl Queue {
             expired: s.expired.load(Ordering::Relaxed),
             acked: s.acked.load(Ordering::Relaxed),
             corrupt: s.corrupt.load(Ordering::Relaxed),
+            conflated: s.conflated.load(Ordering::Relaxed),
         }
     }
 
@@ -671,6 +739,54 @@ impl Queue {
             .submit_then(f, then)
             .await
             .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The columns [`visit`] and [`decode_row`] read, in order.
+const COLUMNS: &str = "id, COALESCE((boot_id = :cur_boot AND deadline_boot <= :now_boot) OR \
+                       (boot_id != :cur_boot AND deadline_wall <= :now_wall), 0), route, \
+                       priority, topic, payload, qos, retain, props, accepted_wall, \
+                       accepted_boot, boot_id, deadline_wall, deadline_boot, attempts";
+
+/// What [`Queue::next_batch`] does with one scanned row.
+enum Visit {
+    /// Excluded (in flight), or unreadable/expired beyond what one call remembers.
+    Skip,
+    /// Expired or unreadable: remembered for deletion.
+    Gone(i64),
+    Take(Entry),
+}
+
+/// Sorts one row of a [`COLUMNS`] scan: excluded, expired (pushed to `expired`), unreadable
+/// (pushed to `bad`, logged) or deliverable.
+fn visit(
+    row: &Row<'_>,
+    exclude: &HashSet<i64>,
+    epoch: &str,
+    expired: &mut Vec<i64>,
+    bad: &mut Vec<i64>,
+) -> Result<Visit, StoreError> {
+    let id: i64 = row.get(0)?;
+    if exclude.contains(&id) {
+        return Ok(Visit::Skip);
+    }
+    if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
+        if expired.len() < MAX_SKIPPED_PER_BATCH {
+            expired.push(id);
+            return Ok(Visit::Gone(id));
+        }
+        return Ok(Visit::Skip);
+    }
+    match decode_row(row, epoch) {
+        Ok(entry) => Ok(Visit::Take(entry)),
+        Err(why) => {
+            log::error!("uplink queue: row {id} cannot be decoded ({why}); deleting it");
+            if bad.len() < MAX_SKIPPED_PER_BATCH {
+                bad.push(id);
+                return Ok(Visit::Gone(id));
+            }
+            Ok(Visit::Skip)
+        }
     }
 }
 
