@@ -1,5 +1,12 @@
 //! The downlink: what the central broker sends, mapped onto local topics and handed to the
-//! local broker. Expired messages are dropped here, before any iPad can see them.
+//! local broker. Expired messages are dropped here, before any iPad can see them, and so are
+//! outdated ones (routes with a version source, see [`crate::freshness`]).
+//!
+//! Every injected message carries the v5 user property [`ACCEPTED_MS_PROPERTY`]: the
+//! wall-clock milliseconds since the epoch when the relay received it from the central broker.
+//! It stays with the retained copy across relay restarts, so a v5 iPad can tell how old a
+//! state is (`now - accepted`), even one served from the store while the uplink is down.
+//! MQTT 3.1.1 iPads do not get properties.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,7 +14,11 @@ use std::sync::Arc;
 use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
 use crate::message::{Message, QoS};
+use crate::freshness::Freshness;
 use crate::route::Routes;
+
+/// User property added to every downlink message: when the relay received it (wall-clock ms).
+pub const ACCEPTED_MS_PROPERTY: &str = "trainrelay-accepted-ms";
 
 /// Counters of the downlink.
 #[derive(Debug, Default)]
@@ -15,6 +26,8 @@ pub struct DownlinkCounters {
     pub delivered: AtomicU64,
     pub expired: AtomicU64,
     pub unrouted: AtomicU64,
+    /// Dropped as outdated by a route's version source.
+    pub suppressed: AtomicU64,
 }
 
 /// Hands messages from the central broker to the local broker.
@@ -23,6 +36,7 @@ pub struct Downlink {
     routes: Arc<Routes>,
     broker: BrokerHandle,
     counters: Arc<DownlinkCounters>,
+    freshness: Option<Arc<Freshness>>,
 }
 
 impl Downlink {
@@ -31,7 +45,14 @@ impl Downlink {
             routes,
             broker,
             counters: Arc::default(),
+            freshness: None,
         }
+    }
+
+    /// Drops outdated messages of routes with a version source.
+    pub fn with_freshness(mut self, freshness: Arc<Freshness>) -> Downlink {
+        self.freshness = Some(freshness);
+        self
     }
 
     pub fn counters(&self) -> &DownlinkCounters {
@@ -53,9 +74,25 @@ impl Downlink {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        if let Some(freshness) = &self.freshness {
+            if !freshness.admit(route, &msg) {
+                self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         if route.qos == 0 {
             msg.qos = QoS::AtMostOnce;
         }
+        if route.state {
+            // 3.1.1 central brokers clear the flag on live delivery: the route says it is state.
+            msg.retain = true;
+        }
+        let props = &mut msg.properties.user_properties;
+        props.retain(|(k, _)| k != ACCEPTED_MS_PROPERTY);
+        props.push((
+            ACCEPTED_MS_PROPERTY.to_string(),
+            msg.accepted.wall_ms.to_string(),
+        ));
         msg.topic = local_topic;
         self.broker.inject(msg).await?;
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);

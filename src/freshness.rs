@@ -1,0 +1,220 @@
+//! Outdated-message suppression: a route that declares a version source drops every message
+//! whose version is not newer than the newest one already seen for the same (route, key).
+//!
+//! Why: QoS 1 resends after a reconnect and reordering across a tunnel can bring back an older
+//! speed restriction after a newer one; a driver must never see it. The check runs where a
+//! message enters the relay: at ingest for the uplink (before it is queued) and before inject
+//! for the downlink.
+//!
+//! Rules:
+//! - The version is read from a v5 user property (the last one of that name) or a top-level
+//!   field of a JSON object payload (number or string). Two versions compare as integers if
+//!   both parse as `i64`, else as strings (byte order, so ISO 8601 timestamps in one format
+//!   compare correctly).
+//! - A message without a readable version passes and changes nothing: a missing property must
+//!   not silence a topic.
+//! - The newest version per (route, key) is kept in memory and in the store (table
+//!   `route_versions`), so suppression holds across restarts. The row is submitted to the
+//!   store's writer before the message itself is queued or injected, so it commits in the same
+//!   or an earlier group commit. One row per key is kept forever; keys are meant to be a
+//!   bounded set (topics of a state tree, vehicle ids).
+//! - The version is recorded when the message is admitted, even if storing the message then
+//!   fails: a later resend of the same version is then dropped too. Erring this way can lose a
+//!   message whose enqueue failed; the other way could show an outdated one.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rusqlite::params;
+
+use crate::clock::Stamp;
+use crate::config::VersionSource;
+use crate::message::Message;
+use crate::route::Route;
+use crate::store::{Db, StoreError};
+
+/// A message's version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Version {
+    Int(i64),
+    Text(String),
+}
+
+impl Version {
+    /// Parses stored or received text: an integer if it is one, else the text.
+    pub fn parse(text: &str) -> Version {
+        match text.trim().parse::<i64>() {
+            Ok(n) => Version::Int(n),
+            Err(_) => Version::Text(text.to_string()),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Version::Int(n) => n.to_string(),
+            Version::Text(t) => t.clone(),
+        }
+    }
+
+    /// Integers numerically when both are integers, else the texts bytewise.
+    pub fn compare(&self, other: &Version) -> CmpOrdering {
+        match (self, other) {
+            (Version::Int(a), Version::Int(b)) => a.cmp(b),
+            _ => self.text().cmp(&other.text()),
+        }
+    }
+}
+
+/// Reads the version of `msg` as the route declares it; `None` when there is none.
+pub fn version_of(source: &VersionSource, msg: &Message) -> Option<Version> {
+    match source {
+        VersionSource::UserProperty(name) => msg
+            .properties
+            .user_properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| Version::parse(v)),
+        VersionSource::JsonField(field) => {
+            let value: serde_json::Value = serde_json::from_slice(&msg.payload).ok()?;
+            match value.get(field)? {
+                serde_json::Value::Number(n) => Some(match n.as_i64() {
+                    Some(i) => Version::Int(i),
+                    None => Version::Text(n.to_string()),
+                }),
+                serde_json::Value::String(s) => Some(Version::parse(s)),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// The newest version per (route, key), with its durable copy, and the count of suppressed
+/// messages. Shared by the ingest hook (uplink) and the downlink.
+pub struct Freshness {
+    db: Db,
+    newest: Mutex<HashMap<(String, String), Version>>,
+    suppressed: AtomicU64,
+}
+
+impl Freshness {
+    /// Loads the versions kept by earlier runs.
+    pub async fn load(db: Db) -> Result<Freshness, StoreError> {
+        let rows = db
+            .run(|conn| {
+                let mut st = conn.prepare("SELECT route, key, version FROM route_versions")?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        let newest = rows
+            .into_iter()
+            .map(|(route, key, v)| ((route, key), Version::parse(&v)))
+            .collect();
+        Ok(Freshness {
+            db,
+            newest: Mutex::new(newest),
+            suppressed: AtomicU64::new(0),
+        })
+    }
+
+    /// True if `msg` (seen on `route`'s source side) may pass; false if it is outdated (its
+    /// version is older than or equal to the newest seen for its key), which is counted. A
+    /// passing message's version becomes the newest and is submitted to the store.
+    pub fn admit(&self, route: &Route, msg: &Message) -> bool {
+        let Some(source) = &route.version else {
+            return true;
+        };
+        let Some(version) = version_of(source, msg) else {
+            return true;
+        };
+        let key = route.key_of(msg);
+        {
+            let mut newest = self
+                .newest
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let slot = (route.name.clone(), key.clone());
+            if let Some(seen) = newest.get(&slot) {
+                if version.compare(seen) != CmpOrdering::Greater {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!(
+                        "route {}: dropped outdated message on '{}' (version {} <= {})",
+                        route.name,
+                        msg.topic,
+                        version.text(),
+                        seen.text()
+                    );
+                    return false;
+                }
+            }
+            newest.insert(slot, version.clone());
+        }
+        let route_name = route.name.clone();
+        let text = version.text();
+        let wall = Stamp::now().wall_ms;
+        // Fire and forget: the commit lands with (or before) the message's own.
+        drop(self.db.submit(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO route_versions (route, key, version, updated_wall) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (route, key) DO UPDATE SET version = ?3, updated_wall = ?4",
+            )?
+            .execute(params![route_name, key, text, wall])?;
+            Ok(())
+        }));
+        true
+    }
+
+    /// Messages dropped as outdated since start.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_compare_numerically_else_as_text() {
+        assert_eq!(Version::parse("9").compare(&Version::parse("10")), CmpOrdering::Less);
+        assert_eq!(Version::parse("-3").compare(&Version::parse("2")), CmpOrdering::Less);
+        assert_eq!(
+            Version::parse("2026-01-02T00:00:00Z").compare(&Version::parse("2026-01-01T23:59:59Z")),
+            CmpOrdering::Greater
+        );
+        // Mixed: compared as text.
+        assert_eq!(Version::parse("9").compare(&Version::parse("a")), CmpOrdering::Less);
+    }
+
+    #[test]
+    fn reads_json_fields_and_user_properties() {
+        let mut m = Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::from_static(br#"{"ts": 17, "s": "x"}"#),
+            qos: crate::message::QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            accepted: Stamp::now(),
+            deadline: None,
+        };
+        let json = |f: &str| VersionSource::JsonField(f.into());
+        assert_eq!(version_of(&json("ts"), &m), Some(Version::Int(17)));
+        assert_eq!(version_of(&json("s"), &m), Some(Version::Text("x".into())));
+        assert_eq!(version_of(&json("nope"), &m), None);
+        m.properties.user_properties = vec![("seq".into(), "3".into()), ("seq".into(), "4".into())];
+        assert_eq!(
+            version_of(&VersionSource::UserProperty("seq".into()), &m),
+            Some(Version::Int(4))
+        );
+        m.payload = bytes::Bytes::from_static(b"not json");
+        assert_eq!(version_of(&json("ts"), &m), None);
+    }
+}
