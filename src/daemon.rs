@@ -52,8 +52,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (trigger, shutdown) = shutdown::channel();
     let status = StatusHandle::default();
-    let downlink =
-        Downlink::new(routes.clone(), broker.handle()).with_freshness(freshness.clone());
+    let downlink = Downlink::new(routes.clone(), broker.handle()).with_freshness(freshness.clone());
     let report = (queue.clone(), freshness, downlink.clone());
     let uplink = Uplink::new(
         &config.uplink,

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
-use crate::message::{Message, QoS};
 use crate::freshness::Freshness;
+use crate::message::{Message, QoS};
 use crate::route::Routes;
 
 /// User property added to every downlink message: when the relay received it (wall-clock ms).

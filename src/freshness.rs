@@ -107,7 +107,11 @@ impl Freshness {
                 let mut st = conn.prepare("SELECT route, key, version FROM route_versions")?;
                 let rows = st
                     .query_map([], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
@@ -184,14 +188,23 @@ mod tests {
 
     #[test]
     fn integers_compare_numerically_else_as_text() {
-        assert_eq!(Version::parse("9").compare(&Version::parse("10")), CmpOrdering::Less);
-        assert_eq!(Version::parse("-3").compare(&Version::parse("2")), CmpOrdering::Less);
+        assert_eq!(
+            Version::parse("9").compare(&Version::parse("10")),
+            CmpOrdering::Less
+        );
+        assert_eq!(
+            Version::parse("-3").compare(&Version::parse("2")),
+            CmpOrdering::Less
+        );
         assert_eq!(
             Version::parse("2026-01-02T00:00:00Z").compare(&Version::parse("2026-01-01T23:59:59Z")),
             CmpOrdering::Greater
         );
         // Mixed: compared as text.
-        assert_eq!(Version::parse("9").compare(&Version::parse("a")), CmpOrdering::Less);
+        assert_eq!(
+            Version::parse("9").compare(&Version::parse("a")),
+            CmpOrdering::Less
+        );
     }
 
     #[test]

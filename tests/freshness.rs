@@ -28,7 +28,12 @@ async fn retained_state_survives_a_restart_with_the_uplink_down() {
     publish(&control, "trains/T1/down/speed", "80", true, None, &[]).await;
     publish(&control, "trains/T1/down/limit", "40", true, Some(3), &[]).await;
     let live = ipad.collect(2, QUIET).await;
-    assert_eq!(live.len(), 2, "both states reach the iPad live: {:?}", texts(&live));
+    assert_eq!(
+        live.len(),
+        2,
+        "both states reach the iPad live: {:?}",
+        texts(&live)
+    );
     drop(ipad);
 
     // A train that boots in a tunnel: the central broker is gone, the relay crashes.
@@ -79,8 +84,12 @@ async fn conflation_keeps_the_newest_per_key_and_events_stay_complete() {
     // 500 position updates over 5 keys, interleaved with 500 events.
     for i in 0..500u64 {
         let key = i % 5;
-        ipad.publish_acked(&format!("pos/k{key}"), [format!("p-{i}").into_bytes()], None)
-            .await;
+        ipad.publish_acked(
+            &format!("pos/k{key}"),
+            [format!("p-{i}").into_bytes()],
+            None,
+        )
+        .await;
         ipad.publish_acked("ev/ack", [format!("e-{i}").into_bytes()], None)
             .await;
     }
@@ -101,8 +110,16 @@ async fn conflation_keeps_the_newest_per_key_and_events_stay_complete() {
         .collect();
     assert_eq!(positions, newest, "exactly the newest position per key");
     let (events, dups) = sequence(&got, "e");
-    assert_eq!(events, (0..500).collect::<Vec<_>>(), "all 500 events, in order");
-    println!("conflation: {} positions sent for 500 updates, {} events, {dups} duplicates", positions.len(), events.len());
+    assert_eq!(
+        events,
+        (0..500).collect::<Vec<_>>(),
+        "all 500 events, in order"
+    );
+    println!(
+        "conflation: {} positions sent for 500 updates, {} events, {dups} duplicates",
+        positions.len(),
+        events.len()
+    );
 
     relay.terminate();
     let line = counters_line(&relay.log());
@@ -131,13 +148,21 @@ async fn outdated_versions_are_dropped_in_both_directions_and_across_restarts() 
             ..Default::default()
         };
         let n = ipad
-            .publish_acked("seq/restriction", [format!("s-{seq}").into_bytes()], Some(props))
+            .publish_acked(
+                "seq/restriction",
+                [format!("s-{seq}").into_bytes()],
+                Some(props),
+            )
             .await;
         assert_eq!(n, 1, "every message is acknowledged, outdated ones too");
     }
     let got = control.collect(4, Duration::from_secs(8)).await;
     let up: Vec<String> = texts(&got).into_iter().map(|(_, p)| p).collect();
-    assert_eq!(up, vec!["s-7", "s-9", "s-10"], "the resend of 7 after 9 is dropped");
+    assert_eq!(
+        up,
+        vec!["s-7", "s-9", "s-10"],
+        "the resend of 7 after 9 is dropped"
+    );
 
     // Downlink: ts 5, then an older ts 3, then 6.
     for (ts, v) in [(5, "a"), (3, "old"), (6, "b")] {
@@ -154,7 +179,10 @@ async fn outdated_versions_are_dropped_in_both_directions_and_across_restarts() 
     drop(ipad);
     relay.terminate();
     let line = counters_line(&relay.log());
-    assert!(line.contains("suppressed=2 (uplink 1, downlink 1)"), "counted: {line}");
+    assert!(
+        line.contains("suppressed=2 (uplink 1, downlink 1)"),
+        "counted: {line}"
+    );
 
     // After a restart the newest versions are still known.
     relay.restart().await;
@@ -165,8 +193,12 @@ async fn outdated_versions_are_dropped_in_both_directions_and_across_restarts() 
             user_properties: vec![("seq".into(), seq.into())],
             ..Default::default()
         };
-        ipad.publish_acked("seq/restriction", [format!("s-{seq}").into_bytes()], Some(props))
-            .await;
+        ipad.publish_acked(
+            "seq/restriction",
+            [format!("s-{seq}").into_bytes()],
+            Some(props),
+        )
+        .await;
     }
     let got = control.collect(2, Duration::from_secs(8)).await;
     let up: Vec<String> = texts(&got).into_iter().map(|(_, p)| p).collect();
@@ -174,7 +206,10 @@ async fn outdated_versions_are_dropped_in_both_directions_and_across_restarts() 
     drop(ipad);
     relay.terminate();
     let line = counters_line(&relay.log());
-    assert!(line.contains("(uplink 1, downlink 0)"), "counted after restart: {line}");
+    assert!(
+        line.contains("(uplink 1, downlink 0)"),
+        "counted after restart: {line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +224,8 @@ async fn high_priority_overtakes_a_low_priority_backlog() {
     let relay = Relay::start(dir.path(), &relay_config(&central.url(), &extra)).await;
     wait_online(central.port).await;
     let control = V5Client::connect(central.port, "control", false).await;
-    control.subscribe("trains/T1/#").await;
+    control.subscribe("trains/T1/bulk/#").await;
+    control.subscribe("trains/T1/alarm/#").await;
     drop(control);
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
 
@@ -198,22 +234,40 @@ async fn high_priority_overtakes_a_low_priority_backlog() {
     for chunk in payloads("b", BACKLOG).chunks(500) {
         ipad.publish_acked("bulk/log", chunk.to_vec(), None).await;
     }
-    println!("buffered {BACKLOG} low-priority rows in {:?}", started.elapsed());
+    println!(
+        "buffered {BACKLOG} low-priority rows in {:?}",
+        started.elapsed()
+    );
     central.restart().await;
     let mut control = V5Client::connect(central.port, "control", false).await;
     // The link is back once the backlog starts arriving.
     let first = control.collect(1, Duration::from_secs(60)).await;
     assert_eq!(first.len(), 1, "backlog does not start draining");
-    ipad.publish_acked("alarm/fire", [b"ALARM".to_vec()], None).await;
+    ipad.publish_acked("alarm/fire", [b"ALARM".to_vec()], None)
+        .await;
     let mut got = first;
-    got.extend(control.collect(BACKLOG as usize + 1, QUIET).await);
+    loop {
+        let more = control.collect(BACKLOG as usize + 1, QUIET).await;
+        if more.is_empty() {
+            break;
+        }
+        got.extend(more);
+        let complete = sequence(&got, "b").0.len() as u64 == BACKLOG;
+        if complete && got.iter().any(|p| p.payload.as_ref() == b"ALARM") {
+            break;
+        }
+    }
 
     let alarm = got
         .iter()
         .position(|p| p.payload.as_ref() == b"ALARM")
         .expect("the alarm arrived");
     let (bulk, dups) = sequence(&got, "b");
-    assert_eq!(bulk.len() as u64, BACKLOG, "the whole backlog arrived");
+    let missing: Vec<u64> = (0..BACKLOG).filter(|i| !bulk.contains(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "the whole backlog arrives; missing {missing:?}"
+    );
     let bulk_after = got[alarm + 1..]
         .iter()
         .filter(|p| p.payload.starts_with(b"b-"))
@@ -248,9 +302,33 @@ async fn a_device_topic_reaches_only_that_ipad() {
     fleet.subscribe("fleet/#").await;
 
     let control = V5Client::connect(central.port, "control", true).await;
-    publish(&control, "trains/T1/down/device/ipad1/order", "for-1", true, None, &[]).await;
-    publish(&control, "trains/T1/down/speed", "to-train", false, None, &[]).await;
-    publish(&control, "fleet/broadcast/news", "to-fleet", false, None, &[]).await;
+    publish(
+        &control,
+        "trains/T1/down/device/ipad1/order",
+        "for-1",
+        true,
+        None,
+        &[],
+    )
+    .await;
+    publish(
+        &control,
+        "trains/T1/down/speed",
+        "to-train",
+        false,
+        None,
+        &[],
+    )
+    .await;
+    publish(
+        &control,
+        "fleet/broadcast/news",
+        "to-fleet",
+        false,
+        None,
+        &[],
+    )
+    .await;
 
     let got_one = texts(&one.collect(3, Duration::from_secs(8)).await);
     let got_two = texts(&two.collect(3, Duration::from_secs(8)).await);
@@ -265,18 +343,27 @@ async fn a_device_topic_reaches_only_that_ipad() {
         "ipad2 never gets ipad1's message: {got_two:?}"
     );
     assert!(got_two.contains(&("down/speed".into(), "to-train".into())));
-    assert_eq!(got_fleet, vec![("fleet/broadcast/news".into(), "to-fleet".into())]);
+    assert_eq!(
+        got_fleet,
+        vec![("fleet/broadcast/news".into(), "to-fleet".into())]
+    );
 
     // Retained device messages stay private too.
     let mut late2 = V5Client::connect(relay.local_port, "ipad2", true).await;
     late2.subscribe("down/#").await;
     let retained2 = texts(&late2.collect(1, Duration::from_secs(3)).await);
-    assert!(retained2.is_empty(), "no retained device message for ipad2: {retained2:?}");
+    assert!(
+        retained2.is_empty(),
+        "no retained device message for ipad2: {retained2:?}"
+    );
     drop(one);
     let mut late1 = V5Client::connect(relay.local_port, "ipad1", true).await;
     late1.subscribe("down/#").await;
     let retained1 = texts(&late1.collect(1, Duration::from_secs(8)).await);
-    assert_eq!(retained1, vec![("down/device/ipad1/order".into(), "for-1".into())]);
+    assert_eq!(
+        retained1,
+        vec![("down/device/ipad1/order".into(), "for-1".into())]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,8 +378,10 @@ async fn state_route_keeps_state_over_a_311_central_broker() {
         "{}\n[[route]]\ndirection = \"down\"\nremote = \"trains/T1/state/#\"\nlocal = \"state/#\"\nstate = true\nsnapshot_topics = [\"trains/{{train_id}}/state/speed\"]\n",
         store_section("")
     );
-    let config = relay_config(&central.url(), &extra)
-        .replace("keep_alive = \"5s\"", "keep_alive = \"5s\"\nprotocol = \"3.1.1\"");
+    let config = relay_config(&central.url(), &extra).replace(
+        "keep_alive = \"5s\"",
+        "keep_alive = \"5s\"\nprotocol = \"3.1.1\"",
+    );
     let relay = Relay::start(dir.path(), &config).await;
     wait_online(central.port).await;
 

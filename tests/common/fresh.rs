@@ -10,7 +10,8 @@ use super::V5Client;
 /// Waits until the relay announced itself `online` at the central broker, i.e. its uplink is
 /// connected and subscribed.
 pub async fn wait_online(central_port: u16) {
-    let mut probe = V5Client::connect(central_port, &format!("probe-{}", std::process::id()), true).await;
+    let mut probe =
+        V5Client::connect(central_port, &format!("probe-{}", std::process::id()), true).await;
     probe.subscribe("trains/T1/status").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
