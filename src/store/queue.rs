@@ -495,7 +495,7 @@ impl Queue {
                                     }
                                     Visit::Take(entry) => {
                                         seen.insert(entry.id);
-                                        out.push(entry);
+                                        out.push(*entry);
                                         break 'levels;
                                     }
                                 }
@@ -520,7 +520,7 @@ impl Queue {
                         if let Visit::Take(entry) =
                             visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)?
                         {
-                            out.push(entry);
+                            out.push(*entry);
                             if out.len() >= limit {
                                 break;
                             }
@@ -754,7 +754,7 @@ enum Visit {
     Skip,
     /// Expired or unreadable: remembered for deletion.
     Gone(i64),
-    Take(Entry),
+    Take(Box<Entry>),
 }
 
 /// Sorts one row of a [`COLUMNS`] scan: excluded, expired (pushed to `expired`), unreadable
@@ -778,7 +778,7 @@ fn visit(
         return Ok(Visit::Skip);
     }
     match decode_row(row, epoch) {
-        Ok(entry) => Ok(Visit::Take(entry)),
+        Ok(entry) => Ok(Visit::Take(Box::new(entry))),
         Err(why) => {
             log::error!("uplink queue: row {id} cannot be decoded ({why}); deleting it");
             if bad.len() < MAX_SKIPPED_PER_BATCH {
