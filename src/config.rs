@@ -609,4 +609,73 @@ mod tests {
         c.validate(Path::new("builtin")).unwrap();
         assert_eq!(c.routes.len(), 3);
     }
+
+    #[test]
+    fn freshness_keys_parse_and_are_checked() {
+        let c = parse(
+            r#"
+            train_id = "T9"
+            [[route]]
+            direction = "up"
+            local = "pos/#"
+            remote = "trains/{train_id}/pos/#"
+            conflate = "latest"
+            key = "vehicle"
+            version = { user_property = "seq" }
+            [[route]]
+            direction = "down"
+            remote = "trains/{train_id}/state/#"
+            local = "state/#"
+            state = true
+            version = { json_field = "ts" }
+            snapshot_topics = ["trains/{train_id}/state/speed"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].conflate, Conflate::Latest);
+        assert_eq!(c.routes[0].key, "vehicle");
+        assert_eq!(
+            c.routes[0].version,
+            Some(VersionSource::UserProperty("seq".into()))
+        );
+        assert!(c.routes[1].state);
+        assert_eq!(c.routes[1].snapshot_topics, vec!["trains/T9/state/speed"]);
+        assert_eq!(c.routes[1].key, "topic");
+        assert_eq!(c.local.device_prefix, "down/device");
+        assert_eq!(c.store.starvation_every, 10);
+        let routes = crate::route::Routes::from_config(&c);
+        assert_eq!(
+            routes.down_filters(),
+            vec![
+                ("trains/T9/state/#".to_string(), 1),
+                ("trains/T9/state/speed".to_string(), 1)
+            ]
+        );
+
+        let bad = |route: &str, key: &str| {
+            let text = format!("train_id = \"T1\"\n[[route]]\n{route}\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        };
+        bad(
+            "direction = \"down\"\nremote = \"r/#\"\nlocal = \"l/#\"\nconflate = \"latest\"",
+            "route[0].conflate",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nstate = true",
+            "route[0].state",
+        );
+        bad(
+            "direction = \"down\"\nremote = \"r/#\"\nlocal = \"l/#\"\nsnapshot_topics = [\"x/y\"]",
+            "route[0].snapshot_topics",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nversion = { header = \"x\" }",
+            "header",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nconflate = \"sometimes\"",
+            "sometimes",
+        );
+    }
 }

@@ -230,4 +230,50 @@ mod tests {
         m.payload = bytes::Bytes::from_static(b"not json");
         assert_eq!(version_of(&json("ts"), &m), None);
     }
+
+    #[tokio::test]
+    async fn newest_versions_survive_a_restart_and_outdated_ones_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let cfg = crate::config::Config::parse(
+            "train_id = \"T1\"\n[[route]]\nname = \"r\"\ndirection = \"up\"\nlocal = \"a/#\"\nremote = \"b/#\"\nversion = { user_property = \"seq\" }\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let routes = crate::route::Routes::from_config(&cfg);
+        let (route, _) = routes.up("a/x").unwrap();
+        let m = |topic: &str, seq: &str| Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"p"),
+            qos: crate::message::QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::message::Properties {
+                user_properties: vec![("seq".into(), seq.into())],
+                ..Default::default()
+            },
+            accepted: Stamp::now(),
+            deadline: None,
+        };
+        {
+            let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
+            let f = Freshness::load(db.clone()).await.unwrap();
+            assert!(f.admit(route, &m("a/x", "7")));
+            assert!(f.admit(route, &m("a/x", "9")));
+            assert!(!f.admit(route, &m("a/x", "7")), "a resend of 7 after 9");
+            assert!(!f.admit(route, &m("a/x", "9")), "equal is not newer");
+            assert!(f.admit(route, &m("a/y", "1")), "another key");
+            assert_eq!(f.suppressed(), 2);
+            drop(f);
+            drop(db);
+            thread.join();
+        }
+        let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
+        let f = Freshness::load(db.clone()).await.unwrap();
+        assert!(!f.admit(route, &m("a/x", "8")), "9 was stored");
+        assert!(f.admit(route, &m("a/x", "10")));
+        assert_eq!(f.suppressed(), 1);
+        drop(f);
+        drop(db);
+        thread.join();
+    }
 }

@@ -1635,4 +1635,77 @@ mod tests {
             .all(|(i, e)| e.message.topic == format!("t/{i}")));
         close(q, db, t);
     }
+
+    #[tokio::test]
+    async fn conflation_keeps_only_the_newest_row_per_route_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        let keyed = |route: &str, topic: &str, key: &str| {
+            q.enqueue_keyed(
+                new_entry(route, 5, msg(topic, 10, at(0), None)),
+                Some(key.into()),
+            )
+        };
+        let a1 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let b1 = keyed("pos", "b", "b").await.unwrap().unwrap();
+        let other = keyed("other", "a", "a").await.unwrap().unwrap();
+        let plain = put(&q, 5, msg("a", 10, at(0), None)).await.unwrap();
+        // a1 is in flight when its successor arrives: it is replaced all the same.
+        let batch = q.next_batch_at(vec![], 1, at(1)).await.unwrap();
+        assert_eq!(ids(&batch), vec![a1]);
+        let a2 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let a3 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let rest = q.next_batch_at(vec![], 100, at(2)).await.unwrap();
+        assert_eq!(ids(&rest), vec![b1, other, plain, a3]);
+        assert!(!ids(&rest).contains(&a2));
+        assert_eq!(q.counters().conflated, 2);
+        assert_eq!(q.totals().rows, 4);
+        // The late ack of the replaced in-flight row is ignored.
+        q.ack(vec![a1]).await.unwrap();
+        assert_eq!(q.counters().acked, 0);
+        assert_eq!(q.totals().rows, 4);
+        close(q, db, thread);
+    }
+
+    #[tokio::test]
+    async fn every_nth_fill_starts_with_the_lowest_waiting_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        q.set_starvation_every(3);
+        let low: Vec<i64> = {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                v.push(put(&q, 9, msg("low", 1, at(0), None)).await.unwrap());
+            }
+            v
+        };
+        let mid = put(&q, 7, msg("mid", 1, at(0), None)).await.unwrap();
+        let high: Vec<i64> = {
+            let mut v = Vec::new();
+            for _ in 0..6 {
+                v.push(put(&q, 0, msg("high", 1, at(0), None)).await.unwrap());
+            }
+            v
+        };
+        let mut sent = Vec::new();
+        for fill in 1..=3 {
+            let batch = q.next_batch_at(sent.clone(), 2, at(fill)).await.unwrap();
+            sent.extend(ids(&batch));
+        }
+        // Fills 1 and 2 are strict priority; fill 3 starts with the oldest priority-9 row.
+        assert_eq!(
+            sent,
+            vec![high[0], high[1], high[2], high[3], low[0], high[4]]
+        );
+        assert!(!sent.contains(&mid));
+        close(q, db, thread);
+    }
 }
