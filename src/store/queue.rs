@@ -10,12 +10,17 @@
 //! - **Deleted only on purpose.** A row leaves the queue for exactly one of these reasons, each
 //!   counted in [`CounterSnapshot`]: acknowledged by the central broker ([`Queue::ack`],
 //!   `acked`), dropped to make room under [`WhenFull::DropOldest`] (`dropped_full`), expired
-//!   (`expired`), or unreadable (`corrupt`, logged as an error). Nothing else deletes rows, so a
-//!   message that is never acknowledged is retried until it expires or is pushed out.
+//!   (`expired`), unreadable (`corrupt`, logged as an error), or replaced by a newer entry of
+//!   the same route and conflation key ([`Queue::enqueue_keyed`], `conflated`). Nothing else
+//!   deletes rows, so a message that is never acknowledged is retried until it expires, is
+//!   pushed out or is superseded.
 //! - **Delivery order** is `(priority, id)`: priority 0 first, then 1, ... 9; within a priority,
 //!   the order of acceptance. Ids come from an `AUTOINCREMENT` key, so they grow strictly with
 //!   the order of submission to [`Queue::enqueue`] and are never reused, even after the newest
-//!   row was deleted or the daemon restarted.
+//!   row was deleted or the daemon restarted. One exception keeps low priorities from starving:
+//!   every `starvation_every`-th [`Queue::next_batch`] call (see
+//!   [`Queue::set_starvation_every`]) starts with the oldest deliverable row of the lowest
+//!   waiting priority; within a priority, order is always the order of acceptance.
 //! - **Stable message id.** Every entry has `msg_id = "{epoch}-{id}"`, where `epoch` is a random
 //!   value drawn once per store file and kept in `meta`. It stays the same across restarts, so
 //!   the far side can detect a resend after a reconnect or a crash as a duplicate, and it changes
@@ -69,6 +74,9 @@
 //! Indexes: `(priority, id)` for delivery order; `(boot_id, deadline_boot)` and
 //! `(deadline_wall)`, partial on non-`NULL` deadlines, so the sweep's expiry test is two index
 //! range scans rather than a table scan. Table `meta` holds the key `uplink_epoch`.
+//! Migration 3 adds `conflate_key` (`NULL`: never conflated) with an index on
+//! `(route, conflate_key)`, partial on non-`NULL` keys, so replacing a key's waiting row is an
+//! index lookup.
 
 use std::collections::HashSet;
 use std::future::Future;
