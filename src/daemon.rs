@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::Config;
 use crate::downlink::Downlink;
-use crate::freshness::Freshness;
+use crate::freshness::{Freshness, FreshnessCounters};
 use crate::relay::RelayHooks;
 use crate::route::Routes;
 use crate::shutdown::{self, Shutdown};
@@ -133,18 +133,16 @@ async fn sweep(queue: Queue, every: Duration, mut shutdown: Shutdown) {
 
 /// One line at shutdown with what the freshness rules removed, for the logs of a run.
 fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downlink) {
-    let q = queue.counters();
-    let d = downlink.counters();
-    let down_suppressed = d.suppressed.load(std::sync::atomic::Ordering::Relaxed);
+    let c = FreshnessCounters::collect(freshness, queue, downlink);
     log::info!(
         "freshness counters: suppressed={} (uplink {}, downlink {}), conflated={}, expired={} (uplink {}, downlink {})",
-        freshness.suppressed(),
-        freshness.suppressed().saturating_sub(down_suppressed),
-        down_suppressed,
-        q.conflated,
-        q.expired + d.expired.load(std::sync::atomic::Ordering::Relaxed),
-        q.expired,
-        d.expired.load(std::sync::atomic::Ordering::Relaxed),
+        c.suppressed_up + c.suppressed_down,
+        c.suppressed_up,
+        c.suppressed_down,
+        c.conflated,
+        c.expired_up + c.expired_down,
+        c.expired_up,
+        c.expired_down,
     );
 }
 

@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use rusqlite::params;
 
 use crate::clock::Stamp;
-use crate::config::VersionSource;
+use crate::config::{Direction, VersionSource};
 use crate::message::Message;
 use crate::route::Route;
 use crate::store::{Db, StoreError};
@@ -96,7 +96,41 @@ pub fn version_of(source: &VersionSource, msg: &Message) -> Option<Version> {
 pub struct Freshness {
     db: Db,
     newest: Mutex<HashMap<(String, String), Version>>,
-    suppressed: AtomicU64,
+    suppressed_up: AtomicU64,
+    suppressed_down: AtomicU64,
+}
+
+/// What the freshness rules removed since start, for the status report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreshnessCounters {
+    /// Outdated messages dropped at ingest (acknowledged to the iPad, not queued).
+    pub suppressed_up: u64,
+    /// Outdated messages from the central broker, acknowledged and not injected.
+    pub suppressed_down: u64,
+    /// Waiting uplink rows replaced by a newer one of the same key.
+    pub conflated: u64,
+    /// Uplink rows deleted because their deadline passed.
+    pub expired_up: u64,
+    /// Downlink messages that arrived already expired.
+    pub expired_down: u64,
+}
+
+impl FreshnessCounters {
+    /// Collects the counters from the pieces that own them.
+    pub fn collect(
+        freshness: &Freshness,
+        queue: &crate::store::queue::Queue,
+        downlink: &crate::downlink::Downlink,
+    ) -> FreshnessCounters {
+        let q = queue.counters();
+        FreshnessCounters {
+            suppressed_up: freshness.suppressed_up.load(Ordering::Relaxed),
+            suppressed_down: freshness.suppressed_down.load(Ordering::Relaxed),
+            conflated: q.conflated,
+            expired_up: q.expired,
+            expired_down: downlink.counters().expired.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Freshness {
@@ -124,7 +158,8 @@ impl Freshness {
         Ok(Freshness {
             db,
             newest: Mutex::new(newest),
-            suppressed: AtomicU64::new(0),
+            suppressed_up: AtomicU64::new(0),
+            suppressed_down: AtomicU64::new(0),
         })
     }
 
@@ -147,7 +182,11 @@ impl Freshness {
             let slot = (route.name.clone(), key.clone());
             if let Some(seen) = newest.get(&slot) {
                 if version.compare(seen) != CmpOrdering::Greater {
-                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    match route.direction {
+                        Direction::Up => &self.suppressed_up,
+                        Direction::Down => &self.suppressed_down,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
                     log::debug!(
                         "route {}: dropped outdated message on '{}' (version {} <= {})",
                         route.name,
@@ -176,9 +215,9 @@ impl Freshness {
         true
     }
 
-    /// Messages dropped as outdated since start.
+    /// Messages dropped as outdated since start, both directions.
     pub fn suppressed(&self) -> u64 {
-        self.suppressed.load(Ordering::Relaxed)
+        self.suppressed_up.load(Ordering::Relaxed) + self.suppressed_down.load(Ordering::Relaxed)
     }
 }
 
