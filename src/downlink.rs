@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
-use crate::freshness::Freshness;
+use crate::freshness::{Check, Freshness};
 use crate::message::{Message, QoS};
 use crate::route::Routes;
 
@@ -74,10 +74,14 @@ impl Downlink {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        let mut undo = None;
         if let Some(freshness) = &self.freshness {
-            if !freshness.admit(route, &msg) {
-                self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+            match freshness.check(route, &msg) {
+                Check::Outdated => {
+                    self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Check::Fresh(u) => undo = u,
             }
         }
         if route.qos == 0 {
@@ -94,7 +98,13 @@ impl Downlink {
             msg.accepted.wall_ms.to_string(),
         ));
         msg.topic = local_topic;
-        self.broker.inject(msg).await?;
+        if let Err(e) = self.broker.inject(msg).await {
+            // Not acknowledged upstream: the central broker sends it again, which must pass.
+            if let (Some(freshness), Some(undo)) = (&self.freshness, undo) {
+                freshness.undo(undo);
+            }
+            return Err(e);
+        }
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

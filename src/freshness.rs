@@ -18,9 +18,10 @@
 //!   store's writer before the message itself is queued or injected, so it commits in the same
 //!   or an earlier group commit. One row per key is kept forever; keys are meant to be a
 //!   bounded set (topics of a state tree, vehicle ids).
-//! - The version is recorded when the message is admitted, even if storing the message then
-//!   fails: a later resend of the same version is then dropped too. Erring this way can lose a
-//!   message whose enqueue failed; the other way could show an outdated one.
+//! - The version is recorded when the message is admitted (so a resend racing the first copy's
+//!   commit is already dropped); if the message then cannot be stored (store full, refused to
+//!   the iPad) or injected (the central broker will redeliver it), the previous version is
+//!   restored, so the retry is not mistaken for a duplicate.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
@@ -89,6 +90,24 @@ pub fn version_of(source: &VersionSource, msg: &Message) -> Option<Version> {
             }
         }
     }
+}
+
+/// The answer of [`Freshness::check`].
+#[derive(Debug)]
+pub enum Check {
+    /// Pass it on; `Some` when a version was recorded (take it back with [`Freshness::undo`]).
+    Fresh(Option<Undo>),
+    /// Drop it: not newer than the newest seen for its key (counted).
+    Outdated,
+}
+
+/// What [`Freshness::undo`] needs to take an admitted version back.
+#[derive(Debug)]
+pub struct Undo {
+    route: String,
+    key: String,
+    version: Version,
+    previous: Option<Version>,
 }
 
 /// The newest version per (route, key), with its durable copy, and the count of suppressed
@@ -167,18 +186,22 @@ impl Freshness {
     /// version is older than or equal to the newest seen for its key), which is counted. A
     /// passing message's version becomes the newest and is submitted to the store.
     pub fn admit(&self, route: &Route, msg: &Message) -> bool {
+        matches!(self.check(route, msg), Check::Fresh(_))
+    }
+
+    /// [`Freshness::admit`] that can be taken back: when the message then cannot be stored or
+    /// injected, [`Freshness::undo`] restores the previous newest version, so the sender's
+    /// retry is not mistaken for a duplicate.
+    pub fn check(&self, route: &Route, msg: &Message) -> Check {
         let Some(source) = &route.version else {
-            return true;
+            return Check::Fresh(None);
         };
         let Some(version) = version_of(source, msg) else {
-            return true;
+            return Check::Fresh(None);
         };
         let key = route.key_of(msg);
-        {
-            let mut newest = self
-                .newest
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let previous = {
+            let mut newest = self.lock();
             let slot = (route.name.clone(), key.clone());
             if let Some(seen) = newest.get(&slot) {
                 if version.compare(seen) != CmpOrdering::Greater {
@@ -194,25 +217,67 @@ impl Freshness {
                         version.text(),
                         seen.text()
                     );
-                    return false;
+                    return Check::Outdated;
                 }
             }
-            newest.insert(slot, version.clone());
+            newest.insert(slot, version.clone())
+        };
+        self.persist(route.name.clone(), key.clone(), Some(version.text()));
+        Check::Fresh(Some(Undo {
+            route: route.name.clone(),
+            key,
+            version,
+            previous,
+        }))
+    }
+
+    /// Restores the version before `undo`'s message, unless a newer one was admitted since.
+    pub fn undo(&self, undo: Undo) {
+        let Undo {
+            route,
+            key,
+            version,
+            previous,
+        } = undo;
+        {
+            let mut newest = self.lock();
+            let slot = (route.clone(), key.clone());
+            if newest.get(&slot) != Some(&version) {
+                return;
+            }
+            match &previous {
+                Some(p) => newest.insert(slot, p.clone()),
+                None => newest.remove(&slot),
+            };
         }
-        let route_name = route.name.clone();
-        let text = version.text();
+        self.persist(route, key, previous.map(|p| p.text()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Version>> {
+        self.newest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Submits the newest version of a key (`None`: forget the key). Fire and forget: the
+    /// writer runs jobs in order, so this commits with or before the message's own row.
+    fn persist(&self, route: String, key: String, version: Option<String>) {
         let wall = Stamp::now().wall_ms;
-        // Fire and forget: the commit lands with (or before) the message's own.
         drop(self.db.submit(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO route_versions (route, key, version, updated_wall) \
-                 VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (route, key) DO UPDATE SET version = ?3, updated_wall = ?4",
-            )?
-            .execute(params![route_name, key, text, wall])?;
+            match version {
+                Some(text) => conn
+                    .prepare_cached(
+                        "INSERT INTO route_versions (route, key, version, updated_wall) \
+                         VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (route, key) DO UPDATE SET version = ?3, updated_wall = ?4",
+                    )?
+                    .execute(params![route, key, text, wall])?,
+                None => conn
+                    .prepare_cached("DELETE FROM route_versions WHERE route = ?1 AND key = ?2")?
+                    .execute(params![route, key])?,
+            };
             Ok(())
         }));
-        true
     }
 
     /// Messages dropped as outdated since start, both directions.
@@ -311,6 +376,20 @@ mod tests {
         assert!(!f.admit(route, &m("a/x", "8")), "9 was stored");
         assert!(f.admit(route, &m("a/x", "10")));
         assert_eq!(f.suppressed(), 1);
+
+        // A message that could not be stored is taken back: its retry passes.
+        let Check::Fresh(Some(undo)) = f.check(route, &m("a/x", "11")) else {
+            panic!("11 is fresh");
+        };
+        f.undo(undo);
+        assert!(f.admit(route, &m("a/x", "11")), "the retry of 11 passes");
+        // Taking back an older admission after a newer one changes nothing.
+        let Check::Fresh(Some(undo)) = f.check(route, &m("a/z", "1")) else {
+            panic!("a new key is fresh");
+        };
+        assert!(f.admit(route, &m("a/z", "2")));
+        f.undo(undo);
+        assert!(!f.admit(route, &m("a/z", "2")));
         drop(f);
         drop(db);
         thread.join();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::broker::{BrokerEvent, ClientInfo, Hooks, Ingest, Protocol, RejectReason};
 use crate::clock::Stamp;
 use crate::config::Conflate;
-use crate::freshness::Freshness;
+use crate::freshness::{Check, Freshness};
 use crate::message::{Message, Properties, QoS};
 use crate::route::Routes;
 use crate::store::queue::{NewEntry, Queue};
@@ -155,11 +155,13 @@ impl Hooks for RelayHooks {
         let Some((route, remote_topic)) = self.routes.up(&msg.topic) else {
             return Ingest::Accept;
         };
+        let mut undo = None;
         if let Some(freshness) = &self.freshness {
-            if !freshness.admit(route, msg) {
+            match freshness.check(route, msg) {
                 // Accept and drop: the iPad's resend is answered, the central broker never
                 // sees the outdated message.
-                return Ingest::Accept;
+                Check::Outdated => return Ingest::Accept,
+                Check::Fresh(u) => undo = u.map(|u| (Arc::clone(freshness), u)),
             }
         }
         let conflate_key = (route.conflate == Conflate::Latest).then(|| route.key_of(msg));
@@ -196,6 +198,11 @@ impl Hooks for RelayHooks {
                 }
                 Err(_) => Err(RejectReason::UnspecifiedError),
             };
+            if answer.is_err() {
+                if let Some((freshness, undo)) = undo {
+                    freshness.undo(undo);
+                }
+            }
             let _ = verdict.send(answer);
         });
         Ingest::Pending(pending)
