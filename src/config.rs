@@ -66,6 +66,9 @@ pub struct LocalConfig {
     pub max_session_expiry: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Local topic prefix of per-iPad topics: `{device_prefix}/{client_id}/...` is delivered
+    /// only to the iPad with that client id.
+    pub device_prefix: String,
 }
 
 impl Default for LocalConfig {
@@ -79,6 +82,7 @@ impl Default for LocalConfig {
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
+            device_prefix: "down/device".into(),
         }
     }
 }
@@ -154,6 +158,9 @@ pub struct StoreConfig {
     /// How often expired rows are deleted.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Every this many uplink fills, the oldest message of the lowest waiting priority goes
+    /// first, so low priorities are never starved; 0 turns it off.
+    pub starvation_every: u32,
 }
 
 impl Default for StoreConfig {
@@ -164,6 +171,7 @@ impl Default for StoreConfig {
             when_full: WhenFull::DropOldest,
             synchronous: Synchronous::Full,
             sweep_interval: Duration::from_secs(10),
+            starvation_every: 10,
         }
     }
 }
@@ -198,6 +206,49 @@ pub struct RouteConfig {
     /// Uplink drain priority, 0 (first) to 9 (last).
     #[serde(default = "default_priority")]
     pub priority: u8,
+    /// Where a message's version is read, for dropping outdated messages (see `freshness`).
+    #[serde(default)]
+    pub version: Option<VersionSource>,
+    /// What identifies "the same thing" for versions and conflation: `"topic"` (the source
+    /// topic) or the name of a v5 user property.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// Uplink: whether a newer waiting message replaces an older one of the same key.
+    #[serde(default)]
+    pub conflate: Conflate,
+    /// Downlink: keep each topic's latest message as local retained state, whatever its
+    /// retain flag (3.1.1 central brokers clear the flag on live delivery).
+    #[serde(default)]
+    pub state: bool,
+    /// Downlink: exact remote topics subscribed to as well, so brokers that serve retained
+    /// messages only to exact-topic subscriptions (RabbitMQ) deliver the initial state.
+    #[serde(default)]
+    pub snapshot_topics: Vec<String>,
+}
+
+/// Where a route reads a message's version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VersionSource {
+    /// A v5 user property of that name.
+    UserProperty(String),
+    /// A top-level field of a JSON object payload.
+    JsonField(String),
+}
+
+/// Conflation policy of an uplink route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conflate {
+    /// Every message is kept and sent.
+    #[default]
+    None,
+    /// Only the newest waiting message per key is kept.
+    Latest,
+}
+
+fn default_key() -> String {
+    "topic".into()
 }
 
 fn default_qos() -> u8 {
@@ -236,6 +287,11 @@ impl Config {
                 qos: 1,
                 ttl: Some(Duration::from_secs(600)),
                 priority: 5,
+                version: None,
+                key: default_key(),
+                conflate: Conflate::None,
+                state: false,
+                snapshot_topics: Vec::new(),
             },
             RouteConfig {
                 name: None,
@@ -245,6 +301,11 @@ impl Config {
                 qos: 1,
                 ttl: None,
                 priority: 5,
+                version: None,
+                key: default_key(),
+                conflate: Conflate::None,
+                state: false,
+                snapshot_topics: Vec::new(),
             },
             RouteConfig {
                 name: None,
@@ -254,6 +315,11 @@ impl Config {
                 qos: 1,
                 ttl: None,
                 priority: 5,
+                version: None,
+                key: default_key(),
+                conflate: Conflate::None,
+                state: false,
+                snapshot_topics: Vec::new(),
             },
         ];
         let mut config = Config {
@@ -297,6 +363,9 @@ impl Config {
         for r in &mut self.routes {
             r.local = sub(&r.local);
             r.remote = sub(&r.remote);
+            for t in &mut r.snapshot_topics {
+                *t = sub(t);
+            }
             if r.name.is_none() {
                 r.name = Some(match r.direction {
                     Direction::Up => format!("up:{}", r.local),
@@ -375,6 +444,17 @@ impl Config {
                 "must be between 64B and 256MiB".into(),
             ));
         }
+        if topic::validate_name(&self.local.device_prefix).is_err()
+            || self.local.device_prefix.is_empty()
+        {
+            return Err(invalid(
+                "local.device_prefix",
+                format!(
+                    "'{}' must be a topic without wildcards",
+                    self.local.device_prefix
+                ),
+            ));
+        }
         if self.store.max_bytes.as_u64() < 1024 {
             return Err(invalid("store.max_bytes", "must be at least 1KiB".into()));
         }
@@ -397,6 +477,39 @@ impl Config {
             }
             if r.ttl.is_some_and(|t| t.is_zero()) {
                 return Err(invalid(&key("ttl"), "must be above zero".into()));
+            }
+            if r.key.is_empty() {
+                return Err(invalid(
+                    &key("key"),
+                    "must be \"topic\" or a user property name".into(),
+                ));
+            }
+            if let Some(VersionSource::UserProperty(n) | VersionSource::JsonField(n)) = &r.version {
+                if n.is_empty() {
+                    return Err(invalid(&key("version"), "names an empty field".into()));
+                }
+            }
+            if r.direction == Direction::Down && r.conflate != Conflate::None {
+                return Err(invalid(
+                    &key("conflate"),
+                    "applies to uplink routes only (downlink messages are not queued)".into(),
+                ));
+            }
+            if r.direction == Direction::Up && (r.state || !r.snapshot_topics.is_empty()) {
+                return Err(invalid(
+                    &key(if r.state { "state" } else { "snapshot_topics" }),
+                    "applies to downlink routes only".into(),
+                ));
+            }
+            for t in &r.snapshot_topics {
+                let t = t.replace("{train_id}", &self.train_id);
+                let remote = r.remote.replace("{train_id}", &self.train_id);
+                if topic::validate_name(&t).is_err() || !topic::matches(&remote, &t) {
+                    return Err(invalid(
+                        &key("snapshot_topics"),
+                        format!("'{t}' must be an exact topic matched by remote '{remote}'"),
+                    ));
+                }
             }
             let (from_key, from, to_key, to) = match r.direction {
                 Direction::Up => ("local", &r.local, "remote", &r.remote),
@@ -495,5 +608,74 @@ mod tests {
         let c = Config::builtin();
         c.validate(Path::new("builtin")).unwrap();
         assert_eq!(c.routes.len(), 3);
+    }
+
+    #[test]
+    fn freshness_keys_parse_and_are_checked() {
+        let c = parse(
+            r#"
+            train_id = "T9"
+            [[route]]
+            direction = "up"
+            local = "pos/#"
+            remote = "trains/{train_id}/pos/#"
+            conflate = "latest"
+            key = "vehicle"
+            version = { user_property = "seq" }
+            [[route]]
+            direction = "down"
+            remote = "trains/{train_id}/state/#"
+            local = "state/#"
+            state = true
+            version = { json_field = "ts" }
+            snapshot_topics = ["trains/{train_id}/state/speed"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].conflate, Conflate::Latest);
+        assert_eq!(c.routes[0].key, "vehicle");
+        assert_eq!(
+            c.routes[0].version,
+            Some(VersionSource::UserProperty("seq".into()))
+        );
+        assert!(c.routes[1].state);
+        assert_eq!(c.routes[1].snapshot_topics, vec!["trains/T9/state/speed"]);
+        assert_eq!(c.routes[1].key, "topic");
+        assert_eq!(c.local.device_prefix, "down/device");
+        assert_eq!(c.store.starvation_every, 10);
+        let routes = crate::route::Routes::from_config(&c);
+        assert_eq!(
+            routes.down_filters(),
+            vec![
+                ("trains/T9/state/#".to_string(), 1),
+                ("trains/T9/state/speed".to_string(), 1)
+            ]
+        );
+
+        let bad = |route: &str, key: &str| {
+            let text = format!("train_id = \"T1\"\n[[route]]\n{route}\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        };
+        bad(
+            "direction = \"down\"\nremote = \"r/#\"\nlocal = \"l/#\"\nconflate = \"latest\"",
+            "route[0].conflate",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nstate = true",
+            "route[0].state",
+        );
+        bad(
+            "direction = \"down\"\nremote = \"r/#\"\nlocal = \"l/#\"\nsnapshot_topics = [\"x/y\"]",
+            "route[0].snapshot_topics",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nversion = { header = \"x\" }",
+            "header",
+        );
+        bad(
+            "direction = \"up\"\nlocal = \"l/#\"\nremote = \"r/#\"\nconflate = \"sometimes\"",
+            "sometimes",
+        );
     }
 }

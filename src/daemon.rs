@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::Config;
 use crate::downlink::Downlink;
+use crate::freshness::{Freshness, FreshnessCounters};
 use crate::relay::RelayHooks;
 use crate::route::Routes;
 use crate::shutdown::{self, Shutdown};
@@ -38,18 +39,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
+    queue.set_starvation_every(config.store.starvation_every);
     let routes = Arc::new(Routes::from_config(&config));
-    let hooks = Arc::new(RelayHooks::new(
-        routes.clone(),
-        queue.clone(),
-        &config.train_id,
-    ));
+    let freshness = Arc::new(Freshness::load(db.clone()).await?);
+    let hooks = Arc::new(
+        RelayHooks::new(routes.clone(), queue.clone(), &config.train_id)
+            .with_freshness(freshness.clone())
+            .with_device_prefix(&config.local.device_prefix),
+    );
     let broker = Broker::bind(broker_config(&config), db.clone(), hooks).await?;
     let credentials = read_credentials(&config)?;
 
     let (trigger, shutdown) = shutdown::channel();
     let status = StatusHandle::default();
-    let downlink = Downlink::new(routes.clone(), broker.handle());
+    let downlink = Downlink::new(routes.clone(), broker.handle()).with_freshness(freshness.clone());
+    let report = (queue.clone(), freshness, downlink.clone());
     let uplink = Uplink::new(
         &config.uplink,
         credentials,
@@ -92,6 +96,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             abort.abort();
         }
     }
+    log_freshness_counters(&report.0, &report.1, &report.2);
+    drop(report);
     // Every store handle is gone now: the writer drains its queue and stops.
     tokio::task::spawn_blocking(move || db_thread.join())
         .await
@@ -123,6 +129,21 @@ async fn sweep(queue: Queue, every: Duration, mut shutdown: Shutdown) {
             Err(e) => log::error!("store: sweeping expired messages failed: {e}"),
         }
     }
+}
+
+/// One line at shutdown with what the freshness rules removed, for the logs of a run.
+fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downlink) {
+    let c = FreshnessCounters::collect(freshness, queue, downlink);
+    log::info!(
+        "freshness counters: suppressed={} (uplink {}, downlink {}), conflated={}, expired={} (uplink {}, downlink {})",
+        c.suppressed_up + c.suppressed_down,
+        c.suppressed_up,
+        c.suppressed_down,
+        c.conflated,
+        c.expired_up + c.expired_down,
+        c.expired_up,
+        c.expired_down,
+    );
 }
 
 fn broker_config(config: &Config) -> BrokerConfig {

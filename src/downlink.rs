@@ -1,13 +1,24 @@
 //! The downlink: what the central broker sends, mapped onto local topics and handed to the
-//! local broker. Expired messages are dropped here, before any iPad can see them.
+//! local broker. Expired messages are dropped here, before any iPad can see them, and so are
+//! outdated ones (routes with a version source, see [`crate::freshness`]).
+//!
+//! Every injected message carries the v5 user property [`ACCEPTED_MS_PROPERTY`]: the
+//! wall-clock milliseconds since the epoch when the relay received it from the central broker.
+//! It stays with the retained copy across relay restarts, so a v5 iPad can tell how old a
+//! state is (`now - accepted`), even one served from the store while the uplink is down.
+//! MQTT 3.1.1 iPads do not get properties.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
+use crate::freshness::{Check, Freshness};
 use crate::message::{Message, QoS};
 use crate::route::Routes;
+
+/// User property added to every downlink message: when the relay received it (wall-clock ms).
+pub const ACCEPTED_MS_PROPERTY: &str = "trainrelay-accepted-ms";
 
 /// Counters of the downlink.
 #[derive(Debug, Default)]
@@ -15,6 +26,8 @@ pub struct DownlinkCounters {
     pub delivered: AtomicU64,
     pub expired: AtomicU64,
     pub unrouted: AtomicU64,
+    /// Dropped as outdated by a route's version source.
+    pub suppressed: AtomicU64,
 }
 
 /// Hands messages from the central broker to the local broker.
@@ -23,6 +36,7 @@ pub struct Downlink {
     routes: Arc<Routes>,
     broker: BrokerHandle,
     counters: Arc<DownlinkCounters>,
+    freshness: Option<Arc<Freshness>>,
 }
 
 impl Downlink {
@@ -31,7 +45,14 @@ impl Downlink {
             routes,
             broker,
             counters: Arc::default(),
+            freshness: None,
         }
+    }
+
+    /// Drops outdated messages of routes with a version source.
+    pub fn with_freshness(mut self, freshness: Arc<Freshness>) -> Downlink {
+        self.freshness = Some(freshness);
+        self
     }
 
     pub fn counters(&self) -> &DownlinkCounters {
@@ -53,11 +74,37 @@ impl Downlink {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        let mut undo = None;
+        if let Some(freshness) = &self.freshness {
+            match freshness.check(route, &msg) {
+                Check::Outdated => {
+                    self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Check::Fresh(u) => undo = u,
+            }
+        }
         if route.qos == 0 {
             msg.qos = QoS::AtMostOnce;
         }
+        if route.state {
+            // 3.1.1 central brokers clear the flag on live delivery: the route says it is state.
+            msg.retain = true;
+        }
+        let props = &mut msg.properties.user_properties;
+        props.retain(|(k, _)| k != ACCEPTED_MS_PROPERTY);
+        props.push((
+            ACCEPTED_MS_PROPERTY.to_string(),
+            msg.accepted.wall_ms.to_string(),
+        ));
         msg.topic = local_topic;
-        self.broker.inject(msg).await?;
+        if let Err(e) = self.broker.inject(msg).await {
+            // Not acknowledged upstream: the central broker sends it again, which must pass.
+            if let (Some(freshness), Some(undo)) = (&self.freshness, undo) {
+                freshness.undo(undo);
+            }
+            return Err(e);
+        }
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

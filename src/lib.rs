@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod downlink;
+pub mod freshness;
 pub mod logging;
 pub mod message;
 pub mod relay;

@@ -7,6 +7,8 @@ use bytes::Bytes;
 
 use crate::broker::{BrokerEvent, ClientInfo, Hooks, Ingest, Protocol, RejectReason};
 use crate::clock::Stamp;
+use crate::config::Conflate;
+use crate::freshness::{Check, Freshness};
 use crate::message::{Message, Properties, QoS};
 use crate::route::Routes;
 use crate::store::queue::{NewEntry, Queue};
@@ -23,6 +25,10 @@ pub struct RelayHooks {
     train_id: String,
     /// Local topics that only the relay itself publishes to (downlink destinations).
     relay_only: Vec<String>,
+    /// Drops outdated messages of routes with a version source.
+    freshness: Option<Arc<Freshness>>,
+    /// Levels of `{device_prefix}`: `{device_prefix}/{client_id}/...` is private to that client.
+    device_prefix: Option<Vec<String>>,
 }
 
 impl RelayHooks {
@@ -33,7 +39,21 @@ impl RelayHooks {
             queue,
             train_id: train_id.to_string(),
             relay_only,
+            freshness: None,
+            device_prefix: None,
         }
+    }
+
+    /// Drops outdated uplink messages (accepted and acknowledged, not queued).
+    pub fn with_freshness(mut self, freshness: Arc<Freshness>) -> RelayHooks {
+        self.freshness = Some(freshness);
+        self
+    }
+
+    /// Makes `{prefix}/{client_id}/...` private to the client with that id.
+    pub fn with_device_prefix(mut self, prefix: &str) -> RelayHooks {
+        self.device_prefix = Some(prefix.split('/').map(str::to_string).collect());
+        self
     }
 
     fn presence(&self, client: &ClientInfo, state: &str) {
@@ -72,7 +92,58 @@ impl RelayHooks {
     }
 }
 
+/// Whether `filter` could match a topic `{prefix}/{other}/...` of a client other than `own`.
+/// Levels are compared one by one: a literal that differs from the prefix means "no"; `#` at or
+/// before the device level, or `+` / another client's id at the device level, means "yes".
+fn may_reach_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
+    let mut levels = filter.split('/');
+    for p in prefix {
+        match levels.next() {
+            None => return false,
+            Some("#") => return true,
+            Some("+") => {}
+            Some(l) if l == p => {}
+            Some(_) => return false,
+        }
+    }
+    match levels.next() {
+        None => false,
+        Some("#") | Some("+") => true,
+        Some(id) => id != own,
+    }
+}
+
+/// Whether `topic` is `{prefix}/{id}/...` for an `id` other than `own`.
+fn is_other_device_topic(prefix: &[String], topic_name: &str, own: &str) -> bool {
+    let mut levels = topic_name.split('/');
+    for p in prefix {
+        if levels.next() != Some(p.as_str()) {
+            return false;
+        }
+    }
+    matches!(levels.next(), Some(id) if id != own)
+}
+
 impl Hooks for RelayHooks {
+    /// A filter naming another client's device topics explicitly is refused (it could never
+    /// receive anything). Wildcard filters (`down/#`, `down/device/+/x`) are allowed: the
+    /// per-delivery check [`Hooks::may_receive`] keeps other clients' device topics out.
+    fn may_subscribe(&self, client: &ClientInfo, filter: &str) -> bool {
+        let Some(prefix) = &self.device_prefix else {
+            return true;
+        };
+        let explicit_other = may_reach_other_device(prefix, filter, &client.client_id)
+            && !filter.contains(['+', '#']);
+        !explicit_other
+    }
+
+    fn may_receive(&self, client_id: &str, topic_name: &str) -> bool {
+        match &self.device_prefix {
+            Some(prefix) => !is_other_device_topic(prefix, topic_name, client_id),
+            None => true,
+        }
+    }
+
     fn may_publish(&self, _client: &ClientInfo, topic_name: &str) -> bool {
         !self
             .relay_only
@@ -84,6 +155,16 @@ impl Hooks for RelayHooks {
         let Some((route, remote_topic)) = self.routes.up(&msg.topic) else {
             return Ingest::Accept;
         };
+        let mut undo = None;
+        if let Some(freshness) = &self.freshness {
+            match freshness.check(route, msg) {
+                // Accept and drop: the iPad's resend is answered, the central broker never
+                // sees the outdated message.
+                Check::Outdated => return Ingest::Accept,
+                Check::Fresh(u) => undo = u.map(|u| (Arc::clone(freshness), u)),
+            }
+        }
+        let conflate_key = (route.conflate == Conflate::Latest).then(|| route.key_of(msg));
         let deadline = msg
             .deadline
             .or_else(|| route.ttl.map(|ttl| msg.accepted.plus(ttl)));
@@ -105,7 +186,7 @@ impl Hooks for RelayHooks {
                 deadline,
             },
         };
-        let committed = self.queue.enqueue(entry);
+        let committed = self.queue.enqueue_keyed(entry, conflate_key);
         let (verdict, pending) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let answer = match committed.await {
@@ -117,6 +198,11 @@ impl Hooks for RelayHooks {
                 }
                 Err(_) => Err(RejectReason::UnspecifiedError),
             };
+            if answer.is_err() {
+                if let Some((freshness, undo)) = undo {
+                    freshness.undo(undo);
+                }
+            }
             let _ = verdict.send(answer);
         });
         Ingest::Pending(pending)
@@ -141,5 +227,30 @@ impl Hooks for RelayHooks {
                 log::info!("iPad '{client_id}': will published on '{topic}'");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix() -> Vec<String> {
+        vec!["down".into(), "device".into()]
+    }
+
+    #[test]
+    fn device_topics_are_private() {
+        let p = prefix();
+        assert!(!may_reach_other_device(&p, "down/device/ipad1/#", "ipad1"));
+        assert!(may_reach_other_device(&p, "down/device/ipad2/#", "ipad1"));
+        assert!(may_reach_other_device(&p, "down/#", "ipad1"));
+        assert!(may_reach_other_device(&p, "down/device/+/x", "ipad1"));
+        assert!(may_reach_other_device(&p, "#", "ipad1"));
+        assert!(!may_reach_other_device(&p, "down/speed", "ipad1"));
+        assert!(!may_reach_other_device(&p, "down/device", "ipad1"));
+        assert!(!may_reach_other_device(&p, "up/#", "ipad1"));
+        assert!(is_other_device_topic(&p, "down/device/ipad2/msg", "ipad1"));
+        assert!(!is_other_device_topic(&p, "down/device/ipad1/msg", "ipad1"));
+        assert!(!is_other_device_topic(&p, "down/speed", "ipad1"));
     }
 }

@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use crate::config::{Config, Direction};
+use crate::config::{Config, Conflate, Direction, VersionSource};
+use crate::message::Message;
 use crate::topic;
 
 /// One configured route, ready to match.
@@ -23,6 +24,15 @@ pub struct Route {
     pub qos: u8,
     pub ttl: Option<Duration>,
     pub priority: u8,
+    /// Where the version is read for outdated-message suppression (see `freshness`).
+    pub version: Option<VersionSource>,
+    /// `"topic"` (the source topic) or a v5 user property name: what "the same thing" is.
+    pub key: String,
+    pub conflate: Conflate,
+    /// Downlink: injected as retained whatever the flag said.
+    pub state: bool,
+    /// Downlink: exact remote topics also subscribed to, for the initial snapshot.
+    pub snapshot_topics: Vec<String>,
 }
 
 /// All routes, in config order.
@@ -30,6 +40,25 @@ pub struct Route {
 pub struct Routes {
     up: Vec<Route>,
     down: Vec<Route>,
+}
+
+impl Route {
+    /// The key of `msg` (seen on this route's source side) for versions and conflation: its
+    /// topic, or the named user property (the topic when the property is missing).
+    pub fn key_of(&self, msg: &Message) -> String {
+        if self.key != "topic" {
+            if let Some((_, v)) = msg
+                .properties
+                .user_properties
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == self.key)
+            {
+                return v.clone();
+            }
+        }
+        msg.topic.clone()
+    }
 }
 
 impl Routes {
@@ -49,6 +78,11 @@ impl Routes {
                 qos: r.qos,
                 ttl: r.ttl,
                 priority: r.priority,
+                version: r.version.clone(),
+                key: r.key.clone(),
+                conflate: r.conflate,
+                state: r.state,
+                snapshot_topics: r.snapshot_topics.clone(),
             };
             match r.direction {
                 Direction::Up => routes.up.push(route),
@@ -68,9 +102,21 @@ impl Routes {
         first_match(&self.down, remote_topic)
     }
 
-    /// The remote filters to subscribe to on the central broker, with their QoS.
+    /// The remote filters to subscribe to on the central broker, with their QoS: every
+    /// downlink route's filter, then its snapshot topics (each filter once).
     pub fn down_filters(&self) -> Vec<(String, u8)> {
-        self.down.iter().map(|r| (r.from.clone(), r.qos)).collect()
+        let mut out: Vec<(String, u8)> = Vec::new();
+        let all = self.down.iter().map(|r| (r.from.clone(), r.qos)).chain(
+            self.down
+                .iter()
+                .flat_map(|r| r.snapshot_topics.iter().map(|t| (t.clone(), r.qos))),
+        );
+        for (filter, qos) in all {
+            if !out.iter().any(|(f, _)| *f == filter) {
+                out.push((filter, qos));
+            }
+        }
+        out
     }
 
     /// The local topic patterns that only the relay may publish to (downlink destinations).

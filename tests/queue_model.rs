@@ -86,6 +86,10 @@ struct Model {
     rows: BTreeMap<i64, ModelRow>,
     next_id: i64,
     counters: CounterSnapshot,
+    /// The anti-starvation rule: every this many fills (0 = off) ...
+    starvation_every: u64,
+    /// ... counted since the queue was opened.
+    fills: u64,
 }
 
 impl Model {
@@ -135,8 +139,27 @@ impl Model {
         let mut out = Vec::new();
         let mut gone = Vec::new();
         if limit > 0 {
+            self.fills += 1;
+            if self.starvation_every > 0 && self.fills % self.starvation_every == 0 {
+                // The oldest deliverable row of the lowest waiting priority goes first.
+                let mut lowest_first = order.clone();
+                lowest_first.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
+                for (_, id) in lowest_first {
+                    if exclude.contains(&id) {
+                        continue;
+                    }
+                    if Self::expired(&self.rows[&id], now) {
+                        gone.push(id);
+                        continue;
+                    }
+                    out.push(id);
+                    break;
+                }
+            }
+        }
+        if out.len() < limit {
             for (_, id) in order {
-                if exclude.contains(&id) {
+                if exclude.contains(&id) || out.contains(&id) || gone.contains(&id) {
                     continue;
                 }
                 if Self::expired(&self.rows[&id], now) {
@@ -206,7 +229,7 @@ fn check_entries(got: &[Entry], want: &[i64], model: &Model, epoch: &str) {
     }
 }
 
-async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull) {
+async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull, starvation_every: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("store.db");
     let config = QueueConfig {
@@ -218,8 +241,11 @@ async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull) {
         rows: BTreeMap::new(),
         next_id: 1,
         counters: CounterSnapshot::default(),
+        starvation_every: u64::from(starvation_every),
+        fills: 0,
     };
     let mut real = Real::open(&path, config).await;
+    real.queue.set_starvation_every(starvation_every);
     let epoch = real.queue.epoch().to_string();
     let mut now = Stamp {
         wall_ms: 1_700_000_000_000,
@@ -333,6 +359,8 @@ async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull) {
                 let totals = real.queue.totals();
                 real.close();
                 real = Real::open(&path, config).await;
+                real.queue.set_starvation_every(starvation_every);
+                model.fills = 0;
                 assert_eq!(real.queue.epoch(), epoch, "epoch survives a restart");
                 assert_eq!(real.queue.totals(), totals, "totals survive a restart");
                 model.counters = CounterSnapshot::default();
@@ -369,12 +397,13 @@ proptest! {
         actions in prop::collection::vec(action(), 1..80),
         max_bytes in 300u64..3_000,
         reject in any::<bool>(),
+        starvation_every in 0u32..4,
     ) {
         let when_full = if reject { WhenFull::RejectNew } else { WhenFull::DropOldest };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(run(actions, max_bytes, when_full));
+        rt.block_on(run(actions, max_bytes, when_full, starvation_every));
     }
 }

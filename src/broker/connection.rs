@@ -1086,6 +1086,13 @@ impl Conn {
             let mut deliveries = Vec::new();
             for sub in retained {
                 for m in st.retained.matching(&sub.filter, &now) {
+                    if !self
+                        .shared
+                        .hooks
+                        .may_receive(&self.info.client_id, &m.topic)
+                    {
+                        continue;
+                    }
                     deliveries.push(super::session::Delivery {
                         qos: m.qos.min(sub.qos),
                         msg: m,

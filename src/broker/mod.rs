@@ -155,6 +155,11 @@ pub trait Hooks: Send + Sync + 'static {
     fn may_subscribe(&self, _client: &ClientInfo, _filter: &str) -> bool {
         true
     }
+    /// Per-delivery check, so a wildcard subscription can be allowed while some topics it
+    /// covers stay private to one client (live and retained deliveries).
+    fn may_receive(&self, _client_id: &str, _topic: &str) -> bool {
+        true
+    }
     /// Called, in arrival order per connection, for every inbound PUBLISH that passed
     /// validation and `may_publish`. `msg.deadline` is set from a v5 Message Expiry Interval.
     fn ingest(&self, _client: &ClientInfo, _msg: &Message) -> Ingest {

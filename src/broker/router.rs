@@ -218,6 +218,9 @@ impl Shared {
         let mut targets = Vec::new();
         for (cid, s) in &st.sessions {
             let own = publisher == Some(cid.as_str());
+            if !self.hooks.may_receive(cid, &msg.topic) {
+                continue;
+            }
             if let Some(m) = s.subs.matching(&msg.topic, own) {
                 targets.push((cid.clone(), m));
             }

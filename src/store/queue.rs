@@ -10,12 +10,17 @@
 //! - **Deleted only on purpose.** A row leaves the queue for exactly one of these reasons, each
 //!   counted in [`CounterSnapshot`]: acknowledged by the central broker ([`Queue::ack`],
 //!   `acked`), dropped to make room under [`WhenFull::DropOldest`] (`dropped_full`), expired
-//!   (`expired`), or unreadable (`corrupt`, logged as an error). Nothing else deletes rows, so a
-//!   message that is never acknowledged is retried until it expires or is pushed out.
+//!   (`expired`), unreadable (`corrupt`, logged as an error), or replaced by a newer entry of
+//!   the same route and conflation key ([`Queue::enqueue_keyed`], `conflated`). Nothing else
+//!   deletes rows, so a message that is never acknowledged is retried until it expires, is
+//!   pushed out or is superseded.
 //! - **Delivery order** is `(priority, id)`: priority 0 first, then 1, ... 9; within a priority,
 //!   the order of acceptance. Ids come from an `AUTOINCREMENT` key, so they grow strictly with
 //!   the order of submission to [`Queue::enqueue`] and are never reused, even after the newest
-//!   row was deleted or the daemon restarted.
+//!   row was deleted or the daemon restarted. One exception keeps low priorities from starving:
+//!   every `starvation_every`-th [`Queue::next_batch`] call (see
+//!   [`Queue::set_starvation_every`]) starts with the oldest deliverable row of the lowest
+//!   waiting priority; within a priority, order is always the order of acceptance.
 //! - **Stable message id.** Every entry has `msg_id = "{epoch}-{id}"`, where `epoch` is a random
 //!   value drawn once per store file and kept in `meta`. It stays the same across restarts, so
 //!   the far side can detect a resend after a reconnect or a crash as a duplicate, and it changes
@@ -69,10 +74,13 @@
 //! Indexes: `(priority, id)` for delivery order; `(boot_id, deadline_boot)` and
 //! `(deadline_wall)`, partial on non-`NULL` deadlines, so the sweep's expiry test is two index
 //! range scans rather than a table scan. Table `meta` holds the key `uplink_epoch`.
+//! Migration 3 adds `conflate_key` (`NULL`: never conflated) with an index on
+//! `(route, conflate_key)`, partial on non-`NULL` keys, so replacing a key's waiting row is an
+//! index lookup.
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -166,6 +174,8 @@ pub struct CounterSnapshot {
     pub acked: u64,
     /// Rows deleted because they could not be decoded.
     pub corrupt: u64,
+    /// Waiting rows replaced by a newer entry of the same conflation key.
+    pub conflated: u64,
 }
 
 /// Depth of one route's part of the queue.
@@ -202,6 +212,11 @@ struct Shared {
     expired: AtomicU64,
     acked: AtomicU64,
     corrupt: AtomicU64,
+    conflated: AtomicU64,
+    /// Anti-starvation rule of [`Queue::next_batch`]: every this many calls, 0 = off.
+    starvation_every: AtomicU32,
+    /// Calls of [`Queue::next_batch`] with a non-zero limit since open.
+    fills: AtomicU64,
     notify: Notify,
 }
 
@@ -288,6 +303,9 @@ impl Queue {
                 expired: AtomicU64::new(0),
                 acked: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
+                conflated: AtomicU64::new(0),
+                starvation_every: AtomicU32::new(0),
+                fills: AtomicU64::new(0),
                 notify: Notify::new(),
             }),
         })
@@ -310,6 +328,18 @@ impl Queue {
     ///
     /// Synchronous so the broker's ingest hook can call it; the receiver may be dropped.
     pub fn enqueue(&self, e: NewEntry) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_keyed(e, None)
+    }
+
+    /// [`Queue::enqueue`] with conflation: with `Some(key)`, every waiting row of the same
+    /// route and key is deleted in the same transaction as the insert (counted as
+    /// `conflated`), so only the newest survives. A deleted row may be in flight: its ack is
+    /// then ignored like any ack of a missing id, and the central broker may get both.
+    pub fn enqueue_keyed(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+    ) -> oneshot::Receiver<Result<i64, StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
         let props = encode_props(&e.message.properties);
@@ -325,8 +355,24 @@ impl Queue {
                 if size > max_bytes {
                     return Err(StoreError::Full);
                 }
+                let mut replaced = Totals::default();
+                if let Some(key) = &conflate_key {
+                    let mut older = conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2 \
+                         RETURNING size",
+                    )?;
+                    let mut rows = older.query(params![e.route, key])?;
+                    while let Some(r) = rows.next()? {
+                        replaced.rows += 1;
+                        replaced.bytes += size_value(r.get_ref(0)?);
+                    }
+                }
                 let mut dropped = Totals::default();
-                let current = shared.bytes.load(Ordering::Acquire);
+                // Totals change only once the job cannot fail any more (it may roll back).
+                let current = shared
+                    .bytes
+                    .load(Ordering::Acquire)
+                    .saturating_sub(replaced.bytes);
                 if current.saturating_add(size) > max_bytes {
                     if when_full == WhenFull::RejectNew {
                         return Err(StoreError::Full);
@@ -357,7 +403,8 @@ impl Queue {
                 conn.prepare_cached(
                     "INSERT INTO uplink_queue (route, priority, topic, payload, qos, retain, \
                      props, accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, \
-                     size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                     size, conflate_key) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )?
                 .execute(params![
                     e.route,
@@ -373,17 +420,20 @@ impl Queue {
                     deadline_wall,
                     deadline_boot,
                     i64::try_from(size).unwrap_or(i64::MAX),
+                    conflate_key,
                 ])?;
                 let id = conn.last_insert_rowid();
                 shared.removed(dropped);
+                shared.removed(replaced);
                 shared.added(1, size);
-                Ok((id, dropped.rows))
+                Ok((id, dropped.rows, replaced.rows))
             },
             move |result| {
                 after.settle(&result);
                 match result {
-                    Ok((id, dropped)) => {
+                    Ok((id, dropped, replaced)) => {
                         after.accepted.fetch_add(1, Ordering::Relaxed);
+                        after.conflated.fetch_add(replaced, Ordering::Relaxed);
                         after.dropped_full.fetch_add(dropped, Ordering::Relaxed);
                         if dropped > 0 {
                             log::debug!("uplink queue full: dropped the {dropped} oldest entries");
@@ -428,12 +478,42 @@ impl Queue {
                 let mut out = Vec::with_capacity(limit.min(1024));
                 let mut expired = Vec::new();
                 let mut bad = Vec::new();
+                // Rows the anti-starvation pick already looked at; the main scan skips them.
+                let mut seen: HashSet<i64> = HashSet::new();
                 if limit > 0 {
+                    let fill = shared.fills.fetch_add(1, Ordering::AcqRel) + 1;
+                    let every = u64::from(shared.starvation_every.load(Ordering::Acquire));
+                    if every > 0 && fill % every == 0 {
+                        let mut st = conn.prepare_cached(&format!(
+                            "SELECT {COLUMNS} FROM uplink_queue WHERE priority = :priority \
+                             ORDER BY id"
+                        ))?;
+                        'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
+                            let mut rows = st.query(named_params! {
+                                ":cur_boot": now.boot_id,
+                                ":now_boot": now.boot_ms,
+                                ":now_wall": now.wall_ms,
+                                ":priority": priority,
+                            })?;
+                            while let Some(row) = rows.next()? {
+                                match visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)? {
+                                    Visit::Skip => {}
+                                    Visit::Gone(id) => {
+                                        seen.insert(id);
+                                    }
+                                    Visit::Take(entry) => {
+                                        seen.insert(entry.id);
+                                        out.push(*entry);
+                                        break 'levels;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if out.len() < limit {
                     let mut st = conn.prepare_cached(&format!(
-                        "SELECT id, COALESCE({EXPIRED}, 0), route, priority, topic, payload, \
-                         qos, retain, props, accepted_wall, accepted_boot, boot_id, \
-                         deadline_wall, deadline_boot, attempts \
-                         FROM uplink_queue ORDER BY priority, id"
+                        "SELECT {COLUMNS} FROM uplink_queue ORDER BY priority, id"
                     ))?;
                     let mut rows = st.query(named_params! {
                         ":cur_boot": now.boot_id,
@@ -442,29 +522,15 @@ impl Queue {
                     })?;
                     while let Some(row) = rows.next()? {
                         let id: i64 = row.get(0)?;
-                        if exclude.contains(&id) {
+                        if seen.contains(&id) {
                             continue;
                         }
-                        if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
-                            if expired.len() < MAX_SKIPPED_PER_BATCH {
-                                expired.push(id);
-                            }
-                            continue;
-                        }
-                        match decode_row(row, &shared.epoch) {
-                            Ok(entry) => {
-                                out.push(entry);
-                                if out.len() >= limit {
-                                    break;
-                                }
-                            }
-                            Err(why) => {
-                                log::error!(
-                                    "uplink queue: row {id} cannot be decoded ({why}); deleting it"
-                                );
-                                if bad.len() < MAX_SKIPPED_PER_BATCH {
-                                    bad.push(id);
-                                }
+                        if let Visit::Take(entry) =
+                            visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)?
+                        {
+                            out.push(*entry);
+                            if out.len() >= limit {
+                                break;
                             }
                         }
                     }
@@ -484,6 +550,15 @@ impl Queue {
             },
         )
         .await
+    }
+
+    /// Sets the anti-starvation rule of [`Queue::next_batch`]: every `every`-th call (with a
+    /// non-zero limit) since [`Queue::open`], the first entry returned is the oldest deliverable
+    /// row of the *lowest* waiting priority (highest number), then the batch goes on in normal
+    /// order. So a priority-9 backlog still moves at one row per `every` fills while priority
+    /// 0 traffic keeps coming. 0 turns the rule off (strict priority order).
+    pub fn set_starvation_every(&self, every: u32) {
+        self.shared.starvation_every.store(every, Ordering::Release);
     }
 
     /// Deletes acknowledged rows; ids that are gone already are ignored.
@@ -650,6 +725,7 @@ impl Queue {
             expired: s.expired.load(Ordering::Relaxed),
             acked: s.acked.load(Ordering::Relaxed),
             corrupt: s.corrupt.load(Ordering::Relaxed),
+            conflated: s.conflated.load(Ordering::Relaxed),
         }
     }
 
@@ -671,6 +747,54 @@ impl Queue {
             .submit_then(f, then)
             .await
             .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The columns [`visit`] and [`decode_row`] read, in order.
+const COLUMNS: &str = "id, COALESCE((boot_id = :cur_boot AND deadline_boot <= :now_boot) OR \
+                       (boot_id != :cur_boot AND deadline_wall <= :now_wall), 0), route, \
+                       priority, topic, payload, qos, retain, props, accepted_wall, \
+                       accepted_boot, boot_id, deadline_wall, deadline_boot, attempts";
+
+/// What [`Queue::next_batch`] does with one scanned row.
+enum Visit {
+    /// Excluded (in flight), or unreadable/expired beyond what one call remembers.
+    Skip,
+    /// Expired or unreadable: remembered for deletion.
+    Gone(i64),
+    Take(Box<Entry>),
+}
+
+/// Sorts one row of a [`COLUMNS`] scan: excluded, expired (pushed to `expired`), unreadable
+/// (pushed to `bad`, logged) or deliverable.
+fn visit(
+    row: &Row<'_>,
+    exclude: &HashSet<i64>,
+    epoch: &str,
+    expired: &mut Vec<i64>,
+    bad: &mut Vec<i64>,
+) -> Result<Visit, StoreError> {
+    let id: i64 = row.get(0)?;
+    if exclude.contains(&id) {
+        return Ok(Visit::Skip);
+    }
+    if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
+        if expired.len() < MAX_SKIPPED_PER_BATCH {
+            expired.push(id);
+            return Ok(Visit::Gone(id));
+        }
+        return Ok(Visit::Skip);
+    }
+    match decode_row(row, epoch) {
+        Ok(entry) => Ok(Visit::Take(Box::new(entry))),
+        Err(why) => {
+            log::error!("uplink queue: row {id} cannot be decoded ({why}); deleting it");
+            if bad.len() < MAX_SKIPPED_PER_BATCH {
+                bad.push(id);
+                return Ok(Visit::Gone(id));
+            }
+            Ok(Visit::Skip)
+        }
     }
 }
 
@@ -1518,5 +1642,78 @@ mod tests {
             .enumerate()
             .all(|(i, e)| e.message.topic == format!("t/{i}")));
         close(q, db, t);
+    }
+
+    #[tokio::test]
+    async fn conflation_keeps_only_the_newest_row_per_route_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        let keyed = |route: &str, topic: &str, key: &str| {
+            q.enqueue_keyed(
+                new_entry(route, 5, msg(topic, 10, at(0), None)),
+                Some(key.into()),
+            )
+        };
+        let a1 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let b1 = keyed("pos", "b", "b").await.unwrap().unwrap();
+        let other = keyed("other", "a", "a").await.unwrap().unwrap();
+        let plain = put(&q, 5, msg("a", 10, at(0), None)).await.unwrap();
+        // a1 is in flight when its successor arrives: it is replaced all the same.
+        let batch = q.next_batch_at(vec![], 1, at(1)).await.unwrap();
+        assert_eq!(ids(&batch), vec![a1]);
+        let a2 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let a3 = keyed("pos", "a", "a").await.unwrap().unwrap();
+        let rest = q.next_batch_at(vec![], 100, at(2)).await.unwrap();
+        assert_eq!(ids(&rest), vec![b1, other, plain, a3]);
+        assert!(!ids(&rest).contains(&a2));
+        assert_eq!(q.counters().conflated, 2);
+        assert_eq!(q.totals().rows, 4);
+        // The late ack of the replaced in-flight row is ignored.
+        q.ack(vec![a1]).await.unwrap();
+        assert_eq!(q.counters().acked, 0);
+        assert_eq!(q.totals().rows, 4);
+        close(q, db, thread);
+    }
+
+    #[tokio::test]
+    async fn every_nth_fill_starts_with_the_lowest_waiting_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        q.set_starvation_every(3);
+        let low: Vec<i64> = {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                v.push(put(&q, 9, msg("low", 1, at(0), None)).await.unwrap());
+            }
+            v
+        };
+        let mid = put(&q, 7, msg("mid", 1, at(0), None)).await.unwrap();
+        let high: Vec<i64> = {
+            let mut v = Vec::new();
+            for _ in 0..6 {
+                v.push(put(&q, 0, msg("high", 1, at(0), None)).await.unwrap());
+            }
+            v
+        };
+        let mut sent = Vec::new();
+        for fill in 1..=3 {
+            let batch = q.next_batch_at(sent.clone(), 2, at(fill)).await.unwrap();
+            sent.extend(ids(&batch));
+        }
+        // Fills 1 and 2 are strict priority; fill 3 starts with the oldest priority-9 row.
+        assert_eq!(
+            sent,
+            vec![high[0], high[1], high[2], high[3], low[0], high[4]]
+        );
+        assert!(!sent.contains(&mid));
+        close(q, db, thread);
     }
 }

@@ -90,6 +90,20 @@ const MIGRATIONS: &[&str] = &[
         deadline_boot INTEGER
     );
     "#,
+    // 3: freshness: the conflation key of a queued row (NULL: never conflated), and the
+    // newest version seen per (route, key) for dropping outdated messages across restarts.
+    r#"
+    ALTER TABLE uplink_queue ADD COLUMN conflate_key TEXT;
+    CREATE INDEX uplink_queue_conflate ON uplink_queue(route, conflate_key)
+        WHERE conflate_key IS NOT NULL;
+    CREATE TABLE route_versions (
+        route        TEXT    NOT NULL,
+        key          TEXT    NOT NULL,
+        version      TEXT    NOT NULL,
+        updated_wall INTEGER NOT NULL,
+        PRIMARY KEY (route, key)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

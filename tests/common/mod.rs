@@ -514,3 +514,5 @@ impl V5Client {
         reasons
     }
 }
+
+pub mod fresh;
