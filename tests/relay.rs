@@ -444,7 +444,7 @@ async fn hostile_clients_do_not_disturb_the_others() {
 async fn sigterm_stops_cleanly_and_restart_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let mut central = Central::start(dir.path()).await;
-    let mut control = V5Client::connect(central.port, "control", false).await;
+    let control = V5Client::connect(central.port, "control", false).await;
     control.subscribe("trains/T1/up/#").await;
     drop(control);
     central.stop();
