@@ -700,6 +700,12 @@ pub fn encode(
                 .map_err(|e| map(e.to_string()))
         }
         Protocol::V5 => {
+            if let Outbound::Disconnect { reason } = packet {
+                // rumqttc declares a remaining length of 1 but writes 2 bytes for a DISCONNECT
+                // with a reason code and no properties; write it here instead.
+                buf.extend_from_slice(&[0xE0, 0x02, *reason, 0x00]);
+                return Ok(());
+            }
             let p = to_v5(packet);
             p.write(buf, Some(max_size))
                 .map(|_| ())

@@ -522,6 +522,15 @@ impl Conn {
         if let Err(end) = self.resend_inflight().await {
             return end;
         }
+        // Packets that arrived in the same read as CONNECT.
+        if !self.rbuf.is_empty() {
+            if let Err(end) = self.read_packets().await {
+                return end;
+            }
+            if let Err(end) = self.drain_verdicts().await {
+                return end;
+            }
+        }
         loop {
             if let Err(end) = self.flush_queue().await {
                 return end;
