@@ -56,10 +56,18 @@ async fn delivery_qos_is_min_of_publish_and_granted_qos() {
     let mut s0 = v5(b.addr, "s0", |_| {}).await;
     s0.subscribe(filter("t", 0)).await;
     let publisher = v4(b.addr, "p", true).await;
-    publisher.client.publish("t", qos4(2), false, "x").await.unwrap();
+    publisher
+        .client
+        .publish("t", qos4(2), false, "x")
+        .await
+        .unwrap();
     assert_eq!(s1.publish().await.qos, qos4(1));
     assert_eq!(s0.publish().await.qos, qos5(0));
-    publisher.client.publish("t", qos4(0), false, "y").await.unwrap();
+    publisher
+        .client
+        .publish("t", qos4(0), false, "y")
+        .await
+        .unwrap();
     assert_eq!(s1.publish().await.qos, qos4(0));
 }
 
@@ -86,7 +94,10 @@ async fn v5_user_properties_are_delivered_to_a_v311_subscriber_without_them() {
     assert_eq!(p.payload.as_ref(), b"hello");
     let p5 = sub5.publish().await;
     let got = p5.properties.expect("properties");
-    assert_eq!(got.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(
+        got.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
     assert_eq!(got.content_type.as_deref(), Some("text/plain"));
 }
 
@@ -97,9 +108,17 @@ async fn non_ascii_topic_is_delivered_to_hash_subscriber_and_broker_keeps_servin
     let mut sub = v4(b.addr, "all", true).await;
     sub.subscribe("#", qos4(1)).await;
     let publisher = v4(b.addr, "p", true).await;
-    publisher.client.publish("Ü/x", qos4(1), false, "1").await.unwrap();
+    publisher
+        .client
+        .publish("Ü/x", qos4(1), false, "1")
+        .await
+        .unwrap();
     assert_eq!(sub.publish().await.topic, "Ü/x");
-    publisher.client.publish("plain", qos4(1), false, "2").await.unwrap();
+    publisher
+        .client
+        .publish("plain", qos4(1), false, "2")
+        .await
+        .unwrap();
     assert_eq!(sub.publish().await.topic, "plain");
     assert_eq!(b.handle.clients().len(), 2);
 }
@@ -125,7 +144,11 @@ async fn overlapping_subscriptions_deliver_one_copy_with_all_identifiers() {
         .unwrap();
     sub.suback().await;
     let publisher = v5(b.addr, "p", |_| {}).await;
-    publisher.client.publish("o/x", qos5(2), false, "m").await.unwrap();
+    publisher
+        .client
+        .publish("o/x", qos5(2), false, "m")
+        .await
+        .unwrap();
     let p = sub.publish().await;
     assert_eq!(p.qos, qos5(2));
     let mut ids = p.properties.unwrap().subscription_identifiers;

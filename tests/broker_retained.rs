@@ -12,7 +12,10 @@ async fn retained_is_set_cleared_by_empty_retained_and_not_by_empty_plain_publis
     let dir = tempfile::tempdir().unwrap();
     let b = TestBroker::start(dir.path()).await;
     let p = v4(b.addr, "p", true).await;
-    p.client.publish("state", qos4(1), true, "on").await.unwrap();
+    p.client
+        .publish("state", qos4(1), true, "on")
+        .await
+        .unwrap();
     // An empty non-retained publish must not touch the retained message.
     p.client.publish("state", qos4(1), false, "").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -49,7 +52,7 @@ async fn retained_message_expiry_is_honoured_and_remaining_interval_sent() {
     let got = s.publish().await;
     assert!(got.retain);
     let left = got.properties.unwrap().message_expiry_interval.unwrap();
-    assert!(left >= 1 && left < 2, "remaining expiry {left}");
+    assert!((1..2).contains(&left), "remaining expiry {left}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut s2 = v5(b.addr, "s2", |_| {}).await;
     s2.subscribe(filter("exp", 1)).await;
@@ -72,15 +75,19 @@ async fn retain_handling_0_1_2() {
 
     let mut s = v5(b.addr, "s", |_| {}).await;
     // 0: sent on every subscribe.
-    s.subscribe(rh("r", RetainForwardRule::OnEverySubscribe)).await;
+    s.subscribe(rh("r", RetainForwardRule::OnEverySubscribe))
+        .await;
     assert!(s.publish().await.retain);
-    s.subscribe(rh("r", RetainForwardRule::OnEverySubscribe)).await;
+    s.subscribe(rh("r", RetainForwardRule::OnEverySubscribe))
+        .await;
     assert!(s.publish().await.retain);
     // 1: only if the subscription is new.
-    s.subscribe(rh("r", RetainForwardRule::OnNewSubscribe)).await;
+    s.subscribe(rh("r", RetainForwardRule::OnNewSubscribe))
+        .await;
     assert!(s.no_publish_within(Duration::from_millis(300)).await);
     let mut s1 = v5(b.addr, "s1", |_| {}).await;
-    s1.subscribe(rh("r", RetainForwardRule::OnNewSubscribe)).await;
+    s1.subscribe(rh("r", RetainForwardRule::OnNewSubscribe))
+        .await;
     assert!(s1.publish().await.retain);
     // 2: never.
     let mut s2 = v5(b.addr, "s2", |_| {}).await;
@@ -114,10 +121,17 @@ async fn no_local_suppresses_own_messages() {
     me.subscribe(f).await;
     let mut other = v5(b.addr, "other", |_| {}).await;
     other.subscribe(filter("chat", 1)).await;
-    me.client.publish("chat", qos5(1), false, "hi").await.unwrap();
+    me.client
+        .publish("chat", qos5(1), false, "hi")
+        .await
+        .unwrap();
     assert_eq!(other.publish().await.payload.as_ref(), b"hi");
     assert!(me.no_publish_within(Duration::from_millis(300)).await);
-    other.client.publish("chat", qos5(1), false, "yo").await.unwrap();
+    other
+        .client
+        .publish("chat", qos5(1), false, "yo")
+        .await
+        .unwrap();
     assert_eq!(me.publish().await.payload.as_ref(), b"yo");
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::{
-    Connect, ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, PubRel, SubscribeReasonCode,
+    Connect, ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, PubRel,
+    SubscribeReasonCode,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -32,9 +33,7 @@ async fn silent_client_is_dropped_after_keep_alive_even_while_receiving() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBroker::start(dir.path()).await;
     let mut silent = Raw5::simple(b.addr, "silent", 1).await;
-    silent
-        .send(sub_packet(1, vec![filter("feed", 0)]))
-        .await;
+    silent.send(sub_packet(1, vec![filter("feed", 0)])).await;
     // Keep the broker busy sending to it; its writes must not count as liveness.
     let handle = b.handle.clone();
     let feeder = tokio::spawn(async move {
@@ -55,7 +54,10 @@ async fn silent_client_is_dropped_after_keep_alive_even_while_receiving() {
     let got = silent.until_closed().await;
     feeder.abort();
     assert!(got.iter().any(|p| matches!(p, Packet::Publish(_))));
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::KeepAliveTimeout));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::KeepAliveTimeout)
+    );
     eventually("client removed", || b.handle.clients().is_empty()).await;
 }
 
@@ -70,7 +72,10 @@ async fn pending_ingest_delays_puback_until_the_verdict_and_keeps_order() {
     c.send(pub5("up/1", b"a", 1, 1, None)).await;
     c.send(pub5("up/2", b"b", 1, 2, None)).await;
     eventually("both ingested before any verdict", || b.hooks.held() == 2).await;
-    assert!(c.recv_within(Duration::from_millis(300)).await.is_none(), "acked before the verdict");
+    assert!(
+        c.recv_within(Duration::from_millis(300)).await.is_none(),
+        "acked before the verdict"
+    );
     assert!(sub.no_publish_within(Duration::from_millis(10)).await);
     b.hooks.release(Ok(()));
     match c.recv().await {
@@ -95,7 +100,8 @@ async fn rejected_ingest_gives_v5_puback_0x97_and_no_delivery() {
     let b = TestBroker::start(dir.path()).await;
     let mut sub = v5(b.addr, "sub", |_| {}).await;
     sub.subscribe(filter("up/#", 1)).await;
-    b.hooks.set_mode(IngestMode::Reject(RejectReason::QuotaExceeded));
+    b.hooks
+        .set_mode(IngestMode::Reject(RejectReason::QuotaExceeded));
     let mut c = Raw5::simple(b.addr, "pub", 0).await;
     c.send(pub5("up/x", b"no room", 1, 5, None)).await;
     match c.recv().await {
@@ -109,14 +115,21 @@ async fn rejected_ingest_gives_v5_puback_0x97_and_no_delivery() {
 async fn rejected_ingest_closes_a_v311_client_without_puback() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBroker::start(dir.path()).await;
-    b.hooks.set_mode(IngestMode::Reject(RejectReason::QuotaExceeded));
+    b.hooks
+        .set_mode(IngestMode::Reject(RejectReason::QuotaExceeded));
     let mut s = TcpStream::connect(b.addr).await.unwrap();
     s.write_all(&connect4_bytes("old", 0, true)).await.unwrap();
     // PUBLISH QoS 1, topic "t", pkid 1, payload "x".
-    s.write_all(&[0x32, 0x06, 0x00, 0x01, b't', 0x00, 0x01, b'x']).await.unwrap();
+    s.write_all(&[0x32, 0x06, 0x00, 0x01, b't', 0x00, 0x01, b'x'])
+        .await
+        .unwrap();
     let (bytes, closed) = read_to_close(&mut s).await;
     assert!(closed);
-    assert_eq!(bytes, vec![0x20, 0x02, 0x00, 0x00], "only CONNACK, no PUBACK");
+    assert_eq!(
+        bytes,
+        vec![0x20, 0x02, 0x00, 0x00],
+        "only CONNACK, no PUBACK"
+    );
 }
 
 #[tokio::test]
@@ -131,7 +144,10 @@ async fn exceeding_receive_maximum_gives_disconnect_0x93() {
         c.send(pub5("up/x", b"m", 1, i, None)).await;
     }
     let got = c.until_closed().await;
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::ReceiveMaximumExceeded));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::ReceiveMaximumExceeded)
+    );
     assert_eq!(b.handle.stats().protocol_errors, 1);
 }
 
@@ -174,7 +190,10 @@ async fn unacked_qos1_is_redelivered_with_dup_after_reconnect() {
     c.send(sub_packet(1, vec![filter("r", 1)])).await;
     assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
     let p = v5(b.addr, "p", |_| {}).await;
-    p.client.publish("r", qos5(1), false, "again").await.unwrap();
+    p.client
+        .publish("r", qos5(1), false, "again")
+        .await
+        .unwrap();
     match c.recv().await {
         Some(Packet::Publish(p)) => assert!(!p.dup),
         other => panic!("{other:?}"),
@@ -206,11 +225,19 @@ async fn publish_declaring_256_mb_is_refused_without_affecting_others() {
     other.subscribe("ok", qos4(1)).await;
     let mut c = Raw5::simple(b.addr, "huge", 0).await;
     // PUBLISH with remaining length 268,435,455 (max varint), then a few bytes.
-    c.send_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F, 0x00, 0x01, b'x']).await.unwrap();
+    c.send_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F, 0x00, 0x01, b'x'])
+        .await
+        .unwrap();
     let got = c.until_closed().await;
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::PacketTooLarge));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::PacketTooLarge)
+    );
     let p = v4(b.addr, "p", true).await;
-    p.client.publish("ok", qos4(1), false, "fine").await.unwrap();
+    p.client
+        .publish("ok", qos4(1), false, "fine")
+        .await
+        .unwrap();
     assert_eq!(other.publish().await.payload.as_ref(), b"fine");
 }
 
@@ -226,8 +253,14 @@ async fn message_larger_than_client_maximum_packet_size_is_dropped_for_that_clie
     let mut large = v5(b.addr, "large", |_| {}).await;
     large.subscribe(filter("big", 1)).await;
     let p = v5(b.addr, "p", |_| {}).await;
-    p.client.publish("big", qos5(1), false, vec![7u8; 500]).await.unwrap();
-    p.client.publish("big", qos5(1), false, "tiny").await.unwrap();
+    p.client
+        .publish("big", qos5(1), false, vec![7u8; 500])
+        .await
+        .unwrap();
+    p.client
+        .publish("big", qos5(1), false, "tiny")
+        .await
+        .unwrap();
     assert_eq!(large.publish().await.payload.len(), 500);
     assert_eq!(small.publish().await.payload.as_ref(), b"tiny");
     assert_eq!(b.handle.stats().dropped_too_large, 1);
@@ -238,7 +271,9 @@ async fn garbage_bytes_close_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBroker::start(dir.path()).await;
     let mut s = TcpStream::connect(b.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let (bytes, closed) = read_to_close(&mut s).await;
     assert!(closed);
     assert!(bytes.is_empty());
@@ -268,7 +303,10 @@ async fn client_sending_connack_is_disconnected_with_protocol_error() {
     let mut c = Raw5::simple(b.addr, "confused", 0).await;
     c.send_bytes(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
     let got = c.until_closed().await;
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::ProtocolError));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::ProtocolError)
+    );
     assert_eq!(b.handle.stats().protocol_errors, 1);
 }
 
@@ -355,17 +393,25 @@ async fn subscribe_refusals_carry_reason_codes() {
             SubscribeReasonCode::QuotaExceeded,
         ]
     );
-    c.send(Packet::Unsubscribe(rumqttc::v5::mqttbytes::v5::Unsubscribe {
-        pkid: 2,
-        filters: vec!["ok/1".into(), "never".into()],
-        properties: None,
-    }))
+    c.send(Packet::Unsubscribe(
+        rumqttc::v5::mqttbytes::v5::Unsubscribe {
+            pkid: 2,
+            filters: vec!["ok/1".into(), "never".into()],
+            properties: None,
+        },
+    ))
     .await;
     let Some(Packet::UnsubAck(u)) = c.recv().await else {
         panic!("expected UNSUBACK");
     };
     use rumqttc::v5::mqttbytes::v5::UnsubAckReason;
-    assert_eq!(u.reasons, vec![UnsubAckReason::Success, UnsubAckReason::NoSubscriptionExisted]);
+    assert_eq!(
+        u.reasons,
+        vec![
+            UnsubAckReason::Success,
+            UnsubAckReason::NoSubscriptionExisted
+        ]
+    );
 }
 
 #[tokio::test]
@@ -375,7 +421,10 @@ async fn publish_with_wildcard_topic_is_a_protocol_error() {
     let mut c = Raw5::simple(b.addr, "wild", 0).await;
     c.send(pub5("a/+", b"x", 0, 0, None)).await;
     let got = c.until_closed().await;
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::TopicNameInvalid));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::TopicNameInvalid)
+    );
 }
 
 #[tokio::test]
@@ -401,6 +450,9 @@ async fn shutdown_sends_server_shutting_down() {
     let mut c = Raw5::simple(b.addr, "bye", 0).await;
     let stop = tokio::spawn(b.stop());
     let got = c.until_closed().await;
-    assert_eq!(disconnect_reason(&got), Some(DisconnectReasonCode::ServerShuttingDown));
+    assert_eq!(
+        disconnect_reason(&got),
+        Some(DisconnectReasonCode::ServerShuttingDown)
+    );
     stop.await.unwrap();
 }

@@ -19,9 +19,18 @@ async fn persistent_v311_session_receives_qos1_messages_missed_while_away() {
     drop(s);
     eventually("ipad gone", || b.handle.clients().is_empty()).await;
     let p = v4(b.addr, "p", true).await;
-    p.client.publish("orders/1", qos4(1), false, "one").await.unwrap();
-    p.client.publish("orders/2", qos4(0), false, "qos0 not kept").await.unwrap();
-    p.client.publish("orders/3", qos4(1), false, "three").await.unwrap();
+    p.client
+        .publish("orders/1", qos4(1), false, "one")
+        .await
+        .unwrap();
+    p.client
+        .publish("orders/2", qos4(0), false, "qos0 not kept")
+        .await
+        .unwrap();
+    p.client
+        .publish("orders/3", qos4(1), false, "three")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut s = v4(b.addr, "ipad", false).await;
     assert_eq!(s.publish().await.payload.as_ref(), b"one");
@@ -78,7 +87,10 @@ async fn clean_start_discards_the_old_session() {
     drop(s);
     eventually("c gone", || b.handle.clients().is_empty()).await;
     let p = v5(b.addr, "p", |_| {}).await;
-    p.client.publish("x", qos5(1), false, "missed").await.unwrap();
+    p.client
+        .publish("x", qos5(1), false, "missed")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut s = v5(b.addr, "c", |o| {
         o.set_clean_start(true);
@@ -87,7 +99,10 @@ async fn clean_start_discards_the_old_session() {
     assert!(!s.connack.session_present);
     assert!(s.no_publish_within(Duration::from_millis(300)).await);
     // The subscription is gone too.
-    p.client.publish("x", qos5(1), false, "later").await.unwrap();
+    p.client
+        .publish("x", qos5(1), false, "later")
+        .await
+        .unwrap();
     assert!(s.no_publish_within(Duration::from_millis(300)).await);
 }
 
@@ -143,9 +158,9 @@ async fn will_is_published_on_abnormal_close_but_not_on_normal_disconnect() {
     let (c, w) = will_connect("polite", None, None);
     let (mut polite, _) = Raw5::connect(b.addr, c, w).await;
     polite
-        .send(Packet::Disconnect(rumqttc::v5::mqttbytes::v5::Disconnect::new(
-            DisconnectReasonCode::NormalDisconnection,
-        )))
+        .send(Packet::Disconnect(
+            rumqttc::v5::mqttbytes::v5::Disconnect::new(DisconnectReasonCode::NormalDisconnection),
+        ))
         .await;
     polite.until_closed().await;
 

@@ -76,7 +76,10 @@ pub struct SubRequest {
 pub enum Inbound {
     Publish(InPublish),
     PubAck(u16),
-    PubRec { pkid: u16, failed: bool },
+    PubRec {
+        pkid: u16,
+        failed: bool,
+    },
     PubRel(u16),
     PubComp(u16),
     Subscribe {
@@ -84,9 +87,15 @@ pub enum Inbound {
         filters: Vec<SubRequest>,
         sub_id: Option<usize>,
     },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
-    Disconnect { reason: u8, session_expiry: Option<u32> },
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
     Auth,
     /// A packet only a server may send (CONNACK, SUBACK, ...): a protocol error from a client.
     ServerOnly(&'static str),
@@ -115,14 +124,33 @@ pub enum Outbound {
         props: Box<Option<v5::ConnAckProperties>>,
     },
     Publish(OutPublish),
-    PubAck { pkid: u16, reason: u8 },
-    PubRec { pkid: u16, reason: u8 },
-    PubRel { pkid: u16 },
-    PubComp { pkid: u16, reason: u8 },
-    SubAck { pkid: u16, codes: Vec<u8> },
-    UnsubAck { pkid: u16, codes: Vec<u8> },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRel {
+        pkid: u16,
+    },
+    PubComp {
+        pkid: u16,
+        reason: u8,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    UnsubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
     PingResp,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
 }
 
 /// Why a frame was refused; each maps to a v5 DISCONNECT / CONNACK reason code.
@@ -442,8 +470,8 @@ pub fn decode(
     }
     match protocol {
         Protocol::V311 => {
-            let packet =
-                v4::Packet::read(buf, max_size as usize).map_err(|e| map_codec_error(e.to_string()))?;
+            let packet = v4::Packet::read(buf, max_size as usize)
+                .map_err(|e| map_codec_error(e.to_string()))?;
             from_v4(packet).map(Some)
         }
         Protocol::V5 => {
@@ -451,8 +479,8 @@ pub fn decode(
                 buf.advance(h.header_len + h.remaining);
                 return Ok(Some(Inbound::Auth));
             }
-            let packet =
-                v5::Packet::read(buf, Some(max_size)).map_err(|e| map_codec_error(e.to_string()))?;
+            let packet = v5::Packet::read(buf, Some(max_size))
+                .map_err(|e| map_codec_error(e.to_string()))?;
             from_v5(packet).map(Some)
         }
     }
@@ -460,7 +488,9 @@ pub fn decode(
 
 fn check_v4_subscribe_options(body: Option<&[u8]>) -> Result<(), DecodeError> {
     let body = body.ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
-    let mut rest = body.get(2..).ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
+    let mut rest = body
+        .get(2..)
+        .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
     while !rest.is_empty() {
         let len = match rest {
             [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
@@ -521,7 +551,9 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, DecodeError> {
         },
         v4::Packet::Unsubscribe(u) => {
             if u.topics.is_empty() {
-                return Err(DecodeError::Protocol("UNSUBSCRIBE without a topic filter".into()));
+                return Err(DecodeError::Protocol(
+                    "UNSUBSCRIBE without a topic filter".into(),
+                ));
             }
             Inbound::Unsubscribe {
                 pkid: nonzero(u.pkid)?,
@@ -606,7 +638,9 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, DecodeError> {
         }
         v5::Packet::Unsubscribe(u) => {
             if u.filters.is_empty() {
-                return Err(DecodeError::Protocol("UNSUBSCRIBE without a topic filter".into()));
+                return Err(DecodeError::Protocol(
+                    "UNSUBSCRIBE without a topic filter".into(),
+                ));
             }
             Inbound::Unsubscribe {
                 pkid: nonzero(u.pkid)?,
@@ -670,7 +704,9 @@ pub enum EncodeError {
 impl std::fmt::Display for EncodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EncodeError::TooLarge => write!(f, "packet larger than the client's Maximum Packet Size"),
+            EncodeError::TooLarge => {
+                write!(f, "packet larger than the client's Maximum Packet Size")
+            }
             EncodeError::Other(e) => write!(f, "{e}"),
         }
     }

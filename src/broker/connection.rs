@@ -305,7 +305,10 @@ impl Conn {
         }
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
-                log::info!("local broker: '{client_id}' from {peer}: will topic '{}' {e}", w.topic);
+                log::info!(
+                    "local broker: '{client_id}' from {peer}: will topic '{}' {e}",
+                    w.topic
+                );
                 {
                     let mut st = shared.lock();
                     st.stats.refused_connections += 1;
@@ -348,7 +351,8 @@ impl Conn {
             return None;
         }
 
-        let max_expiry = u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+        let max_expiry =
+            u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
         let expiry = match protocol {
             Protocol::V311 if c.clean_start => 0,
             Protocol::V311 => max_expiry,
@@ -420,25 +424,26 @@ impl Conn {
             (conn_id, existed)
         };
 
-        let props = (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
-            session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
-            receive_max: Some(shared.config.receive_maximum),
-            max_qos: None,
-            retain_available: None,
-            max_packet_size: Some(shared.config.max_packet_size),
-            assigned_client_identifier: assigned,
-            topic_alias_max: Some(TOPIC_ALIAS_MAX),
-            reason_string: None,
-            user_properties: Vec::new(),
-            wildcard_subscription_available: None,
-            subscription_identifiers_available: None,
-            shared_subscription_available: Some(0),
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
-        });
+        let props =
+            (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
+                session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
+                receive_max: Some(shared.config.receive_maximum),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: Some(shared.config.max_packet_size),
+                assigned_client_identifier: assigned,
+                topic_alias_max: Some(TOPIC_ALIAS_MAX),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: Some(0),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
         let out_max = c
             .max_packet_size
             .unwrap_or(u32::MAX)
@@ -579,7 +584,10 @@ impl Conn {
                 Ev::KeepAlive => {
                     let ka = self.keep_alive.unwrap_or_default();
                     Err(self
-                        .protocol_error(0x8D, format!("nothing received for {ka:?} (1.5 × keep-alive)"))
+                        .protocol_error(
+                            0x8D,
+                            format!("nothing received for {ka:?} (1.5 × keep-alive)"),
+                        )
                         .await)
                 }
             };
@@ -598,7 +606,11 @@ impl Conn {
 
     async fn read_packets(&mut self) -> Result<(), End> {
         loop {
-            match codec::decode(&mut self.rbuf, self.protocol, self.shared.config.max_packet_size) {
+            match codec::decode(
+                &mut self.rbuf,
+                self.protocol,
+                self.shared.config.max_packet_size,
+            ) {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
@@ -610,7 +622,7 @@ impl Conn {
         match p {
             Inbound::Publish(p) => self.on_publish(p).await,
             Inbound::PubAck(pkid) => {
-                self.complete_outgoing(pkid, OutState::AwaitAck);
+                self.complete_outgoing(pkid, OutState::Puback);
                 Ok(())
             }
             Inbound::PubRec { pkid, failed } => {
@@ -621,7 +633,7 @@ impl Conn {
                     if let Some(pos) = s
                         .inflight
                         .iter()
-                        .position(|f| f.pkid == pkid && f.state == OutState::AwaitRec)
+                        .position(|f| f.pkid == pkid && f.state == OutState::Pubrec)
                     {
                         if failed {
                             if let Some(f) = s.inflight.remove(pos) {
@@ -629,7 +641,7 @@ impl Conn {
                             }
                             release = false;
                         } else if let Some(f) = s.inflight.get_mut(pos) {
-                            f.state = OutState::AwaitComp;
+                            f.state = OutState::Pubcomp;
                             ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
                         }
                     }
@@ -642,7 +654,7 @@ impl Conn {
                 Ok(())
             }
             Inbound::PubComp(pkid) => {
-                self.complete_outgoing(pkid, OutState::AwaitComp);
+                self.complete_outgoing(pkid, OutState::Pubcomp);
                 Ok(())
             }
             Inbound::PubRel(pkid) => {
@@ -701,7 +713,8 @@ impl Conn {
                         return Err(self
                             .protocol_error(
                                 0x82,
-                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0".into(),
+                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0"
+                                    .into(),
                             )
                             .await);
                     }
@@ -738,7 +751,10 @@ impl Conn {
                 .protocol_error(0x82, "AUTH without an authentication method".into())
                 .await),
             Inbound::ServerOnly(what) => Err(self
-                .protocol_error(0x82, format!("client sent {what}, which only a server may send"))
+                .protocol_error(
+                    0x82,
+                    format!("client sent {what}, which only a server may send"),
+                )
                 .await),
         }
     }
@@ -767,7 +783,10 @@ impl Conn {
             if let Some(alias) = p.topic_alias {
                 if alias == 0 || alias > TOPIC_ALIAS_MAX {
                     return Err(self
-                        .protocol_error(0x94, format!("topic alias {alias} out of range 1..={TOPIC_ALIAS_MAX}"))
+                        .protocol_error(
+                            0x94,
+                            format!("topic alias {alias} out of range 1..={TOPIC_ALIAS_MAX}"),
+                        )
                         .await);
                 }
                 if topic_name.is_empty() {
@@ -819,7 +838,11 @@ impl Conn {
                     .get(&self.info.client_id)
                     .map_or(0, |s| s.incoming_qos2.len())
             };
-            let in_flight = self.pending.iter().filter(|q| q.qos != QoS::AtMostOnce).count()
+            let in_flight = self
+                .pending
+                .iter()
+                .filter(|q| q.qos != QoS::AtMostOnce)
+                .count()
                 + awaiting_rel;
             if in_flight >= usize::from(self.shared.config.receive_maximum) {
                 return Err(self
@@ -909,7 +932,9 @@ impl Conn {
                 Verdict::Waiting(rx) => match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
-                    Err(oneshot::error::TryRecvError::Closed) => Err(RejectReason::UnspecifiedError),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Err(RejectReason::UnspecifiedError)
+                    }
                 },
             };
             let Some(p) = self.pending.pop_front() else {
@@ -1074,7 +1099,7 @@ impl Conn {
             let mut expired = 0;
             if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
                 s.inflight.retain(|f| {
-                    if f.state != OutState::AwaitComp && f.delivery.msg.is_expired(&now) {
+                    if f.state != OutState::Pubcomp && f.delivery.msg.is_expired(&now) {
                         expired += 1;
                         ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
                         false
@@ -1084,7 +1109,7 @@ impl Conn {
                 });
                 for f in &s.inflight {
                     packets.push(match f.state {
-                        OutState::AwaitComp => Outbound::PubRel { pkid: f.pkid },
+                        OutState::Pubcomp => Outbound::PubRel { pkid: f.pkid },
                         _ => Outbound::Publish(out_publish(f, true, &now)),
                     });
                 }
@@ -1144,9 +1169,9 @@ impl Conn {
                 let f = Inflight {
                     pkid,
                     state: if d.qos == QoS::ExactlyOnce {
-                        OutState::AwaitRec
+                        OutState::Pubrec
                     } else {
-                        OutState::AwaitAck
+                        OutState::Puback
                     },
                     delivery: d,
                 };

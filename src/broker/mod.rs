@@ -227,18 +227,23 @@ pub struct BrokerHandle {
 
 impl Broker {
     /// Binds the listener, loads persisted sessions and retained messages from `db`.
-    pub async fn bind(config: BrokerConfig, db: Db, hooks: Arc<dyn Hooks>) -> Result<Broker, BrokerError> {
-        let loaded = db.run(|conn| persist::load(conn)).await?;
+    pub async fn bind(
+        config: BrokerConfig,
+        db: Db,
+        hooks: Arc<dyn Hooks>,
+    ) -> Result<Broker, BrokerError> {
+        let loaded = db.run(persist::load).await?;
         let (shared, ops) = Shared::new(config.clone(), db, hooks, loaded);
         if let Some(commit) = shared.submit(ops) {
             commit.await.map_err(|_| StoreError::Closed)??;
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| BrokerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: config.listen,
             source,

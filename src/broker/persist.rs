@@ -23,16 +23,40 @@ use crate::store::StoreError;
 /// One change to the broker's rows.
 #[derive(Debug)]
 pub enum Op {
-    UpsertSession { client_id: String, expiry_secs: u32 },
-    SessionDisconnected { client_id: String, wall_ms: i64 },
-    DeleteSession { client_id: String },
-    UpsertSub { client_id: String, sub: Subscription },
-    DeleteSub { client_id: String, filter: String },
-    InsertMsg { client_id: String, seq: i64, delivery: Delivery },
-    DeleteMsg { seq: i64 },
-    ReleaseMsg { seq: i64 },
+    UpsertSession {
+        client_id: String,
+        expiry_secs: u32,
+    },
+    SessionDisconnected {
+        client_id: String,
+        wall_ms: i64,
+    },
+    DeleteSession {
+        client_id: String,
+    },
+    UpsertSub {
+        client_id: String,
+        sub: Subscription,
+    },
+    DeleteSub {
+        client_id: String,
+        filter: String,
+    },
+    InsertMsg {
+        client_id: String,
+        seq: i64,
+        delivery: Delivery,
+    },
+    DeleteMsg {
+        seq: i64,
+    },
+    ReleaseMsg {
+        seq: i64,
+    },
     UpsertRetained(Arc<Message>),
-    DeleteRetained { topic: String },
+    DeleteRetained {
+        topic: String,
+    },
 }
 
 /// Applies `ops` in order inside the writer's transaction.
@@ -233,7 +257,8 @@ pub struct Loaded {
 /// Reads the broker's rows at start-up.
 pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     let mut out = Loaded::default();
-    let mut st = conn.prepare("SELECT client_id, expiry_secs, disconnected_wall FROM broker_sessions")?;
+    let mut st =
+        conn.prepare("SELECT client_id, expiry_secs, disconnected_wall FROM broker_sessions")?;
     let rows = st.query_map([], |r| {
         Ok(LoadedSession {
             client_id: r.get(0)?,
@@ -258,7 +283,9 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
                 no_local: r.get(2)?,
                 retain_as_published: r.get(3)?,
                 retain_handling: r.get(4)?,
-                id: r.get::<_, Option<i64>>(5)?.and_then(|i| usize::try_from(i).ok()),
+                id: r
+                    .get::<_, Option<i64>>(5)?
+                    .and_then(|i| usize::try_from(i).ok()),
             })
         })?;
         for sub in rows {

@@ -58,5 +58,4 @@ impl Retained {
     pub fn len(&self) -> usize {
         self.by_topic.len()
     }
-
 }

@@ -113,7 +113,10 @@ impl Shared {
                 .unwrap_or(0);
             let left = expiry_ms - gone_ms;
             if left <= 0 {
-                log::info!("local broker: session '{}' expired while stopped", ls.client_id);
+                log::info!(
+                    "local broker: session '{}' expired while stopped",
+                    ls.client_id
+                );
                 ops.push(Op::DeleteSession {
                     client_id: ls.client_id,
                 });

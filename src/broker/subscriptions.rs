@@ -40,7 +40,6 @@ impl Subscriptions {
         self.by_filter.len()
     }
 
-
     pub fn contains(&self, filter: &str) -> bool {
         self.by_filter.contains_key(filter)
     }

@@ -90,7 +90,12 @@ impl Hooks for TestHooks {
         !self.deny_publish.lock().unwrap().iter().any(|t| t == topic)
     }
     fn may_subscribe(&self, _c: &ClientInfo, filter: &str) -> bool {
-        !self.deny_subscribe.lock().unwrap().iter().any(|t| t == filter)
+        !self
+            .deny_subscribe
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t == filter)
     }
     fn ingest(&self, client: &ClientInfo, msg: &Message) -> Ingest {
         self.ingested
@@ -179,7 +184,10 @@ impl Drop for TestBroker {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -416,7 +424,11 @@ pub struct Raw5 {
 }
 
 impl Raw5 {
-    pub async fn connect(addr: SocketAddr, connect: p5::Connect, will: Option<p5::LastWill>) -> (Raw5, p5::ConnAck) {
+    pub async fn connect(
+        addr: SocketAddr,
+        connect: p5::Connect,
+        will: Option<p5::LastWill>,
+    ) -> (Raw5, p5::ConnAck) {
         let stream = TcpStream::connect(addr).await.unwrap();
         let mut raw = Raw5 {
             stream,
@@ -485,7 +497,13 @@ impl Raw5 {
 }
 
 /// Writes a v5 PUBLISH packet.
-pub fn pub5(topic: &str, payload: &[u8], qos: u8, pkid: u16, props: Option<p5::PublishProperties>) -> p5::Packet {
+pub fn pub5(
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    props: Option<p5::PublishProperties>,
+) -> p5::Packet {
     let mut p = p5::Publish::new(topic, qos5(qos), payload.to_vec(), props);
     p.pkid = pkid;
     p5::Packet::Publish(p)
