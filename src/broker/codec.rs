@@ -34,6 +34,8 @@ pub struct ConnectPacket {
     pub receive_maximum: u16,
     /// Client's Maximum Packet Size, if it set one.
     pub max_packet_size: Option<u32>,
+    /// v5 enhanced authentication requested (which we do not offer).
+    pub auth_method: Option<String>,
 }
 
 /// The will of a CONNECT.
@@ -233,6 +235,9 @@ fn check_flags(byte1: u8, protocol: Protocol) -> Result<(), DecodeError> {
             if (flags >> 1) & 0x3 == 3 {
                 return Err(malformed("PUBLISH with QoS 3"));
             }
+            if flags & 0x8 != 0 && (flags >> 1) & 0x3 == 0 {
+                return Err(malformed("PUBLISH with QoS 0 and DUP set"));
+            }
             return Ok(());
         }
         6 | 8 | 10 => 0x2,
@@ -264,10 +269,10 @@ pub fn connect_level(buf: &[u8], max_size: u32) -> Result<Option<u8>, DecodeErro
         return Err(DecodeError::TooLarge(h.remaining));
     }
     let body = buf.get(h.header_len..).unwrap_or_default();
-    if body.len() < 7 {
-        return Ok(None);
-    }
-    let name_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let name_len = match body {
+        [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
+        _ => return Ok(None),
+    };
     let Some(name) = body.get(2..2 + name_len) else {
         return Ok(None);
     };
@@ -342,6 +347,7 @@ pub fn decode_connect(
                     session_expiry: 0,
                     receive_maximum: u16::MAX,
                     max_packet_size: None,
+                    auth_method: None,
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),
@@ -407,6 +413,7 @@ pub fn decode_connect(
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
                     receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
                     max_packet_size: props.max_packet_size,
+                    auth_method: props.authentication_method,
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),

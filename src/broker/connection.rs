@@ -320,6 +320,12 @@ impl Conn {
                 return None;
             }
         }
+        if let Some(method) = &c.auth_method {
+            log::info!("local broker: '{client_id}' from {peer} asks for authentication method '{method}', which is not offered");
+            shared.lock().stats.refused_connections += 1;
+            pre.connack_refusal(protocol, 0x8C).await;
+            return None;
+        }
         let verdict = shared.hooks.authenticate(&ConnectRequest {
             client_id: &client_id,
             username: c.username.as_deref(),
@@ -364,6 +370,7 @@ impl Conn {
         };
         let notify = Arc::new(Notify::new());
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let mut old_will = None;
         let (conn_id, session_present) = {
             let mut st = shared.lock();
             let conn_id = st.new_conn_id();
@@ -372,6 +379,13 @@ impl Conn {
             if let Some(s) = st.sessions.get_mut(&client_id) {
                 existed = true;
                 if let Some(old) = s.conn.take() {
+                    // The old connection ends without DISCONNECT: its will is due unless a will
+                    // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
+                    if let Some(w) = s.will.take() {
+                        if w.delay == 0 || c.clean_start {
+                            old_will = Some((old.info.clone(), w));
+                        }
+                    }
                     log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
                     let _ = old.kick.send(0x8E);
                 }
@@ -424,6 +438,9 @@ impl Conn {
             (conn_id, existed)
         };
 
+        if let Some((old_info, w)) = old_will {
+            shared.fire_will(old_info, w);
+        }
         let props =
             (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
                 session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
