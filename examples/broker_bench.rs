@@ -43,12 +43,16 @@ async fn main() -> anyhow::Result<()> {
             let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let (db, _thread) = Db::open(&dir.join("bench.db"), Synchronous::Normal)?;
+            // A queue deep enough that the subscriber never loses messages to the drop policy,
+            // so the figure is what the broker sustains end to end.
             let config = BrokerConfig {
                 listen: "127.0.0.1:0".parse()?,
+                max_queued_messages: 1_000_000,
                 ..BrokerConfig::default()
             };
             let broker = Broker::bind(config, db, Arc::new(NoHooks)).await?;
             let addr = broker.local_addr();
+            let handle = broker.handle();
             let (trigger, shutdown) = trainrelay::shutdown::channel();
             let task = tokio::spawn(broker.run(shutdown));
             let n: usize = args.get(1).map_or(Ok(0), |s| s.parse())?;
@@ -61,6 +65,11 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 latency(addr, if n == 0 { 2000 } else { n }).await?;
             }
+            let stats = handle.stats();
+            println!(
+                "broker: in {} out {} dropped (queue full) {}",
+                stats.messages_in, stats.messages_out, stats.dropped_queue_full
+            );
             trigger.trigger();
             let _ = task.await;
             let _ = std::fs::remove_dir_all(&dir);

@@ -116,7 +116,12 @@ pub async fn serve(
     };
     let timeout = shared.config.connect_timeout;
     let max = shared.config.max_packet_size;
-    let connect = match tokio::time::timeout(timeout, pre.read_connect(max)).await {
+    let mut stop = shutdown.clone();
+    let read = tokio::select! {
+        r = tokio::time::timeout(timeout, pre.read_connect(max)) => r,
+        _ = stop.recv() => return,
+    };
+    let connect = match read {
         Err(_) => {
             log::info!("local broker: {peer} sent no complete CONNECT within {timeout:?}; closing");
             shared.lock().stats.refused_connections += 1;
@@ -359,6 +364,8 @@ impl Conn {
 
         let max_expiry =
             u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+        // A 3.1.1 persistent session has no expiry in the protocol; we end it after
+        // max_session_expiry so sessions of iPads that never come back do not pile up.
         let expiry = match protocol {
             Protocol::V311 if c.clean_start => 0,
             Protocol::V311 => max_expiry,
