@@ -7,7 +7,8 @@
 //! - `cargo run --release --example broker_bench -- hold ADDR N SECS`: connects N clients to a
 //!   broker at ADDR, each with a subscription, and holds them (for measuring the broker's RSS).
 //!
-//! The broker for `latency` and `throughput` runs in this process on a temporary store.
+//! The broker for `latency` and `throughput` runs in this process on a temporary store, unless
+//! `BENCH_ADDR=host:port` names another broker to measure the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,20 @@ async fn main() -> anyhow::Result<()> {
             println!("{n} clients connected; holding for {secs}s");
             tokio::time::sleep(Duration::from_secs(secs)).await;
             Ok(())
+        }
+        _ if std::env::var("BENCH_ADDR").is_ok() => {
+            // Same measurement against another broker (e.g. Mosquitto), for a ratio.
+            let addr: std::net::SocketAddr = std::env::var("BENCH_ADDR")?.parse()?;
+            let n: usize = args.get(1).map_or(Ok(0), |s| s.parse())?;
+            if mode == "throughput" {
+                let qos = match args.get(2).map(String::as_str) {
+                    Some("0") => QoS::AtMostOnce,
+                    _ => QoS::AtLeastOnce,
+                };
+                throughput(addr, if n == 0 { 50_000 } else { n }, qos).await
+            } else {
+                latency(addr, if n == 0 { 2000 } else { n }).await
+            }
         }
         _ => {
             let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
