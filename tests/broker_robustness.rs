@@ -456,3 +456,91 @@ async fn shutdown_sends_server_shutting_down() {
     );
     stop.await.unwrap();
 }
+
+#[tokio::test]
+async fn outgoing_qos2_in_pubrel_state_gets_pubrel_again_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let props = rumqttc::v5::mqttbytes::v5::ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
+    };
+    let mk = |clean| Connect {
+        keep_alive: 0,
+        client_id: "q2".into(),
+        clean_start: clean,
+        properties: Some(props.clone()),
+    };
+    let (mut c, _) = Raw5::connect(b.addr, mk(true), None).await;
+    c.send(sub_packet(1, vec![filter("two", 2)])).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let p = v5(b.addr, "p", |_| {}).await;
+    p.client
+        .publish("two", qos5(2), false, "exactly")
+        .await
+        .unwrap();
+    let pkid = match c.recv().await {
+        Some(Packet::Publish(p)) => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    c.send(Packet::PubRec(rumqttc::v5::mqttbytes::v5::PubRec::new(
+        pkid, None,
+    )))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRel(r)) if r.pkid == pkid));
+    drop(c); // no PUBCOMP
+    eventually("gone", || b.handle.clients().len() == 1).await;
+    let (mut c, ack) = Raw5::connect(b.addr, mk(false), None).await;
+    assert!(ack.session_present);
+    assert!(matches!(c.recv().await, Some(Packet::PubRel(r)) if r.pkid == pkid));
+    c.send(Packet::PubComp(rumqttc::v5::mqttbytes::v5::PubComp::new(
+        pkid, None,
+    )))
+    .await;
+    assert!(c.recv_within(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn v311_acl_denied_publish_is_acknowledged_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = TestHooks::new();
+    hooks.deny_publish.lock().unwrap().push("down/x".into());
+    let b = TestBroker::start_with(dir.path(), test_config(), hooks).await;
+    let mut sub = v4(b.addr, "sub", true).await;
+    sub.subscribe("down/#", qos4(1)).await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&connect4_bytes("spoofer", 0, true))
+        .await
+        .unwrap();
+    // PUBLISH QoS 1 "down/x" pkid 4 payload "z".
+    s.write_all(&[
+        0x32, 0x0b, 0x00, 0x06, b'd', b'o', b'w', b'n', b'/', b'x', 0x00, 0x04, b'z',
+    ])
+    .await
+    .unwrap();
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf, [0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x04]);
+    assert!(sub.no_publish_within(Duration::from_millis(300)).await);
+    assert_eq!(b.handle.stats().denied_publish, 1);
+}
+
+#[tokio::test]
+async fn v311_invalid_filter_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&connect4_bytes("bad", 0, true)).await.unwrap();
+    // SUBSCRIBE pkid 1 filter "a/#/b" QoS 0.
+    s.write_all(&[
+        0x82, 0x0a, 0x00, 0x01, 0x00, 0x05, b'a', b'/', b'#', b'/', b'b', 0x00,
+    ])
+    .await
+    .unwrap();
+    let (bytes, closed) = read_to_close(&mut s).await;
+    assert!(closed);
+    assert_eq!(bytes, vec![0x20, 0x02, 0x00, 0x00]);
+}
