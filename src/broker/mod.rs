@@ -194,13 +194,17 @@ pub struct ClientSummary {
 /// Counters of the broker, for the status socket.
 #[derive(Debug, Clone, Default)]
 pub struct BrokerStats {
+    /// Connections accepted (CONNACK 0) since start.
     pub connections: u64,
+    /// Sockets closed before or at CONNECT: refusals, timeouts, limits.
     pub refused_connections: u64,
+    /// Clients disconnected for breaking the protocol (malformed packets, limits, ...).
     pub protocol_errors: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     pub dropped_queue_full: u64,
     pub dropped_expired: u64,
+    /// PUBLISHes refused by `may_publish`; a 3.1.1 client's are acknowledged and dropped.
     pub denied_publish: u64,
     pub denied_subscribe: u64,
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
@@ -268,6 +272,9 @@ impl Broker {
 
     /// Serves until `shutdown` fires; then stops accepting, disconnects clients (v5: DISCONNECT
     /// 0x8B server shutting down), persists state, returns.
+    ///
+    /// Wills of clients still connected at shutdown are not published: the clients did nothing
+    /// wrong, and their persistent sessions resume when the daemon is back.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), BrokerError> {
         let mut tasks = JoinSet::new();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
