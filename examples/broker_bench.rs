@@ -4,6 +4,8 @@
 //!   publish→deliver round trips between two local 3.1.1 clients; prints median and p99.
 //! - `cargo run --release --example broker_bench -- throughput [N] [QOS]`: one publisher sends N
 //!   messages, one subscriber receives them; prints messages/s.
+//! - `cargo run --release --example broker_bench -- serve ADDR`: only the broker, with a deep
+//!   queue, to be measured from another process with `BENCH_ADDR=ADDR`.
 //! - `cargo run --release --example broker_bench -- hold ADDR N SECS`: connects N clients to a
 //!   broker at ADDR, each with a subscription, and holds them (for measuring the broker's RSS).
 //!
@@ -38,6 +40,28 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("{n} clients connected; holding for {secs}s");
             tokio::time::sleep(Duration::from_secs(secs)).await;
+            Ok(())
+        }
+        "serve" => {
+            // The broker alone in this process, to be measured from another one.
+            let listen: std::net::SocketAddr =
+                args.get(1).map_or("127.0.0.1:1883", |s| s).parse()?;
+            let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let (db, _thread) = Db::open(&dir.join("bench.db"), Synchronous::Normal)?;
+            let config = BrokerConfig {
+                listen,
+                max_queued_messages: 1_000_000,
+                ..BrokerConfig::default()
+            };
+            let broker = Broker::bind(config, db, Arc::new(NoHooks)).await?;
+            let (trigger, shutdown) = trainrelay::shutdown::channel();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                trigger.trigger();
+            });
+            broker.run(shutdown).await?;
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
         }
         _ if std::env::var("BENCH_ADDR").is_ok() => {
