@@ -468,9 +468,10 @@ pub fn decode(
             _ => Err(malformed(format!("packet type {kind} with empty body"))),
         };
     }
-    // A 3.1.1 SUBSCRIBE's options byte has 6 reserved bits; rumqttc ignores them.
-    if protocol == Protocol::V311 && kind == 8 {
-        check_v4_subscribe_options(buf.get(h.header_len..h.header_len + h.remaining))?;
+    // The options byte of each SUBSCRIBE entry has reserved bits (6 in 3.1.1, 2 in MQTT 5);
+    // rumqttc ignores them.
+    if kind == 8 {
+        check_subscribe_options(buf.get(h.header_len..h.header_len + h.remaining), protocol)?;
     }
     if protocol == Protocol::V311 && kind == 14 {
         return Err(malformed("3.1.1 DISCONNECT with a body"));
@@ -493,11 +494,36 @@ pub fn decode(
     }
 }
 
-fn check_v4_subscribe_options(body: Option<&[u8]>) -> Result<(), DecodeError> {
+fn check_subscribe_options(body: Option<&[u8]>, protocol: Protocol) -> Result<(), DecodeError> {
     let body = body.ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
     let mut rest = body
         .get(2..)
         .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
+    let reserved = match protocol {
+        Protocol::V311 => 0xfc,
+        Protocol::V5 => 0xc0,
+    };
+    if protocol == Protocol::V5 {
+        // Skip the properties: a variable byte integer length, then that many bytes.
+        let mut len = 0usize;
+        let mut used = 0usize;
+        loop {
+            let b = *rest
+                .get(used)
+                .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
+            len |= usize::from(b & 0x7f) << (7 * used);
+            used += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if used == 4 {
+                return Err(malformed("SUBSCRIBE property length longer than 4 bytes"));
+            }
+        }
+        rest = rest
+            .get(used + len..)
+            .ok_or_else(|| malformed("SUBSCRIBE properties truncated"))?;
+    }
     while !rest.is_empty() {
         let len = match rest {
             [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
@@ -506,7 +532,7 @@ fn check_v4_subscribe_options(body: Option<&[u8]>) -> Result<(), DecodeError> {
         let opts = *rest
             .get(2 + len)
             .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
-        if opts & 0xfc != 0 {
+        if opts & reserved != 0 {
             return Err(malformed("SUBSCRIBE options with reserved bits set"));
         }
         rest = rest.get(3 + len..).unwrap_or_default();
@@ -1072,6 +1098,21 @@ mod tests {
         assert!(matches!(
             decode(&mut b, Protocol::V311, 1024),
             Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn v5_subscribe_reserved_option_bits_are_malformed() {
+        // SUBSCRIBE pkid 1, no properties, filter "t", options 0x40.
+        let mut b = BytesMut::from(&[0x82u8, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b't', 0x40][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut b = BytesMut::from(&[0x82u8, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b't', 0x2e][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Ok(Some(Inbound::Subscribe { .. }))
         ));
     }
 
