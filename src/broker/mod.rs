@@ -149,6 +149,9 @@ pub trait Hooks: Send + Sync + 'static {
     fn authenticate(&self, _req: &ConnectRequest<'_>) -> AuthVerdict {
         AuthVerdict::Allow
     }
+    /// Also asked for the will topic at CONNECT (refused: CONNACK 0x87 / 0x05). A denied
+    /// PUBLISH gets v5 PUBACK/PUBREC 0x87; a 3.1.1 client, which cannot be told, gets a normal
+    /// acknowledgement and the message is dropped and counted (`denied_publish`).
     fn may_publish(&self, _client: &ClientInfo, _topic: &str) -> bool {
         true
     }
@@ -156,7 +159,14 @@ pub trait Hooks: Send + Sync + 'static {
         true
     }
     /// Called, in arrival order per connection, for every inbound PUBLISH that passed
-    /// validation and `may_publish`. `msg.deadline` is set from a v5 Message Expiry Interval.
+    /// validation and `may_publish`, and for a will when it is published.
+    /// `msg.deadline` is set from a v5 Message Expiry Interval.
+    ///
+    /// The broker keeps reading while verdicts are pending and acknowledges in arrival order.
+    /// A refusal reaches a v5 client as the PUBACK/PUBREC reason code. MQTT 3.1.1 has no way
+    /// to refuse a QoS 1/2 PUBLISH, so the broker withholds the acknowledgement and closes the
+    /// connection: the client keeps the message in its session and sends it again after it
+    /// reconnects. A refused 3.1.1 QoS 0 message is dropped.
     fn ingest(&self, _client: &ClientInfo, _msg: &Message) -> Ingest {
         Ingest::Accept
     }
