@@ -311,18 +311,22 @@ pub fn decode_connect(
     }
     let password_present = flags & 0x40 != 0;
     let username_present = flags & 0x80 != 0;
+    // The password is binary data, but rumqttc decodes it as a UTF-8 string: take it out and
+    // put ASCII of the same length in its place before handing the frame to the codec.
+    let password = if password_present {
+        let frame = buf
+            .get_mut(h.header_len..h.header_len + h.remaining)
+            .ok_or_else(|| malformed("CONNECT truncated"))?;
+        Some(take_password(frame, flags, protocol)?)
+    } else {
+        None
+    };
     match protocol {
         Protocol::V311 => match v4::Packet::read(buf, max_size as usize) {
             Ok(v4::Packet::Connect(c)) => {
                 let (username, password) = match c.login {
-                    Some(l) => (
-                        username_present.then_some(l.username),
-                        password_present.then(|| Bytes::from(l.password)),
-                    ),
-                    None => (
-                        username_present.then(String::new),
-                        password_present.then(Bytes::new),
-                    ),
+                    Some(l) => (username_present.then_some(l.username), password.clone()),
+                    None => (username_present.then(String::new), password.clone()),
                 };
                 let will = match c.last_will {
                     Some(w) => Some(WillSpec {
@@ -363,14 +367,8 @@ pub fn decode_connect(
                     return Err(DecodeError::Protocol("Maximum Packet Size 0".into()));
                 }
                 let (username, password) = match login {
-                    Some(l) => (
-                        username_present.then_some(l.username),
-                        password_present.then(|| Bytes::from(l.password)),
-                    ),
-                    None => (
-                        username_present.then(String::new),
-                        password_present.then(Bytes::new),
-                    ),
+                    Some(l) => (username_present.then_some(l.username), password.clone()),
+                    None => (username_present.then(String::new), password.clone()),
                 };
                 let will = match will {
                     Some(w) => {
@@ -420,6 +418,52 @@ pub fn decode_connect(
             Err(e) => Err(map_codec_error(e.to_string())),
         },
     }
+}
+
+/// Finds the password field of a CONNECT body (variable header and payload), returns its
+/// bytes and overwrites them with `x`.
+fn take_password(frame: &mut [u8], flags: u8, protocol: Protocol) -> Result<Bytes, DecodeError> {
+    let truncated = || malformed("CONNECT truncated");
+    let u16_at = |f: &[u8], at: usize| -> Result<usize, DecodeError> {
+        match f.get(at..at + 2) {
+            Some([a, b]) => Ok(usize::from(u16::from_be_bytes([*a, *b]))),
+            _ => Err(truncated()),
+        }
+    };
+    let varint_at = |f: &[u8], at: usize| -> Result<(usize, usize), DecodeError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = *f.get(at + i).ok_or_else(truncated)?;
+            value |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok((value, i + 1));
+            }
+        }
+        Err(malformed("variable byte integer longer than 4 bytes"))
+    };
+    // Protocol name (2 + 4), level, flags, keep-alive.
+    let mut at = 2 + u16_at(frame, 0)? + 1 + 1 + 2;
+    if protocol == Protocol::V5 {
+        let (len, used) = varint_at(frame, at)?;
+        at += used + len;
+    }
+    at += 2 + u16_at(frame, at)?; // client id
+    if flags & 0x04 != 0 {
+        if protocol == Protocol::V5 {
+            let (len, used) = varint_at(frame, at)?;
+            at += used + len;
+        }
+        at += 2 + u16_at(frame, at)?; // will topic
+        at += 2 + u16_at(frame, at)?; // will payload
+    }
+    if flags & 0x80 != 0 {
+        at += 2 + u16_at(frame, at)?; // user name
+    }
+    let len = u16_at(frame, at)?;
+    let field = frame.get_mut(at + 2..at + 2 + len).ok_or_else(truncated)?;
+    let password = Bytes::copy_from_slice(field);
+    field.fill(b'x');
+    Ok(password)
 }
 
 fn map_codec_error(e: String) -> DecodeError {
@@ -1114,6 +1158,38 @@ mod tests {
             decode(&mut b, Protocol::V5, 1024),
             Ok(Some(Inbound::Subscribe { .. }))
         ));
+    }
+
+    #[test]
+    fn binary_passwords_are_kept_as_bytes() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let mut c = v4::Connect::new("c");
+            c.login = Some(v4::Login::new("u", "pw"));
+            let mut b = BytesMut::new();
+            match protocol {
+                Protocol::V311 => {
+                    c.write(&mut b).unwrap();
+                }
+                Protocol::V5 => {
+                    let c5 = v5::Connect {
+                        keep_alive: 0,
+                        client_id: "c".into(),
+                        clean_start: true,
+                        properties: None,
+                    };
+                    v5::Packet::Connect(c5, None, Some(v5::Login::new("u", "pw")))
+                        .write(&mut b, None)
+                        .unwrap();
+                }
+            }
+            // Replace "pw" (the last two bytes) with invalid UTF-8.
+            let n = b.len();
+            b[n - 2] = 0xff;
+            b[n - 1] = 0x00;
+            let got = decode_connect(&mut b, protocol, 1024).unwrap().unwrap();
+            assert_eq!(got.username.as_deref(), Some("u"));
+            assert_eq!(got.password.as_deref(), Some(&[0xff, 0x00][..]));
+        }
     }
 
     #[test]
