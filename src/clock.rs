@@ -106,40 +106,20 @@ mod tests {
 
     #[test]
     fn same_boot_uses_boot_clock_even_if_wall_clock_jumps() {
-        let t0 = Stamp {
-            wall_ms: 1_000_000,
-            boot_ms: 5_000,
-            boot_id: 7,
-        };
+        let t0 = Stamp { wall_ms: 1_000_000, boot_ms: 5_000, boot_id: 7 };
         let deadline = t0.plus(Duration::from_secs(10));
         // Wall clock jumped a day ahead, boot clock moved 2 s: 8 s remain.
-        let now = Stamp {
-            wall_ms: 1_000_000 + 86_400_000,
-            boot_ms: 7_000,
-            boot_id: 7,
-        };
+        let now = Stamp { wall_ms: 1_000_000 + 86_400_000, boot_ms: 7_000, boot_id: 7 };
         assert_eq!(deadline.remaining(&now), Some(Duration::from_secs(8)));
     }
 
     #[test]
     fn other_boot_uses_wall_clock_and_saturates() {
-        let t0 = Stamp {
-            wall_ms: 1_000_000,
-            boot_ms: 5_000,
-            boot_id: 7,
-        };
+        let t0 = Stamp { wall_ms: 1_000_000, boot_ms: 5_000, boot_id: 7 };
         let deadline = t0.plus(Duration::from_secs(10));
-        let later = Stamp {
-            wall_ms: 1_011_000,
-            boot_ms: 100,
-            boot_id: 8,
-        };
+        let later = Stamp { wall_ms: 1_011_000, boot_ms: 100, boot_id: 8 };
         assert!(deadline.is_past(&later));
-        let clock_wrong = Stamp {
-            wall_ms: 10,
-            boot_ms: 100,
-            boot_id: 8,
-        };
+        let clock_wrong = Stamp { wall_ms: 10, boot_ms: 100, boot_id: 8 };
         assert!(!deadline.is_past(&clock_wrong));
         assert_eq!(clock_wrong.since(&t0), Duration::ZERO);
     }

@@ -87,9 +87,7 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in [
-            "a", "a/b", "#", "+", "a/#", "+/+/#", "/", "a//b", "+/", "Ü/x",
-        ] {
+        for ok in ["a", "a/b", "#", "+", "a/#", "+/+/#", "/", "a//b", "+/", "Ü/x"] {
             assert_eq!(validate_filter(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_filter("up/#/x"), Err(TopicError::MisplacedHash));

@@ -44,11 +44,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("store {path} has schema version {found}, newer than this trainrelay knows ({known}); refusing to touch it")]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
+    TooNew { path: PathBuf, found: i64, known: i64 },
     #[error("store {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("store: {0}")]
@@ -286,8 +282,7 @@ mod tests {
         assert!(matches!(failed, Err(StoreError::Full)));
         let keys: Vec<String> = db
             .run(|c| {
-                let mut st =
-                    c.prepare("SELECT key FROM meta WHERE key IN ('a','b') ORDER BY key")?;
+                let mut st = c.prepare("SELECT key FROM meta WHERE key IN ('a','b') ORDER BY key")?;
                 let rows = st.query_map([], |r| r.get(0))?;
                 Ok(rows.collect::<Result<Vec<String>, _>>()?)
             })

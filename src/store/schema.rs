@@ -114,10 +114,7 @@ pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
                 source: e,
             }
         })?;
-        log::info!(
-            "store {}: migrated to schema version {version}",
-            path.display()
-        );
+        log::info!("store {}: migrated to schema version {version}", path.display());
     }
     Ok(())
 }
