@@ -216,3 +216,49 @@ async fn will_delay_longer_than_session_expiry_fires_at_session_end() {
     let got = watcher.publish().await;
     assert_eq!(got.topic.as_ref(), b"status/gone");
 }
+
+#[tokio::test]
+async fn incoming_qos2_awaiting_pubrel_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mk = |clean| Connect {
+        keep_alive: 0,
+        client_id: "q2in".into(),
+        clean_start: clean,
+        properties: Some(ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..ConnectProperties::new()
+        }),
+    };
+    let (mut c, _) = Raw5::connect(b.addr, mk(true), None).await;
+    c.send(pub5("up/q2", b"exactly once", 2, 5, None)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == 5));
+    assert_eq!(b.hooks.ingested.lock().unwrap().len(), 1);
+    b.stop().await;
+    drop(c);
+
+    let b = TestBroker::start(dir.path()).await;
+    let (mut c, ack) = Raw5::connect(b.addr, mk(false), None).await;
+    assert!(ack.session_present);
+    let mut dup = pub5("up/q2", b"exactly once", 2, 5, None);
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    c.send(dup).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == 5));
+    assert!(
+        b.hooks.ingested.lock().unwrap().is_empty(),
+        "duplicate ingested again"
+    );
+    c.send(Packet::PubRel(rumqttc::v5::mqttbytes::v5::PubRel::new(
+        5, None,
+    )))
+    .await;
+    match c.recv().await {
+        Some(Packet::PubComp(r)) => {
+            assert_eq!(r.pkid, 5);
+            assert_eq!(r.reason, rumqttc::v5::mqttbytes::v5::PubCompReason::Success);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -684,9 +684,19 @@ impl Conn {
             Inbound::PubRel(pkid) => {
                 let found = {
                     let mut st = self.shared.lock();
-                    st.sessions
-                        .get_mut(&self.info.client_id)
-                        .is_some_and(|s| s.incoming_qos2.remove(&pkid))
+                    let mut ops = Vec::new();
+                    let mut found = false;
+                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                        found = s.incoming_qos2.remove(&pkid);
+                        if found && s.persistent() {
+                            ops.push(Op::DeleteIncoming {
+                                client_id: self.info.client_id.clone(),
+                                pkid,
+                            });
+                        }
+                    }
+                    let _ = self.shared.submit(ops);
+                    found
                 };
                 self.queue(Outbound::PubComp {
                     pkid,
@@ -1007,9 +1017,16 @@ impl Conn {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     let mut st = self.shared.lock();
+                    let mut ops = Vec::new();
                     if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        s.incoming_qos2.insert(p.pkid);
+                        if s.incoming_qos2.insert(p.pkid) && s.persistent() {
+                            ops.push(Op::InsertIncoming {
+                                client_id: self.info.client_id.clone(),
+                                pkid: p.pkid,
+                            });
+                        }
                     }
+                    let _ = self.shared.submit(ops);
                 }
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
