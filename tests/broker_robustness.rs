@@ -356,6 +356,9 @@ async fn connections_beyond_max_connections_get_server_busy() {
     let (_c, ack) = Raw5::connect(b.addr, c, None).await;
     assert_eq!(ack.code, ConnectReturnCode::ServerBusy);
     assert_eq!(b.handle.clients().len(), 2);
+    // A client coming back while its old connection still holds a slot takes it over.
+    let _a2 = Raw5::simple(b.addr, "a", 0).await;
+    assert_eq!(b.handle.clients().len(), 2);
 }
 
 #[tokio::test]

@@ -139,7 +139,16 @@ pub async fn serve(
         }
         Ok(Ok(c)) => c,
     };
-    if refuse || shared.is_closed() {
+    // At the limit, a client that reconnects while its old connection still holds a slot (an
+    // iPad back from a Wi-Fi dropout before its keep-alive ran out) is let in: the takeover
+    // frees that slot at once.
+    let takeover = refuse
+        && shared
+            .lock()
+            .sessions
+            .get(&connect.client_id)
+            .is_some_and(|s| s.conn.is_some());
+    if (refuse && !takeover) || shared.is_closed() {
         log::warn!(
             "local broker: refusing '{}' from {peer}: at the limit of {} connections",
             connect.client_id,
