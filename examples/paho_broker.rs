@@ -5,6 +5,21 @@
 //!
 //! The Paho suites expect a subscription to `test/nosubscribe` to be refused; that policy
 //! lives in this example's hooks, not in the broker.
+//!
+//! The suites' `unittest.main()` re-parses `sys.argv` and rejects `-p`, so run them through a
+//! small driver that sets the module globals their `__main__` block would set, e.g.:
+//!
+//! ```text
+//! import sys, unittest
+//! sys.path.insert(0, "<suite>/interoperability")
+//! t = __import__(sys.argv[1])            # client_test or client_test5
+//! t.host, t.port = "127.0.0.1", int(sys.argv[2])
+//! pre = "client_test5/" if sys.argv[1] == "client_test5" else ""
+//! t.topics = [pre + x for x in ("TopicA", "TopicA/B", "Topic/C", "TopicA/C", "/TopicA")]
+//! t.wildtopics = [pre + x for x in ("TopicA/+", "+/C", "#", "/#", "/+", "+/+", "TopicA/#")]
+//! t.nosubscribe_topics = ("test/nosubscribe",)
+//! unittest.main(module=t, argv=[sys.argv[1], "-v"])
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -34,6 +34,8 @@ pub struct ConnectPacket {
     pub receive_maximum: u16,
     /// Client's Maximum Packet Size, if it set one.
     pub max_packet_size: Option<u32>,
+    /// v5 enhanced authentication requested (which we do not offer).
+    pub auth_method: Option<String>,
 }
 
 /// The will of a CONNECT.
@@ -233,6 +235,9 @@ fn check_flags(byte1: u8, protocol: Protocol) -> Result<(), DecodeError> {
             if (flags >> 1) & 0x3 == 3 {
                 return Err(malformed("PUBLISH with QoS 3"));
             }
+            if flags & 0x8 != 0 && (flags >> 1) & 0x3 == 0 {
+                return Err(malformed("PUBLISH with QoS 0 and DUP set"));
+            }
             return Ok(());
         }
         6 | 8 | 10 => 0x2,
@@ -264,10 +269,10 @@ pub fn connect_level(buf: &[u8], max_size: u32) -> Result<Option<u8>, DecodeErro
         return Err(DecodeError::TooLarge(h.remaining));
     }
     let body = buf.get(h.header_len..).unwrap_or_default();
-    if body.len() < 7 {
-        return Ok(None);
-    }
-    let name_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let name_len = match body {
+        [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
+        _ => return Ok(None),
+    };
     let Some(name) = body.get(2..2 + name_len) else {
         return Ok(None);
     };
@@ -306,18 +311,22 @@ pub fn decode_connect(
     }
     let password_present = flags & 0x40 != 0;
     let username_present = flags & 0x80 != 0;
+    // The password is binary data, but rumqttc decodes it as a UTF-8 string: take it out and
+    // put ASCII of the same length in its place before handing the frame to the codec.
+    let password = if password_present {
+        let frame = buf
+            .get_mut(h.header_len..h.header_len + h.remaining)
+            .ok_or_else(|| malformed("CONNECT truncated"))?;
+        Some(take_password(frame, flags, protocol)?)
+    } else {
+        None
+    };
     match protocol {
         Protocol::V311 => match v4::Packet::read(buf, max_size as usize) {
             Ok(v4::Packet::Connect(c)) => {
                 let (username, password) = match c.login {
-                    Some(l) => (
-                        username_present.then_some(l.username),
-                        password_present.then(|| Bytes::from(l.password)),
-                    ),
-                    None => (
-                        username_present.then(String::new),
-                        password_present.then(Bytes::new),
-                    ),
+                    Some(l) => (username_present.then_some(l.username), password.clone()),
+                    None => (username_present.then(String::new), password.clone()),
                 };
                 let will = match c.last_will {
                     Some(w) => Some(WillSpec {
@@ -342,6 +351,7 @@ pub fn decode_connect(
                     session_expiry: 0,
                     receive_maximum: u16::MAX,
                     max_packet_size: None,
+                    auth_method: None,
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),
@@ -357,14 +367,8 @@ pub fn decode_connect(
                     return Err(DecodeError::Protocol("Maximum Packet Size 0".into()));
                 }
                 let (username, password) = match login {
-                    Some(l) => (
-                        username_present.then_some(l.username),
-                        password_present.then(|| Bytes::from(l.password)),
-                    ),
-                    None => (
-                        username_present.then(String::new),
-                        password_present.then(Bytes::new),
-                    ),
+                    Some(l) => (username_present.then_some(l.username), password.clone()),
+                    None => (username_present.then(String::new), password.clone()),
                 };
                 let will = match will {
                     Some(w) => {
@@ -407,12 +411,59 @@ pub fn decode_connect(
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
                     receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
                     max_packet_size: props.max_packet_size,
+                    auth_method: props.authentication_method,
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),
             Err(e) => Err(map_codec_error(e.to_string())),
         },
     }
+}
+
+/// Finds the password field of a CONNECT body (variable header and payload), returns its
+/// bytes and overwrites them with `x`.
+fn take_password(frame: &mut [u8], flags: u8, protocol: Protocol) -> Result<Bytes, DecodeError> {
+    let truncated = || malformed("CONNECT truncated");
+    let u16_at = |f: &[u8], at: usize| -> Result<usize, DecodeError> {
+        match f.get(at..at + 2) {
+            Some([a, b]) => Ok(usize::from(u16::from_be_bytes([*a, *b]))),
+            _ => Err(truncated()),
+        }
+    };
+    let varint_at = |f: &[u8], at: usize| -> Result<(usize, usize), DecodeError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = *f.get(at + i).ok_or_else(truncated)?;
+            value |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok((value, i + 1));
+            }
+        }
+        Err(malformed("variable byte integer longer than 4 bytes"))
+    };
+    // Protocol name (2 + 4), level, flags, keep-alive.
+    let mut at = 2 + u16_at(frame, 0)? + 1 + 1 + 2;
+    if protocol == Protocol::V5 {
+        let (len, used) = varint_at(frame, at)?;
+        at += used + len;
+    }
+    at += 2 + u16_at(frame, at)?; // client id
+    if flags & 0x04 != 0 {
+        if protocol == Protocol::V5 {
+            let (len, used) = varint_at(frame, at)?;
+            at += used + len;
+        }
+        at += 2 + u16_at(frame, at)?; // will topic
+        at += 2 + u16_at(frame, at)?; // will payload
+    }
+    if flags & 0x80 != 0 {
+        at += 2 + u16_at(frame, at)?; // user name
+    }
+    let len = u16_at(frame, at)?;
+    let field = frame.get_mut(at + 2..at + 2 + len).ok_or_else(truncated)?;
+    let password = Bytes::copy_from_slice(field);
+    field.fill(b'x');
+    Ok(password)
 }
 
 fn map_codec_error(e: String) -> DecodeError {
@@ -461,9 +512,10 @@ pub fn decode(
             _ => Err(malformed(format!("packet type {kind} with empty body"))),
         };
     }
-    // A 3.1.1 SUBSCRIBE's options byte has 6 reserved bits; rumqttc ignores them.
-    if protocol == Protocol::V311 && kind == 8 {
-        check_v4_subscribe_options(buf.get(h.header_len..h.header_len + h.remaining))?;
+    // The options byte of each SUBSCRIBE entry has reserved bits (6 in 3.1.1, 2 in MQTT 5);
+    // rumqttc ignores them.
+    if kind == 8 {
+        check_subscribe_options(buf.get(h.header_len..h.header_len + h.remaining), protocol)?;
     }
     if protocol == Protocol::V311 && kind == 14 {
         return Err(malformed("3.1.1 DISCONNECT with a body"));
@@ -486,11 +538,36 @@ pub fn decode(
     }
 }
 
-fn check_v4_subscribe_options(body: Option<&[u8]>) -> Result<(), DecodeError> {
+fn check_subscribe_options(body: Option<&[u8]>, protocol: Protocol) -> Result<(), DecodeError> {
     let body = body.ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
     let mut rest = body
         .get(2..)
         .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
+    let reserved = match protocol {
+        Protocol::V311 => 0xfc,
+        Protocol::V5 => 0xc0,
+    };
+    if protocol == Protocol::V5 {
+        // Skip the properties: a variable byte integer length, then that many bytes.
+        let mut len = 0usize;
+        let mut used = 0usize;
+        loop {
+            let b = *rest
+                .get(used)
+                .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
+            len |= usize::from(b & 0x7f) << (7 * used);
+            used += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if used == 4 {
+                return Err(malformed("SUBSCRIBE property length longer than 4 bytes"));
+            }
+        }
+        rest = rest
+            .get(used + len..)
+            .ok_or_else(|| malformed("SUBSCRIBE properties truncated"))?;
+    }
     while !rest.is_empty() {
         let len = match rest {
             [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])),
@@ -499,7 +576,7 @@ fn check_v4_subscribe_options(body: Option<&[u8]>) -> Result<(), DecodeError> {
         let opts = *rest
             .get(2 + len)
             .ok_or_else(|| malformed("SUBSCRIBE truncated"))?;
-        if opts & 0xfc != 0 {
+        if opts & reserved != 0 {
             return Err(malformed("SUBSCRIBE options with reserved bits set"));
         }
         rest = rest.get(3 + len..).unwrap_or_default();
@@ -736,6 +813,12 @@ pub fn encode(
                 .map_err(|e| map(e.to_string()))
         }
         Protocol::V5 => {
+            if let Outbound::Disconnect { reason } = packet {
+                // rumqttc declares a remaining length of 1 but writes 2 bytes for a DISCONNECT
+                // with a reason code and no properties; write it here instead.
+                buf.extend_from_slice(&[0xE0, 0x02, *reason, 0x00]);
+                return Ok(());
+            }
             let p = to_v5(packet);
             p.write(buf, Some(max_size))
                 .map(|_| ())
@@ -935,5 +1018,228 @@ fn connack_code(code: u8) -> v5::ConnectReturnCode {
         0x9A => C::RetainNotSupported,
         0x9B => C::QoSNotSupported,
         _ => C::UnspecifiedError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_v4(flags: u8) -> BytesMut {
+        // CONNECT, "MQTT", level 4, flags, keep-alive 0, client id "c".
+        let mut b = BytesMut::from(
+            &[
+                0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, flags, 0x00, 0x00, 0x00,
+                0x01, b'c',
+            ][..],
+        );
+        b.truncate(15);
+        b
+    }
+
+    #[test]
+    fn connect_reserved_flag_and_will_qos_3_are_malformed() {
+        let mut ok = connect_v4(0x02);
+        assert_eq!(connect_level(&ok, 1024), Ok(Some(4)));
+        assert!(decode_connect(&mut ok, Protocol::V311, 1024)
+            .unwrap()
+            .is_some());
+        let mut reserved = connect_v4(0x03);
+        assert!(matches!(
+            decode_connect(&mut reserved, Protocol::V311, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut will_qos3 = connect_v4(0x02 | 0x04 | 0x18);
+        assert!(matches!(
+            decode_connect(&mut will_qos3, Protocol::V311, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_connect_waits_for_more_bytes() {
+        let full = connect_v4(0x02);
+        for n in 0..full.len() {
+            let mut part = BytesMut::from(&full[..n]);
+            let level = connect_level(&part, 1024).unwrap();
+            if level.is_some() {
+                assert!(decode_connect(&mut part, Protocol::V311, 1024)
+                    .unwrap()
+                    .is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn other_protocol_levels_are_reported() {
+        let mut b = connect_v4(0x02);
+        b[8] = 3;
+        assert_eq!(
+            connect_level(&b, 1024),
+            Err(DecodeError::UnsupportedProtocol { level: 3 })
+        );
+        assert!(matches!(
+            connect_level(&[0x30, 0x00], 1024),
+            Err(DecodeError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn oversize_declared_length_is_refused_before_the_body_arrives() {
+        let mut b = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0xFF, 0x7F][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024 * 1024),
+            Err(DecodeError::TooLarge(_))
+        ));
+        let mut b = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn reserved_fixed_header_flags_are_malformed() {
+        for bytes in [
+            &[0x36u8, 0x03, 0x00, 0x01, b't'][..], // PUBLISH QoS 3
+            &[0x38, 0x03, 0x00, 0x01, b't'],       // QoS 0 with DUP
+            &[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b't', 0x00], // SUBSCRIBE flags 0
+            &[0xC1, 0x00],                         // PINGREQ flags 1
+            &[0x00, 0x00],                         // type 0
+        ] {
+            let mut b = BytesMut::from(bytes);
+            assert!(
+                matches!(
+                    decode(&mut b, Protocol::V311, 1024),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_v5_disconnect_and_second_connect() {
+        let mut b = BytesMut::from(&[0xE0u8, 0x00][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Ok(Some(Inbound::Disconnect { reason: 0, .. }))
+        ));
+        let mut c = connect_v4(0x02);
+        assert!(matches!(
+            decode(&mut c, Protocol::V311, 1024),
+            Err(DecodeError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn packet_id_zero_and_empty_subscribe_are_refused() {
+        let mut b = BytesMut::from(&[0x32u8, 0x05, 0x00, 0x01, b't', 0x00, 0x00][..]);
+        assert!(decode(&mut b, Protocol::V311, 1024).is_err());
+        let mut b = BytesMut::from(&[0x82u8, 0x02, 0x00, 0x01][..]);
+        assert!(decode(&mut b, Protocol::V311, 1024).is_err());
+        let mut b = BytesMut::from(&[0x82u8, 0x06, 0x00, 0x01, 0x00, 0x01, b't', 0x04][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V311, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn v5_subscribe_reserved_option_bits_are_malformed() {
+        // SUBSCRIBE pkid 1, no properties, filter "t", options 0x40.
+        let mut b = BytesMut::from(&[0x82u8, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b't', 0x40][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut b = BytesMut::from(&[0x82u8, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b't', 0x2e][..]);
+        assert!(matches!(
+            decode(&mut b, Protocol::V5, 1024),
+            Ok(Some(Inbound::Subscribe { .. }))
+        ));
+    }
+
+    #[test]
+    fn binary_passwords_are_kept_as_bytes() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let mut c = v4::Connect::new("c");
+            c.login = Some(v4::Login::new("u", "pw"));
+            let mut b = BytesMut::new();
+            match protocol {
+                Protocol::V311 => {
+                    c.write(&mut b).unwrap();
+                }
+                Protocol::V5 => {
+                    let c5 = v5::Connect {
+                        keep_alive: 0,
+                        client_id: "c".into(),
+                        clean_start: true,
+                        properties: None,
+                    };
+                    v5::Packet::Connect(c5, None, Some(v5::Login::new("u", "pw")))
+                        .write(&mut b, None)
+                        .unwrap();
+                }
+            }
+            // Replace "pw" (the last two bytes) with invalid UTF-8.
+            let n = b.len();
+            b[n - 2] = 0xff;
+            b[n - 1] = 0x00;
+            let got = decode_connect(&mut b, protocol, 1024).unwrap().unwrap();
+            assert_eq!(got.username.as_deref(), Some("u"));
+            assert_eq!(got.password.as_deref(), Some(&[0xff, 0x00][..]));
+        }
+    }
+
+    #[test]
+    fn v5_disconnect_with_reason_is_well_formed() {
+        let mut b = BytesMut::new();
+        encode(
+            &Outbound::Disconnect { reason: 0x8E },
+            Protocol::V5,
+            &mut b,
+            1024,
+        )
+        .unwrap();
+        let p = v5::Packet::read(&mut b, None).unwrap();
+        assert!(
+            matches!(p, v5::Packet::Disconnect(d) if d.reason_code == v5::DisconnectReasonCode::SessionTakenOver)
+        );
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x1234_5678_u32;
+        for _ in 0..200_000 {
+            let len = (seed % 120) as usize;
+            let mut v = Vec::with_capacity(len);
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                v.push(seed as u8);
+            }
+            // Also a well-framed packet of a valid type around the random body, to reach the
+            // codec's inner parsers.
+            let firsts = [
+                0x10u8, 0x30, 0x32, 0x34, 0x3B, 0x40, 0x50, 0x62, 0x70, 0x82, 0xA2, 0xE0, 0xF0,
+                0x20, 0x90,
+            ];
+            let mut framed = vec![firsts[(seed as usize) % firsts.len()], v.len() as u8];
+            framed.extend_from_slice(&v);
+            for proto in [Protocol::V311, Protocol::V5] {
+                let mut b = BytesMut::from(&framed[..]);
+                while let Ok(Some(_)) = decode(&mut b, proto, 1024) {}
+                let mut b = BytesMut::from(&framed[..]);
+                let _ = decode_connect(&mut b, proto, 1024);
+                let mut b = BytesMut::from(&v[..]);
+                let _ = connect_level(&b, 1024);
+                let _ = decode_connect(&mut b, proto, 1024);
+                let mut b = BytesMut::from(&v[..]);
+                while let Ok(Some(_)) = decode(&mut b, proto, 1024) {}
+            }
+        }
     }
 }

@@ -116,7 +116,12 @@ pub async fn serve(
     };
     let timeout = shared.config.connect_timeout;
     let max = shared.config.max_packet_size;
-    let connect = match tokio::time::timeout(timeout, pre.read_connect(max)).await {
+    let mut stop = shutdown.clone();
+    let read = tokio::select! {
+        r = tokio::time::timeout(timeout, pre.read_connect(max)) => r,
+        _ = stop.recv() => return,
+    };
+    let connect = match read {
         Err(_) => {
             log::info!("local broker: {peer} sent no complete CONNECT within {timeout:?}; closing");
             shared.lock().stats.refused_connections += 1;
@@ -134,7 +139,16 @@ pub async fn serve(
         }
         Ok(Ok(c)) => c,
     };
-    if refuse || shared.is_closed() {
+    // At the limit, a client that reconnects while its old connection still holds a slot (an
+    // iPad back from a Wi-Fi dropout before its keep-alive ran out) is let in: the takeover
+    // frees that slot at once.
+    let takeover = refuse
+        && shared
+            .lock()
+            .sessions
+            .get(&connect.client_id)
+            .is_some_and(|s| s.conn.is_some());
+    if (refuse && !takeover) || shared.is_closed() {
         log::warn!(
             "local broker: refusing '{}' from {peer}: at the limit of {} connections",
             connect.client_id,
@@ -320,6 +334,12 @@ impl Conn {
                 return None;
             }
         }
+        if let Some(method) = &c.auth_method {
+            log::info!("local broker: '{client_id}' from {peer} asks for authentication method '{method}', which is not offered");
+            shared.lock().stats.refused_connections += 1;
+            pre.connack_refusal(protocol, 0x8C).await;
+            return None;
+        }
         let verdict = shared.hooks.authenticate(&ConnectRequest {
             client_id: &client_id,
             username: c.username.as_deref(),
@@ -353,6 +373,8 @@ impl Conn {
 
         let max_expiry =
             u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+        // A 3.1.1 persistent session has no expiry in the protocol; we end it after
+        // max_session_expiry so sessions of iPads that never come back do not pile up.
         let expiry = match protocol {
             Protocol::V311 if c.clean_start => 0,
             Protocol::V311 => max_expiry,
@@ -364,6 +386,7 @@ impl Conn {
         };
         let notify = Arc::new(Notify::new());
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let mut old_will = None;
         let (conn_id, session_present) = {
             let mut st = shared.lock();
             let conn_id = st.new_conn_id();
@@ -372,6 +395,13 @@ impl Conn {
             if let Some(s) = st.sessions.get_mut(&client_id) {
                 existed = true;
                 if let Some(old) = s.conn.take() {
+                    // The old connection ends without DISCONNECT: its will is due unless a will
+                    // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
+                    if let Some(w) = s.will.take() {
+                        if w.delay == 0 || c.clean_start {
+                            old_will = Some((old.info.clone(), w));
+                        }
+                    }
                     log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
                     let _ = old.kick.send(0x8E);
                 }
@@ -424,6 +454,9 @@ impl Conn {
             (conn_id, existed)
         };
 
+        if let Some((old_info, w)) = old_will {
+            shared.fire_will(old_info, w);
+        }
         let props =
             (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
                 session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
@@ -526,6 +559,15 @@ impl Conn {
     async fn run(&mut self, mut shutdown: Shutdown) -> End {
         if let Err(end) = self.resend_inflight().await {
             return end;
+        }
+        // Packets that arrived in the same read as CONNECT.
+        if !self.rbuf.is_empty() {
+            if let Err(end) = self.read_packets().await {
+                return end;
+            }
+            if let Err(end) = self.drain_verdicts().await {
+                return end;
+            }
         }
         loop {
             if let Err(end) = self.flush_queue().await {
@@ -643,7 +685,7 @@ impl Conn {
         match p {
             Inbound::Publish(p) => self.on_publish(p).await,
             Inbound::PubAck(pkid) => {
-                self.complete_outgoing(pkid, OutState::AwaitAck);
+                self.complete_outgoing(pkid, OutState::Puback);
                 Ok(())
             }
             Inbound::PubRec { pkid, failed } => {
@@ -654,7 +696,7 @@ impl Conn {
                     if let Some(pos) = s
                         .inflight
                         .iter()
-                        .position(|f| f.pkid == pkid && f.state == OutState::AwaitRec)
+                        .position(|f| f.pkid == pkid && f.state == OutState::Pubrec)
                     {
                         if failed {
                             if let Some(f) = s.inflight.remove(pos) {
@@ -662,7 +704,7 @@ impl Conn {
                             }
                             release = false;
                         } else if let Some(f) = s.inflight.get_mut(pos) {
-                            f.state = OutState::AwaitComp;
+                            f.state = OutState::Pubcomp;
                             ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
                         }
                     }
@@ -675,15 +717,25 @@ impl Conn {
                 Ok(())
             }
             Inbound::PubComp(pkid) => {
-                self.complete_outgoing(pkid, OutState::AwaitComp);
+                self.complete_outgoing(pkid, OutState::Pubcomp);
                 Ok(())
             }
             Inbound::PubRel(pkid) => {
                 let found = {
                     let mut st = self.shared.lock();
-                    st.sessions
-                        .get_mut(&self.info.client_id)
-                        .is_some_and(|s| s.incoming_qos2.remove(&pkid))
+                    let mut ops = Vec::new();
+                    let mut found = false;
+                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
+                        found = s.incoming_qos2.remove(&pkid);
+                        if found && s.persistent() {
+                            ops.push(Op::DeleteIncoming {
+                                client_id: self.info.client_id.clone(),
+                                pkid,
+                            });
+                        }
+                    }
+                    let _ = self.shared.submit(ops);
+                    found
                 };
                 self.queue(Outbound::PubComp {
                     pkid,
@@ -1004,9 +1056,16 @@ impl Conn {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     let mut st = self.shared.lock();
+                    let mut ops = Vec::new();
                     if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        s.incoming_qos2.insert(p.pkid);
+                        if s.incoming_qos2.insert(p.pkid) && s.persistent() {
+                            ops.push(Op::InsertIncoming {
+                                client_id: self.info.client_id.clone(),
+                                pkid: p.pkid,
+                            });
+                        }
                     }
+                    let _ = self.shared.submit(ops);
                 }
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
@@ -1127,7 +1186,7 @@ impl Conn {
             let mut expired = 0;
             if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
                 s.inflight.retain(|f| {
-                    if f.state != OutState::AwaitComp && f.delivery.msg.is_expired(&now) {
+                    if f.state != OutState::Pubcomp && f.delivery.msg.is_expired(&now) {
                         expired += 1;
                         ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
                         false
@@ -1137,7 +1196,7 @@ impl Conn {
                 });
                 for f in &s.inflight {
                     packets.push(match f.state {
-                        OutState::AwaitComp => Outbound::PubRel { pkid: f.pkid },
+                        OutState::Pubcomp => Outbound::PubRel { pkid: f.pkid },
                         _ => Outbound::Publish(out_publish(f, true, &now)),
                     });
                 }
@@ -1197,9 +1256,9 @@ impl Conn {
                 let f = Inflight {
                     pkid,
                     state: if d.qos == QoS::ExactlyOnce {
-                        OutState::AwaitRec
+                        OutState::Pubrec
                     } else {
-                        OutState::AwaitAck
+                        OutState::Puback
                     },
                     delivery: d,
                 };

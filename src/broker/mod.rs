@@ -149,6 +149,9 @@ pub trait Hooks: Send + Sync + 'static {
     fn authenticate(&self, _req: &ConnectRequest<'_>) -> AuthVerdict {
         AuthVerdict::Allow
     }
+    /// Also asked for the will topic at CONNECT (refused: CONNACK 0x87 / 0x05). A denied
+    /// PUBLISH gets v5 PUBACK/PUBREC 0x87; a 3.1.1 client, which cannot be told, gets a normal
+    /// acknowledgement and the message is dropped and counted (`denied_publish`).
     fn may_publish(&self, _client: &ClientInfo, _topic: &str) -> bool {
         true
     }
@@ -161,7 +164,14 @@ pub trait Hooks: Send + Sync + 'static {
         true
     }
     /// Called, in arrival order per connection, for every inbound PUBLISH that passed
-    /// validation and `may_publish`. `msg.deadline` is set from a v5 Message Expiry Interval.
+    /// validation and `may_publish`, and for a will when it is published.
+    /// `msg.deadline` is set from a v5 Message Expiry Interval.
+    ///
+    /// The broker keeps reading while verdicts are pending and acknowledges in arrival order.
+    /// A refusal reaches a v5 client as the PUBACK/PUBREC reason code. MQTT 3.1.1 has no way
+    /// to refuse a QoS 1/2 PUBLISH, so the broker withholds the acknowledgement and closes the
+    /// connection: the client keeps the message in its session and sends it again after it
+    /// reconnects. A refused 3.1.1 QoS 0 message is dropped.
     fn ingest(&self, _client: &ClientInfo, _msg: &Message) -> Ingest {
         Ingest::Accept
     }
@@ -199,13 +209,17 @@ pub struct ClientSummary {
 /// Counters of the broker, for the status socket.
 #[derive(Debug, Clone, Default)]
 pub struct BrokerStats {
+    /// Connections accepted (CONNACK 0) since start.
     pub connections: u64,
+    /// Sockets closed before or at CONNECT: refusals, timeouts, limits.
     pub refused_connections: u64,
+    /// Clients disconnected for breaking the protocol (malformed packets, limits, ...).
     pub protocol_errors: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     pub dropped_queue_full: u64,
     pub dropped_expired: u64,
+    /// PUBLISHes refused by `may_publish`; a 3.1.1 client's are acknowledged and dropped.
     pub denied_publish: u64,
     pub denied_subscribe: u64,
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
@@ -273,6 +287,9 @@ impl Broker {
 
     /// Serves until `shutdown` fires; then stops accepting, disconnects clients (v5: DISCONNECT
     /// 0x8B server shutting down), persists state, returns.
+    ///
+    /// Wills of clients still connected at shutdown are not published: the clients did nothing
+    /// wrong, and their persistent sessions resume when the daemon is back.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), BrokerError> {
         let mut tasks = JoinSet::new();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);

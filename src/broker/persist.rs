@@ -5,9 +5,11 @@
 //! Writes are batched into jobs for the store's writer thread; they are submitted while the
 //! broker's state lock is held, so the rows change in the same order as the state.
 //!
-//! In-flight bookkeeping (packet ids) is not stored: after a restart every stored message is
-//! sent again (as a new delivery with DUP=0), except that a QoS 2 message the client already
-//! acknowledged with PUBREC is remembered (`released`) and not sent again.
+//! Outgoing in-flight bookkeeping (packet ids) is not stored: after a restart every stored
+//! message is sent again (as a new delivery with DUP=0), except that a QoS 2 message the client
+//! already acknowledged with PUBREC is remembered (`released`) and not sent again. Incoming
+//! QoS 2 packet ids awaiting PUBREL are stored, so a client's resend after a restart is still
+//! recognised as a duplicate.
 
 use std::sync::Arc;
 
@@ -53,6 +55,15 @@ pub enum Op {
     ReleaseMsg {
         seq: i64,
     },
+    /// A QoS 2 packet id acknowledged with PUBREC, until PUBREL.
+    InsertIncoming {
+        client_id: String,
+        pkid: u16,
+    },
+    DeleteIncoming {
+        client_id: String,
+        pkid: u16,
+    },
     UpsertRetained(Arc<Message>),
     DeleteRetained {
         topic: String,
@@ -91,6 +102,10 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
                 )?;
                 conn.execute(
                     "DELETE FROM broker_session_messages WHERE client_id = ?1",
+                    params![client_id],
+                )?;
+                conn.execute(
+                    "DELETE FROM broker_incoming_qos2 WHERE client_id = ?1",
                     params![client_id],
                 )?;
             }
@@ -156,6 +171,18 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
                 conn.execute(
                     "UPDATE broker_session_messages SET released = 1 WHERE seq = ?1",
                     params![seq],
+                )?;
+            }
+            Op::InsertIncoming { client_id, pkid } => {
+                conn.execute(
+                    "INSERT OR IGNORE INTO broker_incoming_qos2(client_id, pkid) VALUES (?1, ?2)",
+                    params![client_id, pkid],
+                )?;
+            }
+            Op::DeleteIncoming { client_id, pkid } => {
+                conn.execute(
+                    "DELETE FROM broker_incoming_qos2 WHERE client_id = ?1 AND pkid = ?2",
+                    params![client_id, pkid],
                 )?;
             }
             Op::UpsertRetained(m) => {
@@ -244,6 +271,8 @@ pub struct LoadedSession {
     pub subs: Vec<Subscription>,
     /// Queued messages in order, with whether the client already sent PUBREC for it.
     pub messages: Vec<(Delivery, bool)>,
+    /// QoS 2 packet ids from the client that await PUBREL.
+    pub incoming_qos2: Vec<u16>,
 }
 
 /// Everything the broker stored.
@@ -266,6 +295,7 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
             disconnected_wall: r.get(2)?,
             subs: Vec::new(),
             messages: Vec::new(),
+            incoming_qos2: Vec::new(),
         })
     })?;
     for s in rows {
@@ -325,6 +355,11 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         })?;
         for m in rows {
             s.messages.push(m?);
+        }
+        let mut st = conn.prepare("SELECT pkid FROM broker_incoming_qos2 WHERE client_id = ?1")?;
+        let rows = st.query_map(params![s.client_id], |r| r.get::<_, u16>(0))?;
+        for id in rows {
+            s.incoming_qos2.push(id?);
         }
     }
     let mut st = conn.prepare(

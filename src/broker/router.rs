@@ -135,6 +135,7 @@ impl Shared {
                 }
                 s.queue.push_back(d);
             }
+            s.incoming_qos2.extend(ls.incoming_qos2);
             s.expires_at = Some(now.plus(Duration::from_millis(left as u64)));
             ops.push(Op::SessionDisconnected {
                 client_id: ls.client_id.clone(),

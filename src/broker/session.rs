@@ -27,16 +27,16 @@ pub struct Delivery {
     pub seq: Option<i64>,
 }
 
-/// Where an outgoing QoS 1/2 message stands.
+/// Where an outgoing QoS 1/2 message stands: the packet we wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)]
 pub enum OutState {
     /// QoS 1 sent, waiting for PUBACK.
-    AwaitAck,
+    Puback,
     /// QoS 2 sent, waiting for PUBREC.
-    AwaitRec,
+    Pubrec,
     /// PUBREL sent, waiting for PUBCOMP.
-    AwaitComp,
+    Pubcomp,
 }
 
 #[derive(Debug, Clone)]
@@ -175,7 +175,7 @@ mod tests {
         s.inflight.push_back(Inflight {
             pkid: 2,
             delivery: d(QoS::AtLeastOnce, 0),
-            state: OutState::AwaitAck,
+            state: OutState::Puback,
         });
         assert_eq!(s.next_pkid(), Some(3));
     }

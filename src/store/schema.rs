@@ -78,6 +78,11 @@ const MIGRATIONS: &[&str] = &[
         released      INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX broker_session_messages_client ON broker_session_messages(client_id, seq);
+    CREATE TABLE broker_incoming_qos2 (
+        client_id TEXT    NOT NULL,
+        pkid      INTEGER NOT NULL,
+        PRIMARY KEY (client_id, pkid)
+    );
     CREATE TABLE broker_retained (
         topic         TEXT PRIMARY KEY,
         payload       BLOB    NOT NULL,

@@ -41,6 +41,8 @@ pub struct TestHooks {
     held: Mutex<VecDeque<oneshot::Sender<Result<(), RejectReason>>>>,
     pub deny_publish: Mutex<Vec<String>>,
     pub deny_subscribe: Mutex<Vec<String>>,
+    /// User names refused with bad credentials.
+    pub bad_users: Mutex<Vec<String>>,
 }
 
 impl TestHooks {
@@ -52,6 +54,7 @@ impl TestHooks {
             held: Mutex::new(VecDeque::new()),
             deny_publish: Mutex::new(Vec::new()),
             deny_subscribe: Mutex::new(Vec::new()),
+            bad_users: Mutex::new(Vec::new()),
         })
     }
 
@@ -86,6 +89,17 @@ impl TestHooks {
 }
 
 impl Hooks for TestHooks {
+    fn authenticate(
+        &self,
+        req: &trainrelay::broker::ConnectRequest<'_>,
+    ) -> trainrelay::broker::AuthVerdict {
+        let bad = self.bad_users.lock().unwrap();
+        if req.username.is_some_and(|u| bad.iter().any(|b| b == u)) {
+            trainrelay::broker::AuthVerdict::BadCredentials
+        } else {
+            trainrelay::broker::AuthVerdict::Allow
+        }
+    }
     fn may_publish(&self, _c: &ClientInfo, topic: &str) -> bool {
         !self.deny_publish.lock().unwrap().iter().any(|t| t == topic)
     }
