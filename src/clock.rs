@@ -78,9 +78,11 @@ pub fn expiry_secs(remaining: Duration) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
+/// Milliseconds since boot. Widened through `Duration` because `time_t` is 32 bits on armv7
+/// (Debian armhf): `tv_sec() * 1000` would be i32 there and overflow after 24 days of uptime.
 fn boot_ms() -> i64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
-        Ok(ts) => ts.tv_sec() * 1000 + ts.tv_nsec() / 1_000_000,
+        Ok(ts) => i64::try_from(Duration::from(ts).as_millis()).unwrap_or(i64::MAX),
         Err(_) => 0,
     }
 }
