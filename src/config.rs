@@ -338,12 +338,13 @@ impl Config {
                 format!("'{}' must look like mqtt://host:port", self.uplink.url),
             ));
         }
-        if self.uplink.keep_alive < Duration::from_secs(1)
+        // rumqttc's v5 client panics on a keep-alive under 5 s.
+        if self.uplink.keep_alive < Duration::from_secs(5)
             || self.uplink.keep_alive > Duration::from_secs(65535)
         {
             return Err(invalid(
                 "uplink.keep_alive",
-                "must be between 1s and 65535s".into(),
+                "must be between 5s and 65535s".into(),
             ));
         }
         if self.uplink.backoff_min.is_zero() || self.uplink.backoff_min > self.uplink.backoff_max {

@@ -59,6 +59,13 @@ pub enum LinkEvent {
     Collision,
 }
 
+impl LinkEvent {
+    /// Whether the event is a packet from the broker (as opposed to one of our own writes).
+    pub fn is_incoming(&self) -> bool {
+        !matches!(self, LinkEvent::Sent { .. } | LinkEvent::Collision)
+    }
+}
+
 /// What [`Link::ack`] needs to acknowledge a received message.
 #[derive(Debug)]
 pub enum AckToken {

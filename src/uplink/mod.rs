@@ -222,7 +222,12 @@ impl Uplink {
             }
             tokio::select! {
                 ev = link.next_event() => {
-                    last_incoming = Instant::now();
+                    // Only what the broker sent proves the link alive: rumqttc reports our
+                    // own writes too, and those succeed into a dead link until the socket
+                    // buffer fills.
+                    if matches!(&ev, Ok(e) if e.is_incoming()) {
+                        last_incoming = Instant::now();
+                    }
                     match ev {
                         Ok(ev) => {
                             if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
