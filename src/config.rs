@@ -121,6 +121,9 @@ pub struct UplinkConfig {
     pub password_file: Option<PathBuf>,
     /// Topic of the relay's retained presence (`online`/`offline`, the latter as Last Will).
     pub status_topic: String,
+    /// Failed delivery attempts of one message (refused, too large, or the connection dropped
+    /// right after it was sent) before it becomes a dead letter.
+    pub max_attempts: u32,
 }
 
 impl Default for UplinkConfig {
@@ -139,6 +142,7 @@ impl Default for UplinkConfig {
             username: None,
             password_file: None,
             status_topic: "trains/{train_id}/status".into(),
+            max_attempts: 5,
         }
     }
 }
@@ -346,6 +350,9 @@ impl Config {
                 "uplink.keep_alive",
                 "must be between 5s and 65535s".into(),
             ));
+        }
+        if self.uplink.max_attempts == 0 {
+            return Err(invalid("uplink.max_attempts", "must be at least 1".into()));
         }
         if self.uplink.backoff_min.is_zero() || self.uplink.backoff_min > self.uplink.backoff_max {
             return Err(invalid(

@@ -277,3 +277,59 @@ async fn relay_sigkill_while_draining_loses_nothing_acknowledged() {
         seen.tally(0).duplicates
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_becomes_a_dead_letter_and_the_queue_flows() {
+    if !can_fault("poison message") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The central broker announces a 2000-byte maximum packet size; a larger message can never
+    // be sent to it.
+    let central = NsCentral::start_with(dir.path(), 1, "max_packet_size 2000").await;
+    let mut control = central.control(0, "control").await;
+    control.subscribe("trains/T1/up/#").await;
+    let relay = Relay::start(
+        dir.path(),
+        &fault_config(&central.url(0), "5s", "max_attempts = 2", ""),
+    )
+    .await;
+    connected(&relay, 0).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.publish_acked("up/x", payloads("p", 5), None).await;
+    ipad.publish_acked("up/x", [vec![b'x'; 5000]], None).await;
+    ipad.publish_acked("up/x", payloads("p", 10).into_iter().skip(5), None)
+        .await;
+    let mut seen = Collector::new(&["p"]);
+    assert!(
+        seen.until(&mut control, &[10], Duration::from_secs(60))
+            .await,
+        "the queue behind the poison message did not flow"
+    );
+    assert!(seen.tally(0).in_order());
+    let logged = wait_log(
+        &relay,
+        0,
+        "moved to the dead letters after 2 attempts",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(logged.is_some(), "no dead letter logged");
+    let db = rusqlite::Connection::open(relay.dir.join("store.db")).unwrap();
+    let (dead, size): (i64, i64) = db
+        .query_row(
+            "SELECT COUNT(*), COALESCE(MAX(length(payload)), 0) FROM uplink_dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (dead, size),
+        (1, 5000),
+        "the dead letter is kept in the store"
+    );
+    let queued: i64 = db
+        .query_row("SELECT COUNT(*) FROM uplink_queue", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(queued, 0);
+}

@@ -26,6 +26,7 @@ use crate::config::UplinkConfig;
 use crate::downlink::Downlink;
 use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
+use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Entry, Queue};
 use link::{Link, LinkEvent, LinkOptions, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
@@ -237,12 +238,16 @@ impl Uplink {
                         }
                         Err(e) => {
                             self.lost(&drain);
+                            self.suspect(&drain, &e).await;
                             return End::Failed(format!("connection lost: {e}"));
                         }
                     }
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
+                    if drain.retry_due() {
+                        more = true;
+                    }
                     if last_incoming.elapsed() > dead_after {
                         self.lost(&drain);
                         return End::Failed(format!(
@@ -292,13 +297,8 @@ impl Uplink {
                     drain.skipped.insert(entry.id);
                 }
                 Send::Refused(reason) => {
-                    log::error!(
-                        "uplink: message {} on route {} cannot be sent: {reason}",
-                        entry.msg_id,
-                        entry.route
-                    );
-                    drain.skipped.insert(entry.id);
-                    let _ = self.queue.record_attempt(vec![entry.id]).await;
+                    self.failed(drain, entry.id, format!("cannot be sent: {reason}"))
+                        .await;
                 }
                 Send::Busy => return Ok(true),
             }
@@ -357,6 +357,9 @@ impl Uplink {
                         *more = true;
                     }
                 } else {
+                    if let Tag::Row(id) = tag {
+                        drain.written.push_back(id);
+                    }
                     drain.by_pkid.insert(pkid, tag);
                 }
             }
@@ -366,15 +369,19 @@ impl Uplink {
                 };
                 if let Tag::Row(id) = tag {
                     drain.in_flight.remove(&id);
+                    drain.written.retain(|w| *w != id);
                     match refused {
                         None => {
                             self.ack_rows(vec![id]).await?;
                             self.status.count_forwarded(1);
                         }
                         Some(reason) => {
-                            log::warn!("uplink: central broker refused row {id}: {reason}");
-                            drain.skipped.insert(id);
-                            let _ = self.queue.record_attempt(vec![id]).await;
+                            self.failed(
+                                drain,
+                                id,
+                                format!("refused by the central broker: {reason}"),
+                            )
+                            .await;
                         }
                     }
                     *more = true;
@@ -397,6 +404,55 @@ impl Uplink {
 
     async fn ack_rows(&self, ids: Vec<i64>) -> Result<(), String> {
         self.queue.ack(ids).await.map_err(|e| e.to_string())
+    }
+
+    /// A delivery of row `id` failed: count it, and retry it later on this connection, or,
+    /// at `uplink.max_attempts`, move it to the dead letters so the queue behind it flows.
+    async fn failed(&self, drain: &mut Drain, id: i64, reason: String) {
+        let msg_id = self.queue.msg_id(id);
+        let max = self.config.max_attempts;
+        match self.queue.record_failure(id, reason.clone(), max).await {
+            Ok(Failure::DeadLettered) => {
+                self.status.count_dead_lettered(1);
+                log::error!(
+                    "uplink: message {msg_id} moved to the dead letters after {max} attempts: \
+                     {reason}"
+                );
+            }
+            Ok(Failure::Counted(n)) => {
+                log::warn!("uplink: message {msg_id} {reason} (attempt {n} of {max})");
+                let delay = backoff(self.config.backoff_min, self.config.backoff_max, n);
+                drain.retry_at.insert(id, Instant::now() + delay);
+            }
+            Ok(Failure::Gone) => {}
+            Err(e) => {
+                log::warn!("uplink: message {msg_id} {reason}; cannot record it: {e}");
+                drain.skipped.insert(id);
+            }
+        }
+    }
+
+    /// The broker closed or reset the connection: a broker that cannot take a message (NATS
+    /// 2.9 with a `.` in a topic) does that on every resend, and it processes in order, so the
+    /// oldest unacknowledged message written counts one failed attempt. Timeouts (tunnels,
+    /// interface switches) are not the message's fault and count nothing.
+    async fn suspect(&self, drain: &Drain, error: &str) {
+        let closed = error.contains("closed by peer")
+            || error.contains("reset by peer")
+            || error.contains("ConnectionReset")
+            || error.contains("ConnectionAborted");
+        if !closed {
+            return;
+        }
+        if let Some(&id) = drain.written.iter().find(|id| drain.in_flight.contains(id)) {
+            let mut scratch = Drain::default();
+            self.failed(
+                &mut scratch,
+                id,
+                format!("was followed by the broker closing the connection ({error})"),
+            )
+            .await;
+        }
     }
 
     fn lost(&self, drain: &Drain) {
@@ -451,8 +507,12 @@ struct Drain {
     by_pkid: HashMap<u16, Tag>,
     /// Store rows queued or written and not yet acknowledged.
     in_flight: HashSet<i64>,
-    /// Rows not to fetch again on this connection (refused or expired meanwhile).
+    /// Rows not to fetch again on this connection (expired meanwhile).
     skipped: HashSet<i64>,
+    /// Rows whose delivery failed, not to fetch again before the instant.
+    retry_at: HashMap<i64, Instant>,
+    /// Rows written and waiting for their PUBACK, oldest first.
+    written: VecDeque<i64>,
 }
 
 impl Drain {
@@ -461,7 +521,19 @@ impl Drain {
     }
 
     fn excluded(&self) -> impl Iterator<Item = i64> + '_ {
-        self.in_flight.iter().chain(self.skipped.iter()).copied()
+        self.in_flight
+            .iter()
+            .chain(self.skipped.iter())
+            .chain(self.retry_at.keys())
+            .copied()
+    }
+
+    /// Releases failed rows whose retry time came; true if any did.
+    fn retry_due(&mut self) -> bool {
+        let now = Instant::now();
+        let before = self.retry_at.len();
+        self.retry_at.retain(|_, at| *at > now);
+        self.retry_at.len() != before
     }
 }
 

@@ -30,6 +30,8 @@ pub struct LinkStatus {
     /// Rows that were in flight when a connection ended and so are sent again (possible
     /// duplicates at the central broker).
     pub resent: u64,
+    /// Messages moved to the dead letters since start (see `Queue::dead_letters`).
+    pub dead_lettered: u64,
 }
 
 struct Inner {
@@ -45,6 +47,7 @@ pub struct StatusHandle {
     connects: Arc<AtomicU64>,
     forwarded: Arc<AtomicU64>,
     resent: Arc<AtomicU64>,
+    dead_lettered: Arc<AtomicU64>,
     reconnect: Arc<Notify>,
 }
 
@@ -59,6 +62,7 @@ impl Default for StatusHandle {
             connects: Arc::default(),
             forwarded: Arc::default(),
             resent: Arc::default(),
+            dead_lettered: Arc::default(),
             reconnect: Arc::default(),
         }
     }
@@ -97,6 +101,7 @@ impl StatusHandle {
             connects: self.connects.load(Ordering::Relaxed),
             forwarded: self.forwarded.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
         }
     }
 
@@ -106,6 +111,10 @@ impl StatusHandle {
 
     pub fn count_resent(&self, n: u64) {
         self.resent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_dead_lettered(&self, n: u64) {
+        self.dead_lettered.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Asks the uplink to drop the connection and reconnect now.

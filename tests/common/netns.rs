@@ -214,6 +214,8 @@ impl Drop for Netns {
 /// [`CONTROL_PORT`] on every address of the namespace.
 pub struct NsCentral {
     pub ns: Netns,
+    /// Extra mosquitto.conf lines.
+    pub extra_conf: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -221,6 +223,11 @@ pub struct NsCentral {
 impl NsCentral {
     /// A namespace with `paths` veth pairs and Mosquitto in it.
     pub async fn start(dir: &Path, paths: usize) -> NsCentral {
+        NsCentral::start_with(dir, paths, "").await
+    }
+
+    /// [`NsCentral::start`] with extra mosquitto.conf lines.
+    pub async fn start_with(dir: &Path, paths: usize, extra_conf: &str) -> NsCentral {
         let mut ns = Netns::create();
         for _ in 0..paths {
             ns.add_path();
@@ -229,6 +236,7 @@ impl NsCentral {
         std::fs::create_dir_all(&dir).unwrap();
         let mut c = NsCentral {
             ns,
+            extra_conf: extra_conf.to_string(),
             dir,
             child: None,
         };
@@ -245,8 +253,9 @@ impl NsCentral {
         let mut f = std::fs::File::create(&conf).unwrap();
         writeln!(
             f,
-            "user root\nlistener {RELAY_PORT}\nlistener {CONTROL_PORT}\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nautosave_on_changes true\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n",
-            dir = self.dir.display()
+            "user root\nlistener {RELAY_PORT}\nlistener {CONTROL_PORT}\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nautosave_on_changes true\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
+            dir = self.dir.display(),
+            extra = self.extra_conf
         )
         .unwrap();
         let child = Command::new("ip")
