@@ -124,6 +124,23 @@ pub struct UplinkConfig {
     /// Failed delivery attempts of one message (refused, too large, or the connection dropped
     /// right after it was sent) before it becomes a dead letter.
     pub max_attempts: u32,
+    /// Ordered central-broker endpoints (first preferred); empty means `url` alone. Giving
+    /// both is an error.
+    pub endpoints: Vec<String>,
+    /// While on a fallback endpoint, how often to check whether the first one is back.
+    #[serde(with = "humantime_serde")]
+    pub probe_primary_every: Duration,
+}
+
+impl UplinkConfig {
+    /// The endpoints in order of preference.
+    pub fn endpoint_urls(&self) -> Vec<String> {
+        if self.endpoints.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.endpoints.clone()
+        }
+    }
 }
 
 impl Default for UplinkConfig {
@@ -143,6 +160,8 @@ impl Default for UplinkConfig {
             password_file: None,
             status_topic: "trains/{train_id}/status".into(),
             max_attempts: 5,
+            endpoints: Vec::new(),
+            probe_primary_every: Duration::from_secs(60),
         }
     }
 }
@@ -287,6 +306,19 @@ impl Config {
             file: file.to_path_buf(),
             message: describe_toml_error(&e, text),
         })?;
+        // `url` has a default, so only the text tells whether it was given next to `endpoints`.
+        let url_given = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("uplink")?.get("url").cloned())
+            .is_some();
+        if url_given && !config.uplink.endpoints.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: "uplink.endpoints".into(),
+                message: "give either uplink.url or uplink.endpoints, not both".into(),
+            });
+        }
         config.validate(file)?;
         config.expand();
         Ok(config)
@@ -330,16 +362,25 @@ impl Config {
                 ),
             ));
         }
-        if !self.uplink.url.starts_with("mqtt://") {
-            return Err(invalid(
-                "uplink.url",
-                format!("'{}' must look like mqtt://host:port", self.uplink.url),
-            ));
+        let key = if self.uplink.endpoints.is_empty() {
+            "uplink.url"
+        } else {
+            "uplink.endpoints"
+        };
+        for url in self.uplink.endpoint_urls() {
+            let endpoint = crate::uplink::endpoint::Endpoint::parse(&url)
+                .map_err(|message| invalid(key, message))?;
+            if endpoint.scheme != crate::uplink::endpoint::Scheme::Mqtt {
+                return Err(invalid(
+                    key,
+                    format!("'{url}': only mqtt:// is supported by this build"),
+                ));
+            }
         }
-        if crate::uplink::parse_url(&self.uplink.url).is_none() {
+        if self.uplink.probe_primary_every < Duration::from_secs(1) {
             return Err(invalid(
-                "uplink.url",
-                format!("'{}' must look like mqtt://host:port", self.uplink.url),
+                "uplink.probe_primary_every",
+                "must be at least 1s".into(),
             ));
         }
         // rumqttc's v5 client panics on a keep-alive under 5 s.

@@ -333,3 +333,79 @@ async fn poison_message_becomes_a_dead_letter_and_the_queue_flows() {
         .unwrap();
     assert_eq!(queued, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interface_switch_fails_over_and_returns_to_the_primary() {
+    if !can_fault("interface switch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Path 0 is the primary (depot WLAN), path 1 the fallback (cellular); the control client
+    // watches over the fallback path, which stays up.
+    let central = NsCentral::start(dir.path(), 2).await;
+    let mut control = central.control(1, "control").await;
+    control.subscribe("trains/T1/up/#").await;
+    let (primary, fallback) = (central.url(0), central.url(1));
+    let config = fault_config(&primary, "5s", "probe_primary_every = \"2s\"", "").replace(
+        &format!("url = \"{primary}\""),
+        &format!("endpoints = [\"{primary}\", \"{fallback}\"]"),
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    wait_log(
+        &relay,
+        0,
+        &format!("{primary}: connected"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("never connected to the primary");
+    let load = Load::start(relay.local_port, "ipad", "up/x", "s", 5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mark = relay.log().len();
+    let down_at = Instant::now();
+    central.ns.set_link(&central.ns.paths[0], false);
+    let on_fallback = wait_log(
+        &relay,
+        mark,
+        &format!("{fallback}: connected"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("did not fail over to the fallback endpoint");
+    let acked_on_fallback = load.acked();
+    let mut seen = Collector::new(&["s"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let target = load.acked();
+    assert!(
+        seen.until(&mut control, &[target], Duration::from_secs(60))
+            .await,
+        "traffic did not continue on the fallback"
+    );
+
+    let mark = relay.log().len();
+    let up_at = Instant::now();
+    central.ns.set_link(&central.ns.paths[0], true);
+    let back = wait_log(
+        &relay,
+        mark,
+        &format!("{primary}: connected"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("did not return to the primary");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = load.stop().await;
+    assert!(seen.until(&mut control, &[n], DRAIN_LIMIT).await);
+    seen.settle(&mut control, Duration::from_secs(2)).await;
+    assert_all(seen.tally(0), n, "interface switch");
+    assert!(seen.tally(0).in_order(), "interface switch: order broken");
+    println!(
+        "interface switch: failover {:.2}s after the primary went down ({acked_on_fallback} \
+         acknowledged by then), back on the primary {:.2}s after it returned, {n} delivered, \
+         {} duplicates",
+        (on_fallback - down_at).as_secs_f64(),
+        (back - up_at).as_secs_f64(),
+        seen.tally(0).duplicates
+    );
+}

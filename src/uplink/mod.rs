@@ -13,6 +13,7 @@
 //!   when TCP gives up minutes later;
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
+pub mod endpoint;
 pub mod link;
 mod status;
 
@@ -28,6 +29,7 @@ use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Entry, Queue};
+use endpoint::Endpoint;
 use link::{Link, LinkEvent, LinkOptions, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
@@ -60,6 +62,8 @@ pub fn parse_url(url: &str) -> Option<(String, u16)> {
 /// The uplink task's inputs.
 pub struct Uplink {
     options: LinkOptions,
+    /// In order of preference; never empty.
+    endpoints: Vec<Endpoint>,
     config: UplinkConfig,
     queue: Queue,
     downlink: Downlink,
@@ -79,6 +83,8 @@ enum Tag {
 enum End {
     Shutdown,
     Failed(String),
+    /// The primary endpoint is reachable again: go back to it now.
+    PrimaryBack,
 }
 
 impl Uplink {
@@ -90,10 +96,18 @@ impl Uplink {
         down_filters: Vec<(String, u8)>,
         status: StatusHandle,
     ) -> Uplink {
-        let (host, port) = parse_url(&config.url).unwrap_or_else(|| ("127.0.0.1".into(), 1884));
+        let mut endpoints: Vec<Endpoint> = config
+            .endpoint_urls()
+            .iter()
+            .filter_map(|u| Endpoint::parse(u).ok())
+            .collect();
+        if endpoints.is_empty() {
+            // Config validation rejects this; keep the built-in default rather than panic.
+            endpoints.extend(Endpoint::parse("mqtt://127.0.0.1:1884").ok());
+        }
         let options = LinkOptions {
-            host,
-            port,
+            host: endpoints[0].host.clone(),
+            port: endpoints[0].port,
             client_id: config.client_id.clone(),
             protocol: config.protocol,
             keep_alive: config.keep_alive,
@@ -106,6 +120,7 @@ impl Uplink {
         };
         Uplink {
             options,
+            endpoints,
             config: config.clone(),
             queue,
             downlink,
@@ -119,33 +134,48 @@ impl Uplink {
         let mut failures: u32 = 0;
         let mut subscribed_once = false;
         let mut last_reason: Option<String> = None;
+        let mut current = 0usize;
         loop {
             if shutdown.is_shutdown() {
                 break;
             }
+            let endpoint = &self.endpoints[current];
+            self.status.set_endpoint(&endpoint.url);
             self.status.set(LinkState::Connecting, None);
             let started = Instant::now();
-            let end = self.connection(&mut shutdown, &mut subscribed_once).await;
+            let end = self
+                .connection(endpoint, current > 0, &mut shutdown, &mut subscribed_once)
+                .await;
             let reason = match end {
                 End::Shutdown => break,
+                End::PrimaryBack => {
+                    log::info!(
+                        "uplink: primary {} is reachable again; switching back from {}",
+                        self.endpoints[0].url,
+                        endpoint.url
+                    );
+                    current = 0;
+                    failures = 0;
+                    continue;
+                }
                 End::Failed(reason) => reason,
             };
             if started.elapsed() >= STABLE_AFTER {
                 failures = 0;
             }
+            let url = endpoint.url.clone();
+            // Fail over in order: the next endpoint is tried after the backoff.
+            current = (current + 1) % self.endpoints.len();
             let delay = backoff(self.config.backoff_min, self.config.backoff_max, failures);
             failures = failures.saturating_add(1);
             self.status.set(LinkState::BackingOff, Some(reason.clone()));
             // Say a new failure once; repeat a persisting one only now and then, so a long
             // outage does not flood the journal.
             if last_reason.as_deref() != Some(reason.as_str()) {
-                log::warn!("uplink {}: {reason}; retrying", self.config.url);
+                log::warn!("uplink {url}: {reason}; retrying");
                 last_reason = Some(reason);
             } else if failures % 100 == 0 {
-                log::warn!(
-                    "uplink {}: still failing after {failures} attempts: {reason}",
-                    self.config.url
-                );
+                log::warn!("uplink {url}: still failing after {failures} attempts: {reason}");
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -156,8 +186,17 @@ impl Uplink {
         self.status.set(LinkState::Stopped, None);
     }
 
-    async fn connection(&self, shutdown: &mut Shutdown, subscribed_once: &mut bool) -> End {
-        let mut link = Link::start(&self.options);
+    async fn connection(
+        &self,
+        endpoint: &Endpoint,
+        on_fallback: bool,
+        shutdown: &mut Shutdown,
+        subscribed_once: &mut bool,
+    ) -> End {
+        let mut options = self.options.clone();
+        options.host = endpoint.host.clone();
+        options.port = endpoint.port;
+        let mut link = Link::start(&options);
         let connect_deadline = self.config.connect_timeout + Duration::from_secs(1);
         let connected = tokio::select! {
             ev = tokio::time::timeout(connect_deadline, link.next_event()) => ev,
@@ -185,7 +224,7 @@ impl Uplink {
         self.status.set(LinkState::Connected, None);
         log::info!(
             "uplink {}: connected (session present: {session_present}, window {window})",
-            self.config.url
+            endpoint.url
         );
         if !session_present || !*subscribed_once {
             if let Err(e) = link.subscribe(&self.down_filters) {
@@ -213,6 +252,11 @@ impl Uplink {
         let dead_after = keep_alive + keep_alive / 2;
         let mut last_incoming = Instant::now();
         let mut liveness = tokio::time::interval(Duration::from_millis(200));
+        let probe_every = self.config.probe_primary_every;
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + probe_every, probe_every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probing: Option<tokio::task::JoinHandle<bool>> = None;
         let mut more = true;
         loop {
             if more && drain.rows_in_flight() < window {
@@ -260,6 +304,27 @@ impl Uplink {
                 _ = self.status.reconnect_requested() => {
                     self.lost(&drain);
                     return End::Failed("reconnect requested".into());
+                }
+                _ = probe.tick(), if on_fallback && probing.is_none() => {
+                    // In a task of its own: a blackholed primary takes the whole connect
+                    // timeout to fail, and this connection keeps draining meanwhile.
+                    let primary = self.endpoints[0].clone();
+                    let within = self.config.connect_timeout;
+                    probing = Some(tokio::spawn(async move { primary.reachable(within).await }));
+                }
+                healthy = async { probing.as_mut().expect("guarded by is_some").await },
+                    if probing.is_some() =>
+                {
+                    probing = None;
+                    if matches!(healthy, Ok(true)) {
+                        self.lost(&drain);
+                        // A clean DISCONNECT: the session stays and the will is not sent.
+                        link.disconnect();
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(300), link.next_event())
+                                .await;
+                        return End::PrimaryBack;
+                    }
                 }
                 _ = shutdown.recv() => {
                     self.goodbye(&mut link).await;

@@ -25,6 +25,8 @@ pub struct LinkStatus {
     /// Wall-clock milliseconds since the epoch when `state` began.
     pub since_ms: i64,
     pub last_error: Option<String>,
+    /// The central-broker endpoint (URL) in use or being tried.
+    pub endpoint: Option<String>,
     pub connects: u64,
     pub forwarded: u64,
     /// Rows that were in flight when a connection ended and so are sent again (possible
@@ -38,6 +40,7 @@ struct Inner {
     state: LinkState,
     since_ms: i64,
     last_error: Option<String>,
+    endpoint: Option<String>,
 }
 
 /// Shared, cheap to clone.
@@ -58,6 +61,7 @@ impl Default for StatusHandle {
                 state: LinkState::Connecting,
                 since_ms: Stamp::now().wall_ms,
                 last_error: None,
+                endpoint: None,
             })),
             connects: Arc::default(),
             forwarded: Arc::default(),
@@ -89,6 +93,17 @@ impl StatusHandle {
         true
     }
 
+    /// Records the endpoint in use or being tried.
+    pub fn set_endpoint(&self, url: &str) {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if inner.endpoint.as_deref() != Some(url) {
+            inner.endpoint = Some(url.to_string());
+        }
+    }
+
     pub fn snapshot(&self) -> LinkStatus {
         let inner = match self.inner.lock() {
             Ok(g) => g,
@@ -98,6 +113,7 @@ impl StatusHandle {
             state: inner.state,
             since_ms: inner.since_ms,
             last_error: inner.last_error.clone(),
+            endpoint: inner.endpoint.clone(),
             connects: self.connects.load(Ordering::Relaxed),
             forwarded: self.forwarded.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
