@@ -130,6 +130,14 @@ pub struct UplinkConfig {
     /// While on a fallback endpoint, how often to check whether the first one is back.
     #[serde(with = "humantime_serde")]
     pub probe_primary_every: Duration,
+    /// PEM CA certificates trusted for `mqtts://` and `wss://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's root certificates.
+    pub system_roots: bool,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl UplinkConfig {
@@ -162,6 +170,10 @@ impl Default for UplinkConfig {
             max_attempts: 5,
             endpoints: Vec::new(),
             probe_primary_every: Duration::from_secs(60),
+            ca_file: None,
+            system_roots: false,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -367,15 +379,15 @@ impl Config {
         } else {
             "uplink.endpoints"
         };
+        let mut tls = false;
         for url in self.uplink.endpoint_urls() {
             let endpoint = crate::uplink::endpoint::Endpoint::parse(&url)
                 .map_err(|message| invalid(key, message))?;
-            if endpoint.scheme != crate::uplink::endpoint::Scheme::Mqtt {
-                return Err(invalid(
-                    key,
-                    format!("'{url}': only mqtt:// is supported by this build"),
-                ));
-            }
+            tls |= endpoint.scheme.is_tls();
+        }
+        if tls {
+            crate::uplink::tls::client_config(&self.uplink)
+                .map_err(|e| invalid(e.key, e.message))?;
         }
         if self.uplink.probe_primary_every < Duration::from_secs(1) {
             return Err(invalid(

@@ -16,6 +16,7 @@
 pub mod endpoint;
 pub mod link;
 mod status;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Entry, Queue};
 use endpoint::Endpoint;
-use link::{Link, LinkEvent, LinkOptions, Outgoing};
+use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
 /// A connection that lasted this long resets the backoff.
@@ -108,6 +109,7 @@ impl Uplink {
         let options = LinkOptions {
             host: endpoints[0].host.clone(),
             port: endpoints[0].port,
+            transport: LinkTransport::Tcp,
             client_id: config.client_id.clone(),
             protocol: config.protocol,
             keep_alive: config.keep_alive,
@@ -196,6 +198,10 @@ impl Uplink {
         let mut options = self.options.clone();
         options.host = endpoint.host.clone();
         options.port = endpoint.port;
+        options.transport = match self.transport(endpoint) {
+            Ok(t) => t,
+            Err(e) => return End::Failed(e),
+        };
         let mut link = Link::start(&options);
         let connect_deadline = self.config.connect_timeout + Duration::from_secs(1);
         let connected = tokio::select! {
@@ -469,6 +475,29 @@ impl Uplink {
 
     async fn ack_rows(&self, ids: Vec<i64>) -> Result<(), String> {
         self.queue.ack(ids).await.map_err(|e| e.to_string())
+    }
+
+    /// The transport for `endpoint`; TLS settings are read at every connect, so a renewed
+    /// certificate is picked up without a restart.
+    fn transport(&self, endpoint: &Endpoint) -> Result<LinkTransport, String> {
+        use endpoint::Scheme;
+        let tls = || tls::client_config(&self.config).map_err(|e| format!("TLS setup: {e}"));
+        let host = if endpoint.host.contains(':') {
+            format!("[{}]", endpoint.host)
+        } else {
+            endpoint.host.clone()
+        };
+        Ok(match endpoint.scheme {
+            Scheme::Mqtt => LinkTransport::Tcp,
+            Scheme::Mqtts => LinkTransport::Tls(tls()?),
+            Scheme::Ws => {
+                LinkTransport::Ws(format!("ws://{host}:{}{}", endpoint.port, endpoint.path))
+            }
+            Scheme::Wss => LinkTransport::Wss(
+                format!("wss://{host}:{}{}", endpoint.port, endpoint.path),
+                tls()?,
+            ),
+        })
     }
 
     /// A delivery of row `id` failed: count it, and retry it later on this connection, or,
