@@ -409,3 +409,54 @@ async fn interface_switch_fails_over_and_returns_to_the_primary() {
         seen.tally(0).duplicates
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_change_reconnects_without_waiting_for_keep_alive() {
+    if !can_fault("route change") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let central = NsCentral::start(dir.path(), 2).await;
+    let svc = central.ns.add_service_addr();
+    central.ns.route_service(svc, &central.ns.paths[0]);
+    let mut control = central.control(1, "control").await;
+    control.subscribe("trains/T1/up/#").await;
+    // A long keep-alive: only the netlink watch can make the switch quick.
+    let relay = Relay::start(
+        dir.path(),
+        &fault_config(&format!("mqtt://{svc}:{RELAY_PORT}"), "60s", "", ""),
+    )
+    .await;
+    connected(&relay, 0).await;
+    let load = Load::start(relay.local_port, "ipad", "up/x", "r", 5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // WLAN gone, cellular takes over: the route moves to the second interface and the first
+    // goes down.
+    let mark = relay.log().len();
+    let switched_at = Instant::now();
+    central.ns.route_service(svc, &central.ns.paths[1]);
+    central.ns.set_link(&central.ns.paths[0], false);
+    let noticed = wait_log(&relay, mark, "route changed", Duration::from_secs(60))
+        .await
+        .expect("route change not noticed");
+    let reconnected = connected(&relay, mark).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = load.stop().await;
+    let mut seen = Collector::new(&["r"]);
+    assert!(seen.until(&mut control, &[n], DRAIN_LIMIT).await);
+    seen.settle(&mut control, Duration::from_secs(2)).await;
+    assert_all(seen.tally(0), n, "route change");
+    assert!(seen.tally(0).in_order(), "route change: order broken");
+    println!(
+        "route change: noticed {:.2}s and reconnected {:.2}s after the switch (keep-alive 60 s \
+         would allow 90 s), {n} delivered, {} duplicates",
+        (noticed - switched_at).as_secs_f64(),
+        (reconnected - switched_at).as_secs_f64(),
+        seen.tally(0).duplicates
+    );
+    assert!(
+        reconnected - switched_at < Duration::from_secs(45),
+        "reconnect waited for keep-alive"
+    );
+}

@@ -15,6 +15,7 @@
 
 pub mod endpoint;
 pub mod link;
+pub mod netwatch;
 mod status;
 pub mod tls;
 
@@ -137,6 +138,7 @@ impl Uplink {
         let mut subscribed_once = false;
         let mut last_reason: Option<String> = None;
         let mut current = 0usize;
+        let watcher = tokio::spawn(netwatch::watch(self.status.clone(), self.endpoints.clone()));
         loop {
             if shutdown.is_shutdown() {
                 break;
@@ -185,6 +187,7 @@ impl Uplink {
                 _ = shutdown.recv() => break,
             }
         }
+        watcher.abort();
         self.status.set(LinkState::Stopped, None);
     }
 
@@ -227,6 +230,9 @@ impl Uplink {
         let max_packet = broker_max_packet
             .unwrap_or(u32::MAX)
             .min(self.options.max_packet_size) as usize;
+        // Before the state says connected, so the netlink watch compares with this route.
+        self.status
+            .set_route_source(netwatch::route_source(endpoint).await);
         self.status.set(LinkState::Connected, None);
         log::info!(
             "uplink {}: connected (session present: {session_present}, window {window})",

@@ -41,6 +41,8 @@ struct Inner {
     since_ms: i64,
     last_error: Option<String>,
     endpoint: Option<String>,
+    /// Source address of the route to the endpoint when the connection came up.
+    route_source: Option<std::net::IpAddr>,
 }
 
 /// Shared, cheap to clone.
@@ -62,6 +64,7 @@ impl Default for StatusHandle {
                 since_ms: Stamp::now().wall_ms,
                 last_error: None,
                 endpoint: None,
+                route_source: None,
             })),
             connects: Arc::default(),
             forwarded: Arc::default(),
@@ -101,6 +104,22 @@ impl StatusHandle {
         };
         if inner.endpoint.as_deref() != Some(url) {
             inner.endpoint = Some(url.to_string());
+        }
+    }
+
+    /// Records the route the current connection took (see `netwatch`).
+    pub(crate) fn set_route_source(&self, source: Option<std::net::IpAddr>) {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        inner.route_source = source;
+    }
+
+    pub(crate) fn route_source(&self) -> Option<std::net::IpAddr> {
+        match self.inner.lock() {
+            Ok(g) => g.route_source,
+            Err(poisoned) => poisoned.into_inner().route_source,
         }
     }
 

@@ -153,6 +153,30 @@ impl Netns {
         path
     }
 
+    /// An address of the central on the namespace's loopback (10.201.x.y, x.y taken from the
+    /// first path's unique /30), reachable from the root namespace over whichever path
+    /// [`Netns::route_service`] names: one endpoint URL behind two interfaces.
+    pub fn add_service_addr(&self) -> Ipv4Addr {
+        let o = self.paths[0].host_addr.octets();
+        let svc = Ipv4Addr::new(10, 201, o[2], o[3]);
+        self.exec(&["ip", "addr", "add", &format!("{svc}/32"), "dev", "lo"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        svc
+    }
+
+    /// Routes the service address over `path` (replacing any previous route).
+    pub fn route_service(&self, svc: Ipv4Addr, path: &VethPath) {
+        ip(&[
+            "route",
+            "replace",
+            &format!("{svc}/32"),
+            "via",
+            &path.ns_addr.to_string(),
+            "dev",
+            &path.host_if,
+        ]);
+    }
+
     /// `ip link set <host side> up|down`: the interface switch.
     pub fn set_link(&self, path: &VethPath, up: bool) {
         ip(&["link", "set", &path.host_if, if up { "up" } else { "down" }]);
