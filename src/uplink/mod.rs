@@ -198,6 +198,9 @@ impl Uplink {
         shutdown: &mut Shutdown,
         subscribed_once: &mut bool,
     ) -> End {
+        // A reconnect asked for while no connection was up (the netlink watch racing a state
+        // change) is void now: clear it, or it would cut this connection short.
+        let _ = tokio::time::timeout(Duration::ZERO, self.status.reconnect_requested()).await;
         let mut options = self.options.clone();
         options.host = endpoint.host.clone();
         options.port = endpoint.port;
