@@ -125,6 +125,34 @@ pub struct UplinkConfig {
     pub password_file: Option<PathBuf>,
     /// Topic of the relay's retained presence (`online`/`offline`, the latter as Last Will).
     pub status_topic: String,
+    /// Failed delivery attempts of one message (refused, too large, or the connection dropped
+    /// right after it was sent) before it becomes a dead letter.
+    pub max_attempts: u32,
+    /// Ordered central-broker endpoints (first preferred); empty means `url` alone. Giving
+    /// both is an error.
+    pub endpoints: Vec<String>,
+    /// While on a fallback endpoint, how often to check whether the first one is back.
+    #[serde(with = "humantime_serde")]
+    pub probe_primary_every: Duration,
+    /// PEM CA certificates trusted for `mqtts://` and `wss://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's root certificates.
+    pub system_roots: bool,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl UplinkConfig {
+    /// The endpoints in order of preference.
+    pub fn endpoint_urls(&self) -> Vec<String> {
+        if self.endpoints.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.endpoints.clone()
+        }
+    }
 }
 
 impl Default for UplinkConfig {
@@ -143,6 +171,13 @@ impl Default for UplinkConfig {
             username: None,
             password_file: None,
             status_topic: "trains/{train_id}/status".into(),
+            max_attempts: 5,
+            endpoints: Vec::new(),
+            probe_primary_every: Duration::from_secs(60),
+            ca_file: None,
+            system_roots: false,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -349,6 +384,19 @@ impl Config {
             file: file.to_path_buf(),
             message: describe_toml_error(&e, text),
         })?;
+        // `url` has a default, so only the text tells whether it was given next to `endpoints`.
+        let url_given = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("uplink")?.get("url").cloned())
+            .is_some();
+        if url_given && !config.uplink.endpoints.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: "uplink.endpoints".into(),
+                message: "give either uplink.url or uplink.endpoints, not both".into(),
+            });
+        }
         config.validate(file)?;
         config.expand();
         Ok(config)
@@ -395,25 +443,38 @@ impl Config {
                 ),
             ));
         }
-        if !self.uplink.url.starts_with("mqtt://") {
+        let key = if self.uplink.endpoints.is_empty() {
+            "uplink.url"
+        } else {
+            "uplink.endpoints"
+        };
+        let mut tls = false;
+        for url in self.uplink.endpoint_urls() {
+            let endpoint = crate::uplink::endpoint::Endpoint::parse(&url)
+                .map_err(|message| invalid(key, message))?;
+            tls |= endpoint.scheme.is_tls();
+        }
+        if tls {
+            crate::uplink::tls::client_config(&self.uplink)
+                .map_err(|e| invalid(e.key, e.message))?;
+        }
+        if self.uplink.probe_primary_every < Duration::from_secs(1) {
             return Err(invalid(
-                "uplink.url",
-                format!("'{}' must look like mqtt://host:port", self.uplink.url),
+                "uplink.probe_primary_every",
+                "must be at least 1s".into(),
             ));
         }
-        if crate::uplink::parse_url(&self.uplink.url).is_none() {
-            return Err(invalid(
-                "uplink.url",
-                format!("'{}' must look like mqtt://host:port", self.uplink.url),
-            ));
-        }
-        if self.uplink.keep_alive < Duration::from_secs(1)
+        // rumqttc's v5 client panics on a keep-alive under 5 s.
+        if self.uplink.keep_alive < Duration::from_secs(5)
             || self.uplink.keep_alive > Duration::from_secs(65535)
         {
             return Err(invalid(
                 "uplink.keep_alive",
-                "must be between 1s and 65535s".into(),
+                "must be between 5s and 65535s".into(),
             ));
+        }
+        if self.uplink.max_attempts == 0 {
+            return Err(invalid("uplink.max_attempts", "must be at least 1".into()));
         }
         if self.uplink.backoff_min.is_zero() || self.uplink.backoff_min > self.uplink.backoff_max {
             return Err(invalid(

@@ -89,6 +89,8 @@ use rusqlite::{named_params, params, Connection, OptionalExtension, Row};
 use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
 
+pub mod dead_letter;
+
 use super::{Db, StoreError};
 use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};

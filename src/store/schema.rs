@@ -109,6 +109,31 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (route, key)
     );
     "#,
+    // 4: dead letters: uplink rows the central broker would not take after
+    // `uplink.max_attempts` tries, kept out of the queue so the rows behind them flow. Same
+    // columns as `uplink_queue` (the id is the original row id, so a re-queued row keeps its
+    // place and its message id), plus why and when it was given up.
+    r#"
+    CREATE TABLE uplink_dead_letters (
+        id            INTEGER PRIMARY KEY,
+        route         TEXT    NOT NULL,
+        priority      INTEGER NOT NULL,
+        topic         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        qos           INTEGER NOT NULL,
+        retain        INTEGER NOT NULL,
+        props         BLOB,
+        accepted_wall INTEGER NOT NULL,
+        accepted_boot INTEGER NOT NULL,
+        boot_id       INTEGER NOT NULL,
+        deadline_wall INTEGER,
+        deadline_boot INTEGER,
+        size          INTEGER NOT NULL,
+        attempts      INTEGER NOT NULL,
+        reason        TEXT    NOT NULL,
+        failed_wall   INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

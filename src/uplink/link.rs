@@ -7,6 +7,7 @@
 //! the socket) and a fresh one is made, so no rumqttc state — in particular its own replay of
 //! unacknowledged publishes — outlives a connection. The store is the only source of truth.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,11 +19,41 @@ use crate::clock::Stamp;
 use crate::config::Protocol;
 use crate::message::{Message, Properties, QoS};
 
+/// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.
+#[derive(Debug, Clone, Default)]
+pub enum LinkTransport {
+    #[default]
+    Tcp,
+    Tls(Arc<rustls::ClientConfig>),
+    Ws(String),
+    Wss(String, Arc<rustls::ClientConfig>),
+}
+
+impl LinkTransport {
+    /// rumqttc's broker address (the host, or for WebSocket the URL) and transport.
+    fn for_rumqttc(&self, host: &str) -> (String, rumqttc::Transport) {
+        use rumqttc::{TlsConfiguration, Transport};
+        match self {
+            LinkTransport::Tcp => (host.to_string(), Transport::Tcp),
+            LinkTransport::Tls(c) => (
+                host.to_string(),
+                Transport::Tls(TlsConfiguration::Rustls(c.clone())),
+            ),
+            LinkTransport::Ws(url) => (url.clone(), Transport::Ws),
+            LinkTransport::Wss(url, c) => (
+                url.clone(),
+                Transport::Wss(TlsConfiguration::Rustls(c.clone())),
+            ),
+        }
+    }
+}
+
 /// How to reach and greet the central broker.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
     pub host: String,
     pub port: u16,
+    pub transport: LinkTransport,
     pub client_id: String,
     pub protocol: Protocol,
     pub keep_alive: Duration,
@@ -57,6 +88,13 @@ pub enum LinkEvent {
     Other,
     /// rumqttc held back a publish because of a packet-id collision: request order is lost.
     Collision,
+}
+
+impl LinkEvent {
+    /// Whether the event is a packet from the broker (as opposed to one of our own writes).
+    pub fn is_incoming(&self) -> bool {
+        !matches!(self, LinkEvent::Sent { .. } | LinkEvent::Collision)
+    }
 }
 
 /// What [`Link::ack`] needs to acknowledge a received message.
@@ -106,7 +144,9 @@ impl Link {
         let (tx, events) = mpsc::channel(256);
         let (client, poller) = match o.protocol {
             Protocol::V311 => {
-                let mut opts = rumqttc::MqttOptions::new(&o.client_id, &o.host, o.port);
+                let (addr, transport) = o.transport.for_rumqttc(&o.host);
+                let mut opts = rumqttc::MqttOptions::new(&o.client_id, addr, o.port);
+                opts.set_transport(transport);
                 opts.set_keep_alive(o.keep_alive)
                     .set_clean_session(false)
                     .set_manual_acks(true)
@@ -145,7 +185,9 @@ impl Link {
                 (Client::V4(client), poller)
             }
             Protocol::V5 => {
-                let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, &o.host, o.port);
+                let (addr, transport) = o.transport.for_rumqttc(&o.host);
+                let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, addr, o.port);
+                opts.set_transport(transport);
                 let expiry = u32::try_from(o.session_expiry.as_secs()).unwrap_or(u32::MAX);
                 opts.set_keep_alive(o.keep_alive)
                     .set_clean_start(false)

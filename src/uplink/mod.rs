@@ -13,8 +13,11 @@
 //!   when TCP gives up minutes later;
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
+pub mod endpoint;
 pub mod link;
+pub mod netwatch;
 mod status;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,8 +29,10 @@ use crate::config::UplinkConfig;
 use crate::downlink::Downlink;
 use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
+use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Entry, Queue};
-use link::{Link, LinkEvent, LinkOptions, Outgoing};
+use endpoint::Endpoint;
+use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
 /// A connection that lasted this long resets the backoff.
@@ -59,6 +64,8 @@ pub fn parse_url(url: &str) -> Option<(String, u16)> {
 /// The uplink task's inputs.
 pub struct Uplink {
     options: LinkOptions,
+    /// In order of preference; never empty.
+    endpoints: Vec<Endpoint>,
     config: UplinkConfig,
     queue: Queue,
     downlink: Downlink,
@@ -78,6 +85,8 @@ enum Tag {
 enum End {
     Shutdown,
     Failed(String),
+    /// The primary endpoint is reachable again: go back to it now.
+    PrimaryBack,
 }
 
 impl Uplink {
@@ -89,10 +98,19 @@ impl Uplink {
         down_filters: Vec<(String, u8)>,
         status: StatusHandle,
     ) -> Uplink {
-        let (host, port) = parse_url(&config.url).unwrap_or_else(|| ("127.0.0.1".into(), 1884));
+        let mut endpoints: Vec<Endpoint> = config
+            .endpoint_urls()
+            .iter()
+            .filter_map(|u| Endpoint::parse(u).ok())
+            .collect();
+        if endpoints.is_empty() {
+            // Config validation rejects this; keep the built-in default rather than panic.
+            endpoints.extend(Endpoint::parse("mqtt://127.0.0.1:1884").ok());
+        }
         let options = LinkOptions {
-            host,
-            port,
+            host: endpoints[0].host.clone(),
+            port: endpoints[0].port,
+            transport: LinkTransport::Tcp,
             client_id: config.client_id.clone(),
             protocol: config.protocol,
             keep_alive: config.keep_alive,
@@ -105,6 +123,7 @@ impl Uplink {
         };
         Uplink {
             options,
+            endpoints,
             config: config.clone(),
             queue,
             downlink,
@@ -118,33 +137,49 @@ impl Uplink {
         let mut failures: u32 = 0;
         let mut subscribed_once = false;
         let mut last_reason: Option<String> = None;
+        let mut current = 0usize;
+        let watcher = tokio::spawn(netwatch::watch(self.status.clone(), self.endpoints.clone()));
         loop {
             if shutdown.is_shutdown() {
                 break;
             }
+            let endpoint = &self.endpoints[current];
+            self.status.set_endpoint(&endpoint.url);
             self.status.set(LinkState::Connecting, None);
             let started = Instant::now();
-            let end = self.connection(&mut shutdown, &mut subscribed_once).await;
+            let end = self
+                .connection(endpoint, current > 0, &mut shutdown, &mut subscribed_once)
+                .await;
             let reason = match end {
                 End::Shutdown => break,
+                End::PrimaryBack => {
+                    log::info!(
+                        "uplink: primary {} is reachable again; switching back from {}",
+                        self.endpoints[0].url,
+                        endpoint.url
+                    );
+                    current = 0;
+                    failures = 0;
+                    continue;
+                }
                 End::Failed(reason) => reason,
             };
             if started.elapsed() >= STABLE_AFTER {
                 failures = 0;
             }
+            let url = endpoint.url.clone();
+            // Fail over in order: the next endpoint is tried after the backoff.
+            current = (current + 1) % self.endpoints.len();
             let delay = backoff(self.config.backoff_min, self.config.backoff_max, failures);
             failures = failures.saturating_add(1);
             self.status.set(LinkState::BackingOff, Some(reason.clone()));
             // Say a new failure once; repeat a persisting one only now and then, so a long
             // outage does not flood the journal.
             if last_reason.as_deref() != Some(reason.as_str()) {
-                log::warn!("uplink {}: {reason}; retrying", self.config.url);
+                log::warn!("uplink {url}: {reason}; retrying");
                 last_reason = Some(reason);
             } else if failures % 100 == 0 {
-                log::warn!(
-                    "uplink {}: still failing after {failures} attempts: {reason}",
-                    self.config.url
-                );
+                log::warn!("uplink {url}: still failing after {failures} attempts: {reason}");
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -152,11 +187,28 @@ impl Uplink {
                 _ = shutdown.recv() => break,
             }
         }
+        watcher.abort();
         self.status.set(LinkState::Stopped, None);
     }
 
-    async fn connection(&self, shutdown: &mut Shutdown, subscribed_once: &mut bool) -> End {
-        let mut link = Link::start(&self.options);
+    async fn connection(
+        &self,
+        endpoint: &Endpoint,
+        on_fallback: bool,
+        shutdown: &mut Shutdown,
+        subscribed_once: &mut bool,
+    ) -> End {
+        // A reconnect asked for while no connection was up (the netlink watch racing a state
+        // change) is void now: clear it, or it would cut this connection short.
+        let _ = tokio::time::timeout(Duration::ZERO, self.status.reconnect_requested()).await;
+        let mut options = self.options.clone();
+        options.host = endpoint.host.clone();
+        options.port = endpoint.port;
+        options.transport = match self.transport(endpoint) {
+            Ok(t) => t,
+            Err(e) => return End::Failed(e),
+        };
+        let mut link = Link::start(&options);
         let connect_deadline = self.config.connect_timeout + Duration::from_secs(1);
         let connected = tokio::select! {
             ev = tokio::time::timeout(connect_deadline, link.next_event()) => ev,
@@ -181,10 +233,13 @@ impl Uplink {
         let max_packet = broker_max_packet
             .unwrap_or(u32::MAX)
             .min(self.options.max_packet_size) as usize;
+        // Before the state says connected, so the netlink watch compares with this route.
+        self.status
+            .set_route_source(netwatch::route_source(endpoint).await);
         self.status.set(LinkState::Connected, None);
         log::info!(
             "uplink {}: connected (session present: {session_present}, window {window})",
-            self.config.url
+            endpoint.url
         );
         if !session_present || !*subscribed_once {
             if let Err(e) = link.subscribe(&self.down_filters) {
@@ -212,6 +267,11 @@ impl Uplink {
         let dead_after = keep_alive + keep_alive / 2;
         let mut last_incoming = Instant::now();
         let mut liveness = tokio::time::interval(Duration::from_millis(200));
+        let probe_every = self.config.probe_primary_every;
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + probe_every, probe_every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probing: Option<tokio::task::JoinHandle<bool>> = None;
         let mut more = true;
         loop {
             if more && drain.rows_in_flight() < window {
@@ -222,7 +282,12 @@ impl Uplink {
             }
             tokio::select! {
                 ev = link.next_event() => {
-                    last_incoming = Instant::now();
+                    // Only what the broker sent proves the link alive: rumqttc reports our
+                    // own writes too, and those succeed into a dead link until the socket
+                    // buffer fills.
+                    if matches!(&ev, Ok(e) if e.is_incoming()) {
+                        last_incoming = Instant::now();
+                    }
                     match ev {
                         Ok(ev) => {
                             if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
@@ -232,12 +297,16 @@ impl Uplink {
                         }
                         Err(e) => {
                             self.lost(&drain);
+                            self.suspect(&drain, &e).await;
                             return End::Failed(format!("connection lost: {e}"));
                         }
                     }
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
+                    if drain.retry_due() {
+                        more = true;
+                    }
                     if last_incoming.elapsed() > dead_after {
                         self.lost(&drain);
                         return End::Failed(format!(
@@ -250,6 +319,27 @@ impl Uplink {
                 _ = self.status.reconnect_requested() => {
                     self.lost(&drain);
                     return End::Failed("reconnect requested".into());
+                }
+                _ = probe.tick(), if on_fallback && probing.is_none() => {
+                    // In a task of its own: a blackholed primary takes the whole connect
+                    // timeout to fail, and this connection keeps draining meanwhile.
+                    let primary = self.endpoints[0].clone();
+                    let within = self.config.connect_timeout;
+                    probing = Some(tokio::spawn(async move { primary.reachable(within).await }));
+                }
+                healthy = async { probing.as_mut().expect("guarded by is_some").await },
+                    if probing.is_some() =>
+                {
+                    probing = None;
+                    if matches!(healthy, Ok(true)) {
+                        self.lost(&drain);
+                        // A clean DISCONNECT: the session stays and the will is not sent.
+                        link.disconnect();
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(300), link.next_event())
+                                .await;
+                        return End::PrimaryBack;
+                    }
                 }
                 _ = shutdown.recv() => {
                     self.goodbye(&mut link).await;
@@ -287,13 +377,8 @@ impl Uplink {
                     drain.skipped.insert(entry.id);
                 }
                 Send::Refused(reason) => {
-                    log::error!(
-                        "uplink: message {} on route {} cannot be sent: {reason}",
-                        entry.msg_id,
-                        entry.route
-                    );
-                    drain.skipped.insert(entry.id);
-                    let _ = self.queue.record_attempt(vec![entry.id]).await;
+                    self.failed(drain, entry.id, format!("cannot be sent: {reason}"))
+                        .await;
                 }
                 Send::Busy => return Ok(true),
             }
@@ -352,6 +437,9 @@ impl Uplink {
                         *more = true;
                     }
                 } else {
+                    if let Tag::Row(id) = tag {
+                        drain.written.push_back(id);
+                    }
                     drain.by_pkid.insert(pkid, tag);
                 }
             }
@@ -361,15 +449,19 @@ impl Uplink {
                 };
                 if let Tag::Row(id) = tag {
                     drain.in_flight.remove(&id);
+                    drain.written.retain(|w| *w != id);
                     match refused {
                         None => {
                             self.ack_rows(vec![id]).await?;
                             self.status.count_forwarded(1);
                         }
                         Some(reason) => {
-                            log::warn!("uplink: central broker refused row {id}: {reason}");
-                            drain.skipped.insert(id);
-                            let _ = self.queue.record_attempt(vec![id]).await;
+                            self.failed(
+                                drain,
+                                id,
+                                format!("refused by the central broker: {reason}"),
+                            )
+                            .await;
                         }
                     }
                     *more = true;
@@ -392,6 +484,78 @@ impl Uplink {
 
     async fn ack_rows(&self, ids: Vec<i64>) -> Result<(), String> {
         self.queue.ack(ids).await.map_err(|e| e.to_string())
+    }
+
+    /// The transport for `endpoint`; TLS settings are read at every connect, so a renewed
+    /// certificate is picked up without a restart.
+    fn transport(&self, endpoint: &Endpoint) -> Result<LinkTransport, String> {
+        use endpoint::Scheme;
+        let tls = || tls::client_config(&self.config).map_err(|e| format!("TLS setup: {e}"));
+        let host = if endpoint.host.contains(':') {
+            format!("[{}]", endpoint.host)
+        } else {
+            endpoint.host.clone()
+        };
+        Ok(match endpoint.scheme {
+            Scheme::Mqtt => LinkTransport::Tcp,
+            Scheme::Mqtts => LinkTransport::Tls(tls()?),
+            Scheme::Ws => {
+                LinkTransport::Ws(format!("ws://{host}:{}{}", endpoint.port, endpoint.path))
+            }
+            Scheme::Wss => LinkTransport::Wss(
+                format!("wss://{host}:{}{}", endpoint.port, endpoint.path),
+                tls()?,
+            ),
+        })
+    }
+
+    /// A delivery of row `id` failed: count it, and retry it later on this connection, or,
+    /// at `uplink.max_attempts`, move it to the dead letters so the queue behind it flows.
+    async fn failed(&self, drain: &mut Drain, id: i64, reason: String) {
+        let msg_id = self.queue.msg_id(id);
+        let max = self.config.max_attempts;
+        match self.queue.record_failure(id, reason.clone(), max).await {
+            Ok(Failure::DeadLettered) => {
+                self.status.count_dead_lettered(1);
+                log::error!(
+                    "uplink: message {msg_id} moved to the dead letters after {max} attempts: \
+                     {reason}"
+                );
+            }
+            Ok(Failure::Counted(n)) => {
+                log::warn!("uplink: message {msg_id} {reason} (attempt {n} of {max})");
+                let delay = backoff(self.config.backoff_min, self.config.backoff_max, n);
+                drain.retry_at.insert(id, Instant::now() + delay);
+            }
+            Ok(Failure::Gone) => {}
+            Err(e) => {
+                log::warn!("uplink: message {msg_id} {reason}; cannot record it: {e}");
+                drain.skipped.insert(id);
+            }
+        }
+    }
+
+    /// The broker closed or reset the connection: a broker that cannot take a message (NATS
+    /// 2.9 with a `.` in a topic) does that on every resend, and it processes in order, so the
+    /// oldest unacknowledged message written counts one failed attempt. Timeouts (tunnels,
+    /// interface switches) are not the message's fault and count nothing.
+    async fn suspect(&self, drain: &Drain, error: &str) {
+        let closed = error.contains("closed by peer")
+            || error.contains("reset by peer")
+            || error.contains("ConnectionReset")
+            || error.contains("ConnectionAborted");
+        if !closed {
+            return;
+        }
+        if let Some(&id) = drain.written.iter().find(|id| drain.in_flight.contains(id)) {
+            let mut scratch = Drain::default();
+            self.failed(
+                &mut scratch,
+                id,
+                format!("was followed by the broker closing the connection ({error})"),
+            )
+            .await;
+        }
     }
 
     fn lost(&self, drain: &Drain) {
@@ -446,8 +610,12 @@ struct Drain {
     by_pkid: HashMap<u16, Tag>,
     /// Store rows queued or written and not yet acknowledged.
     in_flight: HashSet<i64>,
-    /// Rows not to fetch again on this connection (refused or expired meanwhile).
+    /// Rows not to fetch again on this connection (expired meanwhile).
     skipped: HashSet<i64>,
+    /// Rows whose delivery failed, not to fetch again before the instant.
+    retry_at: HashMap<i64, Instant>,
+    /// Rows written and waiting for their PUBACK, oldest first.
+    written: VecDeque<i64>,
 }
 
 impl Drain {
@@ -456,7 +624,19 @@ impl Drain {
     }
 
     fn excluded(&self) -> impl Iterator<Item = i64> + '_ {
-        self.in_flight.iter().chain(self.skipped.iter()).copied()
+        self.in_flight
+            .iter()
+            .chain(self.skipped.iter())
+            .chain(self.retry_at.keys())
+            .copied()
+    }
+
+    /// Releases failed rows whose retry time came; true if any did.
+    fn retry_due(&mut self) -> bool {
+        let now = Instant::now();
+        let before = self.retry_at.len();
+        self.retry_at.retain(|_, at| *at > now);
+        self.retry_at.len() != before
     }
 }
 

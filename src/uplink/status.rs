@@ -25,17 +25,24 @@ pub struct LinkStatus {
     /// Wall-clock milliseconds since the epoch when `state` began.
     pub since_ms: i64,
     pub last_error: Option<String>,
+    /// The central-broker endpoint (URL) in use or being tried.
+    pub endpoint: Option<String>,
     pub connects: u64,
     pub forwarded: u64,
     /// Rows that were in flight when a connection ended and so are sent again (possible
     /// duplicates at the central broker).
     pub resent: u64,
+    /// Messages moved to the dead letters since start (see `Queue::dead_letters`).
+    pub dead_lettered: u64,
 }
 
 struct Inner {
     state: LinkState,
     since_ms: i64,
     last_error: Option<String>,
+    endpoint: Option<String>,
+    /// Source address of the route to the endpoint when the connection came up.
+    route_source: Option<std::net::IpAddr>,
 }
 
 /// Shared, cheap to clone.
@@ -45,6 +52,7 @@ pub struct StatusHandle {
     connects: Arc<AtomicU64>,
     forwarded: Arc<AtomicU64>,
     resent: Arc<AtomicU64>,
+    dead_lettered: Arc<AtomicU64>,
     reconnect: Arc<Notify>,
 }
 
@@ -55,10 +63,13 @@ impl Default for StatusHandle {
                 state: LinkState::Connecting,
                 since_ms: Stamp::now().wall_ms,
                 last_error: None,
+                endpoint: None,
+                route_source: None,
             })),
             connects: Arc::default(),
             forwarded: Arc::default(),
             resent: Arc::default(),
+            dead_lettered: Arc::default(),
             reconnect: Arc::default(),
         }
     }
@@ -85,6 +96,33 @@ impl StatusHandle {
         true
     }
 
+    /// Records the endpoint in use or being tried.
+    pub fn set_endpoint(&self, url: &str) {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if inner.endpoint.as_deref() != Some(url) {
+            inner.endpoint = Some(url.to_string());
+        }
+    }
+
+    /// Records the route the current connection took (see `netwatch`).
+    pub(crate) fn set_route_source(&self, source: Option<std::net::IpAddr>) {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        inner.route_source = source;
+    }
+
+    pub(crate) fn route_source(&self) -> Option<std::net::IpAddr> {
+        match self.inner.lock() {
+            Ok(g) => g.route_source,
+            Err(poisoned) => poisoned.into_inner().route_source,
+        }
+    }
+
     pub fn snapshot(&self) -> LinkStatus {
         let inner = match self.inner.lock() {
             Ok(g) => g,
@@ -94,9 +132,11 @@ impl StatusHandle {
             state: inner.state,
             since_ms: inner.since_ms,
             last_error: inner.last_error.clone(),
+            endpoint: inner.endpoint.clone(),
             connects: self.connects.load(Ordering::Relaxed),
             forwarded: self.forwarded.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
         }
     }
 
@@ -106,6 +146,10 @@ impl StatusHandle {
 
     pub fn count_resent(&self, n: u64) {
         self.resent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_dead_lettered(&self, n: u64) {
+        self.dead_lettered.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Asks the uplink to drop the connection and reconnect now.
