@@ -127,6 +127,9 @@ pub struct UplinkConfig {
     pub status_topic: String,
     /// Failed delivery attempts of one message (refused, too large, or the connection dropped
     /// right after it was sent) before it becomes a dead letter.
+    /// Bandwidth cap for the uplink (topic + payload bytes per second); none by default.
+    #[serde(default)]
+    pub max_bytes_per_second: Option<ByteSize>,
     pub max_attempts: u32,
     /// Ordered central-broker endpoints (first preferred); empty means `url` alone. Giving
     /// both is an error.
@@ -171,6 +174,7 @@ impl Default for UplinkConfig {
             username: None,
             password_file: None,
             status_topic: "trains/{train_id}/status".into(),
+            max_bytes_per_second: None,
             max_attempts: 5,
             endpoints: Vec::new(),
             probe_primary_every: Duration::from_secs(60),

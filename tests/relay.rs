@@ -471,3 +471,40 @@ async fn sigterm_stops_cleanly_and_restart_resumes() {
     let (order, _) = sequence(&got, "t");
     assert_complete_in_order(&order, 300, "after a clean restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_paces_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::start(dir.path()).await;
+    let control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    drop(control);
+    central.stop();
+    let config = relay_config(&central.url(), &store_section("")).replace(
+        "backoff_max = \"1s\"",
+        "backoff_max = \"1s\"\nmax_bytes_per_second = \"2KB\"",
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    // 40 messages of about 210 bytes: 8.4 kB, four times the per-second budget.
+    let big: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let mut p = format!("b-{i} ").into_bytes();
+            p.resize(200, b'.');
+            p
+        })
+        .collect();
+    ipad.publish_acked("up/x", big, None).await;
+    central.restart().await;
+    let started = std::time::Instant::now();
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    let got = control.collect(40, QUIET).await;
+    let took = started.elapsed();
+    assert_eq!(got.len(), 40, "capped drain lost messages");
+    // One second of burst, then 2 kB/s: at least about 3 s for 8.4 kB.
+    assert!(
+        took >= Duration::from_secs(2),
+        "cap not applied: drained in {took:?}"
+    );
+    println!("8.4 kB at 2 kB/s drained in {took:?}");
+}

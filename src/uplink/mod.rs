@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod link;
 pub mod netwatch;
 mod status;
+mod throttle;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -248,7 +249,10 @@ impl Uplink {
             *subscribed_once = true;
         }
 
-        let mut drain = Drain::default();
+        let mut drain = Drain {
+            throttle: throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64())),
+            ..Drain::default()
+        };
         let online = Outgoing {
             topic: &self.config.status_topic,
             payload: Bytes::from_static(b"online"),
@@ -358,6 +362,12 @@ impl Uplink {
         window: usize,
         max_packet: usize,
     ) -> Result<bool, String> {
+        if let Some(t) = drain.throttle.as_mut() {
+            if !t.ready(Instant::now()) {
+                // Over the bandwidth cap: the liveness tick tries again.
+                return Ok(true);
+            }
+        }
         let want = window - drain.rows_in_flight();
         let exclude: Vec<i64> = drain.excluded().collect();
         let batch = self
@@ -368,10 +378,20 @@ impl Uplink {
         let got = batch.len();
         let now = Stamp::now();
         for entry in batch {
+            if drain
+                .throttle
+                .as_mut()
+                .is_some_and(|t| !t.ready(Instant::now()))
+            {
+                return Ok(true);
+            }
             match self.send(link, &entry, &now, max_packet) {
                 Send::Sent => {
                     drain.queued.push_back(Tag::Row(entry.id));
                     drain.in_flight.insert(entry.id);
+                    if let Some(t) = drain.throttle.as_mut() {
+                        t.take(entry.message.topic.len() + entry.message.payload.len());
+                    }
                 }
                 Send::Skip => {
                     drain.skipped.insert(entry.id);
@@ -383,6 +403,8 @@ impl Uplink {
                 Send::Busy => return Ok(true),
             }
         }
+        // A full batch means a backlog: say so, so nobody mistakes a long drain for a hang.
+        self.status.set_draining(got == want);
         Ok(got == want)
     }
 
@@ -616,6 +638,8 @@ struct Drain {
     retry_at: HashMap<i64, Instant>,
     /// Rows written and waiting for their PUBACK, oldest first.
     written: VecDeque<i64>,
+    /// The bandwidth cap, if one is configured.
+    throttle: Option<throttle::Throttle>,
 }
 
 impl Drain {

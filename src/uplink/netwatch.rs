@@ -148,7 +148,7 @@ pub async fn watch(status: StatusHandle, endpoints: Vec<Endpoint>) {
         };
         let now = route_source(endpoint).await;
         let before = match snap.state {
-            LinkState::Connected => Some(status.route_source()),
+            LinkState::Connected | LinkState::Draining => Some(status.route_source()),
             LinkState::BackingOff => last
                 .as_ref()
                 .filter(|(u, _)| *u == url)

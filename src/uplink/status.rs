@@ -14,6 +14,8 @@ use crate::clock::Stamp;
 pub enum LinkState {
     Connecting,
     Connected,
+    /// Connected and sending a backlog larger than the in-flight window.
+    Draining,
     BackingOff,
     Stopped,
 }
@@ -94,6 +96,24 @@ impl StatusHandle {
         inner.state = state;
         inner.since_ms = Stamp::now().wall_ms;
         true
+    }
+
+    /// Switches between `Connected` and `Draining` (and nothing else).
+    pub fn set_draining(&self, draining: bool) {
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let next = if draining {
+            LinkState::Draining
+        } else {
+            LinkState::Connected
+        };
+        if matches!(inner.state, LinkState::Connected | LinkState::Draining) && inner.state != next
+        {
+            inner.state = next;
+            inner.since_ms = Stamp::now().wall_ms;
+        }
     }
 
     /// Records the endpoint in use or being tried.
