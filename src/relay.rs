@@ -1,14 +1,12 @@
 //! The relay's side of the local broker: what is accepted from the iPads goes through the
 //! uplink routes into the store, and the iPad is acknowledged only once it is committed.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use crate::broker::{BrokerEvent, ClientInfo, Hooks, Ingest, Protocol, RejectReason};
 use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};
-use crate::route::Routes;
+use crate::route::SharedRoutes;
 use crate::store::queue::{NewEntry, Queue};
 use crate::store::StoreError;
 use crate::topic;
@@ -18,7 +16,7 @@ const PRESENCE_ROUTE: &str = "presence";
 
 /// Implements the broker hooks for the relay.
 pub struct RelayHooks {
-    routes: Arc<Routes>,
+    routes: SharedRoutes,
     queue: Queue,
     train_id: String,
     /// Local topics that only the relay itself publishes to (downlink destinations).
@@ -26,8 +24,8 @@ pub struct RelayHooks {
 }
 
 impl RelayHooks {
-    pub fn new(routes: Arc<Routes>, queue: Queue, train_id: &str) -> RelayHooks {
-        let relay_only = routes.down_local_patterns();
+    pub fn new(routes: SharedRoutes, queue: Queue, train_id: &str) -> RelayHooks {
+        let relay_only = routes.load().down_local_patterns();
         RelayHooks {
             routes,
             queue,
@@ -81,7 +79,8 @@ impl Hooks for RelayHooks {
     }
 
     fn ingest(&self, _client: &ClientInfo, msg: &Message) -> Ingest {
-        let Some((route, remote_topic)) = self.routes.up(&msg.topic) else {
+        let routes = self.routes.load();
+        let Some((route, remote_topic)) = routes.up(&msg.topic) else {
             return Ingest::Accept;
         };
         let deadline = msg

@@ -123,6 +123,8 @@ impl Uplink {
                 break;
             }
             self.status.set(LinkState::Connecting, None);
+            let connect_wait = self.config.connect_timeout + Duration::from_secs(1);
+            self.status.heartbeat().expect_within(connect_wait);
             let started = Instant::now();
             let end = self.connection(&mut shutdown, &mut subscribed_once).await;
             let reason = match end {
@@ -146,6 +148,7 @@ impl Uplink {
                     self.config.url
                 );
             }
+            self.status.heartbeat().expect_within(delay);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.status.reconnect_requested() => {}
@@ -238,6 +241,7 @@ impl Uplink {
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
+                    crate::watchdog::beat_or_hang(self.status.heartbeat()).await;
                     if last_incoming.elapsed() > dead_after {
                         self.lost(&drain);
                         return End::Failed(format!(

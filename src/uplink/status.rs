@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::clock::Stamp;
+use crate::watchdog::Heartbeat;
 
 /// Where the uplink is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -25,6 +26,10 @@ pub struct LinkStatus {
     /// Wall-clock milliseconds since the epoch when `state` began.
     pub since_ms: i64,
     pub last_error: Option<String>,
+    /// Wall-clock milliseconds when the link last came up or went down (start-up counts as
+    /// going down): "down since" for a technician, where `since_ms` only tells when the
+    /// current retry began.
+    pub link_since_ms: i64,
     pub connects: u64,
     pub forwarded: u64,
     /// Rows that were in flight when a connection ended and so are sent again (possible
@@ -36,6 +41,7 @@ struct Inner {
     state: LinkState,
     since_ms: i64,
     last_error: Option<String>,
+    link_since_ms: i64,
 }
 
 /// Shared, cheap to clone.
@@ -46,6 +52,11 @@ pub struct StatusHandle {
     forwarded: Arc<AtomicU64>,
     resent: Arc<AtomicU64>,
     reconnect: Arc<Notify>,
+    /// Bumped on every state change, for those who report changes (sd_notify STATUS=, the
+    /// retained health document).
+    changes: Arc<watch::Sender<u64>>,
+    /// Beaten by the uplink loop; the systemd watchdog stops pinging when it goes stale.
+    heartbeat: Heartbeat,
 }
 
 impl Default for StatusHandle {
@@ -55,11 +66,14 @@ impl Default for StatusHandle {
                 state: LinkState::Connecting,
                 since_ms: Stamp::now().wall_ms,
                 last_error: None,
+                link_since_ms: Stamp::now().wall_ms,
             })),
             connects: Arc::default(),
             forwarded: Arc::default(),
             resent: Arc::default(),
             reconnect: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+            heartbeat: Heartbeat::new("uplink"),
         }
     }
 }
@@ -80,8 +94,14 @@ impl StatusHandle {
         if inner.state == state {
             return false;
         }
+        let now_ms = Stamp::now().wall_ms;
+        if (inner.state == LinkState::Connected) != (state == LinkState::Connected) {
+            inner.link_since_ms = now_ms;
+        }
         inner.state = state;
-        inner.since_ms = Stamp::now().wall_ms;
+        inner.since_ms = now_ms;
+        drop(inner);
+        self.changes.send_modify(|n| *n += 1);
         true
     }
 
@@ -94,6 +114,7 @@ impl StatusHandle {
             state: inner.state,
             since_ms: inner.since_ms,
             last_error: inner.last_error.clone(),
+            link_since_ms: inner.link_since_ms,
             connects: self.connects.load(Ordering::Relaxed),
             forwarded: self.forwarded.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
@@ -111,6 +132,16 @@ impl StatusHandle {
     /// Asks the uplink to drop the connection and reconnect now.
     pub fn request_reconnect(&self) {
         self.reconnect.notify_one();
+    }
+
+    /// Sees every later state change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The uplink loop's heartbeat.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 
     pub(crate) async fn reconnect_requested(&self) {
