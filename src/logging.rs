@@ -117,18 +117,23 @@ static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
 
 /// The filter in effect: `RUST_LOG` if set (and valid), else `configured`.
 fn effective(configured: &str) -> Filter {
-    if let Ok(env) = std::env::var("RUST_LOG") {
+    if let Ok(env) = std::env::var("RUST_LOG").map(|v| v.trim().to_string()) {
+        if env.is_empty() {
+            return Filter::parse(configured).unwrap_or_else(|_| fallback());
+        }
         match Filter::parse(&env) {
             Ok(f) => return f,
             Err(e) => eprintln!("trainrelay: RUST_LOG ignored: {e}"),
         }
     }
-    Filter::parse(configured)
-        .or_else(|_| Filter::parse(DEFAULT_LEVEL))
-        .unwrap_or(Filter {
-            default: LevelFilter::Info,
-            targets: Vec::new(),
-        })
+    Filter::parse(configured).unwrap_or_else(|_| fallback())
+}
+
+fn fallback() -> Filter {
+    Filter::parse(DEFAULT_LEVEL).unwrap_or(Filter {
+        default: LevelFilter::Info,
+        targets: Vec::new(),
+    })
 }
 
 /// Installs the logger once, early in `main`, with the built-in level and no train id.

@@ -174,8 +174,9 @@ pub struct Watchdog {
 
 impl Watchdog {
     pub async fn run(self, mut shutdown: Shutdown) {
-        let mut usec = 0u64;
-        let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+        let usec = watchdog_usec();
+        let enabled = usec.is_some();
+        let usec = usec.unwrap_or(0);
         // Half the timeout, as sd_watchdog_enabled(3) recommends.
         let every = if enabled {
             Duration::from_micros(usec / 2).max(Duration::from_millis(50))
@@ -223,6 +224,19 @@ impl Watchdog {
             }
         }
     }
+}
+
+/// The watchdog timeout systemd asks for, as sd_watchdog_enabled(3) reads it: `WATCHDOG_USEC`,
+/// applying to this process unless `WATCHDOG_PID` names another one. (The sd-notify crate
+/// insists on `WATCHDOG_PID`, which systemd sets but a supervisor or test may not.)
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then_some(usec)
 }
 
 /// The one line `systemctl status` shows.

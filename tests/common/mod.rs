@@ -514,3 +514,4 @@ impl V5Client {
         reasons
     }
 }
+pub mod ops;
