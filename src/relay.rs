@@ -125,6 +125,7 @@ impl Hooks for RelayHooks {
         match event {
             BrokerEvent::Connected(client) => {
                 log::info!(
+                    client_id = client.client_id.as_str();
                     "iPad '{}' connected from {} ({:?})",
                     client.client_id,
                     client.peer,
@@ -133,11 +134,11 @@ impl Hooks for RelayHooks {
                 self.presence(&client, "online");
             }
             BrokerEvent::Disconnected { client, reason } => {
-                log::info!("iPad '{}' disconnected: {reason}", client.client_id);
+                log::info!(client_id = client.client_id.as_str(); "iPad '{}' disconnected: {reason}", client.client_id);
                 self.presence(&client, "offline");
             }
             BrokerEvent::WillPublished { client_id, topic } => {
-                log::info!("iPad '{client_id}': will published on '{topic}'");
+                log::info!(client_id = client_id.as_str(); "iPad '{client_id}': will published on '{topic}'");
             }
         }
     }

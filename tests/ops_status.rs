@@ -17,7 +17,8 @@ async fn status_figures_follow_an_outage() {
     let tmp = tempfile::tempdir().unwrap();
     let mut central = Central::start(tmp.path()).await;
     central.stop(); // its port is known and nobody listens there: the central broker is down
-    let config = relay_config(&central.url(), &store_section(""));
+    let config = relay_config(&central.url(), &store_section(""))
+        .replace("[status]\n", "[status]\ndetail_interval = \"1s\"\n");
     let relay = Daemon::start(tmp.path(), &config, &[]).await;
     let socket = relay.socket();
 
@@ -44,6 +45,9 @@ async fn status_figures_follow_an_outage() {
     assert!(st["uplink"]["last_error"].is_string(), "{st}");
     assert_eq!(st["uplink"]["endpoint"], central.url());
     assert_eq!(route_depth(&s, "up:up/#"), 10, "{st}");
+    // The health document is refreshed every second and on every retry, yet only one copy
+    // waits during the outage.
+    assert_eq!(route_depth(&s, "status"), 1, "{st}");
     assert!(st["store"]["oldest_age_s"].is_u64(), "{st}");
     assert!(st["counters"]["accepted"].as_u64().unwrap() >= 10);
     assert_eq!(st["counters"]["forwarded"], 0);
@@ -102,6 +106,22 @@ async fn status_figures_follow_an_outage() {
     let out = status_cli(&["--socket", socket.to_str().unwrap()], None);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("uplink    UP since"), "{text}");
+
+    // The control centre sees the retained health document, fresh after the outage.
+    let mut control = V5Client::connect(central.port, "control", true).await;
+    control.subscribe("trains/T1/status/detail").await;
+    let doc = eventually(WAIT, "a fresh health document", || {
+        let p = control.messages.try_recv().ok()?;
+        let doc: serde_json::Value = serde_json::from_slice(&p.payload).ok()?;
+        (doc["link"] == "connected").then_some(doc)
+    })
+    .await;
+    assert_eq!(doc["train_id"], "T1");
+    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        doc["queue_depth"].is_u64() && doc["uptime_s"].is_u64(),
+        "{doc}"
+    );
 
     // reconnect: the uplink drops its connection and comes back.
     let out = status_cli(&["--socket", socket.to_str().unwrap(), "--reconnect"], None);

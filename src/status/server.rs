@@ -69,7 +69,7 @@ impl Access {
             // Supplementary membership, as listed in the group database.
             let user = User::from_uid(uid).ok().flatten();
             let member = match (user, Group::from_name(name)) {
-                (Some(user), Ok(Some(group))) => group.mem.iter().any(|m| *m == user.name),
+                (Some(user), Ok(Some(group))) => group.mem.contains(&user.name),
                 _ => false,
             };
             if member {

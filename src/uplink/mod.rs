@@ -140,10 +140,11 @@ impl Uplink {
             // Say a new failure once; repeat a persisting one only now and then, so a long
             // outage does not flood the journal.
             if last_reason.as_deref() != Some(reason.as_str()) {
-                log::warn!("uplink {}: {reason}; retrying", self.config.url);
+                log::warn!(endpoint = self.config.url.as_str(); "uplink {}: {reason}; retrying", self.config.url);
                 last_reason = Some(reason);
             } else if failures % 100 == 0 {
                 log::warn!(
+                    endpoint = self.config.url.as_str();
                     "uplink {}: still failing after {failures} attempts: {reason}",
                     self.config.url
                 );
@@ -186,6 +187,7 @@ impl Uplink {
             .min(self.options.max_packet_size) as usize;
         self.status.set(LinkState::Connected, None);
         log::info!(
+            endpoint = self.config.url.as_str();
             "uplink {}: connected (session present: {session_present}, window {window})",
             self.config.url
         );
@@ -292,6 +294,7 @@ impl Uplink {
                 }
                 Send::Refused(reason) => {
                     log::error!(
+                        route = entry.route.as_str();
                         "uplink: message {} on route {} cannot be sent: {reason}",
                         entry.msg_id,
                         entry.route
