@@ -69,7 +69,12 @@ impl Detail {
                 next
             };
             tokio::select! {
-                _ = tokio::time::sleep_until(wake_at) => want = !every.is_zero(),
+                _ = tokio::time::sleep_until(wake_at) => {
+                    // Due again one interval from now, whether or not this one can be queued
+                    // (a deadline left in the past would wake this loop at once, forever).
+                    want = !every.is_zero();
+                    next = tokio::time::Instant::now() + every;
+                }
                 r = changes.changed() => {
                     if r.is_err() { return; }
                     want = true;
