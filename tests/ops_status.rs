@@ -243,3 +243,40 @@ async fn only_permitted_users_get_answers() {
     let out = status_cli(&["--socket", sock], None);
     assert!(out.status.success());
 }
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn cpu_time(pid: nix::unistd::Pid) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_millis((f[0] + f[1]) * 1000 / ticks)
+}
+
+/// A long outage with a short detail interval: the pending health document must not make the
+/// daemon poll the store in a loop (it once did, keeping a core busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_the_daemon_idle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = relay_config("mqtt://127.0.0.1:9", &store_section(""))
+        .replace("[status]\n", "[status]\ndetail_interval = \"1s\"\n");
+    let relay = Daemon::start(tmp.path(), &config, &[]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, t0) = (cpu_time(relay.pid()), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let used = cpu_time(relay.pid()) - cpu0;
+    let wall = t0.elapsed();
+    println!("CPU {used:?} in {wall:?} of outage");
+    // Idle is a few tens of milliseconds; a busy loop is close to the whole wall time.
+    assert!(used < wall / 3, "CPU {used:?} in {wall:?}: busy while idle");
+    assert_eq!(route_depth(&query(&relay.socket(), "status"), "status"), 1);
+}
