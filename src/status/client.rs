@@ -101,7 +101,7 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "trainrelay {} · train {} · running {} (pid {})",
+        "trainrelay {}, train {}, running {} (pid {})",
         s.version,
         s.train_id,
         duration(s.uptime_s),
@@ -117,7 +117,7 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
     let up = u.state == "connected";
     let _ = writeln!(
         o,
-        "uplink    {} since {} ({}) · {} · {} connects",
+        "uplink    {} since {} ({}), {}, {} connects",
         if up { "UP" } else { "DOWN" },
         clock_time(u.link_since_ms, now_ms),
         duration(u.link_for_s),
@@ -171,7 +171,7 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
     for c in clients {
         let _ = writeln!(
             o,
-            "          {:<24} {:<22} v{:<5} since {} · {} subscriptions",
+            "          {:<24} {:<22} v{:<5} since {}, {} subscriptions",
             c.client_id,
             c.address,
             c.protocol,
