@@ -151,7 +151,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     }
     drop(queue);
     drop(db);
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    watchdog::notify("READY=1");
     log::info!(
         "ready {:.0} ms after start",
         started.elapsed().as_secs_f64() * 1000.0
@@ -168,17 +168,17 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
             _ = terminate.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = interrupt.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = hangup.recv() => {
-                let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                let mut reloading = "RELOADING=1".to_string();
                 if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
-                    reloading.push(now);
+                    reloading.push_str(&format!("\n{now}"));
                 }
-                let _ = sd_notify::notify(false, &reloading);
+                watchdog::notify(&reloading);
                 reloader.reload();
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                watchdog::notify("READY=1");
             }
         }
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    watchdog::notify("STOPPING=1");
     trigger.trigger();
     for task in tasks {
         let abort = task.abort_handle();

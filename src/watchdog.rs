@@ -193,7 +193,7 @@ impl Watchdog {
             if last_state != Some(state.state) {
                 last_state = Some(state.state);
                 let line = status_line(state.state, &self.endpoint, state.last_error.as_deref());
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&line)]);
+                notify(&format!("STATUS={line}"));
             }
             let stale = self
                 .heartbeats
@@ -215,7 +215,7 @@ impl Watchdog {
                 _ => {}
             }
             if enabled && unhealthy.is_none() {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                notify("WATCHDOG=1");
             }
             tokio::select! {
                 _ = tick.tick() => {}
@@ -223,6 +223,32 @@ impl Watchdog {
                 _ = shutdown.recv() => return,
             }
         }
+    }
+}
+
+/// Sends one notification (`"READY=1"`, `"STATUS=..."`) to `NOTIFY_SOCKET`, if set, without
+/// ever blocking: a datagram socket whose reader stopped reading (its queue holds ten) would
+/// block a blocking sender, and with it an async worker or shutdown. A message that does not
+/// fit is dropped; systemd reads promptly, so this only matters when something else listens.
+pub fn notify(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let addr = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name.as_bytes())
+        }
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        log::debug!("sd_notify {state:?}: {e}");
     }
 }
 

@@ -179,3 +179,27 @@ async fn watchdog_stops_when_the_store_writer_hangs() {
     });
     assert!(relay.log().contains("the store loop is"), "{}", relay.log());
 }
+
+/// A notify socket nobody reads (its queue fills up) must not block the daemon: status still
+/// answers and SIGTERM still stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_notify_socket_blocks_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let _deaf = UnixDatagram::bind(&path).unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.display().to_string()),
+        ("WATCHDOG_USEC", "100000".to_string()),
+    ];
+    let config = relay_config("mqtt://127.0.0.1:9", &store_section(""));
+    let mut relay = Daemon::start(tmp.path(), &config, &env).await;
+    // Pings every 50 ms: the socket's queue is long full after a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = query(&relay.socket(), "status");
+    assert_eq!(s["ok"], true, "{s}");
+    let exit = relay
+        .terminate(WAIT)
+        .await
+        .expect("did not stop on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+}
