@@ -279,4 +279,11 @@ async fn an_outage_keeps_the_daemon_idle() {
     // Idle is a few tens of milliseconds; a busy loop is close to the whole wall time.
     assert!(used < wall / 3, "CPU {used:?} in {wall:?}: busy while idle");
     assert_eq!(route_depth(&query(&relay.socket(), "status"), "status"), 1);
+
+    // A restart during the outage finds the pending document instead of adding another.
+    let mut relay = relay;
+    relay.kill();
+    let relay = Daemon::start(tmp.path(), &config, &[]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(route_depth(&query(&relay.socket(), "status"), "status"), 1);
 }

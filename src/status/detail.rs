@@ -38,7 +38,13 @@ pub struct Detail {
 impl Detail {
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut changes = self.sources.uplink.changes();
-        let mut pending: Option<i64> = None;
+        // A document left pending by an earlier run counts: at priority 0 it heads the
+        // delivery order, so the first row tells (unless a route of the config also uses
+        // priority 0 and holds older rows; then one extra copy is queued).
+        let mut pending: Option<i64> = match self.sources.queue.next_batch(Vec::new(), 1).await {
+            Ok(first) => first.into_iter().find(|e| e.route == ROUTE).map(|e| e.id),
+            Err(_) => None,
+        };
         let mut want = true;
         let mut every = *self.interval.borrow_and_update();
         let mut next = tokio::time::Instant::now() + every;
