@@ -538,6 +538,24 @@ mod tests {
     }
 
     #[test]
+    fn ops_keys_are_validated_by_name() {
+        let e = parse("train_id = \"T1\"\n[log]\nlevel = \"loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
+        let e = parse("train_id = \"T1\"\n[status]\ndetail_interval = \"10ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status.detail_interval"), "{e}");
+        let c = parse(
+            "train_id = \"T1\"\n[status]\ngroup = \"adm\"\ndetail_interval = \"0s\"\n[log]\nlevel = \"warn,trainrelay=debug\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.status.group.as_deref(), Some("adm"));
+        assert!(c.status.detail_interval.is_zero());
+    }
+
+    #[test]
     fn builtin_is_valid() {
         let c = Config::builtin();
         c.validate(Path::new("builtin")).unwrap();
