@@ -50,6 +50,24 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub status: StatusConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: what the daemon logs. `RUST_LOG`, when set, takes precedence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style directives: `"info"`, `"info,trainrelay::uplink=debug"`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: crate::logging::DEFAULT_LEVEL.into(),
+        }
+    }
 }
 
 /// `[local]`: the broker the cab iPads connect to.
@@ -303,12 +321,21 @@ fn default_priority() -> u8 {
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     pub socket: PathBuf,
+    /// Group allowed to use the status socket besides root and the daemon's own user; the
+    /// socket file is given this group (mode 0660).
+    pub group: Option<String>,
+    /// How often the retained health document is refreshed upstream (also on every link state
+    /// change); `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub detail_interval: Duration,
 }
 
 impl Default for StatusConfig {
     fn default() -> Self {
         StatusConfig {
             socket: PathBuf::from("trainrelay-state/status.sock"),
+            group: None,
+            detail_interval: Duration::from_secs(60),
         }
     }
 }
@@ -368,6 +395,7 @@ impl Config {
             store: StoreConfig::default(),
             routes,
             status: StatusConfig::default(),
+            log: LogConfig::default(),
         };
         config.expand();
         config
@@ -526,6 +554,25 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty".into()));
         }
+        if self.status.socket.as_os_str().is_empty() {
+            return Err(invalid("status.socket", "must not be empty".into()));
+        }
+        if let Some(group) = &self.status.group {
+            if group.is_empty() {
+                return Err(invalid("status.group", "must not be empty".into()));
+            }
+        }
+        if !self.status.detail_interval.is_zero()
+            && self.status.detail_interval < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "status.detail_interval",
+                "must be 0s (off) or at least 1s".into(),
+            ));
+        }
+        if let Err(e) = crate::logging::Filter::parse(&self.log.level) {
+            return Err(invalid("log.level", e));
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("route[{i}].{k}");
             if r.qos > 1 {
@@ -666,6 +713,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("keep_alive"), "{e}");
+    }
+
+    #[test]
+    fn ops_keys_are_validated_by_name() {
+        let e = parse("train_id = \"T1\"\n[log]\nlevel = \"loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
+        let e = parse("train_id = \"T1\"\n[status]\ndetail_interval = \"10ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status.detail_interval"), "{e}");
+        let c = parse(
+            "train_id = \"T1\"\n[status]\ngroup = \"adm\"\ndetail_interval = \"0s\"\n[log]\nlevel = \"warn,trainrelay=debug\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.status.group.as_deref(), Some("adm"));
+        assert!(c.status.detail_interval.is_zero());
     }
 
     #[test]

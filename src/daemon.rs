@@ -1,12 +1,15 @@
 //! `trainrelay run`: wires the pieces together and owns their lifetimes.
 //!
-//! Start-up order: store, queue, local broker (bound), uplink; then READY. Shutdown on
+//! Start-up order: store, queue, local broker (bound), uplink, status socket; then READY (so
+//! `Type=notify` units order after a relay that accepts iPads and has its store open). SIGHUP
+//! reloads the config (see `reload`). Shutdown on
 //! SIGTERM/SIGINT: every task sees the shared signal, the local broker stops accepting and
 //! closes its clients, the uplink says goodbye to the central broker, and the store's writer
 //! finishes what was submitted before the process exits.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -16,19 +19,29 @@ use crate::config::Config;
 use crate::downlink::Downlink;
 use crate::freshness::{Freshness, FreshnessCounters};
 use crate::relay::RelayHooks;
-use crate::route::Routes;
+use crate::reload::Reloader;
+use crate::route::{Routes, SharedRoutes};
 use crate::shutdown::{self, Shutdown};
 use crate::store::queue::{Queue, QueueConfig};
 use crate::store::Db;
 use crate::uplink::{StatusHandle, Uplink};
+use crate::watchdog::{self, Heartbeat, Watchdog};
 
 /// How long tasks get to finish after the shutdown signal.
 const GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    run_from(config, None).await
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP re-reads `file` (if any).
+pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let started_ms = crate::clock::Stamp::now().wall_ms;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
     let (db, db_thread) = Db::open(&config.store.path, config.store.synchronous)?;
     let queue = Queue::open(
@@ -40,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     queue.set_starvation_every(config.store.starvation_every);
-    let routes = Arc::new(Routes::from_config(&config));
+    let routes = SharedRoutes::new(Routes::from_config(&config));
     let freshness = Arc::new(Freshness::load(db.clone()).await?);
     let hooks = Arc::new(
         RelayHooks::new(routes.clone(), queue.clone(), &config.train_id)
@@ -54,12 +67,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let status = StatusHandle::default();
     let downlink = Downlink::new(routes.clone(), broker.handle()).with_freshness(freshness.clone());
     let report = (queue.clone(), freshness, downlink.clone());
+    let broker_handle = broker.handle();
+    let endpoint = crate::status::redact_url(&config.uplink.url);
+    let sources = crate::status::Sources {
+        train_id: config.train_id.clone(),
+        endpoint: endpoint.clone(),
+        listen: broker.local_addr().to_string(),
+        max_bytes: config.store.max_bytes.as_u64(),
+        started,
+        started_ms,
+        uplink: status.clone(),
+        queue: queue.clone(),
+        broker: broker.handle(),
+        downlink: downlink.clone(),
+    };
     let uplink = Uplink::new(
         &config.uplink,
         credentials,
         queue.clone(),
         downlink,
-        routes.down_filters(),
+        routes.load().down_filters(),
         status.clone(),
     );
     log::info!(
@@ -70,8 +97,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.uplink.url,
         config.store.path.display()
     );
-    let tasks = vec![
-        tokio::spawn(log_errors("local broker", broker.run(shutdown.clone()))),
+    // A status socket that cannot be set up is reported, but does not keep the relay from
+    // carrying messages.
+    let status_server =
+        match crate::status::server::StatusServer::bind(&config.status, sources.clone()) {
+            Ok(server) => {
+                log::info!("status socket: {}", server.path().display());
+                Some(server)
+            }
+            Err(e) => {
+                log::error!("{e}; `trainrelay status` will not work");
+                None
+            }
+        };
+    let (detail_interval, detail_rx) = tokio::sync::watch::channel(config.status.detail_interval);
+    let broker_task = tokio::spawn(log_errors("local broker", broker.run(shutdown.clone())));
+    let broker_hb = Heartbeat::new("local broker");
+    let store_hb = Heartbeat::new("store");
+    let mut tasks = vec![
+        tokio::spawn(watchdog::probe_broker(
+            broker_handle,
+            broker_task.abort_handle(),
+            broker_hb.clone(),
+            shutdown.clone(),
+        )),
+        broker_task,
+        tokio::spawn(watchdog::probe_store(
+            db.clone(),
+            store_hb.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(
+            Watchdog {
+                status: status.clone(),
+                endpoint,
+                heartbeats: vec![status.heartbeat().clone(), broker_hb, store_hb],
+            }
+            .run(shutdown.clone()),
+        ),
+        tokio::spawn(
+            crate::status::detail::Detail {
+                topic: format!("{}/detail", config.uplink.status_topic),
+                sources,
+                interval: detail_rx,
+            }
+            .run(shutdown.clone()),
+        ),
         tokio::spawn(uplink.run(shutdown.clone())),
         tokio::spawn(sweep(
             queue.clone(),
@@ -79,15 +150,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
     ];
+    if let Some(server) = status_server {
+        tasks.push(tokio::spawn(server.run(shutdown.clone())));
+    }
     drop(queue);
     drop(db);
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    watchdog::notify("READY=1");
+    log::info!(
+        "ready {:.0} ms after start",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 
-    tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
+    let mut reloader = Reloader {
+        file,
+        current: config.clone(),
+        routes,
+        detail_interval,
+    };
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            _ = interrupt.recv() => { log::info!("SIGINT: shutting down"); break; }
+            _ = hangup.recv() => {
+                let mut reloading = "RELOADING=1".to_string();
+                if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                    reloading.push_str(&format!("\n{now}"));
+                }
+                watchdog::notify(&reloading);
+                reloader.reload();
+                watchdog::notify("READY=1");
+            }
+        }
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    watchdog::notify("STOPPING=1");
     trigger.trigger();
     for task in tasks {
         let abort = task.abort_handle();

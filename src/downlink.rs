@@ -15,7 +15,7 @@ use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
 use crate::freshness::{Check, Freshness};
 use crate::message::{Message, QoS};
-use crate::route::Routes;
+use crate::route::SharedRoutes;
 
 /// User property added to every downlink message: when the relay received it (wall-clock ms).
 pub const ACCEPTED_MS_PROPERTY: &str = "trainrelay-accepted-ms";
@@ -33,14 +33,14 @@ pub struct DownlinkCounters {
 /// Hands messages from the central broker to the local broker.
 #[derive(Clone)]
 pub struct Downlink {
-    routes: Arc<Routes>,
+    routes: SharedRoutes,
     broker: BrokerHandle,
     counters: Arc<DownlinkCounters>,
     freshness: Option<Arc<Freshness>>,
 }
 
 impl Downlink {
-    pub fn new(routes: Arc<Routes>, broker: BrokerHandle) -> Downlink {
+    pub fn new(routes: SharedRoutes, broker: BrokerHandle) -> Downlink {
         Downlink {
             routes,
             broker,
@@ -62,7 +62,8 @@ impl Downlink {
     /// Maps and injects one message. Resolves once the local broker has taken it durably,
     /// so the caller may then acknowledge it to the central broker.
     pub async fn deliver(&self, mut msg: Message) -> Result<(), BrokerError> {
-        let Some((route, local_topic)) = self.routes.down(&msg.topic) else {
+        let routes = self.routes.load();
+        let Some((route, local_topic)) = routes.down(&msg.topic) else {
             self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
             log::debug!("downlink: no route for '{}', dropped", msg.topic);
             return Ok(());

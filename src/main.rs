@@ -26,6 +26,27 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Ask the running daemon how it is: uplink, waiting messages, iPads, drops.
+    ///
+    /// Exit codes: 0 answered, 3 the daemon is not running, 4 access denied, 1 other errors.
+    Status {
+        /// The daemon's config file, for the socket path (default: /etc/trainrelay/trainrelay.toml
+        /// if it exists, else the built-in default).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The status socket, overriding the config.
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's answers as JSON (`{"status":{...},"clients":[...]}`).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECONDS until interrupted.
+        #[arg(short, long, value_name = "SECONDS")]
+        watch: Option<f64>,
+        /// Ask the uplink to drop its connection and reconnect now.
+        #[arg(long, conflicts_with_all = ["json", "watch"])]
+        reconnect: bool,
+    },
     /// Check a config file and exit: 0 if valid, 2 if not.
     CheckConfig {
         /// The TOML config file.
@@ -36,6 +57,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status {
+            config,
+            socket,
+            json,
+            watch,
+            reconnect,
+        } => status(config, socket, json, watch, reconnect),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("config {}: ok", config.display());
@@ -46,9 +74,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match config {
-                Some(file) => match Config::load(&file) {
+        Command::Run { config: file } => {
+            let config = match &file {
+                Some(file) => match Config::load(file) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("trainrelay: {e}");
@@ -57,7 +85,7 @@ fn main() -> ExitCode {
                 },
                 None => Config::builtin(),
             };
-            trainrelay::logging::init();
+            trainrelay::logging::init_for(&config.train_id, &config.log.level);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -68,7 +96,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(trainrelay::daemon::run(config)) {
+            match runtime.block_on(trainrelay::daemon::run_from(config, file)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e:#}");
@@ -76,5 +104,87 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The default config file of an installed daemon.
+const SYSTEM_CONFIG: &str = "/etc/trainrelay/trainrelay.toml";
+
+fn status(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    json: bool,
+    watch: Option<f64>,
+    reconnect: bool,
+) -> ExitCode {
+    use trainrelay::status::client;
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let file = config.or_else(|| {
+                let system = PathBuf::from(SYSTEM_CONFIG);
+                system.exists().then_some(system)
+            });
+            match file {
+                Some(file) => match Config::load(&file) {
+                    Ok(c) => c.status.socket,
+                    Err(e) => {
+                        eprintln!("trainrelay: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::builtin().status.socket,
+            }
+        }
+    };
+    if reconnect {
+        return match client::ask(&socket, trainrelay::status::protocol::Query::Reconnect) {
+            Ok(r) => {
+                println!("{}", r.message.unwrap_or_else(|| "ok".into()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trainrelay status: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    let every = match watch {
+        Some(s) if s.is_finite() && s >= 0.1 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(_) => {
+            eprintln!("trainrelay status: --watch wants at least 0.1 seconds");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
+    loop {
+        let outcome = client::ask_all(&socket);
+        let code = match &outcome {
+            Ok((status, clients)) => {
+                let now_ms = trainrelay::clock::Stamp::now().wall_ms;
+                if every.is_some() && !json {
+                    // Clear the screen and home the cursor, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                }
+                if json {
+                    let doc = serde_json::json!({ "status": status, "clients": clients });
+                    println!("{doc}");
+                } else {
+                    print!("{}", client::render(status, clients, now_ms));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trainrelay status: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+        let Some(every) = every else {
+            return code;
+        };
+        if let Err(client::ClientError::AccessDenied(_)) = outcome {
+            return code;
+        }
+        std::thread::sleep(every);
     }
 }

@@ -10,7 +10,7 @@ use crate::clock::Stamp;
 use crate::config::Conflate;
 use crate::freshness::{Check, Freshness};
 use crate::message::{Message, Properties, QoS};
-use crate::route::Routes;
+use crate::route::SharedRoutes;
 use crate::store::queue::{NewEntry, Queue};
 use crate::store::StoreError;
 use crate::topic;
@@ -20,7 +20,7 @@ const PRESENCE_ROUTE: &str = "presence";
 
 /// Implements the broker hooks for the relay.
 pub struct RelayHooks {
-    routes: Arc<Routes>,
+    routes: SharedRoutes,
     queue: Queue,
     train_id: String,
     /// Local topics that only the relay itself publishes to (downlink destinations).
@@ -32,8 +32,8 @@ pub struct RelayHooks {
 }
 
 impl RelayHooks {
-    pub fn new(routes: Arc<Routes>, queue: Queue, train_id: &str) -> RelayHooks {
-        let relay_only = routes.down_local_patterns();
+    pub fn new(routes: SharedRoutes, queue: Queue, train_id: &str) -> RelayHooks {
+        let relay_only = routes.load().down_local_patterns();
         RelayHooks {
             routes,
             queue,
@@ -152,7 +152,8 @@ impl Hooks for RelayHooks {
     }
 
     fn ingest(&self, _client: &ClientInfo, msg: &Message) -> Ingest {
-        let Some((route, remote_topic)) = self.routes.up(&msg.topic) else {
+        let routes = self.routes.load();
+        let Some((route, remote_topic)) = routes.up(&msg.topic) else {
             return Ingest::Accept;
         };
         let mut undo = None;
@@ -212,6 +213,7 @@ impl Hooks for RelayHooks {
         match event {
             BrokerEvent::Connected(client) => {
                 log::info!(
+                    client_id = client.client_id.as_str();
                     "iPad '{}' connected from {} ({:?})",
                     client.client_id,
                     client.peer,
@@ -220,11 +222,11 @@ impl Hooks for RelayHooks {
                 self.presence(&client, "online");
             }
             BrokerEvent::Disconnected { client, reason } => {
-                log::info!("iPad '{}' disconnected: {reason}", client.client_id);
+                log::info!(client_id = client.client_id.as_str(); "iPad '{}' disconnected: {reason}", client.client_id);
                 self.presence(&client, "offline");
             }
             BrokerEvent::WillPublished { client_id, topic } => {
-                log::info!("iPad '{client_id}': will published on '{topic}'");
+                log::info!(client_id = client_id.as_str(); "iPad '{client_id}': will published on '{topic}'");
             }
         }
     }

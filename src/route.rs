@@ -6,6 +6,7 @@
 //! (config validation guarantees both have the same wildcards in the same order). The first
 //! route that matches a topic wins.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::config::{Config, Conflate, Direction, VersionSource};
@@ -127,6 +128,34 @@ impl Routes {
     /// Every route, uplink first.
     pub fn all(&self) -> impl Iterator<Item = &Route> {
         self.up.iter().chain(self.down.iter())
+    }
+}
+
+/// The routes in effect, replaceable at runtime (SIGHUP applies new TTLs and priorities).
+/// Readers take a snapshot per message, so a message is routed by one consistent set.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRoutes(Arc<RwLock<Arc<Routes>>>);
+
+impl SharedRoutes {
+    pub fn new(routes: Routes) -> SharedRoutes {
+        SharedRoutes(Arc::new(RwLock::new(Arc::new(routes))))
+    }
+
+    /// The current routes.
+    pub fn load(&self) -> Arc<Routes> {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the routes for every later message.
+    pub fn store(&self, routes: Routes) {
+        let mut g = match self.0.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *g = Arc::new(routes);
     }
 }
 

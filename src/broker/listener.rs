@@ -39,7 +39,12 @@ pub fn admit(
     let guard = SocketGuard(Arc::clone(shared));
     let max = shared.config.max_connections;
     if open > max + REFUSAL_SLOTS {
-        log::warn!("local broker: {open} sockets open (limit {max}); closing {peer} at once");
+        // A flood of sockets must not become a flood of log lines.
+        static SAID: crate::logging::Throttle =
+            crate::logging::Throttle::new(std::time::Duration::from_secs(60));
+        if let Some(held) = SAID.allow() {
+            log::warn!("local broker: {open} sockets open (limit {max}); closing {peer} at once ({held} more closed since the last report)");
+        }
         shared.lock().stats.refused_connections += 1;
         drop(stream);
         drop(guard);

@@ -302,8 +302,13 @@ impl Broker {
                         listener::admit(stream, peer, &self.shared, &shutdown, &mut tasks);
                     }
                     Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        log::warn!("local broker: accept on {} failed: {e}", self.local_addr);
+                        // Out of file descriptors and the like: wait instead of spinning,
+                        // and say so once a minute, not ten times a second.
+                        static SAID: crate::logging::Throttle =
+                            crate::logging::Throttle::new(Duration::from_secs(60));
+                        if let Some(held) = SAID.allow() {
+                            log::warn!("local broker: accept on {} failed: {e} ({held} more failures since the last report)", self.local_addr);
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },

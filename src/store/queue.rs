@@ -738,6 +738,20 @@ impl Queue {
         self.shared.notify.notified()
     }
 
+    /// Whether row `id` is still queued (not yet acknowledged, expired or dropped). A primary
+    /// key lookup, cheap at any depth: lets a producer keep at most one row of its own pending.
+    pub async fn is_queued(&self, id: i64) -> Result<bool, StoreError> {
+        self.db
+            .run(move |conn| {
+                Ok(conn
+                    .prepare_cached("SELECT 1 FROM uplink_queue WHERE id = ?1")?
+                    .query_row([id], |_| Ok(()))
+                    .optional()?
+                    .is_some())
+            })
+            .await
+    }
+
     async fn run_then<T, U, F, G>(&self, f: F, then: G) -> Result<U, StoreError>
     where
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,

@@ -147,6 +147,8 @@ impl Uplink {
             let endpoint = &self.endpoints[current];
             self.status.set_endpoint(&endpoint.url);
             self.status.set(LinkState::Connecting, None);
+            let connect_wait = self.config.connect_timeout + Duration::from_secs(1);
+            self.status.heartbeat().expect_within(connect_wait);
             let started = Instant::now();
             let end = self
                 .connection(endpoint, current > 0, &mut shutdown, &mut subscribed_once)
@@ -177,11 +179,15 @@ impl Uplink {
             // Say a new failure once; repeat a persisting one only now and then, so a long
             // outage does not flood the journal.
             if last_reason.as_deref() != Some(reason.as_str()) {
-                log::warn!("uplink {url}: {reason}; retrying");
+                log::warn!(endpoint = url.as_str(); "uplink {url}: {reason}; retrying");
                 last_reason = Some(reason);
             } else if failures % 100 == 0 {
-                log::warn!("uplink {url}: still failing after {failures} attempts: {reason}");
+                log::warn!(
+                    endpoint = url.as_str();
+                    "uplink {url}: still failing after {failures} attempts: {reason}"
+                );
             }
+            self.status.heartbeat().expect_within(delay);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.status.reconnect_requested() => {}
@@ -239,6 +245,7 @@ impl Uplink {
             .set_route_source(netwatch::route_source(endpoint).await);
         self.status.set(LinkState::Connected, None);
         log::info!(
+            endpoint = self.config.url.as_str();
             "uplink {}: connected (session present: {session_present}, window {window})",
             endpoint.url
         );
@@ -308,6 +315,7 @@ impl Uplink {
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
+                    crate::watchdog::beat_or_hang(self.status.heartbeat()).await;
                     if drain.retry_due() {
                         more = true;
                     }

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::clock::Stamp;
+use crate::watchdog::Heartbeat;
 
 /// Where the uplink is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,6 +30,10 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     /// The central-broker endpoint (URL) in use or being tried.
     pub endpoint: Option<String>,
+    /// Wall-clock milliseconds when the link last came up or went down (start-up counts as
+    /// going down): "down since" for a technician, where `since_ms` only tells when the
+    /// current retry began.
+    pub link_since_ms: i64,
     pub connects: u64,
     pub forwarded: u64,
     /// Rows that were in flight when a connection ended and so are sent again (possible
@@ -45,6 +50,7 @@ struct Inner {
     endpoint: Option<String>,
     /// Source address of the route to the endpoint when the connection came up.
     route_source: Option<std::net::IpAddr>,
+    link_since_ms: i64,
 }
 
 /// Shared, cheap to clone.
@@ -56,6 +62,11 @@ pub struct StatusHandle {
     resent: Arc<AtomicU64>,
     dead_lettered: Arc<AtomicU64>,
     reconnect: Arc<Notify>,
+    /// Bumped on every state change, for those who report changes (sd_notify STATUS=, the
+    /// retained health document).
+    changes: Arc<watch::Sender<u64>>,
+    /// Beaten by the uplink loop; the systemd watchdog stops pinging when it goes stale.
+    heartbeat: Heartbeat,
 }
 
 impl Default for StatusHandle {
@@ -67,12 +78,15 @@ impl Default for StatusHandle {
                 last_error: None,
                 endpoint: None,
                 route_source: None,
+                link_since_ms: Stamp::now().wall_ms,
             })),
             connects: Arc::default(),
             forwarded: Arc::default(),
             resent: Arc::default(),
             dead_lettered: Arc::default(),
             reconnect: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+            heartbeat: Heartbeat::new("uplink"),
         }
     }
 }
@@ -93,8 +107,15 @@ impl StatusHandle {
         if inner.state == state {
             return false;
         }
+        let now_ms = Stamp::now().wall_ms;
+        let up = |s: LinkState| matches!(s, LinkState::Connected | LinkState::Draining);
+        if up(inner.state) != up(state) {
+            inner.link_since_ms = now_ms;
+        }
         inner.state = state;
-        inner.since_ms = Stamp::now().wall_ms;
+        inner.since_ms = now_ms;
+        drop(inner);
+        self.changes.send_modify(|n| *n += 1);
         true
     }
 
@@ -153,6 +174,7 @@ impl StatusHandle {
             since_ms: inner.since_ms,
             last_error: inner.last_error.clone(),
             endpoint: inner.endpoint.clone(),
+            link_since_ms: inner.link_since_ms,
             connects: self.connects.load(Ordering::Relaxed),
             forwarded: self.forwarded.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
@@ -175,6 +197,16 @@ impl StatusHandle {
     /// Asks the uplink to drop the connection and reconnect now.
     pub fn request_reconnect(&self) {
         self.reconnect.notify_one();
+    }
+
+    /// Sees every later state change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The uplink loop's heartbeat.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 
     pub(crate) async fn reconnect_requested(&self) {

@@ -517,3 +517,4 @@ impl V5Client {
 
 pub mod fresh;
 pub mod netns;
+pub mod ops;

@@ -1,0 +1,193 @@
+//! The maintenance view of the daemon: a local Unix socket that answers `trainrelay status`
+//! (and scripts), and a retained health document published upstream for the control centre.
+//!
+//! - [`protocol`]: the request/response types (newline-delimited JSON, versioned);
+//! - [`server`]: the socket (permissions, peer credentials, size/time/concurrency limits);
+//! - [`client`]: what the `trainrelay status` command uses, and its human summary;
+//! - [`detail`]: the retained `…/status/detail` document.
+//!
+//! Everything reported is gathered on request from the owners of the state (uplink status
+//! handle, queue, broker, downlink); nothing here keeps a second copy. Nothing reported may
+//! contain a secret: the uplink endpoint is shown without user info, and no password or
+//! payload is ever part of a report.
+
+pub mod client;
+pub mod detail;
+pub mod protocol;
+pub mod server;
+
+use std::time::{Duration, Instant};
+
+use crate::broker::{BrokerHandle, Protocol};
+use crate::clock::Stamp;
+use crate::downlink::Downlink;
+use crate::store::queue::Queue;
+use crate::uplink::{LinkState, StatusHandle};
+use protocol::{
+    ClientReport, Counters, DownlinkReport, LocalReport, RouteReport, StatusReport, StoreReport,
+    UplinkReport,
+};
+
+/// How long a status query waits for the store's per-route figures before answering with the
+/// in-memory totals only.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the figures come from.
+#[derive(Clone)]
+pub struct Sources {
+    pub train_id: String,
+    pub endpoint: String,
+    pub listen: String,
+    pub max_bytes: u64,
+    pub started: Instant,
+    pub started_ms: i64,
+    pub uplink: StatusHandle,
+    pub queue: Queue,
+    pub broker: BrokerHandle,
+    pub downlink: Downlink,
+}
+
+impl Sources {
+    /// The `status` answer.
+    pub async fn status(&self) -> StatusReport {
+        let now = Stamp::now();
+        let link = self.uplink.snapshot();
+        let age = |s: Option<Stamp>| s.map(|s| now.since(&s).as_secs());
+        let store = match tokio::time::timeout(STATS_TIMEOUT, self.queue.stats()).await {
+            Ok(Ok(stats)) => StoreReport {
+                depth: stats.depth,
+                bytes: stats.bytes,
+                max_bytes: self.max_bytes,
+                oldest_age_s: age(stats.oldest_accepted),
+                routes: stats
+                    .routes
+                    .into_iter()
+                    .map(|r| RouteReport {
+                        route: r.route,
+                        depth: r.depth,
+                        bytes: r.bytes,
+                        oldest_age_s: age(r.oldest_accepted),
+                    })
+                    .collect(),
+                partial: false,
+            },
+            _ => {
+                let totals = self.queue.totals();
+                StoreReport {
+                    depth: totals.rows,
+                    bytes: totals.bytes,
+                    max_bytes: self.max_bytes,
+                    oldest_age_s: None,
+                    routes: Vec::new(),
+                    partial: true,
+                }
+            }
+        };
+        let q = self.queue.counters();
+        let b = self.broker.stats();
+        let d = self.downlink.counters();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            train_id: self.train_id.clone(),
+            pid: std::process::id(),
+            started_ms: self.started_ms,
+            uptime_s: self.started.elapsed().as_secs(),
+            uplink: UplinkReport {
+                endpoint: self.endpoint.clone(),
+                state: state_name(link.state).into(),
+                since_ms: link.since_ms,
+                for_s: u64::try_from((now.wall_ms - link.since_ms).max(0) / 1000).unwrap_or(0),
+                last_error: link.last_error,
+                link_since_ms: link.link_since_ms,
+                link_for_s: u64::try_from((now.wall_ms - link.link_since_ms).max(0) / 1000)
+                    .unwrap_or(0),
+                connects: link.connects,
+            },
+            store,
+            counters: Counters {
+                accepted: q.accepted,
+                forwarded: link.forwarded,
+                acked: q.acked,
+                expired_dropped: q.expired,
+                full_dropped: q.dropped_full,
+                full_rejected: q.rejected_full,
+                corrupt_dropped: q.corrupt,
+                duplicates_resent: link.resent,
+            },
+            local: LocalReport {
+                listen: self.listen.clone(),
+                clients: self.broker.clients().len() as u64,
+                connections: b.connections,
+                refused_connections: b.refused_connections,
+                protocol_errors: b.protocol_errors,
+                messages_in: b.messages_in,
+                messages_out: b.messages_out,
+                dropped_queue_full: b.dropped_queue_full,
+                dropped_expired: b.dropped_expired,
+                dropped_too_large: b.dropped_too_large,
+                denied_publish: b.denied_publish,
+                denied_subscribe: b.denied_subscribe,
+            },
+            downlink: DownlinkReport {
+                delivered: load(&d.delivered),
+                expired: load(&d.expired),
+                unrouted: load(&d.unrouted),
+            },
+        }
+    }
+
+    /// The `clients` answer.
+    pub fn clients(&self) -> Vec<ClientReport> {
+        let now_ms = Stamp::now().wall_ms;
+        self.broker
+            .clients()
+            .into_iter()
+            .map(|c| ClientReport {
+                client_id: c.client_id,
+                address: c.peer.to_string(),
+                protocol: match c.protocol {
+                    Protocol::V5 => "5".into(),
+                    Protocol::V311 => "3.1.1".into(),
+                },
+                since_ms: c.connected_since_ms,
+                connected_s: u64::try_from((now_ms - c.connected_since_ms).max(0) / 1000)
+                    .unwrap_or(0),
+                subscriptions: c.subscriptions as u64,
+            })
+            .collect()
+    }
+}
+
+/// The wire name of a link state.
+pub fn state_name(state: LinkState) -> &'static str {
+    match state {
+        LinkState::Connecting => "connecting",
+        LinkState::Connected => "connected",
+        LinkState::Draining => "draining",
+        LinkState::BackingOff => "backing_off",
+        LinkState::Stopped => "stopped",
+    }
+}
+
+/// `url` without user info (`mqtt://user:secret@host` -> `mqtt://host`), for reports and logs.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(redact_url("mqtt://u:p@h:1884"), "mqtt://h:1884");
+        assert_eq!(redact_url("mqtt://h:1884"), "mqtt://h:1884");
+    }
+}

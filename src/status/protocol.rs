@@ -1,0 +1,195 @@
+//! The status socket's wire format: one JSON object per line each way.
+//!
+//! A request is `{"v":1,"query":"status"}` (or `"clients"`, `"reconnect"`); the answer is
+//! `{"v":1,"ok":true,"status":{...}}` or `{"v":1,"ok":false,"error":"..."}`. `v` is the
+//! protocol version: a daemon answers a request of another version with an error that names
+//! the version it speaks, so an old `trainrelay status` fails clearly against a new daemon.
+//! Fields are only ever added within a version, so scripts may ignore unknown ones.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Largest request line accepted, newline included.
+pub const MAX_REQUEST: usize = 4096;
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub v: u32,
+    pub query: Query,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Query {
+    /// The whole picture: uplink, store, counters.
+    Status,
+    /// The connected iPads.
+    Clients,
+    /// Drop the uplink connection and reconnect now (skipping the backoff wait).
+    Reconnect,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<ClientReport>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            v: VERSION,
+            ok: false,
+            error: Some(message.into()),
+            status: None,
+            clients: None,
+            message: None,
+        }
+    }
+
+    pub fn ok() -> Response {
+        Response {
+            v: VERSION,
+            ok: true,
+            error: None,
+            status: None,
+            clients: None,
+            message: None,
+        }
+    }
+}
+
+/// Answer to `status`. Times are wall-clock milliseconds since the Unix epoch (`*_ms`) or
+/// durations in whole seconds (`*_s`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub train_id: String,
+    pub pid: u32,
+    pub started_ms: i64,
+    pub uptime_s: u64,
+    pub uplink: UplinkReport,
+    pub store: StoreReport,
+    pub counters: Counters,
+    pub local: LocalReport,
+    pub downlink: DownlinkReport,
+}
+
+/// The uplink's state machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkReport {
+    /// `mqtt://host:port` (never with credentials).
+    pub endpoint: String,
+    /// `connecting`, `connected`, `backing_off` or `stopped`.
+    pub state: String,
+    pub since_ms: i64,
+    /// How long it has been in `state`.
+    pub for_s: u64,
+    pub last_error: Option<String>,
+    /// When the link last came up or went down (start-up counts as down): while `state` flips
+    /// between `connecting` and `backing_off`, this stays put.
+    pub link_since_ms: i64,
+    /// How long it has been up (or down).
+    pub link_for_s: u64,
+    /// Successful connects since start.
+    pub connects: u64,
+}
+
+/// What waits in the store for the uplink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreReport {
+    pub depth: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// Age of the oldest waiting message.
+    pub oldest_age_s: Option<u64>,
+    pub routes: Vec<RouteReport>,
+    /// The per-route figures could not be read in time (the store is busy); depth and bytes
+    /// are then the in-memory totals.
+    #[serde(default)]
+    pub partial: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteReport {
+    pub route: String,
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_s: Option<u64>,
+}
+
+/// Message counters since the daemon started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counters {
+    /// Committed to the store for the uplink.
+    pub accepted: u64,
+    /// Acknowledged by the central broker.
+    pub forwarded: u64,
+    /// Deleted from the store after the central broker's acknowledgement.
+    pub acked: u64,
+    /// Dropped because their TTL / expiry passed before they could be sent.
+    pub expired_dropped: u64,
+    /// Oldest messages deleted to make room (`when_full = "drop_oldest"`).
+    pub full_dropped: u64,
+    /// New messages refused because the store was full (`when_full = "reject_new"`).
+    pub full_rejected: u64,
+    /// Rows that could not be decoded and were deleted.
+    pub corrupt_dropped: u64,
+    /// Messages in flight when a connection ended and sent again (possible duplicates).
+    pub duplicates_resent: u64,
+}
+
+/// The local broker the iPads use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalReport {
+    pub listen: String,
+    pub clients: u64,
+    pub connections: u64,
+    pub refused_connections: u64,
+    pub protocol_errors: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Not delivered to an iPad because its session queue was full.
+    pub dropped_queue_full: u64,
+    /// Not delivered to an iPad because the message expired while queued.
+    pub dropped_expired: u64,
+    /// Not delivered to an iPad because it exceeds the iPad's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    pub denied_publish: u64,
+    pub denied_subscribe: u64,
+}
+
+/// Central -> iPads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownlinkReport {
+    pub delivered: u64,
+    /// Arrived already expired and dropped.
+    pub expired: u64,
+    /// Matched no downlink route.
+    pub unrouted: u64,
+}
+
+/// One connected iPad.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientReport {
+    pub client_id: String,
+    pub address: String,
+    /// `"5"` or `"3.1.1"`.
+    pub protocol: String,
+    pub since_ms: i64,
+    pub connected_s: u64,
+    pub subscriptions: u64,
+}

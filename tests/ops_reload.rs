@@ -1,0 +1,119 @@
+//! SIGHUP against the real daemon: a valid new config changes route TTLs (seen in what
+//! expires) and the log level; an invalid one is rejected naming the key, and the daemon keeps
+//! running on the old config.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ops::*;
+use common::*;
+use nix::sys::signal::Signal;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn config(ttl: &str, level: &str, extra_route: &str) -> String {
+    format!(
+        r#"
+train_id = "T1"
+
+[local]
+listen = "127.0.0.1:{{local_port}}"
+
+[uplink]
+url = "mqtt://127.0.0.1:9"
+backoff_min = "100ms"
+backoff_max = "1s"
+
+[store]
+path = "{{dir}}/store.db"
+sweep_interval = "200ms"
+
+[status]
+socket = "{{dir}}/status.sock"
+
+[log]
+level = "{level}"
+
+[[route]]
+direction = "up"
+local = "up/#"
+remote = "trains/T1/up/#"
+ttl = "{ttl}"
+{extra_route}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_valid_and_rejects_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No RUST_LOG, so that log.level governs.
+    let mut relay = Daemon::start(
+        tmp.path(),
+        &config("1h", "info", ""),
+        &[("RUST_LOG", String::new())],
+    )
+    .await;
+    let socket = relay.socket();
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    assert_eq!(ipad.publish_acked("up/x", payloads("a", 3), None).await, 3);
+
+    // Valid: a shorter TTL for messages accepted from now on, and a quieter log.
+    let text = config("1s", "warn,trainrelay::reload=info", "")
+        .replace("{local_port}", &relay.local_port.to_string())
+        .replace("{dir}", &relay.dir.display().to_string());
+    std::fs::write(&relay.config_path, text).unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("applied route[0].ttl", WAIT).await;
+    assert!(relay.log().contains("log.level"), "{}", relay.log());
+    assert_eq!(ipad.publish_acked("up/x", payloads("b", 2), None).await, 2);
+    // The two new ones expire and are swept; the three old ones keep their hour.
+    let s = eventually(WAIT, "new messages expired", || {
+        let s = query(&socket, "status");
+        (s["status"]["counters"]["expired_dropped"] == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(route_depth(&s, "up:up/#"), 3, "{s}");
+    // At warn, an iPad connecting is no longer logged.
+    let before = relay.log().matches("connected from").count();
+    let _other = V5Client::connect(relay.local_port, "ipad-quiet", true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(relay.log().matches("connected from").count(), before);
+
+    // Invalid: rejected with the key named, old config kept.
+    let good = std::fs::read_to_string(&relay.config_path).unwrap();
+    std::fs::write(
+        &relay.config_path,
+        good.replace("ttl = \"1s\"", "ttl = \"1s\"\nqos = 7"),
+    )
+    .unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("route[0].qos", WAIT).await;
+    assert!(relay.log().contains("keeping the running config"));
+    std::fs::write(
+        &relay.config_path,
+        "train_id = \"T1\"\n[store]\nmax_byte = 1\n",
+    )
+    .unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("max_byte", WAIT).await;
+
+    // A key that needs a restart is named as such, and the rest still applies.
+    std::fs::write(
+        &relay.config_path,
+        good.replace("sweep_interval = \"200ms\"", "sweep_interval = \"300ms\""),
+    )
+    .unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("[store] changed", WAIT).await;
+
+    // Still running, still the 1 s TTL, still answering.
+    assert!(relay.alive());
+    assert_eq!(ipad.publish_acked("up/x", payloads("c", 1), None).await, 1);
+    eventually(WAIT, "third expiry", || {
+        let s = query(&socket, "status");
+        (s["status"]["counters"]["expired_dropped"] == 3).then_some(())
+    })
+    .await;
+}
