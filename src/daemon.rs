@@ -80,6 +80,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         queue: queue.clone(),
         broker: broker.handle(),
         downlink: downlink.clone(),
+        freshness: report.1.clone(),
     };
     let uplink = Uplink::new(
         &config.uplink,

@@ -196,6 +196,19 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
         (c.full_rejected, "refused because the store was full"),
         (c.corrupt_dropped, "unreadable rows deleted"),
         (
+            c.dead_lettered,
+            "moved to dead letters: the central broker kept refusing them",
+        ),
+        (
+            c.conflated,
+            "replaced while waiting by a newer value (conflated)",
+        ),
+        (c.suppressed_up, "outdated (older version) from iPads"),
+        (
+            c.suppressed_down,
+            "outdated (older version) from the control centre",
+        ),
+        (
             l.dropped_queue_full,
             "not delivered to an iPad: its queue was full",
         ),

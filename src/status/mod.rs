@@ -45,6 +45,7 @@ pub struct Sources {
     pub queue: Queue,
     pub broker: BrokerHandle,
     pub downlink: Downlink,
+    pub freshness: std::sync::Arc<crate::freshness::Freshness>,
 }
 
 impl Sources {
@@ -84,6 +85,11 @@ impl Sources {
             }
         };
         let q = self.queue.counters();
+        let fresh = crate::freshness::FreshnessCounters::collect(
+            &self.freshness,
+            &self.queue,
+            &self.downlink,
+        );
         let b = self.broker.stats();
         let d = self.downlink.counters();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -114,6 +120,10 @@ impl Sources {
                 full_rejected: q.rejected_full,
                 corrupt_dropped: q.corrupt,
                 duplicates_resent: link.resent,
+                dead_lettered: link.dead_lettered,
+                conflated: q.conflated,
+                suppressed_up: fresh.suppressed_up,
+                suppressed_down: fresh.suppressed_down,
             },
             local: LocalReport {
                 listen: self.listen.clone(),

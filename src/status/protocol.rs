@@ -150,6 +150,17 @@ pub struct Counters {
     pub corrupt_dropped: u64,
     /// Messages in flight when a connection ended and sent again (possible duplicates).
     pub duplicates_resent: u64,
+    /// Moved to the dead letters after the central broker refused them repeatedly.
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// Waiting rows replaced by a newer one of the same key (`conflate = "latest"`).
+    #[serde(default)]
+    pub conflated: u64,
+    /// Outdated messages dropped (routes with a `version`): from iPads, from the centre.
+    #[serde(default)]
+    pub suppressed_up: u64,
+    #[serde(default)]
+    pub suppressed_down: u64,
 }
 
 /// The local broker the iPads use.
