@@ -46,6 +46,12 @@ enum Command {
         /// Ask the uplink to drop its connection and reconnect now.
         #[arg(long, conflicts_with_all = ["json", "watch"])]
         reconnect: bool,
+        /// List the messages the central broker would not take.
+        #[arg(long, conflicts_with_all = ["watch", "reconnect"])]
+        dead_letters: bool,
+        /// Put every dead letter back into the queue.
+        #[arg(long, conflicts_with_all = ["json", "watch", "reconnect", "dead_letters"])]
+        requeue: bool,
     },
     /// Check a config file and exit: 0 if valid, 2 if not.
     CheckConfig {
@@ -63,7 +69,17 @@ fn main() -> ExitCode {
             json,
             watch,
             reconnect,
-        } => status(config, socket, json, watch, reconnect),
+            dead_letters,
+            requeue,
+        } => status(
+            config,
+            socket,
+            json,
+            watch,
+            reconnect,
+            dead_letters,
+            requeue,
+        ),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("config {}: ok", config.display());
@@ -116,6 +132,8 @@ fn status(
     json: bool,
     watch: Option<f64>,
     reconnect: bool,
+    dead_letters: bool,
+    requeue: bool,
 ) -> ExitCode {
     use trainrelay::status::client;
     let socket = match socket {
@@ -137,8 +155,39 @@ fn status(
             }
         }
     };
-    if reconnect {
-        return match client::ask(&socket, trainrelay::status::protocol::Query::Reconnect) {
+    if dead_letters {
+        return match client::ask(&socket, trainrelay::status::protocol::Query::DeadLetters) {
+            Ok(r) => {
+                let list = r.dead_letters.unwrap_or_default();
+                if json {
+                    println!("{}", serde_json::json!({ "dead_letters": list }));
+                } else if list.is_empty() {
+                    println!("no dead letters");
+                } else {
+                    for d in &list {
+                        println!(
+                            "{}  {}  route {}  {} B  {} attempts  {}",
+                            d.msg_id, d.topic, d.route, d.size, d.attempts, d.reason
+                        );
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trainrelay status: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
+    let one_shot = if requeue {
+        Some(trainrelay::status::protocol::Query::Requeue)
+    } else if reconnect {
+        Some(trainrelay::status::protocol::Query::Reconnect)
+    } else {
+        None
+    };
+    if let Some(query) = one_shot {
+        return match client::ask(&socket, query) {
             Ok(r) => {
                 println!("{}", r.message.unwrap_or_else(|| "ok".into()));
                 ExitCode::SUCCESS

@@ -332,6 +332,27 @@ async fn poison_message_becomes_a_dead_letter_and_the_queue_flows() {
         .query_row("SELECT COUNT(*) FROM uplink_queue", [], |r| r.get(0))
         .unwrap();
     assert_eq!(queued, 0);
+
+    // A technician lists it on the status socket and can put it back in the queue.
+    let socket = relay.dir.join("status.sock");
+    let ask = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trainrelay"))
+            .arg("status")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let listed = ask(&["--dead-letters", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let list = doc["dead_letters"].as_array().expect("dead_letters list");
+    assert_eq!(list.len(), 1, "{doc}");
+    assert_eq!(list[0]["topic"], "trains/T1/up/x");
+    let requeued = ask(&["--requeue"]);
+    assert!(requeued.status.success(), "{requeued:?}");
+    assert!(String::from_utf8_lossy(&requeued.stdout).contains("1 dead letters re-queued"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The status socket's wire format: one JSON object per line each way.
 //!
-//! A request is `{"v":1,"query":"status"}` (or `"clients"`, `"reconnect"`); the answer is
+//! A request is `{"v":1,"query":"status"}` (or `"clients"`, `"reconnect"`, `"dead_letters"`,
+//! `"requeue"`); the answer is
 //! `{"v":1,"ok":true,"status":{...}}` or `{"v":1,"ok":false,"error":"..."}`. `v` is the
 //! protocol version: a daemon answers a request of another version with an error that names
 //! the version it speaks, so an old `trainrelay status` fails clearly against a new daemon.
@@ -31,6 +32,10 @@ pub enum Query {
     Clients,
     /// Drop the uplink connection and reconnect now (skipping the backoff wait).
     Reconnect,
+    /// The messages the central broker would not take (oldest first, at most 100).
+    DeadLetters,
+    /// Put every dead letter back into the queue, in its original place.
+    Requeue,
 }
 
 /// The daemon's answer.
@@ -46,6 +51,8 @@ pub struct Response {
     pub clients: Option<Vec<ClientReport>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<Vec<crate::store::queue::dead_letter::DeadLetter>>,
 }
 
 impl Response {
@@ -57,6 +64,7 @@ impl Response {
             status: None,
             clients: None,
             message: None,
+            dead_letters: None,
         }
     }
 
@@ -68,6 +76,7 @@ impl Response {
             status: None,
             clients: None,
             message: None,
+            dead_letters: None,
         }
     }
 }

@@ -283,7 +283,7 @@ async fn answer(text: &str, sources: &Sources) -> Response {
                     "protocol version {v} not supported; this daemon speaks version {VERSION}"
                 )),
                 _ => Response::error(format!(
-                    "malformed request ({e}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients or reconnect"
+                    "malformed request ({e}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients, reconnect, dead_letters or requeue"
                 )),
             };
         }
@@ -302,6 +302,23 @@ async fn answer(text: &str, sources: &Sources) -> Response {
         Query::Clients => Response {
             clients: Some(sources.clients()),
             ..Response::ok()
+        },
+        Query::DeadLetters => match sources.queue.dead_letters(100).await {
+            Ok(list) => Response {
+                dead_letters: Some(list),
+                ..Response::ok()
+            },
+            Err(e) => Response::error(format!("cannot read the dead letters: {e}")),
+        },
+        Query::Requeue => match sources.queue.requeue_dead_letters(None).await {
+            Ok(n) => {
+                log::info!("status socket: {n} dead letters re-queued");
+                Response {
+                    message: Some(format!("{n} dead letters re-queued")),
+                    ..Response::ok()
+                }
+            }
+            Err(e) => Response::error(format!("cannot re-queue the dead letters: {e}")),
         },
         Query::Reconnect => {
             log::info!("status socket: uplink reconnect requested");

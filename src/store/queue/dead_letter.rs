@@ -22,7 +22,7 @@ const COLUMNS: &str = "id, route, priority, topic, payload, qos, retain, props, 
                        accepted_boot, boot_id, deadline_wall, deadline_boot, size";
 
 /// A dead letter as listed for the status socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     /// The original queue row id (what [`Queue::requeue_dead_letters`] takes).
     pub id: i64,
