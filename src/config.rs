@@ -143,6 +143,8 @@ pub struct UplinkConfig {
     pub password_file: Option<PathBuf>,
     /// Topic of the relay's retained presence (`online`/`offline`, the latter as Last Will).
     pub status_topic: String,
+    /// HTTP proxy for the uplink, `http://[user:password@]host:port` (CONNECT tunnel).
+    pub proxy: Option<String>,
     /// Failed delivery attempts of one message (refused, too large, or the connection dropped
     /// right after it was sent) before it becomes a dead letter.
     /// Bandwidth cap for the uplink (topic + payload bytes per second); none by default.
@@ -192,6 +194,7 @@ impl Default for UplinkConfig {
             username: None,
             password_file: None,
             status_topic: "trains/{train_id}/status".into(),
+            proxy: None,
             max_bytes_per_second: None,
             max_attempts: 5,
             endpoints: Vec::new(),
@@ -513,6 +516,14 @@ impl Config {
                 "uplink.backoff_min",
                 "must be above zero and not above uplink.backoff_max".into(),
             ));
+        }
+        if let Some(proxy) = &self.uplink.proxy {
+            if crate::uplink::link::HttpProxy::parse(proxy).is_none() {
+                return Err(invalid(
+                    "uplink.proxy",
+                    format!("'{proxy}' must look like http://[user:password@]host:port"),
+                ));
+            }
         }
         if self.uplink.inflight == 0 {
             return Err(invalid("uplink.inflight", "must be at least 1".into()));

@@ -508,3 +508,72 @@ async fn bandwidth_cap_paces_the_drain() {
     );
     println!("8.4 kB at 2 kB/s drained in {took:?}");
 }
+
+/// A minimal HTTP CONNECT proxy: counts tunnels, then copies bytes both ways.
+async fn connect_proxy() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tunnels = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(client);
+                let mut line = String::new();
+                if client.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let Some(target) = line
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                else {
+                    return;
+                };
+                let target = target.to_string();
+                loop {
+                    let mut header = String::new();
+                    match client.read_line(&mut header).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if header == "\r\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut client = client.into_inner();
+                if client.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (port, tunnels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_tunnels_through_an_http_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let (proxy_port, tunnels) = connect_proxy().await;
+    let config = relay_config(&central.url(), &store_section("")).replace(
+        "backoff_max = \"1s\"",
+        &format!("backoff_max = \"1s\"\nproxy = \"http://127.0.0.1:{proxy_port}\""),
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    control.subscribe("trains/T1/up/#").await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.publish_acked("up/x", payloads("px", 50), None).await;
+    let got = control.collect(50, QUIET).await;
+    let (order, _) = sequence(&got, "px");
+    assert_complete_in_order(&order, 50, "through the proxy");
+    assert!(
+        tunnels.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the uplink did not go through the proxy"
+    );
+}

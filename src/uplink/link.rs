@@ -64,6 +64,57 @@ pub struct LinkOptions {
     pub credentials: Option<(String, String)>,
     /// Last Will: topic and payload, retained, QoS 1.
     pub will: Option<(String, Bytes)>,
+    /// An HTTP proxy to tunnel through (CONNECT), for networks that only let a proxy out.
+    pub proxy: Option<HttpProxy>,
+}
+
+/// `http://[user:password@]host:port`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+impl HttpProxy {
+    /// Parses `http://[user:password@]host[:port]` (port 3128 by default).
+    pub fn parse(url: &str) -> Option<HttpProxy> {
+        let rest = url.strip_prefix("http://")?.trim_end_matches('/');
+        let (credentials, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => {
+                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((user.to_string(), pass.to_string())), hostport)
+            }
+            None => (None, rest),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (hostport, 3128),
+        };
+        if host.is_empty() || host.contains('/') {
+            return None;
+        }
+        Some(HttpProxy {
+            host: host.to_string(),
+            port,
+            credentials,
+        })
+    }
+
+    fn for_rumqttc(&self) -> rumqttc::Proxy {
+        rumqttc::Proxy {
+            ty: rumqttc::ProxyType::Http,
+            auth: match &self.credentials {
+                Some((username, password)) => rumqttc::ProxyAuth::Basic {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                None => rumqttc::ProxyAuth::None,
+            },
+            addr: self.host.clone(),
+            port: self.port,
+        }
+    }
 }
 
 /// What happened on the connection.
@@ -147,6 +198,9 @@ impl Link {
                 let (addr, transport) = o.transport.for_rumqttc(&o.host);
                 let mut opts = rumqttc::MqttOptions::new(&o.client_id, addr, o.port);
                 opts.set_transport(transport);
+                if let Some(proxy) = &o.proxy {
+                    opts.set_proxy(proxy.for_rumqttc());
+                }
                 opts.set_keep_alive(o.keep_alive)
                     .set_clean_session(false)
                     .set_manual_acks(true)
@@ -188,6 +242,9 @@ impl Link {
                 let (addr, transport) = o.transport.for_rumqttc(&o.host);
                 let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, addr, o.port);
                 opts.set_transport(transport);
+                if let Some(proxy) = &o.proxy {
+                    opts.set_proxy(proxy.for_rumqttc());
+                }
                 let expiry = u32::try_from(o.session_expiry.as_secs()).unwrap_or(u32::MAX);
                 opts.set_keep_alive(o.keep_alive)
                     .set_clean_start(false)
@@ -442,4 +499,28 @@ fn v5_event(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
         Event::Outgoing(Out::AwaitAck(_)) => LinkEvent::Collision,
         Event::Outgoing(_) => return None,
     })
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::HttpProxy;
+
+    #[test]
+    fn proxy_urls() {
+        assert_eq!(
+            HttpProxy::parse("http://proxy:8080"),
+            Some(HttpProxy {
+                host: "proxy".into(),
+                port: 8080,
+                credentials: None
+            })
+        );
+        assert_eq!(
+            HttpProxy::parse("http://u:p@proxy").map(|p| (p.port, p.credentials)),
+            Some((3128, Some(("u".into(), "p".into()))))
+        );
+        assert_eq!(HttpProxy::parse("socks5://proxy:1080"), None);
+        assert_eq!(HttpProxy::parse("http://:1"), None);
+        assert_eq!(HttpProxy::parse("http://proxy:x"), None);
+    }
 }

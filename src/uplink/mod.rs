@@ -121,6 +121,7 @@ impl Uplink {
             max_packet_size: u32::try_from(config.max_packet_size.as_u64()).unwrap_or(u32::MAX),
             credentials,
             will: Some((config.status_topic.clone(), Bytes::from_static(b"offline"))),
+            proxy: config.proxy.as_deref().and_then(link::HttpProxy::parse),
         };
         Uplink {
             options,
