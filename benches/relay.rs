@@ -13,6 +13,7 @@
 //! - `BENCH_REPS` (3), `BENCH_MSGS` (100000), `BENCH_LATENCY_SECS` (20), `BENCH_RATE` (1000),
 //!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue),
+//!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
 //!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test).
 
 #[path = "relay/enqueue.rs"]
@@ -47,6 +48,7 @@ struct Opts {
     publishers: u64,
     window: usize,
     workloads: Vec<String>,
+    setups: Vec<Setup>,
     out: PathBuf,
 }
 
@@ -94,6 +96,15 @@ impl Opts {
                 "BENCH_WORKLOADS",
                 "ceiling,throughput,latency,drain,memory,enqueue",
             ),
+            setups: list("BENCH_SETUPS", "direct,mosquitto-bridge,trainrelay")
+                .iter()
+                .map(|s| {
+                    Setup::ALL
+                        .into_iter()
+                        .find(|x| x.name() == s)
+                        .unwrap_or_else(|| panic!("BENCH_SETUPS: unknown setup '{s}'"))
+                })
+                .collect(),
             out: std::env::var_os("BENCH_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| {
@@ -135,6 +146,9 @@ impl Rig {
             Setup::Bridge => Some(setup::start_bridge(dir.path(), central.port).await),
             Setup::Relay => Some(setup::start_relay(dir.path(), central.port).await),
         };
+        if let Some(l) = &local {
+            println!("  {}: pid {}, port {}", setup.name(), l.proc.pid(), l.port);
+        }
         let rig = Rig {
             setup,
             central,
@@ -262,7 +276,7 @@ fn allowance(n: u64) -> Duration {
 /// The setups of repetition `rep`, rotated so each leads in turn.
 fn order(rep: usize, setups: &[Setup]) -> Vec<Setup> {
     let mut v = setups.to_vec();
-    v.rotate_left(rep % setups.len());
+    v.rotate_left(rep % setups.len().max(1));
     v
 }
 
@@ -306,7 +320,7 @@ async fn ceiling(opts: &Opts, res: &mut Results) {
 /// 100k QoS 1 messages end to end, as fast as the path takes them.
 async fn throughput(opts: &Opts, res: &mut Results) {
     for rep in 0..opts.reps {
-        for setup in order(rep, &Setup::ALL) {
+        for setup in order(rep, &opts.setups) {
             let rig = Rig::start(setup).await;
             let epoch = Instant::now();
             let n = opts.msgs;
@@ -368,7 +382,7 @@ async fn latency(opts: &Opts, res: &mut Results) {
     // The first 200 ms warm connections and caches; they are left out of the percentiles.
     let warm = (opts.rate * 0.2) as usize;
     for rep in 0..opts.reps {
-        for setup in order(rep, &Setup::ALL) {
+        for setup in order(rep, &opts.setups) {
             let rig = Rig::start(setup).await;
             let epoch = Instant::now();
             let (sink, _) = rig
@@ -452,7 +466,7 @@ async fn latency(opts: &Opts, res: &mut Results) {
 async fn drain(opts: &Opts, res: &mut Results) {
     let n = opts.msgs;
     for rep in 0..opts.reps {
-        for setup in order(rep, &Setup::ALL) {
+        for setup in order(rep, &opts.setups) {
             let mut rig = Rig::start(setup).await;
             let epoch = Instant::now();
             let (r, t0) = if setup == Setup::Direct {
@@ -529,7 +543,7 @@ async fn drain(opts: &Opts, res: &mut Results) {
 /// Idle RSS, then RSS and peak RSS of the local process while the backlog grows with central
 /// down. One pass (no repetitions: memory figures are not noisy, and 1M messages take long).
 async fn memory(opts: &Opts, res: &mut Results) {
-    for setup in [Setup::Bridge, Setup::Relay] {
+    for setup in opts.setups.iter().copied().filter(|s| *s != Setup::Direct) {
         let mut rig = Rig::start(setup).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let name = setup.name();
