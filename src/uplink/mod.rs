@@ -240,11 +240,15 @@ impl Uplink {
                         match ev {
                             Ok(ev) => {
                                 if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
+                                    drain.submit_acks(&self.queue);
                                     self.lost(&drain);
                                     return End::Failed(e);
                                 }
                             }
                             Err(e) => {
+                                // Rows the central broker acknowledged before the end are
+                                // deleted all the same, so they are not sent again.
+                                drain.submit_acks(&self.queue);
                                 self.lost(&drain);
                                 return End::Failed(format!("connection lost: {e}"));
                             }
