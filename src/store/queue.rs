@@ -565,9 +565,17 @@ impl Queue {
 
     /// Deletes acknowledged rows; ids that are gone already are ignored.
     pub async fn ack(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        self.ack_submit(ids).await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Queue::ack`] without waiting for the commit. The delete is queued to the writer in
+    /// call order, so any job submitted afterwards (a [`Queue::next_batch`]) no longer sees
+    /// the rows; the answer comes after the commit. The uplink uses it so that draining does
+    /// not stop for one commit per PUBACK.
+    pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
-        self.run_then(
+        self.db.submit_then(
             move |conn| {
                 shared.sync_totals(conn)?;
                 let gone = delete_ids(conn, &ids)?;
@@ -580,7 +588,6 @@ impl Queue {
                 Ok(())
             },
         )
-        .await
     }
 
     /// Records a failed delivery attempt (e.g. refused by the broker) for the given rows.

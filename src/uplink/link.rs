@@ -299,6 +299,17 @@ impl Link {
         }
     }
 
+    /// An event that is already waiting, if any; `Some(Err)` ends the connection.
+    pub fn try_next_event(&mut self) -> Option<Result<LinkEvent, String>> {
+        match self.events.try_recv() {
+            Ok(item) => Some(item),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                Some(Err("connection task ended".into()))
+            }
+        }
+    }
+
     /// Queues a publish without waiting. `Err` means it was not queued.
     pub fn publish(&self, m: Outgoing<'_>) -> Result<(), String> {
         match &self.client {

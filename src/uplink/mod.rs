@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::clock::{self, Stamp};
 use crate::config::UplinkConfig;
@@ -32,12 +33,17 @@ use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Entry, Queue};
+use crate::store::StoreError;
 use endpoint::Endpoint;
 use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Most link events handled in one go before the acknowledged rows are deleted and the window
+/// refilled (bounds how long other branches of the loop wait).
+const MAX_BURST: usize = 256;
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
 pub fn parse_url(url: &str) -> Option<(String, u16)> {
@@ -286,6 +292,10 @@ impl Uplink {
         let mut probing: Option<tokio::task::JoinHandle<bool>> = None;
         let mut more = true;
         loop {
+            if let Err(e) = drain.settle_acks() {
+                self.lost(&drain);
+                return End::Failed(e);
+            }
             if more && drain.rows_in_flight() < window {
                 match self.fill(&link, &mut drain, window, max_packet).await {
                     Ok(filled_all) => more = filled_all,
@@ -294,25 +304,39 @@ impl Uplink {
             }
             tokio::select! {
                 ev = link.next_event() => {
-                    // Only what the broker sent proves the link alive: rumqttc reports our
-                    // own writes too, and those succeed into a dead link until the socket
-                    // buffer fills.
-                    if matches!(&ev, Ok(e) if e.is_incoming()) {
-                        last_incoming = Instant::now();
-                    }
-                    match ev {
-                        Ok(ev) => {
-                            if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
+                    // Take every event already waiting too, so that one delete and one fetch
+                    // cover a burst of PUBACKs instead of a commit each.
+                    let mut ev = ev;
+                    for _ in 0..MAX_BURST {
+                        // Only what the broker sent proves the link alive: rumqttc reports our
+                        // own writes too, and those succeed into a dead link until the socket
+                        // buffer fills.
+                        if matches!(&ev, Ok(e) if e.is_incoming()) {
+                            last_incoming = Instant::now();
+                        }
+                        match ev {
+                            Ok(ev) => {
+                                if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
+                                    drain.submit_acks(&self.queue);
+                                    self.lost(&drain);
+                                    return End::Failed(e);
+                                }
+                            }
+                            Err(e) => {
+                                // Rows the central broker acknowledged before the end are
+                                // deleted all the same, so they are not sent again.
+                                drain.submit_acks(&self.queue);
                                 self.lost(&drain);
-                                return End::Failed(e);
+                                self.suspect(&drain, &e).await;
+                                return End::Failed(format!("connection lost: {e}"));
                             }
                         }
-                        Err(e) => {
-                            self.lost(&drain);
-                            self.suspect(&drain, &e).await;
-                            return End::Failed(format!("connection lost: {e}"));
+                        match link.try_next_event() {
+                            Some(next) => ev = next,
+                            None => break,
                         }
                     }
+                    drain.submit_acks(&self.queue);
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
@@ -464,7 +488,7 @@ impl Uplink {
                     // QoS 0: done once written.
                     if let Tag::Row(id) = tag {
                         drain.in_flight.remove(&id);
-                        self.ack_rows(vec![id]).await?;
+                        drain.to_ack.push(id);
                         *more = true;
                     }
                 } else {
@@ -483,7 +507,7 @@ impl Uplink {
                     drain.written.retain(|w| *w != id);
                     match refused {
                         None => {
-                            self.ack_rows(vec![id]).await?;
+                            drain.to_ack.push(id);
                             self.status.count_forwarded(1);
                         }
                         Some(reason) => {
@@ -511,10 +535,6 @@ impl Uplink {
             LinkEvent::Connected { .. } | LinkEvent::Other => {}
         }
         Ok(())
-    }
-
-    async fn ack_rows(&self, ids: Vec<i64>) -> Result<(), String> {
-        self.queue.ack(ids).await.map_err(|e| e.to_string())
     }
 
     /// The transport for `endpoint`; TLS settings are read at every connect, so a renewed
@@ -649,6 +669,12 @@ struct Drain {
     written: VecDeque<i64>,
     /// The bandwidth cap, if one is configured.
     throttle: Option<throttle::Throttle>,
+    /// Rows acknowledged by the central broker whose delete is not submitted yet.
+    to_ack: Vec<i64>,
+    /// Submitted deletes, oldest first, whose commit is not confirmed yet. The writer runs
+    /// jobs in order, so a fetch submitted later never returns these rows; a failed commit
+    /// ends the connection (the rows are then sent again: a duplicate, never a loss).
+    acks: VecDeque<oneshot::Receiver<Result<(), StoreError>>>,
 }
 
 impl Drain {
@@ -670,6 +696,34 @@ impl Drain {
         let before = self.retry_at.len();
         self.retry_at.retain(|_, at| *at > now);
         self.retry_at.len() != before
+    }
+
+    /// Deletes the acknowledged rows in one store job, without waiting for its commit.
+    fn submit_acks(&mut self, queue: &Queue) {
+        if !self.to_ack.is_empty() {
+            let ids = std::mem::take(&mut self.to_ack);
+            self.acks.push_back(queue.ack_submit(ids));
+        }
+    }
+
+    /// Collects the deletes committed so far; the first failure is the connection's end.
+    fn settle_acks(&mut self) -> Result<(), String> {
+        while let Some(front) = self.acks.front_mut() {
+            match front.try_recv() {
+                Ok(Ok(())) => {
+                    self.acks.pop_front();
+                }
+                Ok(Err(e)) => return Err(format!("cannot delete acknowledged rows: {e}")),
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(format!(
+                        "cannot delete acknowledged rows: {}",
+                        StoreError::Closed
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 }
 

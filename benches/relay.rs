@@ -1,0 +1,778 @@
+//! trainrelay against a Mosquitto bridge and against the direct path, side by side.
+//!
+//! `cargo bench --bench relay` runs every workload on three setups in the same run:
+//! (a) `direct`: load generator -> central Mosquitto (the ceiling);
+//! (b) `mosquitto-bridge`: load generator -> local Mosquitto with a bridge section -> central;
+//! (c) `trainrelay`: load generator -> trainrelay (release build, default durability) -> central.
+//! Setups alternate within each repetition (the starting setup rotates) so that the load other
+//! users put on a shared machine spreads over all three; medians are reported. Each
+//! measurement starts fresh processes on ephemeral loopback ports in a fresh temp dir.
+//!
+//! Environment (all optional):
+//! - `BENCH_QUICK=1`: a smoke run for CI (few messages, one repetition, short phases);
+//! - `BENCH_REPS` (3), `BENCH_MSGS` (100000), `BENCH_LATENCY_SECS` (20), `BENCH_RATE` (1000),
+//!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
+//!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue),
+//!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
+//!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test).
+
+#[path = "relay/enqueue.rs"]
+mod enqueue;
+#[path = "relay/setup.rs"]
+mod setup;
+#[path = "relay/stats.rs"]
+mod stats;
+#[path = "relay/wire.rs"]
+mod wire;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use setup::{Central, Local, Setup, SINK_FILTER};
+use stats::Results;
+use trainrelay::store::Synchronous;
+use wire::{PubSpec, SinkReport, SinkSpec};
+
+/// What to run, from the environment.
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    reps: usize,
+    msgs: u64,
+    latency_secs: f64,
+    rate: f64,
+    memory_levels: Vec<u64>,
+    publishers: u64,
+    window: usize,
+    workloads: Vec<String>,
+    setups: Vec<Setup>,
+    out: PathBuf,
+}
+
+fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
+    match std::env::var(key) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={v}: not a valid value")),
+        Err(_) => default,
+    }
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
+        let (reps, msgs, secs, levels) = if quick {
+            (1, 5_000, 3.0, "1000,5000,10000")
+        } else {
+            (3, 100_000, 20.0, "10000,100000,1000000")
+        };
+        let list = |key: &str, default: &str| -> Vec<String> {
+            std::env::var(key)
+                .unwrap_or_else(|_| default.to_string())
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        Opts {
+            quick,
+            reps: env("BENCH_REPS", reps),
+            msgs: env("BENCH_MSGS", msgs),
+            latency_secs: env("BENCH_LATENCY_SECS", secs),
+            rate: env("BENCH_RATE", 1000.0),
+            memory_levels: list("BENCH_MEMORY_LEVELS", levels)
+                .iter()
+                .map(|s| {
+                    s.parse()
+                        .unwrap_or_else(|_| panic!("BENCH_MEMORY_LEVELS: '{s}' is not a number"))
+                })
+                .collect(),
+            publishers: env("BENCH_PUBLISHERS", 4u64).max(1),
+            window: env("BENCH_WINDOW", 64usize).max(1),
+            workloads: list(
+                "BENCH_WORKLOADS",
+                "ceiling,throughput,latency,drain,memory,enqueue",
+            ),
+            setups: list("BENCH_SETUPS", "direct,mosquitto-bridge,trainrelay")
+                .iter()
+                .map(|s| {
+                    Setup::ALL
+                        .into_iter()
+                        .find(|x| x.name() == s)
+                        .unwrap_or_else(|| panic!("BENCH_SETUPS: unknown setup '{s}'"))
+                })
+                .collect(),
+            out: std::env::var_os("BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json")
+                }),
+        }
+    }
+
+    fn wants(&self, workload: &str) -> bool {
+        self.workloads.iter().any(|w| w == workload)
+    }
+}
+
+/// A fresh temp dir on the project's disk (not a tmpfs: the stores must really fsync).
+fn scratch() -> tempfile::TempDir {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(base).expect("target tmp dir");
+    tempfile::Builder::new()
+        .prefix("relay-bench-")
+        .tempdir_in(base)
+        .expect("temp dir")
+}
+
+/// A running setup: the central broker and, for (b) and (c), the local process.
+struct Rig {
+    setup: Setup,
+    central: Central,
+    local: Option<Local>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(setup: Setup) -> Rig {
+        let dir = scratch();
+        let mut central = Central::new(dir.path());
+        central.start().await;
+        let local = match setup {
+            Setup::Direct => None,
+            Setup::Bridge => Some(setup::start_bridge(dir.path(), central.port).await),
+            Setup::Relay => Some(setup::start_relay(dir.path(), central.port).await),
+        };
+        if let Some(l) = &local {
+            println!("  {}: pid {}, port {}", setup.name(), l.proc.pid(), l.port);
+        }
+        let rig = Rig {
+            setup,
+            central,
+            local,
+            _dir: dir,
+        };
+        rig.prime().await;
+        rig
+    }
+
+    /// The port the generator publishes to.
+    fn entry_port(&self) -> u16 {
+        self.local.as_ref().map_or(self.central.port, |l| l.port)
+    }
+
+    /// Sends a few messages end to end and waits for them: the path is up and warm.
+    async fn prime(&self) {
+        let epoch = Instant::now();
+        let n = 20;
+        let (sink, _) = self
+            .spawn_sink(
+                "bench-prime",
+                false,
+                n,
+                false,
+                Duration::from_secs(60),
+                epoch,
+            )
+            .await;
+        self.publish(n, 1, None, false, "bench-prime", epoch)
+            .await
+            .expect("priming publish");
+        let r = sink.await.expect("prime sink").expect("prime sink");
+        assert_eq!(
+            r.unique,
+            n,
+            "{}: the path does not deliver",
+            self.setup.name()
+        );
+    }
+
+    /// Starts the receiver at the central broker; returns once it is subscribed (or, for a
+    /// persistent session, right away: it connects whenever the broker is there).
+    async fn spawn_sink(
+        &self,
+        id: &str,
+        persistent: bool,
+        expect: u64,
+        record: bool,
+        within: Duration,
+        epoch: Instant,
+    ) -> (
+        tokio::task::JoinHandle<std::io::Result<SinkReport>>,
+        Arc<AtomicU64>,
+    ) {
+        let progress = Arc::new(AtomicU64::new(0));
+        let (ready, subscribed) = tokio::sync::oneshot::channel();
+        let spec = SinkSpec {
+            port: self.central.port,
+            client_id: id.to_string(),
+            filter: SINK_FILTER.to_string(),
+            persistent,
+            expect,
+            record,
+            deadline: Instant::now() + within,
+            progress: progress.clone(),
+            ready: Some(ready),
+        };
+        let task = tokio::spawn(wire::sink(spec, epoch));
+        if !persistent {
+            let _ = subscribed.await;
+        }
+        (task, progress)
+    }
+
+    async fn publish(
+        &self,
+        count: u64,
+        publishers: u64,
+        rate: Option<f64>,
+        record: bool,
+        id: &str,
+        epoch: Instant,
+    ) -> std::io::Result<Vec<wire::PubReport>> {
+        self.publish_seq(0, count, publishers, 64, rate, record, id, epoch)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_seq(
+        &self,
+        first_seq: u64,
+        count: u64,
+        publishers: u64,
+        window: usize,
+        rate: Option<f64>,
+        record: bool,
+        id: &str,
+        epoch: Instant,
+    ) -> std::io::Result<Vec<wire::PubReport>> {
+        let spec = PubSpec {
+            port: self.entry_port(),
+            client_id: id.to_string(),
+            topic: self.setup.topic().to_string(),
+            first_seq,
+            count,
+            window,
+            rate,
+            record,
+            progress: Arc::new(AtomicU64::new(0)),
+        };
+        wire::publish_many(spec, publishers, epoch).await
+    }
+
+    fn local_memory_kib(&self) -> Option<(u64, u64)> {
+        self.local.as_ref().map(|l| l.proc.memory_kib())
+    }
+}
+
+/// Generous limit for `n` messages to arrive (only to fail a hung run).
+fn allowance(n: u64) -> Duration {
+    Duration::from_secs(120 + n / 500)
+}
+
+/// The setups of repetition `rep`, rotated so each leads in turn.
+fn order(rep: usize, setups: &[Setup]) -> Vec<Setup> {
+    let mut v = setups.to_vec();
+    v.rotate_left(rep % setups.len().max(1));
+    v
+}
+
+/// The generator alone against one Mosquitto with no subscriber: its ceiling.
+async fn ceiling(opts: &Opts, res: &mut Results) {
+    for rep in 0..opts.reps {
+        let dir = scratch();
+        let mut central = Central::new(dir.path());
+        central.start().await;
+        let rig = Rig {
+            setup: Setup::Direct,
+            central,
+            local: None,
+            _dir: dir,
+        };
+        let epoch = Instant::now();
+        let started = Instant::now();
+        rig.publish_seq(
+            0,
+            opts.msgs,
+            opts.publishers,
+            opts.window,
+            None,
+            false,
+            "bench-ceiling",
+            epoch,
+        )
+        .await
+        .expect("ceiling publish");
+        let secs = started.elapsed().as_secs_f64();
+        res.add(
+            "ceiling",
+            "generator",
+            rep,
+            "publish_msgs_per_s",
+            opts.msgs as f64 / secs,
+        );
+    }
+}
+
+/// 100k QoS 1 messages end to end, as fast as the path takes them.
+async fn throughput(opts: &Opts, res: &mut Results) {
+    for rep in 0..opts.reps {
+        for setup in order(rep, &opts.setups) {
+            let rig = Rig::start(setup).await;
+            let epoch = Instant::now();
+            let n = opts.msgs;
+            let (sink, _) = rig
+                .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
+                .await;
+            let started = Instant::now();
+            let pubs = rig
+                .publish_seq(
+                    0,
+                    n,
+                    opts.publishers,
+                    opts.window,
+                    None,
+                    false,
+                    "bench-pub",
+                    epoch,
+                )
+                .await
+                .expect("publish");
+            let r = sink.await.expect("sink task").expect("sink");
+            assert_eq!(
+                r.unique,
+                n,
+                "{}: only {} of {n} arrived",
+                setup.name(),
+                r.unique
+            );
+            let last = r.last.expect("arrivals");
+            let acked = pubs.iter().map(|p| p.elapsed).max().unwrap_or_default();
+            res.add(
+                "throughput",
+                setup.name(),
+                rep,
+                "end_to_end_msgs_per_s",
+                n as f64 / (last - started).as_secs_f64(),
+            );
+            res.add(
+                "throughput",
+                setup.name(),
+                rep,
+                "acked_msgs_per_s",
+                n as f64 / acked.as_secs_f64(),
+            );
+            res.add(
+                "throughput",
+                setup.name(),
+                rep,
+                "duplicates",
+                r.duplicates as f64,
+            );
+        }
+    }
+}
+
+/// Steady 1,000 msgs/s: end-to-end and PUBACK latency.
+async fn latency(opts: &Opts, res: &mut Results) {
+    let n = (opts.rate * opts.latency_secs) as u64;
+    // The first 200 ms warm connections and caches; they are left out of the percentiles.
+    let warm = (opts.rate * 0.2) as usize;
+    for rep in 0..opts.reps {
+        for setup in order(rep, &opts.setups) {
+            let rig = Rig::start(setup).await;
+            let epoch = Instant::now();
+            let (sink, _) = rig
+                .spawn_sink("bench-sink", false, n, true, allowance(n), epoch)
+                .await;
+            let pubs = rig
+                .publish_seq(
+                    0,
+                    n,
+                    1,
+                    opts.window,
+                    Some(opts.rate),
+                    true,
+                    "bench-pub",
+                    epoch,
+                )
+                .await
+                .expect("publish");
+            let r = sink.await.expect("sink task").expect("sink");
+            assert_eq!(
+                r.unique,
+                n,
+                "{}: only {} of {n} arrived",
+                setup.name(),
+                r.unique
+            );
+            let mut e2e: Vec<u64> = r.latency_ns.iter().skip(warm).copied().collect();
+            e2e.sort_unstable();
+            let mut ack: Vec<u64> = pubs[0].ack_latency_ns.iter().skip(warm).copied().collect();
+            ack.sort_unstable();
+            let name = setup.name();
+            res.add(
+                "latency",
+                name,
+                rep,
+                "e2e_p50_ms",
+                stats::percentile_ms(&e2e, 50.0),
+            );
+            res.add(
+                "latency",
+                name,
+                rep,
+                "e2e_p99_ms",
+                stats::percentile_ms(&e2e, 99.0),
+            );
+            res.add(
+                "latency",
+                name,
+                rep,
+                "e2e_max_ms",
+                stats::percentile_ms(&e2e, 100.0),
+            );
+            res.add(
+                "latency",
+                name,
+                rep,
+                "puback_p50_ms",
+                stats::percentile_ms(&ack, 50.0),
+            );
+            res.add(
+                "latency",
+                name,
+                rep,
+                "puback_p99_ms",
+                stats::percentile_ms(&ack, 99.0),
+            );
+            res.add(
+                "latency",
+                name,
+                rep,
+                "puback_max_ms",
+                stats::percentile_ms(&ack, 100.0),
+            );
+        }
+    }
+}
+
+/// A backlog buffered while central is down, then central starts. For `direct` there is
+/// nothing to buffer in: its figure is the same load published straight into a fresh central
+/// broker (what the central broker itself can take), the reference the drain is held to.
+async fn drain(opts: &Opts, res: &mut Results) {
+    let n = opts.msgs;
+    for rep in 0..opts.reps {
+        for setup in order(rep, &opts.setups) {
+            let mut rig = Rig::start(setup).await;
+            let epoch = Instant::now();
+            let (r, t0) = if setup == Setup::Direct {
+                let (sink, _) = rig
+                    .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
+                    .await;
+                let t0 = Instant::now();
+                rig.publish_seq(
+                    0,
+                    n,
+                    opts.publishers,
+                    opts.window,
+                    None,
+                    false,
+                    "bench-pub",
+                    epoch,
+                )
+                .await
+                .expect("publish");
+                (sink.await.expect("sink task").expect("sink"), t0)
+            } else {
+                wire::make_session(rig.central.port, "bench-drain", SINK_FILTER)
+                    .await
+                    .expect("receiver session");
+                rig.central.stop();
+                // Let the local side see the connection go before the backlog arrives.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                rig.publish_seq(
+                    0,
+                    n,
+                    opts.publishers,
+                    opts.window,
+                    None,
+                    false,
+                    "bench-pub",
+                    epoch,
+                )
+                .await
+                .expect("publish while central is down");
+                let t0 = rig.central.start().await;
+                let (sink, _) = rig
+                    .spawn_sink("bench-drain", true, n, false, allowance(n), epoch)
+                    .await;
+                (sink.await.expect("sink task").expect("sink"), t0)
+            };
+            assert_eq!(
+                r.unique,
+                n,
+                "{}: only {} of {n} arrived",
+                setup.name(),
+                r.unique
+            );
+            let (first, last) = (r.first.expect("arrivals"), r.last.expect("arrivals"));
+            let name = setup.name();
+            res.add(
+                "drain",
+                name,
+                rep,
+                "time_to_last_s",
+                (last - t0).as_secs_f64(),
+            );
+            res.add(
+                "drain",
+                name,
+                rep,
+                "drain_msgs_per_s",
+                n as f64 / (last - first).as_secs_f64().max(1e-6),
+            );
+            res.add("drain", name, rep, "duplicates", r.duplicates as f64);
+        }
+    }
+}
+
+/// Idle RSS, then RSS and peak RSS of the local process while the backlog grows with central
+/// down. One pass (no repetitions: memory figures are not noisy, and 1M messages take long).
+async fn memory(opts: &Opts, res: &mut Results) {
+    for setup in opts.setups.iter().copied().filter(|s| *s != Setup::Direct) {
+        let mut rig = Rig::start(setup).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let name = setup.name();
+        let (idle, _) = rig.local_memory_kib().expect("local process");
+        res.add("memory", name, 0, "idle_rss_mib", idle as f64 / 1024.0);
+        rig.central.stop();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let epoch = Instant::now();
+        let mut buffered = 0;
+        for &level in &opts.memory_levels {
+            if level <= buffered {
+                continue;
+            }
+            let started = Instant::now();
+            rig.publish_seq(
+                buffered,
+                level - buffered,
+                opts.publishers,
+                opts.window,
+                None,
+                false,
+                "bench-pub",
+                epoch,
+            )
+            .await
+            .expect("publish while central is down");
+            let rate = (level - buffered) as f64 / started.elapsed().as_secs_f64();
+            buffered = level;
+            let (rss, hwm) = rig.local_memory_kib().expect("local process");
+            res.add(
+                "memory",
+                name,
+                0,
+                &format!("rss_mib_at_{level}"),
+                rss as f64 / 1024.0,
+            );
+            res.add(
+                "memory",
+                name,
+                0,
+                &format!("peak_rss_mib_at_{level}"),
+                hwm as f64 / 1024.0,
+            );
+            res.add(
+                "memory",
+                name,
+                0,
+                &format!("peak_over_idle_at_{level}"),
+                hwm as f64 / idle as f64,
+            );
+            res.add(
+                "memory",
+                name,
+                0,
+                &format!("buffering_msgs_per_s_to_{level}"),
+                rate,
+            );
+        }
+    }
+}
+
+/// The store alone, and the level it commits at.
+async fn enqueue_rate(opts: &Opts, res: &mut Results) {
+    let n = opts.msgs as usize;
+    for rep in 0..opts.reps {
+        for (label, sync) in [("full", Synchronous::Full), ("normal", Synchronous::Normal)] {
+            let dir = scratch();
+            let rate = enqueue::rate(dir.path(), sync, n, 512).await;
+            res.add(
+                "enqueue",
+                "trainrelay",
+                rep,
+                &format!("store_commit_msgs_per_s_sync_{label}"),
+                rate,
+            );
+        }
+    }
+}
+
+fn sh(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> serde_json::Value {
+    json!({
+        "date_utc": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+        "nproc": sh("nproc"),
+        "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+        "memory": sh("free -h | awk '/Mem:/ {print $2\" total, \"$7\" available\"}'"),
+        "disk": sh(&format!("df -h {} | awk 'NR==2 {{print $1\" \"$2\" (\"$5\" used)\"}}'", env!("CARGO_TARGET_TMPDIR"))),
+        "kernel": sh("uname -r"),
+        "mosquitto": sh("mosquitto -h | head -1"),
+        "loadavg": sh("cat /proc/loadavg"),
+    })
+}
+
+/// Setups shown as columns, and the ratios the targets are stated in.
+fn table(res: &Results) -> String {
+    let cols = ["direct", "mosquitto-bridge", "trainrelay"];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "| workload | figure | {} | {} | {} | (c)/(b) | (c)/(a) |\n|---|---|---:|---:|---:|---:|---:|\n",
+        "(a) direct", "(b) bridge", "(c) trainrelay"
+    ));
+    let fmt = |v: Option<&f64>| match v {
+        Some(v) if v.is_finite() && v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.is_finite() => format!("{v:.2}"),
+        _ => "–".to_string(),
+    };
+    for ((workload, metric), m) in res.medians() {
+        let a = m.get(cols[0]);
+        let b = m.get(cols[1]);
+        let c = m.get(cols[2]);
+        let ratio = |x: Option<&f64>, y: Option<&f64>| match (x, y) {
+            (Some(x), Some(y)) if *y != 0.0 && x.is_finite() && y.is_finite() => {
+                format!("{:.2}", x / y)
+            }
+            _ => "–".to_string(),
+        };
+        let other: Vec<String> = m
+            .iter()
+            .filter(|(k, _)| !cols.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}: {}", fmt(Some(v))))
+            .collect();
+        let (a_txt, a_val) = if other.is_empty() {
+            (fmt(a), a)
+        } else {
+            (other.join(", "), None)
+        };
+        out.push_str(&format!(
+            "| {workload} | {metric} | {a_txt} | {} | {} | {} | {} |\n",
+            fmt(b),
+            fmt(c),
+            ratio(c, b),
+            ratio(c, a_val)
+        ));
+    }
+    out
+}
+
+fn main() {
+    let opts = Opts::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let machine_before = machine();
+    println!("relay bench: {opts:?}");
+    println!("machine: {machine_before}");
+    println!("trainrelay binary: {}", setup::relay_binary().display());
+    let started = Instant::now();
+    let mut res = Results::default();
+    rt.block_on(async {
+        if opts.wants("ceiling") {
+            println!("== ceiling: the load generator alone against one Mosquitto");
+            ceiling(&opts, &mut res).await;
+        }
+        if opts.wants("throughput") {
+            println!(
+                "== throughput: {} QoS 1 msgs of {} B end to end",
+                opts.msgs,
+                wire::PAYLOAD
+            );
+            throughput(&opts, &mut res).await;
+        }
+        if opts.wants("latency") {
+            println!(
+                "== latency: {} msgs/s for {} s",
+                opts.rate, opts.latency_secs
+            );
+            latency(&opts, &mut res).await;
+        }
+        if opts.wants("drain") {
+            println!(
+                "== drain: {} msgs buffered while central is down",
+                opts.msgs
+            );
+            drain(&opts, &mut res).await;
+        }
+        if opts.wants("memory") {
+            println!(
+                "== memory: idle, and while buffering {:?}",
+                opts.memory_levels
+            );
+            memory(&opts, &mut res).await;
+        }
+        if opts.wants("enqueue") {
+            println!(
+                "== enqueue: the store alone, {} msgs, 512 outstanding",
+                opts.msgs
+            );
+            enqueue_rate(&opts, &mut res).await;
+        }
+    });
+    let elapsed = started.elapsed();
+    let table = table(&res);
+    let machine_after = machine();
+    println!(
+        "\nMedians of {} repetition(s), {:.0} s in all:\n\n{table}",
+        opts.reps,
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "load average before: {}, after: {}",
+        machine_before["loadavg"], machine_after["loadavg"]
+    );
+    let doc = json!({
+        "machine": machine_before,
+        "loadavg_after": machine_after["loadavg"],
+        "options": {
+            "quick": opts.quick, "reps": opts.reps, "msgs": opts.msgs, "payload_bytes": wire::PAYLOAD,
+            "latency_secs": opts.latency_secs, "rate": opts.rate, "memory_levels": opts.memory_levels,
+            "publishers": opts.publishers, "window": opts.window,
+        },
+        "elapsed_s": elapsed.as_secs_f64(),
+        "medians": res.medians().into_iter().map(|((w, m), v)| json!({"workload": w, "figure": m, "by_setup": v})).collect::<Vec<_>>(),
+        "samples": res.samples.iter().map(|s| json!({"workload": s.workload, "setup": s.setup, "rep": s.rep, "figure": s.metric, "value": s.value})).collect::<Vec<_>>(),
+        "table_markdown": table,
+    });
+    if let Some(dir) = opts.out.parent() {
+        std::fs::create_dir_all(dir).expect("output dir");
+    }
+    std::fs::write(&opts.out, serde_json::to_string_pretty(&doc).expect("json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", opts.out.display()));
+    println!("results: {}", opts.out.display());
+}

@@ -1,0 +1,262 @@
+//! The processes under test: a central Mosquitto, a local Mosquitto bridging to it, and the
+//! trainrelay release binary. Each runs on an ephemeral loopback port with its own temp dir and
+//! is killed when its guard is dropped, so an aborted benchmark leaves nothing behind.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The three setups compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// Load generator straight into the central broker: the ceiling.
+    Direct,
+    /// Local Mosquitto with a bridge section -> central.
+    Bridge,
+    /// trainrelay -> central.
+    Relay,
+}
+
+impl Setup {
+    pub const ALL: [Setup; 3] = [Setup::Direct, Setup::Bridge, Setup::Relay];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::Direct => "direct",
+            Setup::Bridge => "mosquitto-bridge",
+            Setup::Relay => "trainrelay",
+        }
+    }
+
+    /// Topic the generator publishes to; every setup delivers it as `trains/T1/up/bench`.
+    pub fn topic(self) -> &'static str {
+        match self {
+            Setup::Direct => "trains/T1/up/bench",
+            Setup::Bridge | Setup::Relay => "up/bench",
+        }
+    }
+}
+
+/// Filter the receiver subscribes to at the central broker.
+pub const SINK_FILTER: &str = "trains/T1/up/#";
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Waits until something accepts TCP connections on the port.
+pub async fn wait_for_port(port: u16, within: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on port {port} after {within:?}");
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// (VmRSS, VmHWM) in KiB from /proc/PID/status.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("{}: cannot read /proc status: {e}", self.name));
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// SIGTERM (Mosquitto then saves its persistence file) and wait.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).expect("config file");
+    f.write_all(text.as_bytes()).expect("config file");
+}
+
+/// The central Mosquitto, restartable on the same port and persistence directory.
+pub struct Central {
+    pub port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Central {
+    pub fn new(dir: &Path) -> Central {
+        let dir = dir.join("central");
+        std::fs::create_dir_all(&dir).expect("central dir");
+        Central {
+            port: free_port(),
+            dir,
+            proc: None,
+        }
+    }
+
+    /// Starts it and waits until it listens; returns when the process was spawned.
+    pub async fn start(&mut self) -> Instant {
+        let conf = self.dir.join("mosquitto.conf");
+        // `user root`: when run as root Mosquitto would otherwise switch to user `mosquitto`
+        // and then fail to write its persistence file into a root-owned temp dir.
+        write(
+            &conf,
+            &format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 100\n",
+                port = self.port,
+                dir = self.dir.display()
+            ),
+        );
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c").arg(&conf);
+        let spawned = Instant::now();
+        self.proc = Some(Proc::spawn("central mosquitto", cmd, &self.dir.join("log")));
+        wait_for_port(self.port, Duration::from_secs(20)).await;
+        spawned
+    }
+
+    /// SIGTERM: a clean stop that keeps the receiver's persistent session and its queue.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate();
+        }
+    }
+}
+
+/// The local side of setups (b) and (c).
+pub struct Local {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+/// Local Mosquitto with a bridge section as a team would deploy it: QoS 1 topics, clean
+/// session off, persistence on, MQTT v5 towards central, no queue limit (the default of 1000
+/// would drop the backlog), and the same in-flight window (64) as trainrelay's uplink.
+pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
+    let dir = dir.join("bridge");
+    std::fs::create_dir_all(&dir).expect("bridge dir");
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    write(
+        &conf,
+        &format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 64\n\
+             \nconnection central\naddress 127.0.0.1:{central_port}\n\
+             bridge_protocol_version mqttv50\ncleansession false\nclientid bridge-T1\n\
+             restart_timeout 1\nnotifications false\ntopic # out 1 up/ trains/T1/up/\n",
+            dir = dir.display()
+        ),
+    );
+    let mut cmd = Command::new("mosquitto");
+    cmd.arg("-c").arg(&conf);
+    let proc = Proc::spawn("bridge mosquitto", cmd, &dir.join("log"));
+    wait_for_port(port, Duration::from_secs(20)).await;
+    Local { port, proc }
+}
+
+/// trainrelay with its default durability (`synchronous = "full"`, the iPad acknowledged only
+/// after commit). Only the store bound is raised (the 1M-message backlog exceeds the default
+/// 256 MiB) and reconnect backoff is capped at 1 s like the bridge's `restart_timeout`.
+pub async fn start_relay(dir: &Path, central_port: u16) -> Local {
+    let dir = dir.join("relay");
+    std::fs::create_dir_all(&dir).expect("relay dir");
+    let port = free_port();
+    let conf = dir.join("trainrelay.toml");
+    write(
+        &conf,
+        &format!(
+            r#"train_id = "T1"
+
+[local]
+listen = "127.0.0.1:{port}"
+
+[uplink]
+url = "mqtt://127.0.0.1:{central_port}"
+backoff_min = "100ms"
+backoff_max = "1s"
+
+[store]
+path = "{dir}/store.db"
+max_bytes = "4GiB"
+
+[status]
+socket = "{dir}/status.sock"
+
+[[route]]
+direction = "up"
+local = "up/#"
+remote = "trains/T1/up/#"
+"#,
+            dir = dir.display()
+        ),
+    );
+    let mut cmd = Command::new(relay_binary());
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .env("RUST_LOG", "warn");
+    let proc = Proc::spawn("trainrelay", cmd, &dir.join("log"));
+    wait_for_port(port, Duration::from_secs(30)).await;
+    Local { port, proc }
+}
+
+/// The release binary cargo built alongside this benchmark (override: `TRAINRELAY_BIN`).
+pub fn relay_binary() -> PathBuf {
+    std::env::var_os("TRAINRELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_trainrelay")))
+}
