@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::auth::Auth;
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::Config;
 use crate::downlink::Downlink;
@@ -45,7 +46,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hooks = Arc::new(
         RelayHooks::new(routes.clone(), queue.clone(), &config.train_id)
             .with_freshness(freshness.clone())
-            .with_device_prefix(&config.local.device_prefix),
+            .with_device_prefix(&config.local.device_prefix)
+            .with_auth(Arc::new(Auth::from_config(&config, &routes))),
     );
     let broker = Broker::bind(broker_config(&config), db.clone(), hooks).await?;
     let credentials = read_credentials(&config)?;
@@ -157,6 +159,8 @@ fn broker_config(config: &Config) -> BrokerConfig {
         max_subscriptions: l.max_subscriptions,
         max_session_expiry: l.max_session_expiry,
         connect_timeout: l.connect_timeout,
+        max_connections_per_address: l.max_connections_per_address,
+        max_publish_rate: l.max_publish_rate,
     }
 }
 
@@ -165,7 +169,7 @@ fn read_credentials(config: &Config) -> anyhow::Result<Option<(String, String)>>
         return Ok(None);
     };
     let password = match &config.uplink.password_file {
-        Some(file) => std::fs::read_to_string(file)
+        Some(file) => std::fs::read_to_string(crate::config::secret_path(file))
             .with_context(|| format!("uplink.password_file {}", file.display()))?
             .lines()
             .next()

@@ -170,6 +170,35 @@ pub async fn serve(
     linger(&mut conn.reader, &mut conn.writer).await;
 }
 
+/// Runs the authentication hook on the blocking pool (password hashing is slow on purpose),
+/// at most `AUTH_SLOTS` at a time.
+async fn authenticate(
+    shared: &Arc<Shared>,
+    client_id: &str,
+    c: &ConnectPacket,
+    peer: SocketAddr,
+) -> AuthVerdict {
+    let Ok(_slot) = Arc::clone(&shared.auth_slots).acquire_owned().await else {
+        return AuthVerdict::NotAuthorized;
+    };
+    let hooks = Arc::clone(&shared.hooks);
+    let client_id = client_id.to_string();
+    let username = c.username.clone();
+    let password = c.password.clone();
+    let protocol = c.protocol;
+    tokio::task::spawn_blocking(move || {
+        hooks.authenticate(&ConnectRequest {
+            client_id: &client_id,
+            username: username.as_deref(),
+            password: password.as_deref(),
+            peer,
+            protocol,
+        })
+    })
+    .await
+    .unwrap_or(AuthVerdict::NotAuthorized)
+}
+
 /// Closes gracefully: a socket closed with unread input sends RST, and the peer's kernel may
 /// then discard our final DISCONNECT or CONNACK before the client reads it. So we half-close
 /// and discard input for a short while (bounded in time) before dropping the socket.
@@ -288,6 +317,8 @@ struct Conn {
     kick_rx: mpsc::UnboundedReceiver<u8>,
     /// Session Expiry Interval from CONNECT: 0 may not be raised by DISCONNECT.
     connect_expiry: u32,
+    /// `max_publish_rate`, if set.
+    bucket: Option<super::limits::TokenBucket>,
 }
 
 impl Conn {
@@ -317,6 +348,19 @@ impl Conn {
                 assigned = Some(client_id.clone());
             }
         }
+        if !super::limits::valid_client_id(&client_id) {
+            log::info!(
+                "local broker: {peer}: client id {:?} is not 1 to 64 of [A-Za-z0-9._:-]; refused",
+                client_id.chars().take(80).collect::<String>()
+            );
+            {
+                let mut st = shared.lock();
+                st.stats.refused_connections += 1;
+                st.stats.bad_client_ids += 1;
+            }
+            pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
+            return None;
+        }
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
                 log::info!(
@@ -340,13 +384,19 @@ impl Conn {
             pre.connack_refusal(protocol, 0x8C).await;
             return None;
         }
-        let verdict = shared.hooks.authenticate(&ConnectRequest {
-            client_id: &client_id,
-            username: c.username.as_deref(),
-            password: c.password.as_deref(),
-            peer,
-            protocol,
-        });
+        let verdict = authenticate(&shared, &client_id, &c, peer).await;
+        if verdict == AuthVerdict::Allow {
+            shared.failures.succeed(peer.ip());
+        } else {
+            // Slow down guessing: the delay grows with each failure from this address. It is
+            // spent in this connection's task, so nobody else waits.
+            let delay = shared.failures.fail(peer.ip());
+            shared.lock().stats.auth_failures += 1;
+            log::info!(
+                "local broker: '{client_id}' from {peer}: authentication failed ({verdict:?}); answering in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let info = ClientInfo {
             client_id: client_id.clone(),
             username: c.username.clone(),
@@ -499,6 +549,8 @@ impl Conn {
             notify,
             kick_rx,
             connect_expiry: expiry,
+            bucket: (shared.config.max_publish_rate > 0)
+                .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
         };
         log::info!(
             "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
@@ -851,6 +903,22 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
+        if let Some(bucket) = &mut self.bucket {
+            if !bucket.take() {
+                let rate = self.shared.config.max_publish_rate;
+                log::warn!(
+                    "local broker: '{}' ({}) sent more than {rate} PUBLISH per second; disconnecting",
+                    self.info.client_id,
+                    self.info.peer
+                );
+                self.shared.lock().stats.rate_limited += 1;
+                self.queue(Outbound::Disconnect { reason: 0x96 });
+                let _ = self.write_out().await;
+                return Err(End::Abnormal(format!(
+                    "more than {rate} PUBLISH per second"
+                )));
+            }
+        }
         let mut topic_name = p.topic;
         if self.protocol == Protocol::V5 {
             if let Some(alias) = p.topic_alias {

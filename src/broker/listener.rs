@@ -18,12 +18,15 @@ use crate::shutdown::Shutdown;
 
 const REFUSAL_SLOTS: usize = 16;
 
-/// Decrements the open-socket count when a connection task ends, however it ends.
-struct SocketGuard(Arc<Shared>);
+/// Decrements the open-socket counts when a connection task ends, however it ends.
+struct SocketGuard(Arc<Shared>, Option<std::net::IpAddr>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         self.0.open_sockets.fetch_sub(1, Ordering::SeqCst);
+        if let Some(ip) = self.1 {
+            self.0.addresses.remove(ip);
+        }
     }
 }
 
@@ -36,7 +39,19 @@ pub fn admit(
     tasks: &mut JoinSet<()>,
 ) {
     let open = shared.open_sockets.fetch_add(1, Ordering::SeqCst) + 1;
-    let guard = SocketGuard(Arc::clone(shared));
+    let mut guard = SocketGuard(Arc::clone(shared), None);
+    let per_address = shared.config.max_connections_per_address;
+    if !shared.addresses.try_add(peer.ip(), per_address) {
+        log::warn!(
+            "local broker: {} already holds {per_address} sockets; closing {peer} at once",
+            peer.ip()
+        );
+        let mut st = shared.lock();
+        st.stats.refused_connections += 1;
+        st.stats.refused_per_address += 1;
+        return;
+    }
+    guard.1 = Some(peer.ip());
     let max = shared.config.max_connections;
     if open > max + REFUSAL_SLOTS {
         log::warn!("local broker: {open} sockets open (limit {max}); closing {peer} at once");

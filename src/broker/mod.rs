@@ -14,6 +14,7 @@
 
 mod codec;
 mod connection;
+mod limits;
 mod listener;
 mod persist;
 mod retained;
@@ -56,6 +57,11 @@ pub struct BrokerConfig {
     pub max_session_expiry: Duration,
     /// Time a new connection has to send a complete CONNECT.
     pub connect_timeout: Duration,
+    /// Sockets one source address may hold open at once; further ones are closed at once.
+    pub max_connections_per_address: usize,
+    /// PUBLISH packets per second one connection may send (burst of the same size); beyond it
+    /// the client is disconnected (v5 DISCONNECT 0x96). 0: no limit.
+    pub max_publish_rate: u32,
 }
 
 impl Default for BrokerConfig {
@@ -69,6 +75,8 @@ impl Default for BrokerConfig {
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
+            max_connections_per_address: usize::MAX,
+            max_publish_rate: 0,
         }
     }
 }
@@ -224,7 +232,17 @@ pub struct BrokerStats {
     pub denied_subscribe: u64,
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// CONNECTs refused by `authenticate` (bad credentials or not authorized).
+    pub auth_failures: u64,
+    /// CONNECTs refused for a client id outside `[A-Za-z0-9._:-]{1,64}`.
+    pub bad_client_ids: u64,
+    /// Sockets closed at once because their address held `max_connections_per_address`.
+    pub refused_per_address: u64,
+    /// Clients disconnected for exceeding `max_publish_rate`.
+    pub rate_limited: u64,
 }
+
+pub use limits::valid_client_id;
 
 /// How often expired sessions and messages are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
