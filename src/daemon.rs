@@ -50,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_auth(Arc::new(Auth::from_config(&config, &routes))),
     );
     let broker = Broker::bind(broker_config(&config), db.clone(), hooks).await?;
+    let broker_handle = broker.handle();
     let credentials = read_credentials(&config)?;
 
     let (trigger, shutdown) = shutdown::channel();
@@ -99,6 +100,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     log_freshness_counters(&report.0, &report.1, &report.2);
+    log_security_counters(&broker_handle);
+    // It holds a store handle: the writer stops only once every handle is gone.
+    drop(broker_handle);
     drop(report);
     // Every store handle is gone now: the writer drains its queue and stops.
     tokio::task::spawn_blocking(move || db_thread.join())
@@ -145,6 +149,22 @@ fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downl
         c.expired_up + c.expired_down,
         c.expired_up,
         c.expired_down,
+    );
+}
+
+/// One line at shutdown with what the local broker refused, for the logs of a run.
+fn log_security_counters(broker: &crate::broker::BrokerHandle) {
+    let s = broker.stats();
+    log::info!(
+        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} denied_publish={} denied_subscribe={}",
+        s.refused_connections,
+        s.auth_failures,
+        s.bad_client_ids,
+        s.refused_per_address,
+        s.rate_limited,
+        s.protocol_errors,
+        s.denied_publish,
+        s.denied_subscribe,
     );
 }
 

@@ -516,3 +516,4 @@ impl V5Client {
 }
 
 pub mod fresh;
+pub mod security;
