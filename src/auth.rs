@@ -156,12 +156,26 @@ impl Auth {
     }
 
     /// Decides a CONNECT. Slow on purpose (argon2): call it off the async workers.
+    ///
+    /// A client that sends no username but presented a certificate (verified by the TLS
+    /// listener against `tls_client_ca`) is the device named by its CN; a username, if sent,
+    /// is checked with its password as on any listener.
     pub fn authenticate(
         &self,
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
+        cert_identity: Option<&str>,
     ) -> AuthVerdict {
+        if let (None, Some(cn)) = (
+            username,
+            cert_identity.filter(|cn| self.devices.contains_key(*cn)),
+        ) {
+            if !owns_client_id(cn, client_id) {
+                return AuthVerdict::NotAuthorized;
+            }
+            return AuthVerdict::Allow;
+        }
         let Some(user) = username else {
             return if self.allow_anonymous {
                 AuthVerdict::Allow

@@ -120,8 +120,18 @@ pub struct LocalConfig {
     /// Sockets one source address may hold open at once.
     pub max_connections_per_address: usize,
     /// PUBLISH packets per second a client may send (token bucket with a burst of the same
-    /// size); beyond it the client is disconnected (v5: reason 0x96). 0: no limit.
-    pub max_publish_rate: u32,
+    /// size); beyond it the client is disconnected (v5: reason 0x96). 0: no limit. Default:
+    /// 1000 once devices are configured, no limit in open (laptop) mode, where test
+    /// publishers push bursts of thousands.
+    pub max_publish_rate: Option<u32>,
+    /// Address of the MQTT-over-TLS listener (needs `tls_cert` and `tls_key`).
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener; refused when readable by every user.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of client certificates (mTLS): a certificate's subject CN names the device.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// `[[local.device]]`: one cab device and its credentials.
@@ -175,7 +185,11 @@ impl Default for LocalConfig {
             devices: Vec::new(),
             groups: Vec::new(),
             max_connections_per_address: 16,
-            max_publish_rate: 1000,
+            max_publish_rate: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -439,6 +453,9 @@ impl Config {
         if let Some(p) = &config.uplink.password_file {
             check_private(file, "uplink.password_file", &secret_path(p))?;
         }
+        if let Some(key) = &config.local.tls_key {
+            check_private(file, "local.tls_key", key)?;
+        }
         if let Some(cred) = config.local.credentials_file.clone() {
             check_private(file, "local.credentials_file", &cred)?;
             let text = std::fs::read_to_string(&cred).map_err(|source| ConfigError::Read {
@@ -454,6 +471,13 @@ impl Config {
             config.validate_devices(file)?;
         }
         Ok(config)
+    }
+
+    /// `local.max_publish_rate` with its mode-dependent default.
+    pub fn max_publish_rate(&self) -> u32 {
+        self.local
+            .max_publish_rate
+            .unwrap_or(if self.secured() { 1000 } else { 0 })
     }
 
     /// Whether the local broker requires credentials (any device configured).
@@ -621,6 +645,14 @@ impl Config {
             return Err(invalid(
                 "local.receive_maximum",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.local.tls_listen.is_some()
+            && (self.local.tls_cert.is_none() || self.local.tls_key.is_none())
+        {
+            return Err(invalid(
+                "local.tls_listen",
+                "needs local.tls_cert and local.tls_key".into(),
             ));
         }
         if self.local.max_connections_per_address == 0 {

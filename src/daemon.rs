@@ -180,7 +180,16 @@ fn broker_config(config: &Config) -> BrokerConfig {
         max_session_expiry: l.max_session_expiry,
         connect_timeout: l.connect_timeout,
         max_connections_per_address: l.max_connections_per_address,
-        max_publish_rate: l.max_publish_rate,
+        max_publish_rate: config.max_publish_rate(),
+        tls: match (&l.tls_listen, &l.tls_cert, &l.tls_key) {
+            (Some(listen), Some(cert), Some(key)) => Some(crate::broker::tls::TlsSettings {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: l.tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
     }
 }
 

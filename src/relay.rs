@@ -139,7 +139,9 @@ fn is_other_device_topic(prefix: &[String], topic_name: &str, own: &str) -> bool
 impl Hooks for RelayHooks {
     fn authenticate(&self, req: &ConnectRequest<'_>) -> AuthVerdict {
         match &self.auth {
-            Some(auth) => auth.authenticate(req.client_id, req.username, req.password),
+            Some(auth) => {
+                auth.authenticate(req.client_id, req.username, req.password, req.cert_identity)
+            }
             None => AuthVerdict::Allow,
         }
     }

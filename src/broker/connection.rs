@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -98,21 +97,55 @@ struct PendingIn {
     acl_denied: bool,
 }
 
-/// Serves one accepted socket to the end. `refuse`: the broker is at max_connections, so the
-/// client gets a "server busy" CONNACK once it has sent CONNECT.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A client's byte stream, whatever carries it (TCP, TLS, WebSocket).
+pub struct Io {
+    reader: Reader,
+    writer: Writer,
+    /// Subject CN of a verified client certificate (mTLS).
+    cert_identity: Option<String>,
+}
+
+impl Io {
+    pub fn tcp(stream: TcpStream) -> Io {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        Io {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            cert_identity: None,
+        }
+    }
+
+    pub fn new<S: AsyncRead + AsyncWrite + Send + 'static>(
+        stream: S,
+        cert_identity: Option<String>,
+    ) -> Io {
+        let (reader, writer) = tokio::io::split(stream);
+        Io {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            cert_identity,
+        }
+    }
+}
+
+/// Serves one accepted connection to the end. `refuse`: the broker is at max_connections, so
+/// the client gets a "server busy" CONNACK once it has sent CONNECT.
 pub async fn serve(
-    stream: TcpStream,
+    io: Io,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: Shutdown,
     refuse: bool,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
     let mut pre = PreConnect {
-        reader,
-        writer,
+        reader: io.reader,
+        writer: io.writer,
         rbuf: BytesMut::with_capacity(1024),
+        cert_identity: io.cert_identity,
     };
     let timeout = shared.config.connect_timeout;
     let max = shared.config.max_packet_size;
@@ -176,6 +209,7 @@ async fn authenticate(
     shared: &Arc<Shared>,
     client_id: &str,
     c: &ConnectPacket,
+    cert_identity: Option<String>,
     peer: SocketAddr,
 ) -> AuthVerdict {
     let Ok(_slot) = Arc::clone(&shared.auth_slots).acquire_owned().await else {
@@ -191,6 +225,7 @@ async fn authenticate(
             client_id: &client_id,
             username: username.as_deref(),
             password: password.as_deref(),
+            cert_identity: cert_identity.as_deref(),
             peer,
             protocol,
         })
@@ -202,7 +237,7 @@ async fn authenticate(
 /// Closes gracefully: a socket closed with unread input sends RST, and the peer's kernel may
 /// then discard our final DISCONNECT or CONNACK before the client reads it. So we half-close
 /// and discard input for a short while (bounded in time) before dropping the socket.
-async fn linger(reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf) {
+async fn linger(reader: &mut Reader, writer: &mut Writer) {
     let _ = tokio::time::timeout(LINGER, writer.shutdown()).await;
     let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 4096];
@@ -229,9 +264,10 @@ impl std::fmt::Display for PreError {
 }
 
 struct PreConnect {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     rbuf: BytesMut,
+    cert_identity: Option<String>,
 }
 
 impl PreConnect {
@@ -300,8 +336,8 @@ impl PreConnect {
 
 struct Conn {
     shared: Arc<Shared>,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     rbuf: BytesMut,
     wbuf: BytesMut,
     protocol: Protocol,
@@ -384,7 +420,7 @@ impl Conn {
             pre.connack_refusal(protocol, 0x8C).await;
             return None;
         }
-        let verdict = authenticate(&shared, &client_id, &c, peer).await;
+        let verdict = authenticate(&shared, &client_id, &c, pre.cert_identity.clone(), peer).await;
         if verdict == AuthVerdict::Allow {
             shared.failures.succeed(peer.ip());
         } else {
@@ -399,7 +435,8 @@ impl Conn {
         }
         let info = ClientInfo {
             client_id: client_id.clone(),
-            username: c.username.clone(),
+            // A client without a username is known by its certificate, if any.
+            username: c.username.clone().or_else(|| pre.cert_identity.clone()),
             peer,
             protocol,
         };

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::connection;
+use super::connection::{self, Io};
 use super::router::Shared;
+use super::tls;
 use crate::shutdown::Shutdown;
 
 const REFUSAL_SLOTS: usize = 16;
@@ -30,10 +31,18 @@ impl Drop for SocketGuard {
     }
 }
 
+/// How an accepted socket is spoken to.
+pub enum Transport {
+    Plain,
+    /// TLS handshake first, within `connect_timeout`, in the connection's own task.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
 /// Starts serving an accepted socket, or closes it if too many are open.
 pub fn admit(
     stream: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
     tasks: &mut JoinSet<()>,
@@ -65,6 +74,41 @@ pub fn admit(
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let _guard = guard;
-        connection::serve(stream, peer, shared, shutdown, refuse).await;
+        let io = match transport {
+            Transport::Plain => Io::tcp(stream),
+            Transport::Tls(acceptor) => {
+                let _ = stream.set_nodelay(true);
+                let timeout = shared.config.connect_timeout;
+                let mut stop = shutdown.clone();
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(timeout, acceptor.accept(stream)) => r,
+                    _ = stop.recv() => return,
+                };
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let cn = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| tls::subject_cn(c));
+                        Io::new(tls, cn)
+                    }
+                    Ok(Err(e)) => {
+                        log::info!("local broker: {peer}: TLS handshake failed: {e}");
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                    Err(_) => {
+                        log::info!(
+                            "local broker: {peer}: TLS handshake not finished within {timeout:?}; closing"
+                        );
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        connection::serve(io, peer, shared, shutdown, refuse).await;
     });
 }

@@ -21,6 +21,7 @@ mod retained;
 mod router;
 mod session;
 mod subscriptions;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -59,6 +60,8 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// Sockets one source address may hold open at once; further ones are closed at once.
     pub max_connections_per_address: usize,
+    /// The TLS listener, if any.
+    pub tls: Option<tls::TlsSettings>,
     /// PUBLISH packets per second one connection may send (burst of the same size); beyond it
     /// the client is disconnected (v5 DISCONNECT 0x96). 0: no limit.
     pub max_publish_rate: u32,
@@ -77,6 +80,7 @@ impl Default for BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             max_connections_per_address: usize::MAX,
             max_publish_rate: 0,
+            tls: None,
         }
     }
 }
@@ -103,6 +107,9 @@ pub struct ConnectRequest<'a> {
     pub client_id: &'a str,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+    /// Subject CN of the client certificate the TLS listener verified against
+    /// `tls_client_ca` (mTLS); `None` on other listeners or without a certificate.
+    pub cert_identity: Option<&'a str>,
     pub peer: SocketAddr,
     pub protocol: Protocol,
 }
@@ -197,6 +204,8 @@ pub enum BrokerError {
     },
     #[error("local broker: {0}")]
     Store(#[from] StoreError),
+    #[error("local broker: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("local broker: invalid topic '{topic}': {reason}")]
     InvalidTopic { topic: String, reason: String },
     #[error("local broker is shut down")]
@@ -253,13 +262,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Broker {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The TLS listener and its files.
+    tls: Option<(TcpListener, Arc<tls::TlsFiles>)>,
     shared: Arc<Shared>,
 }
 
-/// Cheap handle for the rest of the daemon: inject messages, read status.
+/// Cheap handle for the rest of the daemon: inject messages, read status, reload TLS files.
 #[derive(Clone)]
 pub struct BrokerHandle {
     shared: Arc<Shared>,
+    tls: Option<Arc<tls::TlsFiles>>,
 }
 
 impl Broker {
@@ -286,9 +298,32 @@ impl Broker {
             source,
         })?;
         log::info!("local broker: listening on {local_addr}");
+        let tls = match &config.tls {
+            Some(settings) => {
+                let files = Arc::new(tls::TlsFiles::load(settings.clone())?);
+                let l = TcpListener::bind(settings.listen).await.map_err(|source| {
+                    BrokerError::Bind {
+                        addr: settings.listen,
+                        source,
+                    }
+                })?;
+                log::info!(
+                    "local broker: TLS listening on {}{}",
+                    settings.listen,
+                    if settings.client_ca.is_some() {
+                        " (client certificates accepted)"
+                    } else {
+                        ""
+                    }
+                );
+                Some((l, files))
+            }
+            None => None,
+        };
         Ok(Broker {
             listener,
             local_addr,
+            tls,
             shared: Arc::new(shared),
         })
     }
@@ -297,9 +332,15 @@ impl Broker {
         self.local_addr
     }
 
+    /// Address of the TLS listener, if any.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     pub fn handle(&self) -> BrokerHandle {
         BrokerHandle {
             shared: Arc::clone(&self.shared),
+            tls: self.tls.as_ref().map(|(_, f)| Arc::clone(f)),
         }
     }
 
@@ -317,11 +358,20 @@ impl Broker {
                 _ = shutdown.recv() => break,
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        listener::admit(stream, peer, &self.shared, &shutdown, &mut tasks);
+                        listener::admit(stream, peer, listener::Transport::Plain, &self.shared, &shutdown, &mut tasks);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
                         log::warn!("local broker: accept on {} failed: {e}", self.local_addr);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                r = accept_tls(&self.tls) => match r {
+                    Ok((stream, peer, acceptor)) => {
+                        listener::admit(stream, peer, listener::Transport::Tls(acceptor), &self.shared, &shutdown, &mut tasks);
+                    }
+                    Err(e) => {
+                        log::warn!("local broker: TLS accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
@@ -348,7 +398,30 @@ impl Broker {
     }
 }
 
+/// Accepts on the TLS listener; never resolves without one.
+async fn accept_tls(
+    tls: &Option<(TcpListener, Arc<tls::TlsFiles>)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr, tokio_rustls::TlsAcceptor)> {
+    match tls {
+        Some((l, files)) => {
+            let (s, peer) = l.accept().await?;
+            Ok((s, peer, files.acceptor()))
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl BrokerHandle {
+    /// Re-reads the TLS certificate, key and client CA (for SIGHUP); new connections get the
+    /// new ones. On error the old ones stay in use. Without a TLS listener, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), BrokerError> {
+        if let Some(files) = &self.tls {
+            files.reload()?;
+            log::info!("local broker: TLS certificate and key reloaded");
+        }
+        Ok(())
+    }
+
     /// Publish as the relay itself (no ACL, no ingest hook). Routes to subscribers,
     /// stores/clears retained, queues for offline persistent sessions. Resolves once the
     /// durable part (retained row, persistent sessions' queued rows) is committed, so the
