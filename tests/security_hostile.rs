@@ -74,7 +74,7 @@ impl Watch {
         name: &str,
         attack: F,
     ) {
-        let attack = tokio::spawn(async move { attack.await });
+        let attack = tokio::spawn(attack);
         // A moment for the attack to get going.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut ups = Vec::new();
@@ -279,7 +279,7 @@ async fn relay_keeps_serving_under_hostile_input() {
         assert_eq!(sub, 0x87);
         let code = a.publish_qos1(3, "up/Ü", b"x").await;
         assert_eq!(code, Some(0));
-        format!("PUBLISH Ü/x -> PUBACK 0x87, SUBSCRIBE Ü/# -> SUBACK 0x87, PUBLISH up/Ü -> PUBACK 0x00 (relayed)")
+        "PUBLISH Ü/x -> PUBACK 0x87, SUBSCRIBE Ü/# -> SUBACK 0x87, PUBLISH up/Ü -> PUBACK 0x00 (relayed)".to_string()
     })
     .await;
 
