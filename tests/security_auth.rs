@@ -66,6 +66,9 @@ async fn downlink_reaches(central: &V5Client, ipad: &mut Raw, tag: &str) -> Dura
     }
 }
 
+/// (v5?, client id, user, password, expected CONNACK code, what)
+type Case<'a> = (bool, &'a str, Option<&'a str>, Option<&'a str>, u8, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_clients_get_the_right_code_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +88,7 @@ async fn refused_clients_get_the_right_code_and_others_are_unaffected() {
     downlink_reaches(&control, &mut good, "before").await;
 
     // (v5?, client id, user, password, expected code, what)
-    let cases: &[(bool, &str, Option<&str>, Option<&str>, u8, &str)] = &[
+    let cases: &[Case] = &[
         (false, "anon", None, None, 0x05, "3.1.1 without credentials"),
         (true, "anon", None, None, 0x87, "v5 without credentials"),
         (
@@ -162,7 +165,7 @@ async fn refused_clients_get_the_right_code_and_others_are_unaffected() {
         ),
     ];
     let long_id = "x".repeat(65);
-    let mut all: Vec<(bool, &str, Option<&str>, Option<&str>, u8, &str)> = cases.to_vec();
+    let mut all: Vec<Case> = cases.to_vec();
     all.push((
         true,
         &long_id,
