@@ -398,6 +398,29 @@ impl Broker {
     }
 }
 
+/// Runs bytes from a client through the packet decoder the way a connection does: CONNECT
+/// first, then packets of the negotiated version until the input is used up or refused.
+/// For fuzzing (`tests/fuzz`): it must return, never panic, whatever `data` is.
+pub fn decode_client_bytes(data: &[u8]) {
+    const MAX: u32 = 64 * 1024;
+    let mut buf = bytes::BytesMut::from(data);
+    let protocol = match codec::connect_level(&buf, MAX) {
+        Ok(Some(5)) => Protocol::V5,
+        Ok(Some(_)) => Protocol::V311,
+        _ => return,
+    };
+    match codec::decode_connect(&mut buf, protocol, MAX) {
+        Ok(Some(_)) => {}
+        _ => return,
+    }
+    while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
+    // And the same bytes as packets of either version without a CONNECT in front.
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let mut buf = bytes::BytesMut::from(data);
+        while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
+    }
+}
+
 /// Accepts on the TLS listener; never resolves without one.
 async fn accept_tls(
     tls: &Option<(TcpListener, Arc<tls::TlsFiles>)>,
