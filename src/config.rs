@@ -124,6 +124,8 @@ pub struct LocalConfig {
     /// 1000 once devices are configured, no limit in open (laptop) mode, where test
     /// publishers push bursts of thousands.
     pub max_publish_rate: Option<u32>,
+    /// Address of the MQTT-over-WebSocket listener (subprotocol `mqtt`, plain HTTP).
+    pub ws_listen: Option<SocketAddr>,
     /// Address of the MQTT-over-TLS listener (needs `tls_cert` and `tls_key`).
     pub tls_listen: Option<SocketAddr>,
     /// PEM certificate chain of the TLS listener.
@@ -186,6 +188,7 @@ impl Default for LocalConfig {
             groups: Vec::new(),
             max_connections_per_address: 16,
             max_publish_rate: None,
+            ws_listen: None,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,

@@ -181,6 +181,7 @@ fn broker_config(config: &Config) -> BrokerConfig {
         connect_timeout: l.connect_timeout,
         max_connections_per_address: l.max_connections_per_address,
         max_publish_rate: config.max_publish_rate(),
+        ws_listen: l.ws_listen,
         tls: match (&l.tls_listen, &l.tls_cert, &l.tls_key) {
             (Some(listen), Some(cert), Some(key)) => Some(crate::broker::tls::TlsSettings {
                 listen: *listen,

@@ -297,7 +297,11 @@ impl PreConnect {
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) {
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await
+        })
+        .await;
         linger(&mut self.reader, &mut self.writer).await;
     }
 
@@ -620,7 +624,14 @@ impl Conn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)).await {
+        // Flush: TLS and WebSocket streams buffer (a no-op on TCP).
+        let writer = &mut self.writer;
+        let wbuf = &self.wbuf;
+        let write = async {
+            writer.write_all(wbuf).await?;
+            writer.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => {
                 self.wbuf.clear();
                 Ok(())

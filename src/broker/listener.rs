@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use super::connection::{self, Io};
 use super::router::Shared;
-use super::tls;
+use super::{tls, websocket};
 use crate::shutdown::Shutdown;
 
 const REFUSAL_SLOTS: usize = 16;
@@ -36,6 +36,8 @@ pub enum Transport {
     Plain,
     /// TLS handshake first, within `connect_timeout`, in the connection's own task.
     Tls(tokio_rustls::TlsAcceptor),
+    /// WebSocket upgrade first, likewise.
+    WebSocket,
 }
 
 /// Starts serving an accepted socket, or closes it if too many are open.
@@ -102,6 +104,30 @@ pub fn admit(
                     Err(_) => {
                         log::info!(
                             "local broker: {peer}: TLS handshake not finished within {timeout:?}; closing"
+                        );
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                }
+            }
+            Transport::WebSocket => {
+                let timeout = shared.config.connect_timeout;
+                let max = shared.config.max_packet_size as usize + 16;
+                let mut stop = shutdown.clone();
+                let upgrade = tokio::select! {
+                    r = tokio::time::timeout(timeout, websocket::accept(stream, max)) => r,
+                    _ = stop.recv() => return,
+                };
+                match upgrade {
+                    Ok(Ok(ws)) => Io::new(ws, None),
+                    Ok(Err(e)) => {
+                        log::info!("local broker: {peer}: WebSocket upgrade failed: {e}");
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                    Err(_) => {
+                        log::info!(
+                            "local broker: {peer}: WebSocket upgrade not finished within {timeout:?}; closing"
                         );
                         shared.lock().stats.refused_connections += 1;
                         return;

@@ -22,6 +22,7 @@ mod router;
 mod session;
 mod subscriptions;
 pub mod tls;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -62,6 +63,8 @@ pub struct BrokerConfig {
     pub max_connections_per_address: usize,
     /// The TLS listener, if any.
     pub tls: Option<tls::TlsSettings>,
+    /// Address of the MQTT-over-WebSocket listener, if any.
+    pub ws_listen: Option<SocketAddr>,
     /// PUBLISH packets per second one connection may send (burst of the same size); beyond it
     /// the client is disconnected (v5 DISCONNECT 0x96). 0: no limit.
     pub max_publish_rate: u32,
@@ -81,6 +84,7 @@ impl Default for BrokerConfig {
             max_connections_per_address: usize::MAX,
             max_publish_rate: 0,
             tls: None,
+            ws_listen: None,
         }
     }
 }
@@ -264,6 +268,7 @@ pub struct Broker {
     local_addr: SocketAddr,
     /// The TLS listener and its files.
     tls: Option<(TcpListener, Arc<tls::TlsFiles>)>,
+    ws: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -320,10 +325,21 @@ impl Broker {
             }
             None => None,
         };
+        let ws = match config.ws_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BrokerError::Bind { addr, source })?;
+                log::info!("local broker: WebSocket listening on {addr}");
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Broker {
             listener,
             local_addr,
             tls,
+            ws,
             shared: Arc::new(shared),
         })
     }
@@ -375,6 +391,15 @@ impl Broker {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+                r = accept_ws(&self.ws) => match r {
+                    Ok((stream, peer)) => {
+                        listener::admit(stream, peer, listener::Transport::WebSocket, &self.shared, &shutdown, &mut tasks);
+                    }
+                    Err(e) => {
+                        log::warn!("local broker: WebSocket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 _ = sweep.tick() => self.shared.sweep(),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
@@ -418,6 +443,16 @@ pub fn decode_client_bytes(data: &[u8]) {
     for protocol in [Protocol::V311, Protocol::V5] {
         let mut buf = bytes::BytesMut::from(data);
         while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
+    }
+}
+
+/// Accepts on the WebSocket listener; never resolves without one.
+async fn accept_ws(
+    ws: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match ws {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 
