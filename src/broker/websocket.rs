@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 /// Performs the WebSocket upgrade; messages larger than `max_message` are refused.
+// The callback's signature (a large error response) is tungstenite's.
+#[allow(clippy::result_large_err)]
 pub async fn accept(stream: TcpStream, max_message: usize) -> io::Result<WsIo> {
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(max_message);
