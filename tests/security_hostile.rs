@@ -134,9 +134,14 @@ async fn expect_kicked(mut a: Raw, bytes: &[u8], what: &str) -> String {
 async fn relay_keeps_serving_under_hostile_input() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(dir.path()).await;
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    common::security::make_pki(&pki, &[]);
+    let (tls_port, ws_port) = (common::free_port(), common::free_port());
     let local = format!(
-        "allow_anonymous = true\nconnect_timeout = \"3s\"\nmax_publish_rate = 200\n{}",
-        devices(&[("ipad1", "pw-one", None)])
+        "allow_anonymous = true\nconnect_timeout = \"3s\"\nmax_publish_rate = 200\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{p}/server.pem\"\ntls_key = \"{p}/server.key\"\nws_listen = \"127.0.0.1:{ws_port}\"\n{}",
+        devices(&[("ipad1", "pw-one", None)]),
+        p = pki.display()
     );
     let mut relay = Relay::start(dir.path(), &secure_config(&central.url(), &local, "")).await;
     let port = relay.local_port;
@@ -232,6 +237,47 @@ async fn relay_keeps_serving_under_hostile_input() {
             )
         },
     )
+    .await;
+
+    w.during("TLS clients that never finish the handshake", async move {
+        let mut stalled = Vec::new();
+        for i in 0..10u8 {
+            let mut r = Raw::open_from([127, 0, 0, 11], tls_port).await.unwrap();
+            if i % 2 == 0 {
+                // Half a ClientHello.
+                let _ = r
+                    .send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
+                    .await;
+            }
+            stalled.push(r);
+        }
+        let started = Instant::now();
+        for r in stalled.iter_mut() {
+            assert!(
+                r.closed_within(T).await.0,
+                "stalled TLS handshake not closed"
+            );
+        }
+        format!(
+            "10 stalled handshakes (5 silent, 5 with half a ClientHello) closed after {:?}",
+            started.elapsed()
+        )
+    })
+    .await;
+
+    w.during("WebSocket upgrades that never finish", async move {
+        let mut stalled = Vec::new();
+        for _ in 0..10 {
+            let mut r = Raw::open_from([127, 0, 0, 12], ws_port).await.unwrap();
+            let _ = r.send(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n").await;
+            stalled.push(r);
+        }
+        let started = Instant::now();
+        for r in stalled.iter_mut() {
+            assert!(r.closed_within(T).await.0, "stalled upgrade not closed");
+        }
+        format!("10 half HTTP upgrades closed after {:?}", started.elapsed())
+    })
     .await;
 
     w.during("10 MB packet", async move {
