@@ -167,6 +167,10 @@ impl Auth {
         password: Option<&[u8]>,
         cert_identity: Option<&str>,
     ) -> AuthVerdict {
+        // Open mode: nothing to check credentials against; they are ignored as before.
+        if self.is_open() && self.allow_anonymous {
+            return AuthVerdict::Allow;
+        }
         if let (None, Some(cn)) = (
             username,
             cert_identity.filter(|cn| self.devices.contains_key(*cn)),
@@ -276,6 +280,61 @@ mod tests {
         assert!(!acl.may_subscribe("ipad1", "+/speed"));
         assert!(!acl.may_subscribe("ipad1", "$SYS/#"));
         assert!(!acl.may_subscribe("ipad1", "up/#"));
+    }
+
+    #[test]
+    fn open_and_secured_modes() {
+        let mut config = Config::builtin();
+        let routes = Routes::from_config(&config);
+        let open = Auth::from_config(&config, &routes);
+        assert!(open.is_open());
+        assert_eq!(open.authenticate("x", None, None, None), AuthVerdict::Allow);
+        assert_eq!(
+            open.authenticate("x", Some("u"), Some(b"p"), None),
+            AuthVerdict::Allow
+        );
+        let client = ClientInfo {
+            client_id: "x".into(),
+            username: None,
+            peer: ([127, 0, 0, 1], 1).into(),
+            protocol: crate::broker::Protocol::V5,
+        };
+        assert!(open.may_subscribe(&client, "#"));
+
+        config.local.devices.push(crate::config::DeviceConfig {
+            name: "ipad1".into(),
+            password_hash: hash_password(b"pw").expect("hash"),
+            group: None,
+            publish: None,
+            subscribe: None,
+        });
+        let secured = Auth::from_config(&config, &routes);
+        assert_eq!(
+            secured.authenticate("x", None, None, None),
+            AuthVerdict::NotAuthorized
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", Some("ipad1"), Some(b"pw"), None),
+            AuthVerdict::Allow
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", Some("ipad1"), Some(b"pW"), None),
+            AuthVerdict::BadCredentials
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", None, None, Some("ipad1")),
+            AuthVerdict::Allow
+        );
+        assert_eq!(
+            secured.authenticate("other", None, None, Some("ipad1")),
+            AuthVerdict::NotAuthorized
+        );
+        // Anonymous clients in secured mode get the default ACL.
+        assert!(!secured.may_subscribe(&client, "#"));
+        assert!(secured.may_subscribe(&client, "down/#"));
+        assert!(secured.may_subscribe(&client, "down/device/x/#"));
+        assert!(secured.may_publish(&client, "up/x"));
+        assert!(!secured.may_publish(&client, "elsewhere"));
     }
 
     #[test]
