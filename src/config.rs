@@ -15,6 +15,42 @@ use crate::store::queue::WhenFull;
 use crate::store::Synchronous;
 use crate::topic;
 
+/// Where a secret file named in the config is read: a relative name found in systemd's
+/// `$CREDENTIALS_DIRECTORY` (`LoadCredential=`) is taken from there, anything else as given.
+pub fn secret_path(p: &Path) -> PathBuf {
+    if p.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&dir).join(p);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Refuses a file holding secrets that users other than the owner and group may read.
+fn check_private(config: &Path, key: &str, secret: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(secret).map_err(|source| ConfigError::Read {
+        file: secret.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode();
+    if mode & 0o004 != 0 {
+        return Err(ConfigError::Invalid {
+            file: config.to_path_buf(),
+            key: key.to_string(),
+            message: format!(
+                "{} is readable by every user (mode {:o}); it holds secrets: chmod o-r it",
+                secret.display(),
+                mode & 0o777
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A config problem, naming the file and the key.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -87,6 +123,69 @@ pub struct LocalConfig {
     /// Local topic prefix of per-iPad topics: `{device_prefix}/{client_id}/...` is delivered
     /// only to the iPad with that client id.
     pub device_prefix: String,
+    /// Whether clients without a username may connect. Default: true when no device is
+    /// configured (the laptop defaults), false as soon as one is.
+    pub allow_anonymous: Option<bool>,
+    /// A separate TOML file of `[[device]]` entries (same keys as `[[local.device]]`), so the
+    /// main config can stay world-readable; it must not be.
+    pub credentials_file: Option<PathBuf>,
+    /// The cab devices that may connect (see `auth`).
+    #[serde(rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+    /// Named ACLs shared by devices.
+    #[serde(rename = "group")]
+    pub groups: Vec<GroupConfig>,
+    /// Sockets one source address may hold open at once.
+    pub max_connections_per_address: usize,
+    /// PUBLISH packets per second a client may send (token bucket with a burst of the same
+    /// size); beyond it the client is disconnected (v5: reason 0x96). 0: no limit. Default:
+    /// 1000 once devices are configured, no limit in open (laptop) mode, where test
+    /// publishers push bursts of thousands.
+    pub max_publish_rate: Option<u32>,
+    /// Address of the MQTT-over-WebSocket listener (subprotocol `mqtt`, plain HTTP).
+    pub ws_listen: Option<SocketAddr>,
+    /// Address of the MQTT-over-TLS listener (needs `tls_cert` and `tls_key`).
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener; refused when readable by every user.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of client certificates (mTLS): a certificate's subject CN names the device.
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// `[[local.device]]`: one cab device and its credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The MQTT username; the client id must be this name or start with `{name}-`.
+    #[serde(alias = "username")]
+    pub name: String,
+    /// Argon2 PHC string from `trainrelay passwd`.
+    pub password_hash: String,
+    /// Group whose ACL applies when the device has no `publish` / `subscribe` of its own.
+    pub group: Option<String>,
+    /// Topic filters the device may publish to (`{client_id}` is substituted).
+    pub publish: Option<Vec<String>>,
+    /// Topic filters the device may subscribe to (a subscription must be covered by one).
+    pub subscribe: Option<Vec<String>>,
+}
+
+/// `[[local.group]]`: an ACL shared by devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    pub publish: Option<Vec<String>>,
+    pub subscribe: Option<Vec<String>>,
+}
+
+/// A credentials file: only `[[device]]` entries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    #[serde(default, rename = "device")]
+    devices: Vec<DeviceConfig>,
 }
 
 impl Default for LocalConfig {
@@ -101,6 +200,17 @@ impl Default for LocalConfig {
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
             device_prefix: "down/device".into(),
+            allow_anonymous: None,
+            credentials_file: None,
+            devices: Vec::new(),
+            groups: Vec::new(),
+            max_connections_per_address: 16,
+            max_publish_rate: None,
+            ws_listen: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -404,13 +514,122 @@ impl Config {
         config
     }
 
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file, and the credentials file it names. Files
+    /// holding secrets (`local.credentials_file`, `uplink.password_file`) are refused when
+    /// other users may read them.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, file)
+        let mut config = Config::parse(&text, file)?;
+        if let Some(p) = &config.uplink.password_file {
+            check_private(file, "uplink.password_file", &secret_path(p))?;
+        }
+        if let Some(key) = &config.local.tls_key {
+            check_private(file, "local.tls_key", key)?;
+        }
+        if let Some(cred) = config.local.credentials_file.clone() {
+            check_private(file, "local.credentials_file", &cred)?;
+            let text = std::fs::read_to_string(&cred).map_err(|source| ConfigError::Read {
+                file: cred.clone(),
+                source,
+            })?;
+            let parsed: CredentialsFile =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    file: cred.clone(),
+                    message: describe_toml_error(&e, &text),
+                })?;
+            config.local.devices.extend(parsed.devices);
+            config.validate_devices(file)?;
+        }
+        Ok(config)
+    }
+
+    /// `local.max_publish_rate` with its mode-dependent default.
+    pub fn max_publish_rate(&self) -> u32 {
+        self.local
+            .max_publish_rate
+            .unwrap_or(if self.secured() { 1000 } else { 0 })
+    }
+
+    /// Whether the local broker requires credentials (any device configured).
+    pub fn secured(&self) -> bool {
+        !self.local.devices.is_empty() || self.local.credentials_file.is_some()
+    }
+
+    /// Devices, groups and `allow_anonymous` must agree: names unique, hashes readable,
+    /// groups defined, filters valid.
+    fn validate_devices(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        if self.local.allow_anonymous == Some(false) && !self.secured() {
+            return Err(invalid(
+                "local.allow_anonymous".into(),
+                "false needs at least one [[local.device]] or local.credentials_file".into(),
+            ));
+        }
+        let check_filters = |key: String, filters: &Option<Vec<String>>| {
+            for f in filters.iter().flatten() {
+                let expanded = f.replace("{client_id}", "x");
+                topic::validate_filter(&expanded)
+                    .map_err(|e| invalid(key.clone(), format!("filter '{f}' {e}")))?;
+            }
+            Ok(())
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, g) in self.local.groups.iter().enumerate() {
+            if !names.insert(g.name.as_str()) {
+                return Err(invalid(
+                    format!("local.group[{i}].name"),
+                    format!("group '{}' is defined twice", g.name),
+                ));
+            }
+            check_filters(format!("local.group[{i}].publish"), &g.publish)?;
+            check_filters(format!("local.group[{i}].subscribe"), &g.subscribe)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.local.devices.iter().enumerate() {
+            let key = |k: &str| format!("local.device[{i}].{k}");
+            if !crate::auth::valid_client_id(&d.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "'{}' must be 1 to 64 characters of letters, digits, '.', '_', ':', '-'",
+                        d.name
+                    ),
+                ));
+            }
+            if !seen.insert(d.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("device '{}' is defined twice", d.name),
+                ));
+            }
+            if let Err(e) = crate::auth::check_hash(&d.password_hash) {
+                return Err(invalid(
+                    key("password_hash"),
+                    format!(
+                        "device '{}': {e} (make one with `trainrelay passwd`)",
+                        d.name
+                    ),
+                ));
+            }
+            if let Some(g) = &d.group {
+                if !self.local.groups.iter().any(|x| &x.name == g) {
+                    return Err(invalid(
+                        key("group"),
+                        format!("no [[local.group]] named '{g}'"),
+                    ));
+                }
+            }
+            check_filters(key("publish"), &d.publish)?;
+            check_filters(key("subscribe"), &d.subscribe)?;
+        }
+        Ok(())
     }
 
     /// Parses and validates config text; `file` is only used in messages.
@@ -459,6 +678,7 @@ impl Config {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        self.validate_devices(file)?;
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             file: file.to_path_buf(),
             key: key.to_string(),
@@ -531,6 +751,20 @@ impl Config {
         if self.local.receive_maximum == 0 {
             return Err(invalid(
                 "local.receive_maximum",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.local.tls_listen.is_some()
+            && (self.local.tls_cert.is_none() || self.local.tls_key.is_none())
+        {
+            return Err(invalid(
+                "local.tls_listen",
+                "needs local.tls_cert and local.tls_key".into(),
+            ));
+        }
+        if self.local.max_connections_per_address == 0 {
+            return Err(invalid(
+                "local.max_connections_per_address",
                 "must be at least 1".into(),
             ));
         }

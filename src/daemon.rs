@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::auth::Auth;
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::Config;
 use crate::downlink::Downlink;
@@ -58,7 +59,8 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     let hooks = Arc::new(
         RelayHooks::new(routes.clone(), queue.clone(), &config.train_id)
             .with_freshness(freshness.clone())
-            .with_device_prefix(&config.local.device_prefix),
+            .with_device_prefix(&config.local.device_prefix)
+            .with_auth(Arc::new(Auth::from_config(&config, &routes.load()))),
     );
     let broker = Broker::bind(broker_config(&config), db.clone(), hooks).await?;
     let credentials = read_credentials(&config)?;
@@ -117,7 +119,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     let store_hb = Heartbeat::new("store");
     let mut tasks = vec![
         tokio::spawn(watchdog::probe_broker(
-            broker_handle,
+            broker_handle.clone(),
             broker_task.abort_handle(),
             broker_hb.clone(),
             shutdown.clone(),
@@ -179,6 +181,10 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
                 }
                 watchdog::notify(&reloading);
                 reloader.reload();
+                // A renewed TLS certificate for the iPads' listener; on error the old one stays.
+                if let Err(e) = broker_handle.reload_tls() {
+                    log::error!("SIGHUP: {e}; keeping the current TLS certificate");
+                }
                 watchdog::notify("READY=1");
             }
         }
@@ -193,6 +199,9 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         }
     }
     log_freshness_counters(&report.0, &report.1, &report.2);
+    log_security_counters(&broker_handle);
+    // It holds a store handle: the writer stops only once every handle is gone.
+    drop(broker_handle);
     drop(report);
     // Every store handle is gone now: the writer drains its queue and stops.
     tokio::task::spawn_blocking(move || db_thread.join())
@@ -242,6 +251,22 @@ fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downl
     );
 }
 
+/// One line at shutdown with what the local broker refused, for the logs of a run.
+fn log_security_counters(broker: &crate::broker::BrokerHandle) {
+    let s = broker.stats();
+    log::info!(
+        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} denied_publish={} denied_subscribe={}",
+        s.refused_connections,
+        s.auth_failures,
+        s.bad_client_ids,
+        s.refused_per_address,
+        s.rate_limited,
+        s.protocol_errors,
+        s.denied_publish,
+        s.denied_subscribe,
+    );
+}
+
 fn broker_config(config: &Config) -> BrokerConfig {
     let l = &config.local;
     BrokerConfig {
@@ -253,6 +278,18 @@ fn broker_config(config: &Config) -> BrokerConfig {
         max_subscriptions: l.max_subscriptions,
         max_session_expiry: l.max_session_expiry,
         connect_timeout: l.connect_timeout,
+        max_connections_per_address: l.max_connections_per_address,
+        max_publish_rate: config.max_publish_rate(),
+        ws_listen: l.ws_listen,
+        tls: match (&l.tls_listen, &l.tls_cert, &l.tls_key) {
+            (Some(listen), Some(cert), Some(key)) => Some(crate::broker::tls::TlsSettings {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: l.tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -261,7 +298,7 @@ fn read_credentials(config: &Config) -> anyhow::Result<Option<(String, String)>>
         return Ok(None);
     };
     let password = match &config.uplink.password_file {
-        Some(file) => std::fs::read_to_string(file)
+        Some(file) => std::fs::read_to_string(crate::config::secret_path(file))
             .with_context(|| format!("uplink.password_file {}", file.display()))?
             .lines()
             .next()

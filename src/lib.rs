@@ -4,6 +4,7 @@
 //! local broker -> routes -> store -> uplink (to the central broker), and
 //! uplink -> routes -> local broker (to the cab iPads).
 
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;

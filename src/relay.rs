@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::broker::{BrokerEvent, ClientInfo, Hooks, Ingest, Protocol, RejectReason};
+use crate::auth::Auth;
+use crate::broker::{
+    AuthVerdict, BrokerEvent, ClientInfo, ConnectRequest, Hooks, Ingest, Protocol, RejectReason,
+};
 use crate::clock::Stamp;
 use crate::config::Conflate;
 use crate::freshness::{Check, Freshness};
@@ -29,6 +32,8 @@ pub struct RelayHooks {
     freshness: Option<Arc<Freshness>>,
     /// Levels of `{device_prefix}`: `{device_prefix}/{client_id}/...` is private to that client.
     device_prefix: Option<Vec<String>>,
+    /// Credentials and ACLs of local clients; `None`: everyone in, no ACL.
+    auth: Option<Arc<Auth>>,
 }
 
 impl RelayHooks {
@@ -41,7 +46,14 @@ impl RelayHooks {
             relay_only,
             freshness: None,
             device_prefix: None,
+            auth: None,
         }
+    }
+
+    /// Authenticates local clients and applies their ACLs.
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> RelayHooks {
+        self.auth = Some(auth);
+        self
     }
 
     /// Drops outdated uplink messages (accepted and acknowledged, not queued).
@@ -125,16 +137,32 @@ fn is_other_device_topic(prefix: &[String], topic_name: &str, own: &str) -> bool
 }
 
 impl Hooks for RelayHooks {
+    fn authenticate(&self, req: &ConnectRequest<'_>) -> AuthVerdict {
+        match &self.auth {
+            Some(auth) => {
+                auth.authenticate(req.client_id, req.username, req.password, req.cert_identity)
+            }
+            None => AuthVerdict::Allow,
+        }
+    }
+
     /// A filter naming another client's device topics explicitly is refused (it could never
     /// receive anything). Wildcard filters (`down/#`, `down/device/+/x`) are allowed: the
     /// per-delivery check [`Hooks::may_receive`] keeps other clients' device topics out.
     fn may_subscribe(&self, client: &ClientInfo, filter: &str) -> bool {
         let Some(prefix) = &self.device_prefix else {
-            return true;
+            return self
+                .auth
+                .as_ref()
+                .map_or(true, |a| a.may_subscribe(client, filter));
         };
         let explicit_other = may_reach_other_device(prefix, filter, &client.client_id)
             && !filter.contains(['+', '#']);
         !explicit_other
+            && self
+                .auth
+                .as_ref()
+                .map_or(true, |a| a.may_subscribe(client, filter))
     }
 
     fn may_receive(&self, client_id: &str, topic_name: &str) -> bool {
@@ -144,11 +172,16 @@ impl Hooks for RelayHooks {
         }
     }
 
-    fn may_publish(&self, _client: &ClientInfo, topic_name: &str) -> bool {
+    /// Downlink routes' local topics are closed to every client, whatever its ACL says.
+    fn may_publish(&self, client: &ClientInfo, topic_name: &str) -> bool {
         !self
             .relay_only
             .iter()
             .any(|pattern| topic::matches(pattern, topic_name))
+            && self
+                .auth
+                .as_ref()
+                .map_or(true, |a| a.may_publish(client, topic_name))
     }
 
     fn ingest(&self, _client: &ClientInfo, msg: &Message) -> Ingest {

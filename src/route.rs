@@ -125,6 +125,11 @@ impl Routes {
         self.down.iter().map(|r| r.to.clone()).collect()
     }
 
+    /// The local filters of the uplink routes: what local clients publish into by default.
+    pub fn up_local_filters(&self) -> Vec<String> {
+        self.up.iter().map(|r| r.from.clone()).collect()
+    }
+
     /// Every route, uplink first.
     pub fn all(&self) -> impl Iterator<Item = &Route> {
         self.up.iter().chain(self.down.iter())

@@ -76,6 +76,38 @@ pub fn matches(filter: &str, name: &str) -> bool {
     }
 }
 
+/// True if every topic name the (valid) filter `inner` can match is also matched by the (valid)
+/// filter `outer`. Used by the ACL: a subscription is allowed only if one allowed filter covers
+/// it, so `#` is not allowed just because `down/#` is. `$`-topics follow [`matches`]: a filter
+/// starting with a wildcard matches none of them, so `#` does not cover `$SYS/x`, and `+/x`
+/// covers `+/x` but not `$SYS/x`.
+pub fn covers(outer: &str, inner: &str) -> bool {
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    let mut first = true;
+    loop {
+        match (o.next(), i.next()) {
+            // A wildcard at the first level matches no `$` topic, a literal `$...` level of
+            // `inner` selects only `$` topics.
+            (Some("#" | "+"), Some(il)) if first && il.starts_with('$') => return false,
+            (Some("#"), _) => return true,
+            // `inner` ends; `outer` must also match exactly here, or continue with `/#`
+            // (which matches its parent level too).
+            (Some(ol), None) => return ol == "#" && o.next().is_none(),
+            (None, None) => return true,
+            (None, Some(_)) => return false,
+            // `inner` matches any depth from here; only `#` in `outer` does, or `+/#` at
+            // the first level (a topic has at least one level, so that is `#` again).
+            (Some("+"), Some("#")) => return first && o.next() == Some("#") && o.next().is_none(),
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(ol), Some(il)) if ol == il && il != "+" => {}
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 /// True if the filter contains a wildcard.
 pub fn has_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
@@ -112,5 +144,132 @@ mod tests {
         assert!(matches("$SYS/#", "$SYS/x"));
         assert!(!matches("a/b", "a/b/c"));
         assert!(matches("a/+/c", "a//c"));
+    }
+
+    #[test]
+    fn covering() {
+        let yes = [
+            ("#", "#"),
+            ("#", "a/b"),
+            ("#", "+/+"),
+            ("#", "a/#"),
+            ("+/#", "#"),
+            ("a/#", "a"),
+            ("a/#", "a/#"),
+            ("a/#", "a/+/c"),
+            ("a/#", "a/b/#"),
+            ("a/+", "a/b"),
+            ("a/+", "a/+"),
+            ("+/b", "a/b"),
+            ("+/+", "+/b"),
+            ("a/b", "a/b"),
+            ("a//b", "a//b"),
+            ("a/+/b", "a//b"),
+            ("$SYS/#", "$SYS/x/y"),
+            ("$SYS/#", "$SYS/+"),
+            ("+/x", "+/x"),
+            ("down/device/ipad1/#", "down/device/ipad1"),
+            ("Ü/#", "Ü/x"),
+        ];
+        for (o, i) in yes {
+            assert!(covers(o, i), "{o} should cover {i}");
+        }
+        let no = [
+            ("a/#", "#"),
+            ("a/+/#", "a/#"),
+            ("a/#", "+"),
+            ("a/#", "+/b"),
+            ("a/#", "b"),
+            ("a/#", "ab"),
+            ("a/+", "a"),
+            ("a/+", "a/#"),
+            ("a/+", "a/b/c"),
+            ("a/+", "+/b"),
+            ("a/b", "a/+"),
+            ("a/b", "a/b/c"),
+            ("a/b", "a"),
+            ("a/b", "a/#"),
+            ("a/+/#", "a"),
+            ("#", "$SYS/x"),
+            ("#", "$SYS/#"),
+            ("+/x", "$SYS/x"),
+            ("+/#", "$SYS"),
+            ("down/#", "#"),
+            ("down/#", "+/speed"),
+            ("fleet/broadcast/#", "fleet/#"),
+            ("down/device/ipad1/#", "down/device/+/x"),
+            ("down/device/ipad1/#", "down/device/#"),
+        ];
+        for (o, i) in no {
+            assert!(!covers(o, i), "{o} must not cover {i}");
+        }
+    }
+
+    /// `covers(o, i)` implies every name matched by `i` is matched by `o`, checked on a small
+    /// alphabet of levels exhaustively.
+    #[test]
+    fn covering_agrees_with_matching() {
+        let levels = ["a", "b", "", "$s"];
+        let mut names = Vec::new();
+        for n in 1..=3 {
+            let mut idx = vec![0usize; n];
+            loop {
+                names.push(idx.iter().map(|&k| levels[k]).collect::<Vec<_>>().join("/"));
+                let mut pos = 0;
+                while pos < n {
+                    idx[pos] += 1;
+                    if idx[pos] < levels.len() {
+                        break;
+                    }
+                    idx[pos] = 0;
+                    pos += 1;
+                }
+                if pos == n {
+                    break;
+                }
+            }
+        }
+        let flevels = ["a", "b", "$s", "+"];
+        let mut filters = vec!["#".to_string()];
+        for n in 1..=3 {
+            let mut idx = vec![0usize; n];
+            loop {
+                let base: Vec<&str> = idx.iter().map(|&k| flevels[k]).collect();
+                filters.push(base.join("/"));
+                filters.push(format!("{}/#", base.join("/")));
+                let mut pos = 0;
+                while pos < n {
+                    idx[pos] += 1;
+                    if idx[pos] < flevels.len() {
+                        break;
+                    }
+                    idx[pos] = 0;
+                    pos += 1;
+                }
+                if pos == n {
+                    break;
+                }
+            }
+        }
+        for o in &filters {
+            for i in &filters {
+                let semantic = names
+                    .iter()
+                    .filter(|n| matches(i, n))
+                    .all(|n| matches(o, n));
+                if covers(o, i) {
+                    assert!(semantic, "covers({o}, {i}) but a name of {i} escapes {o}");
+                }
+                // On names of up to 3 levels, a filter with more levels is not fully
+                // sampled; compare only where both are short enough to be decided.
+                let short = |f: &str| f.split('/').count() <= 2;
+                if semantic && short(o) && short(i) && names.iter().any(|n| matches(i, n)) {
+                    assert!(
+                        covers(o, i),
+                        "{o} covers {i} on every sample, covers() says no"
+                    );
+                }
+            }
+        }
     }
 }

@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -98,21 +97,55 @@ struct PendingIn {
     acl_denied: bool,
 }
 
-/// Serves one accepted socket to the end. `refuse`: the broker is at max_connections, so the
-/// client gets a "server busy" CONNACK once it has sent CONNECT.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A client's byte stream, whatever carries it (TCP, TLS, WebSocket).
+pub struct Io {
+    reader: Reader,
+    writer: Writer,
+    /// Subject CN of a verified client certificate (mTLS).
+    cert_identity: Option<String>,
+}
+
+impl Io {
+    pub fn tcp(stream: TcpStream) -> Io {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        Io {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            cert_identity: None,
+        }
+    }
+
+    pub fn new<S: AsyncRead + AsyncWrite + Send + 'static>(
+        stream: S,
+        cert_identity: Option<String>,
+    ) -> Io {
+        let (reader, writer) = tokio::io::split(stream);
+        Io {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            cert_identity,
+        }
+    }
+}
+
+/// Serves one accepted connection to the end. `refuse`: the broker is at max_connections, so
+/// the client gets a "server busy" CONNACK once it has sent CONNECT.
 pub async fn serve(
-    stream: TcpStream,
+    io: Io,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: Shutdown,
     refuse: bool,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
     let mut pre = PreConnect {
-        reader,
-        writer,
+        reader: io.reader,
+        writer: io.writer,
         rbuf: BytesMut::with_capacity(1024),
+        cert_identity: io.cert_identity,
     };
     let timeout = shared.config.connect_timeout;
     let max = shared.config.max_packet_size;
@@ -170,10 +203,41 @@ pub async fn serve(
     linger(&mut conn.reader, &mut conn.writer).await;
 }
 
+/// Runs the authentication hook on the blocking pool (password hashing is slow on purpose),
+/// at most `AUTH_SLOTS` at a time.
+async fn authenticate(
+    shared: &Arc<Shared>,
+    client_id: &str,
+    c: &ConnectPacket,
+    cert_identity: Option<String>,
+    peer: SocketAddr,
+) -> AuthVerdict {
+    let Ok(_slot) = Arc::clone(&shared.auth_slots).acquire_owned().await else {
+        return AuthVerdict::NotAuthorized;
+    };
+    let hooks = Arc::clone(&shared.hooks);
+    let client_id = client_id.to_string();
+    let username = c.username.clone();
+    let password = c.password.clone();
+    let protocol = c.protocol;
+    tokio::task::spawn_blocking(move || {
+        hooks.authenticate(&ConnectRequest {
+            client_id: &client_id,
+            username: username.as_deref(),
+            password: password.as_deref(),
+            cert_identity: cert_identity.as_deref(),
+            peer,
+            protocol,
+        })
+    })
+    .await
+    .unwrap_or(AuthVerdict::NotAuthorized)
+}
+
 /// Closes gracefully: a socket closed with unread input sends RST, and the peer's kernel may
 /// then discard our final DISCONNECT or CONNACK before the client reads it. So we half-close
 /// and discard input for a short while (bounded in time) before dropping the socket.
-async fn linger(reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf) {
+async fn linger(reader: &mut Reader, writer: &mut Writer) {
     let _ = tokio::time::timeout(LINGER, writer.shutdown()).await;
     let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 4096];
@@ -200,9 +264,10 @@ impl std::fmt::Display for PreError {
 }
 
 struct PreConnect {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     rbuf: BytesMut,
+    cert_identity: Option<String>,
 }
 
 impl PreConnect {
@@ -232,7 +297,11 @@ impl PreConnect {
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) {
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            self.writer.write_all(bytes).await?;
+            self.writer.flush().await
+        })
+        .await;
         linger(&mut self.reader, &mut self.writer).await;
     }
 
@@ -271,8 +340,8 @@ impl PreConnect {
 
 struct Conn {
     shared: Arc<Shared>,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     rbuf: BytesMut,
     wbuf: BytesMut,
     protocol: Protocol,
@@ -288,6 +357,8 @@ struct Conn {
     kick_rx: mpsc::UnboundedReceiver<u8>,
     /// Session Expiry Interval from CONNECT: 0 may not be raised by DISCONNECT.
     connect_expiry: u32,
+    /// `max_publish_rate`, if set.
+    bucket: Option<super::limits::TokenBucket>,
 }
 
 impl Conn {
@@ -317,6 +388,19 @@ impl Conn {
                 assigned = Some(client_id.clone());
             }
         }
+        if !super::limits::valid_client_id(&client_id) {
+            log::info!(
+                "local broker: {peer}: client id {:?} is not 1 to 64 of [A-Za-z0-9._:-]; refused",
+                client_id.chars().take(80).collect::<String>()
+            );
+            {
+                let mut st = shared.lock();
+                st.stats.refused_connections += 1;
+                st.stats.bad_client_ids += 1;
+            }
+            pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
+            return None;
+        }
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
                 log::info!(
@@ -340,16 +424,23 @@ impl Conn {
             pre.connack_refusal(protocol, 0x8C).await;
             return None;
         }
-        let verdict = shared.hooks.authenticate(&ConnectRequest {
-            client_id: &client_id,
-            username: c.username.as_deref(),
-            password: c.password.as_deref(),
-            peer,
-            protocol,
-        });
+        let verdict = authenticate(&shared, &client_id, &c, pre.cert_identity.clone(), peer).await;
+        if verdict == AuthVerdict::Allow {
+            shared.failures.succeed(peer.ip());
+        } else {
+            // Slow down guessing: the delay grows with each failure from this address. It is
+            // spent in this connection's task, so nobody else waits.
+            let delay = shared.failures.fail(peer.ip());
+            shared.lock().stats.auth_failures += 1;
+            log::info!(
+                "local broker: '{client_id}' from {peer}: authentication failed ({verdict:?}); answering in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+        }
         let info = ClientInfo {
             client_id: client_id.clone(),
-            username: c.username.clone(),
+            // A client without a username is known by its certificate, if any.
+            username: c.username.clone().or_else(|| pre.cert_identity.clone()),
             peer,
             protocol,
         };
@@ -499,6 +590,8 @@ impl Conn {
             notify,
             kick_rx,
             connect_expiry: expiry,
+            bucket: (shared.config.max_publish_rate > 0)
+                .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
         };
         log::info!(
             "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
@@ -531,7 +624,14 @@ impl Conn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)).await {
+        // Flush: TLS and WebSocket streams buffer (a no-op on TCP).
+        let writer = &mut self.writer;
+        let wbuf = &self.wbuf;
+        let write = async {
+            writer.write_all(wbuf).await?;
+            writer.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => {
                 self.wbuf.clear();
                 Ok(())
@@ -851,6 +951,22 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
+        if let Some(bucket) = &mut self.bucket {
+            if !bucket.take() {
+                let rate = self.shared.config.max_publish_rate;
+                log::warn!(
+                    "local broker: '{}' ({}) sent more than {rate} PUBLISH per second; disconnecting",
+                    self.info.client_id,
+                    self.info.peer
+                );
+                self.shared.lock().stats.rate_limited += 1;
+                self.queue(Outbound::Disconnect { reason: 0x96 });
+                let _ = self.write_out().await;
+                return Err(End::Abnormal(format!(
+                    "more than {rate} PUBLISH per second"
+                )));
+            }
+        }
         let mut topic_name = p.topic;
         if self.protocol == Protocol::V5 {
             if let Some(alias) = p.topic_alias {

@@ -12,31 +12,57 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::connection;
+use super::connection::{self, Io};
 use super::router::Shared;
+use super::{tls, websocket};
 use crate::shutdown::Shutdown;
 
 const REFUSAL_SLOTS: usize = 16;
 
-/// Decrements the open-socket count when a connection task ends, however it ends.
-struct SocketGuard(Arc<Shared>);
+/// Decrements the open-socket counts when a connection task ends, however it ends.
+struct SocketGuard(Arc<Shared>, Option<std::net::IpAddr>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         self.0.open_sockets.fetch_sub(1, Ordering::SeqCst);
+        if let Some(ip) = self.1 {
+            self.0.addresses.remove(ip);
+        }
     }
+}
+
+/// How an accepted socket is spoken to.
+pub enum Transport {
+    Plain,
+    /// TLS handshake first, within `connect_timeout`, in the connection's own task.
+    Tls(tokio_rustls::TlsAcceptor),
+    /// WebSocket upgrade first, likewise.
+    WebSocket,
 }
 
 /// Starts serving an accepted socket, or closes it if too many are open.
 pub fn admit(
     stream: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
     tasks: &mut JoinSet<()>,
 ) {
     let open = shared.open_sockets.fetch_add(1, Ordering::SeqCst) + 1;
-    let guard = SocketGuard(Arc::clone(shared));
+    let mut guard = SocketGuard(Arc::clone(shared), None);
+    let per_address = shared.config.max_connections_per_address;
+    if !shared.addresses.try_add(peer.ip(), per_address) {
+        log::warn!(
+            "local broker: {} already holds {per_address} sockets; closing {peer} at once",
+            peer.ip()
+        );
+        let mut st = shared.lock();
+        st.stats.refused_connections += 1;
+        st.stats.refused_per_address += 1;
+        return;
+    }
+    guard.1 = Some(peer.ip());
     let max = shared.config.max_connections;
     if open > max + REFUSAL_SLOTS {
         // A flood of sockets must not become a flood of log lines.
@@ -55,6 +81,65 @@ pub fn admit(
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let _guard = guard;
-        connection::serve(stream, peer, shared, shutdown, refuse).await;
+        let io = match transport {
+            Transport::Plain => Io::tcp(stream),
+            Transport::Tls(acceptor) => {
+                let _ = stream.set_nodelay(true);
+                let timeout = shared.config.connect_timeout;
+                let mut stop = shutdown.clone();
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(timeout, acceptor.accept(stream)) => r,
+                    _ = stop.recv() => return,
+                };
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let cn = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| tls::subject_cn(c));
+                        Io::new(tls, cn)
+                    }
+                    Ok(Err(e)) => {
+                        log::info!("local broker: {peer}: TLS handshake failed: {e}");
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                    Err(_) => {
+                        log::info!(
+                            "local broker: {peer}: TLS handshake not finished within {timeout:?}; closing"
+                        );
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                }
+            }
+            Transport::WebSocket => {
+                let timeout = shared.config.connect_timeout;
+                let max = shared.config.max_packet_size as usize + 16;
+                let mut stop = shutdown.clone();
+                let upgrade = tokio::select! {
+                    r = tokio::time::timeout(timeout, websocket::accept(stream, max)) => r,
+                    _ = stop.recv() => return,
+                };
+                match upgrade {
+                    Ok(Ok(ws)) => Io::new(ws, None),
+                    Ok(Err(e)) => {
+                        log::info!("local broker: {peer}: WebSocket upgrade failed: {e}");
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                    Err(_) => {
+                        log::info!(
+                            "local broker: {peer}: WebSocket upgrade not finished within {timeout:?}; closing"
+                        );
+                        shared.lock().stats.refused_connections += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        connection::serve(io, peer, shared, shutdown, refuse).await;
     });
 }

@@ -14,12 +14,15 @@
 
 mod codec;
 mod connection;
+mod limits;
 mod listener;
 mod persist;
 mod retained;
 mod router;
 mod session;
 mod subscriptions;
+pub mod tls;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -56,6 +59,15 @@ pub struct BrokerConfig {
     pub max_session_expiry: Duration,
     /// Time a new connection has to send a complete CONNECT.
     pub connect_timeout: Duration,
+    /// Sockets one source address may hold open at once; further ones are closed at once.
+    pub max_connections_per_address: usize,
+    /// The TLS listener, if any.
+    pub tls: Option<tls::TlsSettings>,
+    /// Address of the MQTT-over-WebSocket listener, if any.
+    pub ws_listen: Option<SocketAddr>,
+    /// PUBLISH packets per second one connection may send (burst of the same size); beyond it
+    /// the client is disconnected (v5 DISCONNECT 0x96). 0: no limit.
+    pub max_publish_rate: u32,
 }
 
 impl Default for BrokerConfig {
@@ -69,6 +81,10 @@ impl Default for BrokerConfig {
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             connect_timeout: Duration::from_secs(10),
+            max_connections_per_address: usize::MAX,
+            max_publish_rate: 0,
+            tls: None,
+            ws_listen: None,
         }
     }
 }
@@ -95,6 +111,9 @@ pub struct ConnectRequest<'a> {
     pub client_id: &'a str,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+    /// Subject CN of the client certificate the TLS listener verified against
+    /// `tls_client_ca` (mTLS); `None` on other listeners or without a certificate.
+    pub cert_identity: Option<&'a str>,
     pub peer: SocketAddr,
     pub protocol: Protocol,
 }
@@ -189,6 +208,8 @@ pub enum BrokerError {
     },
     #[error("local broker: {0}")]
     Store(#[from] StoreError),
+    #[error("local broker: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("local broker: invalid topic '{topic}': {reason}")]
     InvalidTopic { topic: String, reason: String },
     #[error("local broker is shut down")]
@@ -224,7 +245,17 @@ pub struct BrokerStats {
     pub denied_subscribe: u64,
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// CONNECTs refused by `authenticate` (bad credentials or not authorized).
+    pub auth_failures: u64,
+    /// CONNECTs refused for a client id outside `[A-Za-z0-9._:-]{1,64}`.
+    pub bad_client_ids: u64,
+    /// Sockets closed at once because their address held `max_connections_per_address`.
+    pub refused_per_address: u64,
+    /// Clients disconnected for exceeding `max_publish_rate`.
+    pub rate_limited: u64,
 }
+
+pub use limits::valid_client_id;
 
 /// How often expired sessions and messages are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -235,13 +266,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Broker {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The TLS listener and its files.
+    tls: Option<(TcpListener, Arc<tls::TlsFiles>)>,
+    ws: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
-/// Cheap handle for the rest of the daemon: inject messages, read status.
+/// Cheap handle for the rest of the daemon: inject messages, read status, reload TLS files.
 #[derive(Clone)]
 pub struct BrokerHandle {
     shared: Arc<Shared>,
+    tls: Option<Arc<tls::TlsFiles>>,
 }
 
 impl Broker {
@@ -268,9 +303,43 @@ impl Broker {
             source,
         })?;
         log::info!("local broker: listening on {local_addr}");
+        let tls = match &config.tls {
+            Some(settings) => {
+                let files = Arc::new(tls::TlsFiles::load(settings.clone())?);
+                let l = TcpListener::bind(settings.listen).await.map_err(|source| {
+                    BrokerError::Bind {
+                        addr: settings.listen,
+                        source,
+                    }
+                })?;
+                log::info!(
+                    "local broker: TLS listening on {}{}",
+                    settings.listen,
+                    if settings.client_ca.is_some() {
+                        " (client certificates accepted)"
+                    } else {
+                        ""
+                    }
+                );
+                Some((l, files))
+            }
+            None => None,
+        };
+        let ws = match config.ws_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BrokerError::Bind { addr, source })?;
+                log::info!("local broker: WebSocket listening on {addr}");
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Broker {
             listener,
             local_addr,
+            tls,
+            ws,
             shared: Arc::new(shared),
         })
     }
@@ -279,9 +348,15 @@ impl Broker {
         self.local_addr
     }
 
+    /// Address of the TLS listener, if any.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     pub fn handle(&self) -> BrokerHandle {
         BrokerHandle {
             shared: Arc::clone(&self.shared),
+            tls: self.tls.as_ref().map(|(_, f)| Arc::clone(f)),
         }
     }
 
@@ -299,7 +374,7 @@ impl Broker {
                 _ = shutdown.recv() => break,
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        listener::admit(stream, peer, &self.shared, &shutdown, &mut tasks);
+                        listener::admit(stream, peer, listener::Transport::Plain, &self.shared, &shutdown, &mut tasks);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning,
@@ -309,6 +384,24 @@ impl Broker {
                         if let Some(held) = SAID.allow() {
                             log::warn!("local broker: accept on {} failed: {e} ({held} more failures since the last report)", self.local_addr);
                         }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                r = accept_tls(&self.tls) => match r {
+                    Ok((stream, peer, acceptor)) => {
+                        listener::admit(stream, peer, listener::Transport::Tls(acceptor), &self.shared, &shutdown, &mut tasks);
+                    }
+                    Err(e) => {
+                        log::warn!("local broker: TLS accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                r = accept_ws(&self.ws) => match r {
+                    Ok((stream, peer)) => {
+                        listener::admit(stream, peer, listener::Transport::WebSocket, &self.shared, &shutdown, &mut tasks);
+                    }
+                    Err(e) => {
+                        log::warn!("local broker: WebSocket accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
@@ -335,7 +428,63 @@ impl Broker {
     }
 }
 
+/// Runs bytes from a client through the packet decoder the way a connection does: CONNECT
+/// first, then packets of the negotiated version until the input is used up or refused.
+/// For fuzzing (`tests/fuzz`): it must return, never panic, whatever `data` is.
+pub fn decode_client_bytes(data: &[u8]) {
+    const MAX: u32 = 64 * 1024;
+    let mut buf = bytes::BytesMut::from(data);
+    let protocol = match codec::connect_level(&buf, MAX) {
+        Ok(Some(5)) => Protocol::V5,
+        Ok(Some(_)) => Protocol::V311,
+        _ => return,
+    };
+    match codec::decode_connect(&mut buf, protocol, MAX) {
+        Ok(Some(_)) => {}
+        _ => return,
+    }
+    while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
+    // And the same bytes as packets of either version without a CONNECT in front.
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let mut buf = bytes::BytesMut::from(data);
+        while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
+    }
+}
+
+/// Accepts on the WebSocket listener; never resolves without one.
+async fn accept_ws(
+    ws: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match ws {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Accepts on the TLS listener; never resolves without one.
+async fn accept_tls(
+    tls: &Option<(TcpListener, Arc<tls::TlsFiles>)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr, tokio_rustls::TlsAcceptor)> {
+    match tls {
+        Some((l, files)) => {
+            let (s, peer) = l.accept().await?;
+            Ok((s, peer, files.acceptor()))
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl BrokerHandle {
+    /// Re-reads the TLS certificate, key and client CA (for SIGHUP); new connections get the
+    /// new ones. On error the old ones stay in use. Without a TLS listener, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), BrokerError> {
+        if let Some(files) = &self.tls {
+            files.reload()?;
+            log::info!("local broker: TLS certificate and key reloaded");
+        }
+        Ok(())
+    }
+
     /// Publish as the relay itself (no ACL, no ingest hook). Routes to subscribers,
     /// stores/clears retained, queues for offline persistent sessions. Resolves once the
     /// durable part (retained row, persistent sessions' queued rows) is committed, so the

@@ -83,6 +83,9 @@ impl State {
     }
 }
 
+/// `authenticate` calls running at once.
+const AUTH_SLOTS: usize = 2;
+
 pub struct Shared {
     pub config: BrokerConfig,
     pub db: Db,
@@ -92,6 +95,13 @@ pub struct Shared {
     pub open_sockets: AtomicUsize,
     /// Set once shutdown begins: no new connections, `inject` refused.
     pub closed: AtomicBool,
+    /// Open sockets per source address (`max_connections_per_address`).
+    pub addresses: super::limits::AddressCounts,
+    /// Authentication failures per source address, for delaying refusals.
+    pub failures: super::limits::FailureThrottle,
+    /// Bounds concurrent `authenticate` calls: password hashing is slow and memory-hungry on
+    /// purpose, so a burst of logins must not occupy every thread or megabytes each.
+    pub auth_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -171,6 +181,9 @@ impl Shared {
                 state: Mutex::new(state),
                 open_sockets: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
+                addresses: Default::default(),
+                failures: Default::default(),
+                auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_SLOTS)),
             },
             ops,
         )

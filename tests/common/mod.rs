@@ -518,3 +518,4 @@ impl V5Client {
 pub mod fresh;
 pub mod netns;
 pub mod ops;
+pub mod security;

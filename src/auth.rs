@@ -1,0 +1,347 @@
+//! Who may connect to the local broker, and what each client may publish and subscribe to.
+//!
+//! The onboard Wi-Fi is not a trusted network: a passenger's phone or a misconfigured tablet may
+//! be on it, and whoever can publish `down/...` can show a driver a false speed restriction.
+//!
+//! - **Authentication.** Each cab device has a name (its MQTT username) and an argon2 hash of
+//!   its password (PHC string, salted; `trainrelay passwd` makes one). Verification is
+//!   argon2's, which compares in constant time; an unknown username is verified against a dummy
+//!   hash so its answer takes as long as a wrong password. A device's client id must be its
+//!   name or start with `{name}-`, so one device cannot take over another's session or read its
+//!   device topic (`down/device/{client_id}/...`).
+//! - **Open mode.** With no device configured (the built-in laptop defaults), anonymous clients
+//!   are let in and only the relay's fixed rules apply (no publishing into downlink topics,
+//!   device topics private). Configuring one device switches to secured mode: anonymous
+//!   clients are refused unless `local.allow_anonymous = true`, and every client gets an ACL.
+//! - **ACL.** A device's own `publish` / `subscribe` lists, else its group's, else the safe
+//!   defaults: publish only into uplink routes' local filters; subscribe only to downlink
+//!   routes' local topics and the device's own device topic. A subscription is allowed only if
+//!   one allowed filter covers every topic it could match ([`topic::covers`]), so `#` is
+//!   refused, not narrowed. Downlink routes' local topics stay closed to every client whatever
+//!   the ACL says (the relay checks that first).
+
+use std::collections::HashMap;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+
+use crate::broker::{AuthVerdict, ClientInfo};
+use crate::config::Config;
+use crate::route::Routes;
+use crate::topic;
+
+pub use crate::broker::valid_client_id;
+
+/// Checks that `hash` is an argon2 PHC string.
+pub fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC hash string: {e}"))?;
+    if !parsed.algorithm.as_str().starts_with("argon2") {
+        return Err(format!(
+            "algorithm '{}' is not argon2",
+            parsed.algorithm.as_str()
+        ));
+    }
+    Ok(())
+}
+
+/// Hashes a password with argon2id and a random salt (PHC string).
+pub fn hash_password(password: &[u8]) -> Result<String, String> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password, &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("cannot hash the password: {e}"))
+}
+
+/// Which topics a client may publish to and which filters it may subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acl {
+    /// Filters a published topic must match; `{client_id}` is substituted.
+    pub publish: Vec<String>,
+    /// Filters one of which must cover a subscription; `{client_id}` is substituted.
+    pub subscribe: Vec<String>,
+}
+
+impl Acl {
+    /// The safe defaults: publish into uplink routes, subscribe to downlink routes and the own
+    /// device topic.
+    pub fn defaults(routes: &Routes, device_prefix: &str) -> Acl {
+        Acl {
+            publish: routes.up_local_filters(),
+            subscribe: routes
+                .down_local_patterns()
+                .into_iter()
+                .chain(std::iter::once(format!("{device_prefix}/{{client_id}}/#")))
+                .collect(),
+        }
+    }
+
+    pub fn may_publish(&self, client_id: &str, topic_name: &str) -> bool {
+        self.publish
+            .iter()
+            .any(|f| topic::matches(&f.replace("{client_id}", client_id), topic_name))
+    }
+
+    pub fn may_subscribe(&self, client_id: &str, filter: &str) -> bool {
+        self.subscribe
+            .iter()
+            .any(|f| topic::covers(&f.replace("{client_id}", client_id), filter))
+    }
+}
+
+struct Device {
+    hash: String,
+    acl: Acl,
+}
+
+/// The authentication and ACL decisions of the local broker.
+pub struct Auth {
+    /// Empty: open mode.
+    devices: HashMap<String, Device>,
+    allow_anonymous: bool,
+    /// ACL of anonymous clients in secured mode.
+    anonymous: Acl,
+    /// A valid hash nobody knows the password of, verified for unknown usernames.
+    dummy_hash: String,
+}
+
+impl Auth {
+    /// Builds the decisions from a validated config.
+    pub fn from_config(config: &Config, routes: &Routes) -> Auth {
+        let defaults = Acl::defaults(routes, &config.local.device_prefix);
+        let acl_of =
+            |publish: &Option<Vec<String>>, subscribe: &Option<Vec<String>>, base: &Acl| Acl {
+                publish: publish.clone().unwrap_or_else(|| base.publish.clone()),
+                subscribe: subscribe.clone().unwrap_or_else(|| base.subscribe.clone()),
+            };
+        let groups: HashMap<&str, Acl> = config
+            .local
+            .groups
+            .iter()
+            .map(|g| (g.name.as_str(), acl_of(&g.publish, &g.subscribe, &defaults)))
+            .collect();
+        let devices = config
+            .local
+            .devices
+            .iter()
+            .map(|d| {
+                let base = d
+                    .group
+                    .as_deref()
+                    .and_then(|g| groups.get(g))
+                    .unwrap_or(&defaults);
+                let acl = acl_of(&d.publish, &d.subscribe, base);
+                (
+                    d.name.clone(),
+                    Device {
+                        hash: d.password_hash.clone(),
+                        acl,
+                    },
+                )
+            })
+            .collect::<HashMap<_, _>>();
+        let secured = config.secured();
+        Auth {
+            allow_anonymous: config.local.allow_anonymous.unwrap_or(!secured),
+            devices,
+            anonymous: defaults,
+            dummy_hash: hash_password(&fastrand::u64(..).to_le_bytes())
+                .unwrap_or_else(|_| String::from("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")),
+        }
+    }
+
+    /// Open mode: no device configured, no ACL beyond the relay's fixed rules.
+    pub fn is_open(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Decides a CONNECT. Slow on purpose (argon2): call it off the async workers.
+    ///
+    /// A client that sends no username but presented a certificate (verified by the TLS
+    /// listener against `tls_client_ca`) is the device named by its CN; a username, if sent,
+    /// is checked with its password as on any listener.
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        cert_identity: Option<&str>,
+    ) -> AuthVerdict {
+        // Open mode: nothing to check credentials against; they are ignored as before.
+        if self.is_open() && self.allow_anonymous {
+            return AuthVerdict::Allow;
+        }
+        if let (None, Some(cn)) = (
+            username,
+            cert_identity.filter(|cn| self.devices.contains_key(*cn)),
+        ) {
+            if !owns_client_id(cn, client_id) {
+                return AuthVerdict::NotAuthorized;
+            }
+            return AuthVerdict::Allow;
+        }
+        let Some(user) = username else {
+            return if self.allow_anonymous {
+                AuthVerdict::Allow
+            } else {
+                AuthVerdict::NotAuthorized
+            };
+        };
+        let device = self.devices.get(user);
+        let hash = device.map_or(self.dummy_hash.as_str(), |d| d.hash.as_str());
+        let password = password.unwrap_or(b"");
+        let ok = PasswordHash::new(hash)
+            .map(|h| Argon2::default().verify_password(password, &h).is_ok())
+            .unwrap_or(false);
+        if !ok || device.is_none() {
+            return AuthVerdict::BadCredentials;
+        }
+        if !owns_client_id(user, client_id) {
+            return AuthVerdict::NotAuthorized;
+        }
+        AuthVerdict::Allow
+    }
+
+    /// The ACL of a client; `None` in open mode (no restriction here).
+    fn acl(&self, client: &ClientInfo) -> Option<&Acl> {
+        if self.is_open() {
+            return None;
+        }
+        Some(
+            client
+                .username
+                .as_deref()
+                .and_then(|u| self.devices.get(u))
+                .map_or(&self.anonymous, |d| &d.acl),
+        )
+    }
+
+    pub fn may_publish(&self, client: &ClientInfo, topic_name: &str) -> bool {
+        self.acl(client)
+            .map_or(true, |acl| acl.may_publish(&client.client_id, topic_name))
+    }
+
+    pub fn may_subscribe(&self, client: &ClientInfo, filter: &str) -> bool {
+        self.acl(client)
+            .map_or(true, |acl| acl.may_subscribe(&client.client_id, filter))
+    }
+}
+
+/// A device may use its name as client id, or its name followed by `-` and anything (an app
+/// that runs two connections).
+fn owns_client_id(device: &str, client_id: &str) -> bool {
+    client_id == device
+        || client_id
+            .strip_prefix(device)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids() {
+        for ok in ["ipad1", "a.b_c:d-e", &"x".repeat(64)] {
+            assert!(valid_client_id(ok), "{ok}");
+        }
+        for bad in ["", "a/b", "a+b", "a#", "ä", "a b", "a\0", &"x".repeat(65)] {
+            assert!(!valid_client_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hash_and_verify() {
+        let h = hash_password(b"secret").expect("hash");
+        assert!(check_hash(&h).is_ok());
+        assert!(check_hash("plain").is_err());
+        let parsed = PasswordHash::new(&h).expect("parse");
+        assert!(Argon2::default()
+            .verify_password(b"secret", &parsed)
+            .is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"secreT", &parsed)
+            .is_err());
+    }
+
+    #[test]
+    fn acl_checks() {
+        let acl = Acl {
+            publish: vec!["up/#".into(), "ipads/{client_id}/state".into()],
+            subscribe: vec!["down/#".into(), "down/device/{client_id}/#".into()],
+        };
+        assert!(acl.may_publish("ipad1", "up/ack"));
+        assert!(acl.may_publish("ipad1", "ipads/ipad1/state"));
+        assert!(!acl.may_publish("ipad1", "ipads/ipad2/state"));
+        assert!(!acl.may_publish("ipad1", "down/speed"));
+        assert!(acl.may_subscribe("ipad1", "down/#"));
+        assert!(acl.may_subscribe("ipad1", "down/+/x"));
+        assert!(!acl.may_subscribe("ipad1", "#"));
+        assert!(!acl.may_subscribe("ipad1", "+/speed"));
+        assert!(!acl.may_subscribe("ipad1", "$SYS/#"));
+        assert!(!acl.may_subscribe("ipad1", "up/#"));
+    }
+
+    #[test]
+    fn open_and_secured_modes() {
+        let mut config = Config::builtin();
+        let routes = Routes::from_config(&config);
+        let open = Auth::from_config(&config, &routes);
+        assert!(open.is_open());
+        assert_eq!(open.authenticate("x", None, None, None), AuthVerdict::Allow);
+        assert_eq!(
+            open.authenticate("x", Some("u"), Some(b"p"), None),
+            AuthVerdict::Allow
+        );
+        let client = ClientInfo {
+            client_id: "x".into(),
+            username: None,
+            peer: ([127, 0, 0, 1], 1).into(),
+            protocol: crate::broker::Protocol::V5,
+        };
+        assert!(open.may_subscribe(&client, "#"));
+
+        config.local.devices.push(crate::config::DeviceConfig {
+            name: "ipad1".into(),
+            password_hash: hash_password(b"pw").expect("hash"),
+            group: None,
+            publish: None,
+            subscribe: None,
+        });
+        let secured = Auth::from_config(&config, &routes);
+        assert_eq!(
+            secured.authenticate("x", None, None, None),
+            AuthVerdict::NotAuthorized
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", Some("ipad1"), Some(b"pw"), None),
+            AuthVerdict::Allow
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", Some("ipad1"), Some(b"pW"), None),
+            AuthVerdict::BadCredentials
+        );
+        assert_eq!(
+            secured.authenticate("ipad1", None, None, Some("ipad1")),
+            AuthVerdict::Allow
+        );
+        assert_eq!(
+            secured.authenticate("other", None, None, Some("ipad1")),
+            AuthVerdict::NotAuthorized
+        );
+        // Anonymous clients in secured mode get the default ACL.
+        assert!(!secured.may_subscribe(&client, "#"));
+        assert!(secured.may_subscribe(&client, "down/#"));
+        assert!(secured.may_subscribe(&client, "down/device/x/#"));
+        assert!(secured.may_publish(&client, "up/x"));
+        assert!(!secured.may_publish(&client, "elsewhere"));
+    }
+
+    #[test]
+    fn client_id_ownership() {
+        assert!(owns_client_id("ipad1", "ipad1"));
+        assert!(owns_client_id("ipad1", "ipad1-web"));
+        assert!(!owns_client_id("ipad1", "ipad10"));
+        assert!(!owns_client_id("ipad1", "ipad2"));
+    }
+}
