@@ -1,5 +1,5 @@
 //! Durable enqueue rate of the store alone, the same measurement as
-//! `examples/queue_bench.rs`: many enqueues outstanding at once (as many iPads publishing
+//! `benches/tools/queue_bench.rs`: many enqueues outstanding at once (as many iPads publishing
 //! together), committed messages per second, on a fresh file on the real disk.
 
 use std::collections::VecDeque;
