@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use super::protocol::{Query, Request, Response, MAX_REQUEST, VERSION};
+use super::protocol::{parse_request, Query, Response, MAX_REQUEST};
 use super::Sources;
 use crate::config::StatusConfig;
 use crate::shutdown::Shutdown;
@@ -271,29 +271,10 @@ async fn serve(stream: UnixStream, sources: &Sources, access: &Access, mut shutd
 
 /// The answer to one request line.
 async fn answer(text: &str, sources: &Sources) -> Response {
-    let request: Request = match serde_json::from_str(text) {
+    let request = match parse_request(text) {
         Ok(r) => r,
-        Err(e) => {
-            // Say which version we speak even when the rest is unreadable.
-            let v = serde_json::from_str::<serde_json::Value>(text)
-                .ok()
-                .and_then(|v| v.get("v").and_then(|v| v.as_u64()));
-            return match v {
-                Some(v) if v != u64::from(VERSION) => Response::error(format!(
-                    "protocol version {v} not supported; this daemon speaks version {VERSION}"
-                )),
-                _ => Response::error(format!(
-                    "malformed request ({e}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients, reconnect, dead_letters or requeue"
-                )),
-            };
-        }
+        Err(refusal) => return refusal,
     };
-    if request.v != VERSION {
-        return Response::error(format!(
-            "protocol version {} not supported; this daemon speaks version {VERSION}",
-            request.v
-        ));
-    }
     match request.query {
         Query::Status => Response {
             status: Some(sources.status().await),

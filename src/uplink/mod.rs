@@ -38,6 +38,9 @@ use endpoint::Endpoint;
 use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
+/// How often the uplink checks that the link is alive (and beats its watchdog heartbeat).
+const LIVENESS_TICK: Duration = Duration::from_millis(200);
+
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
@@ -282,9 +285,11 @@ impl Uplink {
         drain.queued.push_back(Tag::Presence);
 
         let keep_alive = self.config.keep_alive;
-        let dead_after = keep_alive + keep_alive / 2;
+        // Checked on the liveness tick, so the threshold leaves one tick of room: a link that
+        // dies right after a packet arrived is declared dead within 1.5 x keep-alive.
+        let dead_after = (keep_alive + keep_alive / 2).saturating_sub(LIVENESS_TICK * 2);
         let mut last_incoming = Instant::now();
-        let mut liveness = tokio::time::interval(Duration::from_millis(200));
+        let mut liveness = tokio::time::interval(LIVENESS_TICK);
         let probe_every = self.config.probe_primary_every;
         let mut probe =
             tokio::time::interval_at(tokio::time::Instant::now() + probe_every, probe_every);
