@@ -38,9 +38,9 @@ pub enum Query {
     Requeue,
 }
 
-/// Reads one request line: the request, or the error reply that names what is wrong (and,
-/// for another protocol version, the version this daemon speaks).
-pub fn parse_request(text: &str) -> Result<Request, Response> {
+/// Reads one request line: the request, or the error message for the reply, naming what is
+/// wrong (and, for another protocol version, the version this daemon speaks).
+pub fn parse_request(text: &str) -> Result<Request, String> {
     let request: Request = match serde_json::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -49,20 +49,20 @@ pub fn parse_request(text: &str) -> Result<Request, Response> {
                 .ok()
                 .and_then(|v| v.get("v").and_then(|v| v.as_u64()));
             return Err(match v {
-                Some(v) if v != u64::from(VERSION) => Response::error(format!(
+                Some(v) if v != u64::from(VERSION) => format!(
                     "protocol version {v} not supported; this daemon speaks version {VERSION}"
-                )),
-                _ => Response::error(format!(
+                ),
+                _ => format!(
                     "malformed request ({e}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients, reconnect, dead_letters or requeue"
-                )),
+                ),
             });
         }
     };
     if request.v != VERSION {
-        return Err(Response::error(format!(
+        return Err(format!(
             "protocol version {} not supported; this daemon speaks version {VERSION}",
             request.v
-        )));
+        ));
     }
     Ok(request)
 }

@@ -273,7 +273,7 @@ async fn serve(stream: UnixStream, sources: &Sources, access: &Access, mut shutd
 async fn answer(text: &str, sources: &Sources) -> Response {
     let request = match parse_request(text) {
         Ok(r) => r,
-        Err(refusal) => return refusal,
+        Err(refusal) => return Response::error(refusal),
     };
     match request.query {
         Query::Status => Response {

@@ -161,6 +161,28 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
+/// Polls a rumqttc event loop (v4 or v5: same shape, different types) in a task of its own,
+/// forwarding normalised events until the first error, which ends the connection.
+macro_rules! spawn_poller {
+    ($eventloop:ident, $tx:ident, $convert:ident) => {
+        tokio::spawn(async move {
+            loop {
+                let item = match $eventloop.poll().await {
+                    Ok(ev) => match $convert(ev) {
+                        Some(e) => Ok(e),
+                        None => continue,
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                let failed = item.is_err();
+                if $tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        })
+    };
+}
+
 /// One live connection attempt.
 pub struct Link {
     client: Client,
@@ -221,21 +243,7 @@ impl Link {
                 }
                 let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
                 eventloop.set_network_options(net);
-                let poller = tokio::spawn(async move {
-                    loop {
-                        let item = match eventloop.poll().await {
-                            Ok(ev) => match v4_event(ev) {
-                                Some(e) => Ok(e),
-                                None => continue,
-                            },
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                });
+                let poller = spawn_poller!(eventloop, tx, v4_event);
                 (Client::V4(client), poller)
             }
             Protocol::V5 => {
@@ -266,21 +274,7 @@ impl Link {
                     ));
                 }
                 let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, cap);
-                let poller = tokio::spawn(async move {
-                    loop {
-                        let item = match eventloop.poll().await {
-                            Ok(ev) => match v5_event(ev) {
-                                Some(e) => Ok(e),
-                                None => continue,
-                            },
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                });
+                let poller = spawn_poller!(eventloop, tx, v5_event);
                 (Client::V5(client), poller)
             }
         };

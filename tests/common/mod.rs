@@ -266,7 +266,12 @@ impl Drop for V5Client {
 impl V5Client {
     /// Connects (persistent session unless `clean`) and waits for the CONNACK.
     pub async fn connect(port: u16, id: &str, clean: bool) -> V5Client {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        V5Client::connect_host("127.0.0.1", port, id, clean).await
+    }
+
+    /// Like [`V5Client::connect`], to any host.
+    pub async fn connect_host(host: &str, port: u16, id: &str, clean: bool) -> V5Client {
+        let mut opts = MqttOptions::new(id, host, port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_clean_start(clean)
             .set_max_packet_size(Some(1024 * 1024));

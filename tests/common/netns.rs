@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -339,53 +338,6 @@ impl NsCentral {
 impl Drop for NsCentral {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-impl V5Client {
-    /// Like [`V5Client::connect`], to any host.
-    pub async fn connect_host(host: &str, port: u16, id: &str, clean: bool) -> V5Client {
-        let mut opts = MqttOptions::new(id, host, port);
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_start(clean)
-            .set_max_packet_size(Some(1024 * 1024));
-        if !clean {
-            opts.set_session_expiry_interval(Some(3600));
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        let (tx, messages) = mpsc::unbounded_channel();
-        let (ack_tx, acks) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(r) = ready_tx.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send(p);
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        let _ = ack_tx.send(a);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("no CONNACK within 10 s")
-            .expect("client task ended");
-        V5Client {
-            client,
-            messages,
-            acks,
-            task,
-        }
     }
 }
 
