@@ -25,6 +25,9 @@ use serde::Deserialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
+/// SQLite's page cache, in KiB (as a negative `cache_size`; SQLite's default is 2000 KiB).
+const PAGE_CACHE_KIB: i64 = -512;
+
 /// Largest number of jobs committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -220,6 +223,10 @@ fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreEr
         Synchronous::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", level)
+        .map_err(corrupt)?;
+    // The queue is read in index order from its oldest end and the OS page cache holds the
+    // rest, so a small page cache costs little and keeps memory flat however deep the backlog.
+    conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)
         .map_err(corrupt)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
