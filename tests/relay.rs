@@ -169,11 +169,7 @@ async fn central_outage_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sigkill_keeps_every_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut central = Central::start(dir.path()).await;
-    let control = V5Client::connect(central.port, "control", false).await;
-    control.subscribe("trains/T1/up/#").await;
-    drop(control);
-    central.stop();
+    let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
 
     let mut relay = Relay::start(
         dir.path(),
@@ -296,11 +292,7 @@ async fn store_full_policies_behave_as_documented() {
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
     for policy in ["drop_oldest", "reject_new"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut central = Central::start(dir.path()).await;
-        let control = V5Client::connect(central.port, "control", false).await;
-        control.subscribe("trains/T1/up/#").await;
-        drop(control);
-        central.stop();
+        let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
         let store = store_section(&format!("max_bytes = \"4KiB\"\nwhen_full = \"{policy}\""));
         let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store)).await;
         let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
@@ -443,11 +435,7 @@ async fn hostile_clients_do_not_disturb_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_restart_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut central = Central::start(dir.path()).await;
-    let control = V5Client::connect(central.port, "control", false).await;
-    control.subscribe("trains/T1/up/#").await;
-    drop(control);
-    central.stop();
+    let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
 
     let mut relay = Relay::start(
         dir.path(),
@@ -475,11 +463,7 @@ async fn sigterm_stops_cleanly_and_restart_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bandwidth_cap_paces_the_drain() {
     let dir = tempfile::tempdir().unwrap();
-    let mut central = Central::start(dir.path()).await;
-    let control = V5Client::connect(central.port, "control", false).await;
-    control.subscribe("trains/T1/up/#").await;
-    drop(control);
-    central.stop();
+    let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
     let config = relay_config(&central.url(), &store_section("")).replace(
         "backoff_max = \"1s\"",
         "backoff_max = \"1s\"\nmax_bytes_per_second = \"2KB\"",

@@ -66,6 +66,17 @@ impl Central {
         c
     }
 
+    /// A central broker that holds a persistent `control` session subscribed to `filter`, and
+    /// is then stopped: what the relay forwards after a restart is queued for `control`.
+    pub async fn down_with_subscriber(dir: &Path, filter: &str) -> Central {
+        let mut central = Central::start(dir).await;
+        let control = V5Client::connect(central.port, "control", false).await;
+        control.subscribe(filter).await;
+        drop(control);
+        central.stop();
+        central
+    }
+
     /// (Re)starts on the same port and data directory.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "central broker already running");
