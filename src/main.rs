@@ -133,12 +133,28 @@ fn main() -> ExitCode {
             match runtime.block_on(trainrelay::daemon::run_from(config, file)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    log::error!("{e:#}");
+                    log::error!("{}", describe(&e));
                     ExitCode::FAILURE
                 }
             }
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message before it
+/// already carries (many of our errors name their source in their own text).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// The default config file of an installed daemon.
