@@ -1,6 +1,6 @@
-//! Durable enqueue rate of the store alone, the same measurement as
-//! `benches/tools/queue_bench.rs`: many enqueues outstanding at once (as many iPads publishing
-//! together), committed messages per second, on a fresh file on the real disk.
+//! Durable enqueue rate of the store alone: many enqueues outstanding at once (as many iPads
+//! publishing together), committed messages per second, on a fresh file on the real disk.
+//! Alone: `BENCH_WORKLOADS=enqueue BENCH_SETUPS=trainrelay cargo bench --bench relay`.
 
 use std::collections::VecDeque;
 use std::path::Path;
