@@ -118,12 +118,14 @@ impl Opts {
     }
 }
 
-/// A fresh temp dir on the project's disk (not a tmpfs: the stores must really fsync).
+/// A fresh temp dir on the project's disk (not a tmpfs: the stores must really fsync); kept
+/// for inspection (logs, stores) with `BENCH_KEEP=1`.
 fn scratch() -> tempfile::TempDir {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(base).expect("target tmp dir");
     tempfile::Builder::new()
         .prefix("relay-bench-")
+        .disable_cleanup(std::env::var_os("BENCH_KEEP").is_some())
         .tempdir_in(base)
         .expect("temp dir")
 }

@@ -22,3 +22,4 @@ pub mod store;
 pub mod topic;
 pub mod uplink;
 pub mod watchdog;
+pub mod ws_stream;

@@ -8,6 +8,10 @@
 //!   of that batch gets the error and none of its changes are kept.
 //! - Batching is natural: while one batch commits (and fsyncs), the next one gathers, so under
 //!   load one fsync covers many messages and when idle a job waits for nothing.
+//! - Reads that need no transaction of their own (the uplink's fetch, statistics) go to a
+//!   second, read-only connection on a thread of its own ([`Db::read`]). In WAL mode it sees
+//!   the last committed state, so a read never waits behind a commit's fsync or behind the
+//!   writer's queue of enqueues, and never sees a change that might still roll back.
 //! - The database runs in WAL mode. `synchronous = FULL` (the default) makes a commit durable
 //!   against power loss; `NORMAL` survives a crash of the process but a power cut can roll
 //!   back the last few batches (which were already acknowledged).
@@ -76,6 +80,8 @@ pub enum Synchronous {
 }
 
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// A read runs against the reader connection.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 /// A job runs against the open transaction, or is told why there is none.
 type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
 
@@ -83,12 +89,15 @@ type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion
 #[derive(Clone)]
 pub struct Db {
     tx: mpsc::UnboundedSender<Job>,
+    reads: mpsc::UnboundedSender<ReadJob>,
     path: PathBuf,
 }
 
-/// Owns the writer thread; [`DbThread::join`] waits until every job sent before it ran.
+/// Owns the writer and reader threads; [`DbThread::join`] waits until every job sent before it
+/// ran.
 pub struct DbThread {
-    handle: thread::JoinHandle<()>,
+    writer: thread::JoinHandle<()>,
+    reader: thread::JoinHandle<()>,
 }
 
 impl Db {
@@ -101,17 +110,27 @@ impl Db {
             })?;
         }
         let conn = open_connection(path, sync)?;
+        // Opened after the writer's connection has migrated the schema.
+        let read_conn = open_reader(path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-        let handle = thread::Builder::new()
+        let (reads, mut read_rx) = mpsc::unbounded_channel::<ReadJob>();
+        let spawn_failed =
+            |what, e| StoreError::Commit(format!("cannot start the store's {what} thread: {e}"));
+        let reader = thread::Builder::new()
+            .name("store-reader".into())
+            .spawn(move || reader_loop(read_conn, &mut read_rx))
+            .map_err(|e| spawn_failed("reader", e))?;
+        let writer = thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(conn, &mut rx))
-            .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| spawn_failed("writer", e))?;
         Ok((
             Db {
                 tx,
+                reads,
                 path: path.to_path_buf(),
             },
-            DbThread { handle },
+            DbThread { writer, reader },
         ))
     }
 
@@ -171,6 +190,30 @@ impl Db {
         answer
     }
 
+    /// Another read-only connection, for a task that reads often enough that a hop to the
+    /// reader thread would cost more than the read (the uplink's fetch). It sees the last
+    /// commit, like [`Db::read`].
+    pub fn open_reader(&self) -> Result<Connection, StoreError> {
+        open_reader(&self.path)
+    }
+
+    /// Runs `f` on the reader connection, which sees every change whose commit was answered
+    /// and none that is still pending. Reads do not wait for the writer; `f` must not write
+    /// (the connection is `query_only`).
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        // If the reader is gone the reply sender is dropped and the caller sees Closed.
+        let _ = self.reads.send(job);
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Runs `f` and blocks the calling thread for the answer. Not for use on an async task.
     pub fn run_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -184,9 +227,10 @@ impl Db {
 }
 
 impl DbThread {
-    /// Waits for the writer to finish. Every [`Db`] handle must be dropped first.
+    /// Waits for the writer and the reader to finish. Every [`Db`] handle must be dropped first.
     pub fn join(self) {
-        let _ = self.handle.join();
+        let _ = self.reader.join();
+        let _ = self.writer.join();
     }
 }
 
@@ -216,6 +260,8 @@ fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreEr
     };
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(open_err)?;
+    // `rarray()`: a set of ids bound as one parameter (batched deletes).
+    rusqlite::vtab::array::load_module(&conn).map_err(open_err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(corrupt)?;
     let level = match sync {
@@ -241,6 +287,34 @@ fn open_connection(path: &Path, sync: Synchronous) -> Result<Connection, StoreEr
     Ok(conn)
 }
 
+/// The read-only connection of [`Db::read`]: WAL reads see the last commit without taking the
+/// writer's lock.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Read-write flags: a WAL reader still maps and updates the shared-memory index.
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    conn.pragma_update(None, "query_only", true)
+        .map_err(open_err)?;
+    conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+fn reader_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<ReadJob>) {
+    while let Some(job) = rx.blocking_recv() {
+        job(&conn);
+    }
+}
+
 fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -261,13 +335,17 @@ fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
             }
             continue;
         }
+        // Cached statements: parsing these anew for every job cost more than most jobs.
+        let step = |sql: &str| {
+            let _ = conn.prepare_cached(sql).and_then(|mut st| st.execute([]));
+        };
         for job in batch.drain(..) {
-            let _ = conn.execute_batch("SAVEPOINT job");
+            step("SAVEPOINT job");
             let (ok, done) = job(Ok(&conn));
             if !ok {
-                let _ = conn.execute_batch("ROLLBACK TO job");
+                step("ROLLBACK TO job");
             }
-            let _ = conn.execute_batch("RELEASE job");
+            step("RELEASE job");
             completions.push(done);
         }
         match conn.execute_batch("COMMIT") {

@@ -80,11 +80,12 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rusqlite::types::ValueRef;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{named_params, params, Connection, OptionalExtension, Row};
 use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
@@ -154,6 +155,41 @@ pub struct Entry {
     pub attempts: u32,
 }
 
+/// Where [`Queue::next_batch_after`] resumes: the delivery-order key of the last row a drainer
+/// handled from the ordered part of a [`Batch`].
+///
+/// A fetch with a cursor does not look at rows of the cursor's priority with ids up to the
+/// cursor's; the drainer keeps every deliverable row there excluded (in flight, its delete
+/// pending, or waiting for a retry). New rows always get larger ids, and more urgent
+/// priorities are scanned from their start, so the only ways a row can appear behind a cursor
+/// are a drainer's own retry becoming due and a re-queue ([`Queue::rewinds`]); either drops
+/// the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub priority: u8,
+    pub id: i64,
+}
+
+impl Cursor {
+    /// The cursor just past `entry`.
+    pub fn at(entry: &Entry) -> Cursor {
+        Cursor {
+            priority: entry.priority,
+            id: entry.id,
+        }
+    }
+}
+
+/// What [`Queue::next_batch_after`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// In delivery order, except the anti-starvation pick, which comes first.
+    pub entries: Vec<Entry>,
+    /// The id of the anti-starvation pick, if this fetch made one: it is out of delivery
+    /// order, so it must not move a [`Cursor`].
+    pub out_of_order: Option<i64>,
+}
+
 /// Row count and logical bytes of the queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -219,6 +255,8 @@ struct Shared {
     starvation_every: AtomicU32,
     /// Calls of [`Queue::next_batch`] with a non-zero limit since open.
     fills: AtomicU64,
+    /// Times rows were put back under their old ids (see [`Queue::rewinds`]).
+    rewinds: AtomicU64,
     notify: Notify,
 }
 
@@ -308,6 +346,7 @@ impl Queue {
                 conflated: AtomicU64::new(0),
                 starvation_every: AtomicU32::new(0),
                 fills: AtomicU64::new(0),
+                rewinds: AtomicU64::new(0),
                 notify: Notify::new(),
             }),
         })
@@ -456,6 +495,10 @@ impl Queue {
     /// Up to `limit` entries in delivery order (priority, then id), skipping ids in `exclude`
     /// (those in flight). Expired rows found on the way are deleted and counted instead of
     /// returned.
+    ///
+    /// Reads the last committed state on the store's reader connection, so a fetch never waits
+    /// behind the writer's commits. A row whose delete was submitted ([`Queue::ack_submit`]) but
+    /// not yet committed is still returned: the caller excludes it until the commit is answered.
     pub async fn next_batch(
         &self,
         exclude: Vec<i64>,
@@ -471,87 +514,78 @@ impl Queue {
         limit: usize,
         now: Stamp,
     ) -> Result<Vec<Entry>, StoreError> {
+        Ok(self.fetch(None, exclude, limit, now).await?.entries)
+    }
+
+    /// How many times rows were put back under their old ids (re-queued dead letters): a
+    /// [`Cursor`] taken before a change of this number may skip them.
+    pub fn rewinds(&self) -> u64 {
+        self.shared.rewinds.load(Ordering::Acquire)
+    }
+
+    /// A fetcher for the one task that drains the queue; see [`Drainer`].
+    pub fn drainer(&self) -> Result<Drainer, StoreError> {
+        Ok(Drainer {
+            conn: self.db.open_reader()?,
+            queue: self.clone(),
+        })
+    }
+
+    async fn fetch(
+        &self,
+        cursor: Option<Cursor>,
+        exclude: Vec<i64>,
+        limit: usize,
+        now: Stamp,
+    ) -> Result<Batch, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let (batch, found) = self
+            .db
+            .read(move |conn| {
+                let exclude: HashSet<i64> = exclude.into_iter().collect();
+                scan(
+                    conn,
+                    &shared,
+                    cursor,
+                    &|id| exclude.contains(&id),
+                    limit,
+                    &now,
+                )
+            })
+            .await?;
+        if !found.is_empty() {
+            self.delete_found(found).await?;
+        }
+        Ok(batch)
+    }
+
+    /// Deletes the expired and unreadable rows a fetch met, and counts what was really deleted.
+    async fn delete_found(&self, found: Found) -> Result<(), StoreError> {
+        self.submit_delete_found(found)
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit_delete_found(&self, found: Found) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
-        self.run_then(
+        self.db.submit_then(
             move |conn| {
                 shared.sync_totals(conn)?;
-                let exclude: HashSet<i64> = exclude.into_iter().collect();
-                let mut out = Vec::with_capacity(limit.min(1024));
-                let mut expired = Vec::new();
-                let mut bad = Vec::new();
-                // Rows the anti-starvation pick already looked at; the main scan skips them.
-                let mut seen: HashSet<i64> = HashSet::new();
-                if limit > 0 {
-                    let fill = shared.fills.fetch_add(1, Ordering::AcqRel) + 1;
-                    let every = u64::from(shared.starvation_every.load(Ordering::Acquire));
-                    if every > 0 && fill % every == 0 {
-                        let mut st = conn.prepare_cached(&format!(
-                            "SELECT {COLUMNS} FROM uplink_queue WHERE priority = :priority \
-                             ORDER BY id"
-                        ))?;
-                        'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
-                            let mut rows = st.query(named_params! {
-                                ":cur_boot": now.boot_id,
-                                ":now_boot": now.boot_ms,
-                                ":now_wall": now.wall_ms,
-                                ":priority": priority,
-                            })?;
-                            while let Some(row) = rows.next()? {
-                                match visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)? {
-                                    Visit::Skip => {}
-                                    Visit::Gone(id) => {
-                                        seen.insert(id);
-                                    }
-                                    Visit::Take(entry) => {
-                                        seen.insert(entry.id);
-                                        out.push(*entry);
-                                        break 'levels;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                if out.len() < limit {
-                    let mut st = conn.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM uplink_queue ORDER BY priority, id"
-                    ))?;
-                    let mut rows = st.query(named_params! {
-                        ":cur_boot": now.boot_id,
-                        ":now_boot": now.boot_ms,
-                        ":now_wall": now.wall_ms,
-                    })?;
-                    while let Some(row) = rows.next()? {
-                        let id: i64 = row.get(0)?;
-                        if seen.contains(&id) {
-                            continue;
-                        }
-                        if let Visit::Take(entry) =
-                            visit(row, &exclude, &shared.epoch, &mut expired, &mut bad)?
-                        {
-                            out.push(*entry);
-                            if out.len() >= limit {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let expired = delete_ids(conn, &expired)?;
-                let bad = delete_ids(conn, &bad)?;
+                let expired = delete_ids(conn, &found.expired)?;
+                let bad = delete_ids(conn, &found.bad)?;
                 shared.removed(expired);
                 shared.removed(bad);
-                Ok((out, expired.rows, bad.rows))
+                Ok((expired.rows, bad.rows))
             },
             move |result| {
                 after.settle(&result);
-                let (out, expired, bad) = result?;
+                let (expired, bad) = result?;
                 after.expired.fetch_add(expired, Ordering::Relaxed);
                 after.corrupt.fetch_add(bad, Ordering::Relaxed);
-                Ok(out)
+                Ok(())
             },
         )
-        .await
     }
 
     /// Sets the anti-starvation rule of [`Queue::next_batch`]: every `every`-th call (with a
@@ -568,10 +602,9 @@ impl Queue {
         self.ack_submit(ids).await.map_err(|_| StoreError::Closed)?
     }
 
-    /// [`Queue::ack`] without waiting for the commit. The delete is queued to the writer in
-    /// call order, so any job submitted afterwards (a [`Queue::next_batch`]) no longer sees
-    /// the rows; the answer comes after the commit. The uplink uses it so that draining does
-    /// not stop for one commit per PUBACK.
+    /// [`Queue::ack`] without waiting for the commit; the answer comes after it. Until then
+    /// [`Queue::next_batch`] may still return the rows, so the caller keeps them excluded.
+    /// The uplink uses it so that draining does not stop for one commit per PUBACK.
     pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
@@ -659,7 +692,7 @@ impl Queue {
     /// cost grows with the backlog, so call it for status, not per message.
     pub async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.db
-            .run(|conn| {
+            .read(|conn| {
                 let mut per_route = Vec::new();
                 {
                     let mut st = conn.prepare_cached(
@@ -749,7 +782,7 @@ impl Queue {
     /// key lookup, cheap at any depth: lets a producer keep at most one row of its own pending.
     pub async fn is_queued(&self, id: i64) -> Result<bool, StoreError> {
         self.db
-            .run(move |conn| {
+            .read(move |conn| {
                 Ok(conn
                     .prepare_cached("SELECT 1 FROM uplink_queue WHERE id = ?1")?
                     .query_row([id], |_| Ok(()))
@@ -779,6 +812,176 @@ const COLUMNS: &str = "id, COALESCE((boot_id = :cur_boot AND deadline_boot <= :n
                        priority, topic, payload, qos, retain, props, accepted_wall, \
                        accepted_boot, boot_id, deadline_wall, deadline_boot, attempts";
 
+/// Rows a fetch found expired or unreadable, to be deleted by the writer.
+#[derive(Debug, Default)]
+struct Found {
+    expired: Vec<i64>,
+    bad: Vec<i64>,
+}
+
+impl Found {
+    fn is_empty(&self) -> bool {
+        self.expired.is_empty() && self.bad.is_empty()
+    }
+}
+
+/// Fetches for the one task that drains the queue, on a read connection of its own.
+///
+/// A fetch runs on the caller's thread: it reads a few dozen rows through an index (tens of
+/// microseconds), where a hop to a store thread and back costs more than the read itself and
+/// would be paid at every refill of the in-flight window. It sees the last commit and never
+/// waits for the writer.
+pub struct Drainer {
+    conn: Connection,
+    queue: Queue,
+}
+
+impl Drainer {
+    /// [`Queue::next_batch`] resuming after `cursor`: rows in `cursor`'s priority at or below
+    /// its id are not looked at, so the drainer does not step over its own in-flight rows at
+    /// every refill. Correct as long as every deliverable row there is excluded (see
+    /// [`Cursor`]); `None` scans from the start. Expired and unreadable rows met on the way
+    /// are handed to the writer for deletion without waiting for it.
+    pub fn next_batch(
+        &mut self,
+        cursor: Option<Cursor>,
+        exclude: &dyn Fn(i64) -> bool,
+        limit: usize,
+    ) -> Result<Batch, StoreError> {
+        let now = Stamp::now();
+        let (batch, found) = scan(&self.conn, &self.queue.shared, cursor, exclude, limit, &now)?;
+        if !found.is_empty() {
+            // Until the delete commits these rows are met (and skipped) again; the answer
+            // only updates counters.
+            drop(self.queue.submit_delete_found(found));
+        }
+        Ok(batch)
+    }
+}
+
+/// The fetch of [`Queue::next_batch`] and [`Drainer::next_batch`] on a read connection.
+fn scan(
+    conn: &Connection,
+    shared: &Shared,
+    cursor: Option<Cursor>,
+    exclude: &dyn Fn(i64) -> bool,
+    limit: usize,
+    now: &Stamp,
+) -> Result<(Batch, Found), StoreError> {
+    let mut out = Vec::with_capacity(limit.min(1024));
+    let mut found = Found::default();
+    let mut out_of_order = None;
+    // Rows the anti-starvation pick already looked at; the main scan skips them.
+    let mut seen: HashSet<i64> = HashSet::new();
+    if limit > 0 {
+        let fill = shared.fills.fetch_add(1, Ordering::AcqRel) + 1;
+        let every = u64::from(shared.starvation_every.load(Ordering::Acquire));
+        if every > 0 && fill % every == 0 {
+            let mut st = conn.prepare_cached(&SCAN_SQL.oldest_of_priority)?;
+            'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
+                let mut rows = st.query(named_params! {
+                    ":cur_boot": now.boot_id,
+                    ":now_boot": now.boot_ms,
+                    ":now_wall": now.wall_ms,
+                    ":priority": priority,
+                })?;
+                while let Some(row) = rows.next()? {
+                    match visit(row, exclude, &shared.epoch, &mut found)? {
+                        Visit::Skip => {}
+                        Visit::Gone(id) => {
+                            seen.insert(id);
+                        }
+                        Visit::Take(entry) => {
+                            seen.insert(entry.id);
+                            out_of_order = Some(entry.id);
+                            out.push(*entry);
+                            break 'levels;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Delivery order, as index range scans: with a cursor, the more urgent priorities from
+    // their start, the cursor's priority after its id, then the less urgent priorities.
+    let sql = &*SCAN_SQL;
+    let mut scans: Vec<(&str, [i64; 2])> = Vec::with_capacity(3);
+    match cursor {
+        None => scans.push((&sql.all, [0, 0])),
+        Some(c) => {
+            let p = i64::from(c.priority);
+            if c.priority > 0 {
+                scans.push((&sql.more_urgent, [p, 0]));
+            }
+            scans.push((&sql.after, [p, c.id]));
+            if c.priority < LOWEST_PRIORITY {
+                scans.push((&sql.less_urgent, [p, 0]));
+            }
+        }
+    }
+    'scans: for (sql, [p, id]) in scans {
+        if out.len() >= limit {
+            break;
+        }
+        let mut st = conn.prepare_cached(sql)?;
+        // Each statement binds only the parameters it has.
+        for (name, value) in [
+            (":cur_boot", now.boot_id),
+            (":now_boot", now.boot_ms),
+            (":now_wall", now.wall_ms),
+            (":p", p),
+            (":id", id),
+        ] {
+            if let Some(i) = st.parameter_index(name)? {
+                st.raw_bind_parameter(i, value)?;
+            }
+        }
+        let mut rows = st.raw_query();
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            if seen.contains(&id) {
+                continue;
+            }
+            if let Visit::Take(entry) = visit(row, exclude, &shared.epoch, &mut found)? {
+                out.push(*entry);
+                if out.len() >= limit {
+                    break 'scans;
+                }
+            }
+        }
+    }
+    let batch = Batch {
+        entries: out,
+        out_of_order,
+    };
+    Ok((batch, found))
+}
+
+/// The statements of [`scan`], built once.
+struct ScanSql {
+    /// Everything, in delivery order.
+    all: String,
+    /// Priorities below `:p` (more urgent), in delivery order.
+    more_urgent: String,
+    /// Priority `:p` after id `:id`.
+    after: String,
+    /// Priorities above `:p` (less urgent), in delivery order.
+    less_urgent: String,
+    /// Priority `:priority`, oldest first (the anti-starvation pick).
+    oldest_of_priority: String,
+}
+
+static SCAN_SQL: std::sync::LazyLock<ScanSql> = std::sync::LazyLock::new(|| {
+    let select = format!("SELECT {COLUMNS} FROM uplink_queue");
+    ScanSql {
+        all: format!("{select} ORDER BY priority, id"),
+        more_urgent: format!("{select} WHERE priority < :p ORDER BY priority, id"),
+        after: format!("{select} WHERE priority = :p AND id > :id ORDER BY id"),
+        less_urgent: format!("{select} WHERE priority > :p ORDER BY priority, id"),
+        oldest_of_priority: format!("{select} WHERE priority = :priority ORDER BY id"),
+    }
+});
+
 /// What [`Queue::next_batch`] does with one scanned row.
 enum Visit {
     /// Excluded (in flight), or unreadable/expired beyond what one call remembers.
@@ -788,22 +991,21 @@ enum Visit {
     Take(Box<Entry>),
 }
 
-/// Sorts one row of a [`COLUMNS`] scan: excluded, expired (pushed to `expired`), unreadable
-/// (pushed to `bad`, logged) or deliverable.
+/// Sorts one row of a [`COLUMNS`] scan: excluded, expired or unreadable (remembered in
+/// `found`; unreadable ones are logged) or deliverable.
 fn visit(
     row: &Row<'_>,
-    exclude: &HashSet<i64>,
+    exclude: &dyn Fn(i64) -> bool,
     epoch: &str,
-    expired: &mut Vec<i64>,
-    bad: &mut Vec<i64>,
+    found: &mut Found,
 ) -> Result<Visit, StoreError> {
     let id: i64 = row.get(0)?;
-    if exclude.contains(&id) {
+    if exclude(id) {
         return Ok(Visit::Skip);
     }
     if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
-        if expired.len() < MAX_SKIPPED_PER_BATCH {
-            expired.push(id);
+        if found.expired.len() < MAX_SKIPPED_PER_BATCH {
+            found.expired.push(id);
             return Ok(Visit::Gone(id));
         }
         return Ok(Visit::Skip);
@@ -812,8 +1014,8 @@ fn visit(
         Ok(entry) => Ok(Visit::Take(Box::new(entry))),
         Err(why) => {
             log::error!("uplink queue: row {id} cannot be decoded ({why}); deleting it");
-            if bad.len() < MAX_SKIPPED_PER_BATCH {
-                bad.push(id);
+            if found.bad.len() < MAX_SKIPPED_PER_BATCH {
+                found.bad.push(id);
                 return Ok(Visit::Gone(id));
             }
             Ok(Visit::Skip)
@@ -894,23 +1096,27 @@ fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreError> {
     Ok(epoch)
 }
 
-/// Deletes the rows with these ids; returns what was really deleted.
+/// Deletes the rows with these ids; returns what was really deleted. Two statements for the
+/// whole set (an id array bound as a table), counted before the delete in the same
+/// transaction.
 fn delete_ids(conn: &Connection, ids: &[i64]) -> Result<Totals, StoreError> {
-    let mut gone = Totals::default();
     if ids.is_empty() {
-        return Ok(gone);
+        return Ok(Totals::default());
     }
-    let mut st = conn.prepare_cached("DELETE FROM uplink_queue WHERE id = ?1 RETURNING size")?;
-    for id in ids {
-        if let Some(bytes) = st
-            .query_row([id], |r| Ok(size_value(r.get_ref(0)?)))
-            .optional()?
-        {
-            gone.rows += 1;
-            gone.bytes += bytes;
-        }
+    let array = Rc::new(ids.iter().copied().map(Value::from).collect::<Vec<Value>>());
+    let (rows, bytes): (i64, u64) = conn
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE id IN rarray(?1)",
+        )?
+        .query_row([&array], |r| Ok((r.get(0)?, size_value(r.get_ref(1)?))))?;
+    if rows > 0 {
+        conn.prepare_cached("DELETE FROM uplink_queue WHERE id IN rarray(?1)")?
+            .execute([&array])?;
     }
-    Ok(gone)
+    Ok(Totals {
+        rows: rows.max(0) as u64,
+        bytes,
+    })
 }
 
 /// The `size` column; the same reading as `SUM(size)` for the integers this module writes.
@@ -1237,6 +1443,68 @@ mod tests {
         let limited = q.next_batch_at(vec![], 2, at(1)).await.unwrap();
         assert_eq!(ids(&limited), vec![4, 2]);
         assert!(q.next_batch_at(vec![], 0, at(1)).await.unwrap().is_empty());
+        close(q, db, t);
+    }
+
+    #[tokio::test]
+    async fn drainer_resumes_after_its_cursor_and_still_sees_more_urgent_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, t) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        for _ in 0..5 {
+            put(&q, 5, msg("t", 1, at(0), None)).await.unwrap();
+        }
+        let mut d = q.drainer().unwrap();
+        let none = |_| false;
+        let first = d.next_batch(None, &none, 2).unwrap();
+        assert_eq!(ids(&first.entries), vec![1, 2]);
+        let cursor = Cursor::at(&first.entries[1]);
+        // Rows behind the cursor are not even looked at (the drainer excludes them anyway).
+        let rest = d.next_batch(Some(cursor), &none, 10).unwrap();
+        assert_eq!(ids(&rest.entries), vec![3, 4, 5]);
+        let cursor = Cursor::at(&rest.entries[2]);
+        // New rows of a more and a less urgent priority, and an acknowledged one whose delete
+        // is committed: all seen from the same cursor, in delivery order.
+        put(&q, 9, msg("t", 1, at(0), None)).await.unwrap();
+        put(&q, 0, msg("t", 1, at(0), None)).await.unwrap();
+        put(&q, 5, msg("t", 1, at(0), None)).await.unwrap();
+        let more = d.next_batch(Some(cursor), &none, 10).unwrap();
+        assert_eq!(ids(&more.entries), vec![7, 8, 6]);
+        // A fetch sees the last commit only: an ack still pending returns the row.
+        let pending = q.ack_submit(vec![7]);
+        let excluded = |id| id == 7;
+        let again = d.next_batch(Some(cursor), &excluded, 10).unwrap();
+        assert_eq!(ids(&again.entries), vec![8, 6]);
+        pending.await.unwrap().unwrap();
+        let after = d.next_batch(Some(cursor), &none, 10).unwrap();
+        assert_eq!(ids(&after.entries), vec![8, 6]);
+        drop(d);
+        close(q, db, t);
+    }
+
+    #[tokio::test]
+    async fn drainer_deletes_expired_rows_it_meets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, db, t) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
+        )
+        .await;
+        let now = Stamp::now();
+        put(&q, 3, msg("t", 1, now, Some(1))).await.unwrap();
+        put(&q, 3, msg("t", 1, now, None)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut d = q.drainer().unwrap();
+        let batch = d.next_batch(None, &|_| false, 10).unwrap();
+        assert_eq!(ids(&batch.entries), vec![2]);
+        // The delete goes to the writer without waiting; a job behind it sees it done.
+        q.ack(vec![]).await.unwrap();
+        assert_eq!(q.counters().expired, 1);
+        assert_eq!(q.totals().rows, 1);
+        drop(d);
         close(q, db, t);
     }
 

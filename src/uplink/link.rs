@@ -1,21 +1,25 @@
-//! One connection to the central broker, over rumqttc, with the protocol version hidden.
+//! One connection to the central broker, with the protocol version hidden.
 //!
-//! rumqttc's event loop is polled in a task of its own (its `poll` must not be cancelled
-//! half-way, and publishing from the polling task would deadlock); the uplink reads normalised
-//! [`LinkEvent`]s from a channel and sends requests with non-blocking calls. A `Link` lives for
-//! one connection only: on any error it is dropped (which aborts the polling task and closes
-//! the socket) and a fresh one is made, so no rumqttc state — in particular its own replay of
-//! unacknowledged publishes — outlives a connection. The store is the only source of truth.
+//! A connection task owns the socket: it writes every request waiting in one batch (one
+//! system call for a whole refill of the in-flight window, where a write per PUBLISH would cap
+//! the drain rate), reads whatever arrived, assigns packet ids, pings every keep-alive, and
+//! reports normalised [`LinkEvent`]s on a channel. The uplink sends requests with non-blocking
+//! calls. A `Link` lives for one connection only: on any error it is dropped (which aborts the
+//! task and closes the socket) and a fresh one is made, so no client-side state — in
+//! particular no replay of unacknowledged publishes — outlives a connection. The store is the
+//! only source of truth.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5 as v5b;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::clock::Stamp;
+use super::transport::{self, Io};
+use super::wire::{self, ConnectSpec, Incoming, OutPublish};
 use crate::config::Protocol;
 use crate::message::{Message, Properties, QoS};
 
@@ -27,25 +31,6 @@ pub enum LinkTransport {
     Tls(Arc<rustls::ClientConfig>),
     Ws(String),
     Wss(String, Arc<rustls::ClientConfig>),
-}
-
-impl LinkTransport {
-    /// rumqttc's broker address (the host, or for WebSocket the URL) and transport.
-    fn for_rumqttc(&self, host: &str) -> (String, rumqttc::Transport) {
-        use rumqttc::{TlsConfiguration, Transport};
-        match self {
-            LinkTransport::Tcp => (host.to_string(), Transport::Tcp),
-            LinkTransport::Tls(c) => (
-                host.to_string(),
-                Transport::Tls(TlsConfiguration::Rustls(c.clone())),
-            ),
-            LinkTransport::Ws(url) => (url.clone(), Transport::Ws),
-            LinkTransport::Wss(url, c) => (
-                url.clone(),
-                Transport::Wss(TlsConfiguration::Rustls(c.clone())),
-            ),
-        }
-    }
 }
 
 /// How to reach and greet the central broker.
@@ -100,21 +85,6 @@ impl HttpProxy {
             credentials,
         })
     }
-
-    fn for_rumqttc(&self) -> rumqttc::Proxy {
-        rumqttc::Proxy {
-            ty: rumqttc::ProxyType::Http,
-            auth: match &self.credentials {
-                Some((username, password)) => rumqttc::ProxyAuth::Basic {
-                    username: username.clone(),
-                    password: password.clone(),
-                },
-                None => rumqttc::ProxyAuth::None,
-            },
-            addr: self.host.clone(),
-            port: self.port,
-        }
-    }
 }
 
 /// What happened on the connection.
@@ -126,7 +96,7 @@ pub enum LinkEvent {
         receive_maximum: Option<u16>,
         max_packet_size: Option<u32>,
     },
-    /// A QoS 1 publish was written with this packet id (0 for QoS 0), in request order.
+    /// A publish was written with this packet id (0 for QoS 0), in request order.
     Sent { pkid: u16 },
     /// The broker acknowledged a publish; `refused` carries the v5 reason if it did not take it.
     Acked { pkid: u16, refused: Option<String> },
@@ -137,63 +107,21 @@ pub enum LinkEvent {
     },
     /// Any other packet from the broker (proof the link is alive).
     Other,
-    /// rumqttc held back a publish because of a packet-id collision: request order is lost.
-    Collision,
 }
 
 impl LinkEvent {
     /// Whether the event is a packet from the broker (as opposed to one of our own writes).
     pub fn is_incoming(&self) -> bool {
-        !matches!(self, LinkEvent::Sent { .. } | LinkEvent::Collision)
+        !matches!(self, LinkEvent::Sent { .. })
     }
 }
 
 /// What [`Link::ack`] needs to acknowledge a received message.
 #[derive(Debug)]
 pub enum AckToken {
+    /// QoS 0: nothing to acknowledge.
     None,
-    V4(rumqttc::Publish),
-    V5(v5b::Publish),
-}
-
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
-/// Polls a rumqttc event loop (v4 or v5: same shape, different types) in a task of its own,
-/// forwarding normalised events until the first error, which ends the connection.
-macro_rules! spawn_poller {
-    ($eventloop:ident, $tx:ident, $convert:ident) => {
-        tokio::spawn(async move {
-            loop {
-                let item = match $eventloop.poll().await {
-                    Ok(ev) => match $convert(ev) {
-                        Some(e) => Ok(e),
-                        None => continue,
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                let failed = item.is_err();
-                if $tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        })
-    };
-}
-
-/// One live connection attempt.
-pub struct Link {
-    client: Client,
-    events: mpsc::Receiver<Result<LinkEvent, String>>,
-    poller: JoinHandle<()>,
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.poller.abort();
-    }
+    Pkid(u16),
 }
 
 /// An outgoing message, ready for the wire.
@@ -209,79 +137,51 @@ pub struct Outgoing<'a> {
     pub extra_user_properties: Vec<(String, String)>,
 }
 
+/// What the uplink asks of the connection task.
+enum Request {
+    Publish(Box<OutPublish>),
+    Subscribe(Vec<(String, u8)>),
+    Ack(u16),
+    Disconnect,
+}
+
+/// Most requests written in one go.
+const MAX_WRITE_BATCH: usize = 1024;
+
+/// A batch is written once it holds this many bytes.
+const MAX_WRITE_BYTES: usize = 256 * 1024;
+
+type EventTx = mpsc::Sender<Result<LinkEvent, String>>;
+
+/// One live connection attempt.
+pub struct Link {
+    requests: mpsc::Sender<Request>,
+    events: mpsc::Receiver<Result<LinkEvent, String>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Link {
     /// Starts connecting; the first event is `Connected` or an error.
     pub fn start(o: &LinkOptions) -> Link {
         // Requests beyond the in-flight window are never made, so a small channel suffices.
-        let cap = usize::from(o.inflight) + 16;
+        let (requests, rx) = mpsc::channel(usize::from(o.inflight) + 16);
         let (tx, events) = mpsc::channel(256);
-        let (client, poller) = match o.protocol {
-            Protocol::V311 => {
-                let (addr, transport) = o.transport.for_rumqttc(&o.host);
-                let mut opts = rumqttc::MqttOptions::new(&o.client_id, addr, o.port);
-                opts.set_transport(transport);
-                if let Some(proxy) = &o.proxy {
-                    opts.set_proxy(proxy.for_rumqttc());
-                }
-                opts.set_keep_alive(o.keep_alive)
-                    .set_clean_session(false)
-                    .set_manual_acks(true)
-                    .set_inflight(o.inflight)
-                    .set_max_packet_size(o.max_packet_size as usize, o.max_packet_size as usize);
-                let mut net = rumqttc::NetworkOptions::new();
-                net.set_connection_timeout(o.connect_timeout.as_secs().max(1));
-                if let Some((user, pass)) = &o.credentials {
-                    opts.set_credentials(user, pass);
-                }
-                if let Some((topic, payload)) = &o.will {
-                    opts.set_last_will(rumqttc::LastWill::new(
-                        topic,
-                        payload.clone(),
-                        rumqttc::QoS::AtLeastOnce,
-                        true,
-                    ));
-                }
-                let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
-                eventloop.set_network_options(net);
-                let poller = spawn_poller!(eventloop, tx, v4_event);
-                (Client::V4(client), poller)
+        let options = o.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection(options, rx, &tx).await {
+                let _ = tx.send(Err(e)).await;
             }
-            Protocol::V5 => {
-                let (addr, transport) = o.transport.for_rumqttc(&o.host);
-                let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, addr, o.port);
-                opts.set_transport(transport);
-                if let Some(proxy) = &o.proxy {
-                    opts.set_proxy(proxy.for_rumqttc());
-                }
-                let expiry = u32::try_from(o.session_expiry.as_secs()).unwrap_or(u32::MAX);
-                opts.set_keep_alive(o.keep_alive)
-                    .set_clean_start(false)
-                    .set_session_expiry_interval(Some(expiry))
-                    .set_manual_acks(true)
-                    .set_outgoing_inflight_upper_limit(o.inflight)
-                    .set_max_packet_size(Some(o.max_packet_size))
-                    .set_connection_timeout(o.connect_timeout.as_secs().max(1));
-                if let Some((user, pass)) = &o.credentials {
-                    opts.set_credentials(user, pass);
-                }
-                if let Some((topic, payload)) = &o.will {
-                    opts.set_last_will(v5b::LastWill::new(
-                        topic,
-                        payload.clone(),
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        true,
-                        None,
-                    ));
-                }
-                let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, cap);
-                let poller = spawn_poller!(eventloop, tx, v5_event);
-                (Client::V5(client), poller)
-            }
-        };
+        });
         Link {
-            client,
+            requests,
             events,
-            poller,
+            task,
         }
     }
 
@@ -304,38 +204,33 @@ impl Link {
         }
     }
 
-    /// Queues a publish without waiting. `Err` means it was not queued.
+    fn request(&self, r: Request) -> Result<(), String> {
+        self.requests.try_send(r).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => "request queue full".to_string(),
+            mpsc::error::TrySendError::Closed(_) => "connection task ended".to_string(),
+        })
+    }
+
+    /// Queues a publish without waiting. `Err` means it was not queued. The extra user
+    /// properties (like all properties) travel on MQTT 5 only.
     pub fn publish(&self, m: Outgoing<'_>) -> Result<(), String> {
-        match &self.client {
-            Client::V4(c) => c
-                .try_publish(m.topic, v4_qos(m.qos), m.retain, m.payload)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => {
-                let p = m.properties;
-                let mut user_properties = p.user_properties.clone();
-                user_properties.extend(m.extra_user_properties);
-                let props = v5b::PublishProperties {
-                    payload_format_indicator: p.payload_format_indicator,
-                    message_expiry_interval: m.expiry_secs,
-                    topic_alias: None,
-                    response_topic: p.response_topic.clone(),
-                    correlation_data: p.correlation_data.clone(),
-                    user_properties,
-                    subscription_identifiers: Vec::new(),
-                    content_type: p.content_type.clone(),
-                };
-                c.try_publish_with_properties(m.topic, v5_qos(m.qos), m.retain, m.payload, props)
-                    .map_err(|e| e.to_string())
-            }
-        }
+        let mut properties = m.properties.clone();
+        properties.user_properties.extend(m.extra_user_properties);
+        self.request(Request::Publish(Box::new(OutPublish {
+            topic: m.topic.to_string(),
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+            properties,
+            expiry_secs: m.expiry_secs,
+        })))
     }
 
     /// Acknowledges a received message.
     pub fn ack(&self, token: AckToken) -> Result<(), String> {
-        match (&self.client, token) {
-            (Client::V4(c), AckToken::V4(p)) => c.try_ack(&p).map_err(|e| e.to_string()),
-            (Client::V5(c), AckToken::V5(p)) => c.try_ack(&p).map_err(|e| e.to_string()),
-            _ => Ok(()),
+        match token {
+            AckToken::None => Ok(()),
+            AckToken::Pkid(pkid) => self.request(Request::Ack(pkid)),
         }
     }
 
@@ -346,164 +241,201 @@ impl Link {
         if filters.is_empty() {
             return Ok(());
         }
-        match &self.client {
-            Client::V4(c) => c
-                .try_subscribe_many(
-                    filters
-                        .iter()
-                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(qos_of(*q)))),
-                )
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe_many(filters.iter().map(|(f, q)| {
-                    let mut filter = v5b::Filter::new(f.clone(), v5_qos(qos_of(*q)));
-                    filter.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
-                    // Retain As Published: a live message keeps its retain flag, so the
-                    // local broker keeps it as the current state for iPads that come later.
-                    filter.preserve_retain = true;
-                    filter
-                }))
-                .map_err(|e| e.to_string()),
-        }
+        self.request(Request::Subscribe(filters.to_vec()))
     }
 
     /// Asks for a clean DISCONNECT.
     pub fn disconnect(&self) {
-        let _ = match &self.client {
-            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
-        };
+        let _ = self.request(Request::Disconnect);
     }
 }
 
-fn qos_of(q: u8) -> QoS {
-    if q == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    }
+/// Packet ids in use (publishes and subscribes awaiting their acknowledgement).
+#[derive(Default)]
+struct PacketIds {
+    last: u16,
+    used: HashSet<u16>,
 }
 
-fn v4_qos(q: QoS) -> rumqttc::QoS {
-    match q {
-        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
-        // QoS 2 is never used upstream.
-        _ => rumqttc::QoS::AtLeastOnce,
-    }
-}
-
-fn v5_qos(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
-    match q {
-        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-    }
-}
-
-fn v4_event(ev: rumqttc::Event) -> Option<LinkEvent> {
-    use rumqttc::{Event, Incoming, Outgoing as Out};
-    Some(match ev {
-        // rumqttc reports only a ConnAck that accepted the connection.
-        Event::Incoming(Incoming::ConnAck(c)) => LinkEvent::Connected {
-            session_present: c.session_present,
-            receive_maximum: None,
-            max_packet_size: None,
-        },
-        Event::Incoming(Incoming::PubAck(ack)) => LinkEvent::Acked {
-            pkid: ack.pkid,
-            refused: None,
-        },
-        Event::Incoming(Incoming::Publish(p)) => {
-            let qos = match p.qos {
-                rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
-                rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
-            };
-            let topic = p.topic.clone();
-            let accepted = Stamp::now();
-            let message = Message {
-                topic,
-                payload: p.payload.clone(),
-                qos,
-                retain: p.retain,
-                properties: Properties::default(),
-                accepted,
-                deadline: None,
-            };
-            let token = if qos == QoS::AtMostOnce {
-                AckToken::None
-            } else {
-                AckToken::V4(p)
-            };
-            LinkEvent::Message {
-                message: Box::new(message),
-                token,
+impl PacketIds {
+    fn take(&mut self) -> Result<u16, String> {
+        if self.used.len() >= usize::from(u16::MAX) {
+            return Err("no free packet id".into());
+        }
+        loop {
+            self.last = self.last.checked_add(1).unwrap_or(1);
+            if self.used.insert(self.last) {
+                return Ok(self.last);
             }
         }
-        Event::Incoming(_) => LinkEvent::Other,
-        Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },
-        Event::Outgoing(Out::AwaitAck(_)) => LinkEvent::Collision,
-        Event::Outgoing(_) => return None,
-    })
+    }
+
+    fn release(&mut self, pkid: u16) {
+        self.used.remove(&pkid);
+    }
 }
 
-fn v5_event(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-    use rumqttc::v5::Event;
-    use rumqttc::Outgoing as Out;
-    Some(match ev {
-        Event::Incoming(Packet::ConnAck(c)) => LinkEvent::Connected {
-            session_present: c.session_present,
-            receive_maximum: c.properties.as_ref().and_then(|p| p.receive_max),
-            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+fn io_error(e: std::io::Error) -> String {
+    format!("I/O: {e}")
+}
+
+fn ended() -> String {
+    "link dropped".into()
+}
+
+/// The connection task: connect, then write batches of requests, read packets and ping,
+/// until an error (returned) or the [`Link`] is dropped.
+async fn connection(
+    o: LinkOptions,
+    mut requests: mpsc::Receiver<Request>,
+    events: &EventTx,
+) -> Result<(), String> {
+    let protocol = o.protocol;
+    let mut stream = transport::open(&o).await?;
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    wire::connect(
+        protocol,
+        &ConnectSpec {
+            client_id: &o.client_id,
+            keep_alive: o.keep_alive,
+            session_expiry: o.session_expiry,
+            max_packet_size: o.max_packet_size,
+            credentials: o.credentials.as_ref(),
+            will: o.will.as_ref(),
         },
-        Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked {
-            pkid: ack.pkid,
-            refused: match ack.reason {
-                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                other => Some(format!("{other:?}")),
-            },
-        },
-        Event::Incoming(Packet::Publish(p)) => {
-            let qos = match p.qos {
-                rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
-            };
-            let accepted = Stamp::now();
-            let props = p.properties.clone().unwrap_or_default();
-            let deadline = props
-                .message_expiry_interval
-                .map(|s| accepted.plus(Duration::from_secs(u64::from(s))));
-            let message = Message {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.clone(),
-                qos,
-                retain: p.retain,
-                properties: Properties {
-                    payload_format_indicator: props.payload_format_indicator,
-                    content_type: props.content_type,
-                    response_topic: props.response_topic,
-                    correlation_data: props.correlation_data,
-                    user_properties: props.user_properties,
-                },
-                accepted,
-                deadline,
-            };
-            let token = if qos == QoS::AtMostOnce {
-                AckToken::None
-            } else {
-                AckToken::V5(p)
-            };
-            LinkEvent::Message {
-                message: Box::new(message),
-                token,
+        &mut out,
+    )?;
+    write(&mut stream, &mut out).await?;
+    let connack = loop {
+        if let Some(p) = wire::decode(protocol, &mut inbuf, o.max_packet_size)? {
+            break p;
+        }
+        read(&mut stream, &mut inbuf).await?;
+    };
+    match connack {
+        Incoming::ConnAck {
+            refused: Some(why), ..
+        } => return Err(why),
+        Incoming::ConnAck {
+            session_present,
+            receive_maximum,
+            max_packet_size,
+            ..
+        } => events
+            .send(Ok(LinkEvent::Connected {
+                session_present,
+                receive_maximum,
+                max_packet_size,
+            }))
+            .await
+            .map_err(|_| ended())?,
+        other => return Err(format!("expected CONNACK, got {other:?}")),
+    }
+
+    let mut ids = PacketIds::default();
+    // Like any MQTT client: a PINGREQ every keep-alive, so a live broker always answers
+    // within that time (the uplink's dead-link test counts on it).
+    let keep_alive = o.keep_alive.max(Duration::from_secs(1));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    let mut sent: Vec<u16> = Vec::new();
+    loop {
+        while let Some(packet) = wire::decode(protocol, &mut inbuf, o.max_packet_size)? {
+            incoming(packet, &mut ids, events).await?;
+        }
+        tokio::select! {
+            req = requests.recv() => {
+                let Some(first) = req else {
+                    return Ok(());
+                };
+                let mut next = Some(first);
+                let mut disconnect = false;
+                let mut count = 0;
+                while let Some(req) = next.take() {
+                    match req {
+                        Request::Publish(p) => {
+                            let pkid = if p.qos == QoS::AtMostOnce { 0 } else { ids.take()? };
+                            wire::publish(protocol, pkid, &p, &mut out);
+                            sent.push(pkid);
+                        }
+                        Request::Subscribe(filters) => {
+                            wire::subscribe(protocol, ids.take()?, &filters, &mut out);
+                        }
+                        Request::Ack(pkid) => wire::puback(protocol, pkid, &mut out),
+                        Request::Disconnect => {
+                            wire::disconnect(protocol, &mut out);
+                            disconnect = true;
+                            break;
+                        }
+                    }
+                    count += 1;
+                    if count < MAX_WRITE_BATCH && out.len() < MAX_WRITE_BYTES {
+                        next = requests.try_recv().ok();
+                    }
+                }
+                write(&mut stream, &mut out).await?;
+                for pkid in sent.drain(..) {
+                    events.send(Ok(LinkEvent::Sent { pkid })).await.map_err(|_| ended())?;
+                }
+                if disconnect {
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                }
+            }
+            r = read(&mut stream, &mut inbuf) => r?,
+            _ = ping.tick() => {
+                wire::pingreq(protocol, &mut out);
+                write(&mut stream, &mut out).await?;
             }
         }
-        Event::Incoming(_) => LinkEvent::Other,
-        Event::Outgoing(Out::Publish(pkid)) => LinkEvent::Sent { pkid },
-        Event::Outgoing(Out::AwaitAck(_)) => LinkEvent::Collision,
-        Event::Outgoing(_) => return None,
-    })
+    }
+}
+
+/// Writes and flushes `out`, leaving it empty.
+async fn write(stream: &mut Box<dyn Io>, out: &mut BytesMut) -> Result<(), String> {
+    stream.write_all(out).await.map_err(io_error)?;
+    stream.flush().await.map_err(io_error)?;
+    out.clear();
+    Ok(())
+}
+
+/// Reads what arrived into `inbuf`; the end of the stream is an error.
+async fn read(stream: &mut Box<dyn Io>, inbuf: &mut BytesMut) -> Result<(), String> {
+    match stream.read_buf(inbuf).await {
+        Ok(0) => Err("connection closed by peer".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+/// Turns a packet from the broker into an event; a packet that ends the connection is an
+/// error.
+async fn incoming(packet: Incoming, ids: &mut PacketIds, events: &EventTx) -> Result<(), String> {
+    let event = match packet {
+        Incoming::PubAck { pkid, refused } => {
+            ids.release(pkid);
+            LinkEvent::Acked { pkid, refused }
+        }
+        Incoming::SubAck { pkid } => {
+            ids.release(pkid);
+            LinkEvent::Other
+        }
+        Incoming::PingResp => LinkEvent::Other,
+        Incoming::Publish { pkid, message } => {
+            let token = match message.qos {
+                QoS::AtMostOnce => AckToken::None,
+                QoS::AtLeastOnce => AckToken::Pkid(pkid),
+                QoS::ExactlyOnce => {
+                    return Err("the broker sent a QoS 2 message; none was subscribed".into())
+                }
+            };
+            LinkEvent::Message { message, token }
+        }
+        Incoming::Disconnect(reason) => return Err(format!("the broker disconnected: {reason}")),
+        Incoming::ConnAck { .. } => return Err("unexpected second CONNACK from the broker".into()),
+        Incoming::Unexpected(name) => return Err(format!("unexpected {name} from the broker")),
+    };
+    events.send(Ok(event)).await.map_err(|_| ended())
 }
 
 #[cfg(test)]

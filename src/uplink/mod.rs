@@ -19,6 +19,8 @@ pub mod netwatch;
 mod status;
 mod throttle;
 pub mod tls;
+mod transport;
+mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -32,7 +34,7 @@ use crate::downlink::Downlink;
 use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
-use crate::store::queue::{Entry, Queue};
+use crate::store::queue::{Cursor, Drainer, Entry, Queue};
 use crate::store::StoreError;
 use endpoint::Endpoint;
 use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
@@ -266,6 +268,10 @@ impl Uplink {
             *subscribed_once = true;
         }
 
+        let mut drainer = match self.queue.drainer() {
+            Ok(d) => d,
+            Err(e) => return End::Failed(format!("cannot read the store: {e}")),
+        };
         let mut drain = Drain {
             throttle: throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64())),
             ..Drain::default()
@@ -302,7 +308,10 @@ impl Uplink {
                 return End::Failed(e);
             }
             if more && drain.rows_in_flight() < window {
-                match self.fill(&link, &mut drain, window, max_packet).await {
+                match self
+                    .fill(&link, &mut drainer, &mut drain, window, max_packet)
+                    .await
+                {
                     Ok(filled_all) => more = filled_all,
                     Err(e) => return End::Failed(e),
                 }
@@ -396,6 +405,7 @@ impl Uplink {
     async fn fill(
         &self,
         link: &Link,
+        drainer: &mut Drainer,
         drain: &mut Drain,
         window: usize,
         max_packet: usize,
@@ -407,12 +417,16 @@ impl Uplink {
             }
         }
         let want = window - drain.rows_in_flight();
-        let exclude: Vec<i64> = drain.excluded().collect();
-        let batch = self
-            .queue
-            .next_batch(exclude, want)
-            .await
+        let rewinds = self.queue.rewinds();
+        if rewinds != drain.rewinds {
+            drain.rewinds = rewinds;
+            drain.cursor = None;
+        }
+        let batch = drainer
+            .next_batch(drain.cursor, &|id| drain.is_excluded(id), want)
             .map_err(|e| e.to_string())?;
+        let out_of_order = batch.out_of_order;
+        let batch = batch.entries;
         let got = batch.len();
         let now = Stamp::now();
         for entry in batch {
@@ -439,6 +453,9 @@ impl Uplink {
                         .await;
                 }
                 Send::Busy => return Ok(true),
+            }
+            if out_of_order != Some(entry.id) {
+                drain.cursor = Some(Cursor::at(&entry));
             }
         }
         // A full batch means a backlog: say so, so nobody mistakes a long drain for a hang.
@@ -492,8 +509,7 @@ impl Uplink {
                 if pkid == 0 {
                     // QoS 0: done once written.
                     if let Tag::Row(id) = tag {
-                        drain.in_flight.remove(&id);
-                        drain.to_ack.push(id);
+                        drain.acked(id);
                         *more = true;
                     }
                 } else {
@@ -509,10 +525,15 @@ impl Uplink {
                 };
                 if let Tag::Row(id) = tag {
                     drain.in_flight.remove(&id);
-                    drain.written.retain(|w| *w != id);
+                    // Brokers acknowledge in order, so this is nearly always the front.
+                    if drain.written.front() == Some(&id) {
+                        drain.written.pop_front();
+                    } else {
+                        drain.written.retain(|w| *w != id);
+                    }
                     match refused {
                         None => {
-                            drain.to_ack.push(id);
+                            drain.acked(id);
                             self.status.count_forwarded(1);
                         }
                         Some(reason) => {
@@ -533,9 +554,6 @@ impl Uplink {
                     .await
                     .map_err(|e| format!("downlink: {e}"))?;
                 link.ack(token)?;
-            }
-            LinkEvent::Collision => {
-                return Err("packet id collision: resending from the store".into());
             }
             LinkEvent::Connected { .. } | LinkEvent::Other => {}
         }
@@ -657,6 +675,9 @@ enum Send {
     Busy,
 }
 
+/// The answer to a submitted delete, after its commit.
+type DeleteDone = oneshot::Receiver<Result<(), StoreError>>;
+
 /// In-flight bookkeeping of one connection.
 #[derive(Default)]
 struct Drain {
@@ -674,12 +695,18 @@ struct Drain {
     written: VecDeque<i64>,
     /// The bandwidth cap, if one is configured.
     throttle: Option<throttle::Throttle>,
+    /// Where the next fetch resumes; every deliverable row behind it is excluded above.
+    cursor: Option<Cursor>,
+    /// [`Queue::rewinds`] when `cursor` was last valid.
+    rewinds: u64,
     /// Rows acknowledged by the central broker whose delete is not submitted yet.
     to_ack: Vec<i64>,
-    /// Submitted deletes, oldest first, whose commit is not confirmed yet. The writer runs
-    /// jobs in order, so a fetch submitted later never returns these rows; a failed commit
-    /// ends the connection (the rows are then sent again: a duplicate, never a loss).
-    acks: VecDeque<oneshot::Receiver<Result<(), StoreError>>>,
+    /// Submitted deletes, oldest first, whose commit is not confirmed yet. A fetch reads the
+    /// last commit, so their rows stay excluded until then; a failed commit ends the
+    /// connection (the rows are then sent again: a duplicate, never a loss).
+    acks: VecDeque<(Vec<i64>, DeleteDone)>,
+    /// The rows of `to_ack` and `acks`.
+    pending_delete: HashSet<i64>,
 }
 
 impl Drain {
@@ -687,12 +714,20 @@ impl Drain {
         self.in_flight.len()
     }
 
-    fn excluded(&self) -> impl Iterator<Item = i64> + '_ {
-        self.in_flight
-            .iter()
-            .chain(self.skipped.iter())
-            .chain(self.retry_at.keys())
-            .copied()
+    /// The central broker has row `id`: delete it with the next batch of deletes.
+    fn acked(&mut self, id: i64) {
+        self.in_flight.remove(&id);
+        self.to_ack.push(id);
+        self.pending_delete.insert(id);
+    }
+
+    /// Rows a fetch must not return: in flight, expired meanwhile, waiting for a retry, or
+    /// acknowledged with the delete not committed yet.
+    fn is_excluded(&self, id: i64) -> bool {
+        self.in_flight.contains(&id)
+            || self.pending_delete.contains(&id)
+            || self.skipped.contains(&id)
+            || self.retry_at.contains_key(&id)
     }
 
     /// Releases failed rows whose retry time came; true if any did.
@@ -700,23 +735,33 @@ impl Drain {
         let now = Instant::now();
         let before = self.retry_at.len();
         self.retry_at.retain(|_, at| *at > now);
-        self.retry_at.len() != before
+        let released = self.retry_at.len() != before;
+        if released {
+            // The released rows are behind the cursor.
+            self.cursor = None;
+        }
+        released
     }
 
     /// Deletes the acknowledged rows in one store job, without waiting for its commit.
     fn submit_acks(&mut self, queue: &Queue) {
         if !self.to_ack.is_empty() {
             let ids = std::mem::take(&mut self.to_ack);
-            self.acks.push_back(queue.ack_submit(ids));
+            let done = queue.ack_submit(ids.clone());
+            self.acks.push_back((ids, done));
         }
     }
 
     /// Collects the deletes committed so far; the first failure is the connection's end.
     fn settle_acks(&mut self) -> Result<(), String> {
-        while let Some(front) = self.acks.front_mut() {
+        while let Some((_, front)) = self.acks.front_mut() {
             match front.try_recv() {
                 Ok(Ok(())) => {
-                    self.acks.pop_front();
+                    if let Some((ids, _)) = self.acks.pop_front() {
+                        for id in ids {
+                            self.pending_delete.remove(&id);
+                        }
+                    }
                 }
                 Ok(Err(e)) => return Err(format!("cannot delete acknowledged rows: {e}")),
                 Err(oneshot::error::TryRecvError::Empty) => break,

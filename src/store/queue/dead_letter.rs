@@ -9,6 +9,7 @@
 //! an operator re-queues it ([`Queue::requeue_dead_letters`]), which puts it back under its
 //! original id: same place in the delivery order, same message id, attempts reset.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension};
@@ -175,6 +176,7 @@ impl Queue {
             move |result| {
                 after.settle(&result);
                 if matches!(result, Ok(n) if n > 0) {
+                    after.rewinds.fetch_add(1, Ordering::AcqRel);
                     after.notify.notify_one();
                 }
                 result

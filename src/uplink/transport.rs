@@ -1,0 +1,170 @@
+//! The byte stream to the central broker: TCP (directly or through an HTTP CONNECT proxy),
+//! then TLS and/or WebSocket as the endpoint's scheme asks.
+
+use std::io;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::link::{HttpProxy, LinkOptions, LinkTransport};
+use crate::ws_stream::WsIo;
+
+/// Any of the streams below.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Largest HTTP response head accepted from a proxy.
+const MAX_PROXY_HEAD: usize = 8 * 1024;
+
+/// Opens the stream `o` describes, ready for CONNECT.
+pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, String> {
+    let tcp = match &o.proxy {
+        None => TcpStream::connect((o.host.as_str(), o.port))
+            .await
+            .map_err(|e| format!("I/O: {e}"))?,
+        Some(proxy) => through_proxy(proxy, &o.host, o.port).await?,
+    };
+    tune(&tcp, o.keep_alive);
+    Ok(match &o.transport {
+        LinkTransport::Tcp => Box::new(tcp),
+        LinkTransport::Tls(config) => Box::new(tls(config, &o.host, tcp).await?),
+        LinkTransport::Ws(url) => Box::new(websocket(url, tcp, o.max_packet_size).await?),
+        LinkTransport::Wss(url, config) => {
+            let tls = tls(config, &o.host, tcp).await?;
+            Box::new(websocket(url, tls, o.max_packet_size).await?)
+        }
+    })
+}
+
+/// No Nagle delay (the connection task writes whole batches), and the kernel gives up on data
+/// unacknowledged for 1.5 × keep-alive, the same deadline the uplink keeps: a tunnel that
+/// swallows packets then fails the socket instead of leaving writes queued for minutes.
+fn tune(tcp: &TcpStream, keep_alive: Duration) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        log::debug!("uplink: cannot set TCP_NODELAY: {e}");
+    }
+    let timeout_ms = u32::try_from((keep_alive + keep_alive / 2).as_millis()).unwrap_or(u32::MAX);
+    if let Err(e) =
+        nix::sys::socket::setsockopt(tcp, nix::sys::socket::sockopt::TcpUserTimeout, &timeout_ms)
+    {
+        log::debug!("uplink: cannot set TCP_USER_TIMEOUT: {e}");
+    }
+}
+
+async fn tls<S: Io>(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    stream: S,
+) -> Result<tokio_rustls::client::TlsStream<S>, String> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("TLS: '{host}' is not a valid server name: {e}"))?;
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+async fn websocket<S: Io>(url: &str, stream: S, max_message: u32) -> Result<WsIo<S>, String> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| format!("WebSocket: {url}: {e}"))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(max_message as usize);
+    config.max_frame_size = Some(max_message as usize);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| format!("WebSocket: {e}"))?;
+    Ok(WsIo::new(ws))
+}
+
+/// A tunnel through an HTTP proxy (RFC 9110 CONNECT), Basic credentials if configured.
+async fn through_proxy(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpStream, String> {
+    let fail = |e: io::Error| format!("proxy {}:{}: {e}", proxy.host, proxy.port);
+    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
+        .await
+        .map_err(fail)?;
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some((user, password)) = &proxy.credentials {
+        let token = base64(format!("{user}:{password}").as_bytes());
+        request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.map_err(fail)?;
+    // Byte by byte up to the blank line: nothing of the tunnelled stream may be read here.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_PROXY_HEAD {
+            return Err(format!(
+                "proxy {}:{}: response head longer than {MAX_PROXY_HEAD} bytes",
+                proxy.host, proxy.port
+            ));
+        }
+        let byte = tcp.read_u8().await.map_err(fail)?;
+        head.push(byte);
+    }
+    let status = String::from_utf8_lossy(&head);
+    let status = status.lines().next().unwrap_or("");
+    let code = status.split_whitespace().nth(1);
+    if !status.starts_with("HTTP/1.") || code != Some("200") {
+        return Err(format!(
+            "proxy {}:{} refused CONNECT {target}: {status}",
+            proxy.host, proxy.port
+        ));
+    }
+    Ok(tcp)
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for the Basic credentials.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The uplink's side of the MQTT wire: the packets a client sends, encoded, and the packets a
+//! broker sends, decoded, for MQTT 3.1.1 and 5 over rumqttc's codecs (`mqttbytes`).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self as m4, v4};
+use rumqttc::v5::mqttbytes::{self as m5, v5};
+
+use crate::clock::Stamp;
+use crate::config::Protocol;
+use crate::message::{Message, Properties, QoS};
+
+/// What CONNECT carries.
+pub struct ConnectSpec<'a> {
+    pub client_id: &'a str,
+    pub keep_alive: Duration,
+    pub session_expiry: Duration,
+    pub max_packet_size: u32,
+    pub credentials: Option<&'a (String, String)>,
+    /// Retained, QoS 1.
+    pub will: Option<&'a (String, Bytes)>,
+}
+
+/// A PUBLISH to send, owned (it travels to the connection task).
+#[derive(Debug)]
+pub struct OutPublish {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Properties,
+    /// v5 Message Expiry Interval.
+    pub expiry_secs: Option<u32>,
+}
+
+/// A packet from the broker.
+#[derive(Debug)]
+pub enum Incoming {
+    ConnAck {
+        session_present: bool,
+        /// `None`: accepted; otherwise the refusal.
+        refused: Option<String>,
+        receive_maximum: Option<u16>,
+        max_packet_size: Option<u32>,
+    },
+    PubAck {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    Publish {
+        pkid: u16,
+        message: Box<Message>,
+    },
+    SubAck {
+        pkid: u16,
+    },
+    PingResp,
+    /// The broker ends the connection (v5 says why).
+    Disconnect(String),
+    /// A packet a client does not expect; named for the error.
+    Unexpected(&'static str),
+}
+
+fn v4_qos(q: QoS) -> m4::QoS {
+    match q {
+        QoS::AtMostOnce => m4::QoS::AtMostOnce,
+        // QoS 2 is never used upstream.
+        _ => m4::QoS::AtLeastOnce,
+    }
+}
+
+fn v5_qos(q: QoS) -> m5::QoS {
+    match q {
+        QoS::AtMostOnce => m5::QoS::AtMostOnce,
+        _ => m5::QoS::AtLeastOnce,
+    }
+}
+
+fn secs_u16(d: Duration) -> u16 {
+    u16::try_from(d.as_secs()).unwrap_or(u16::MAX)
+}
+
+/// CONNECT with a kept session (clean session / clean start off) and a retained QoS 1 will.
+pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> Result<(), String> {
+    let written = match protocol {
+        Protocol::V311 => {
+            let mut p = v4::Connect::new(c.client_id);
+            p.keep_alive = secs_u16(c.keep_alive);
+            p.clean_session = false;
+            if let Some((user, pass)) = c.credentials {
+                p.set_login(user, pass);
+            }
+            p.last_will = c.will.map(|(topic, payload)| {
+                v4::LastWill::new(topic, payload.to_vec(), m4::QoS::AtLeastOnce, true)
+            });
+            p.write(out)
+                .map(drop)
+                .map_err(|e| format!("CONNECT: {e:?}"))
+        }
+        Protocol::V5 => {
+            let props = v5::ConnectProperties {
+                session_expiry_interval: Some(
+                    u32::try_from(c.session_expiry.as_secs()).unwrap_or(u32::MAX),
+                ),
+                max_packet_size: Some(c.max_packet_size),
+                ..v5::ConnectProperties::new()
+            };
+            let p = v5::Connect {
+                keep_alive: secs_u16(c.keep_alive),
+                client_id: c.client_id.to_string(),
+                clean_start: false,
+                properties: Some(props),
+            };
+            let will = c.will.map(|(topic, payload)| {
+                v5::LastWill::new(topic, payload.clone(), m5::QoS::AtLeastOnce, true, None)
+            });
+            let login = c
+                .credentials
+                .map(|(user, pass)| v5::Login::new(user.as_str(), pass.as_str()));
+            v5::Packet::Connect(p, will, login)
+                .write(out, None)
+                .map(drop)
+                .map_err(|e| format!("CONNECT: {e:?}"))
+        }
+    };
+    written
+}
+
+/// PUBLISH with packet id `pkid` (ignored for QoS 0).
+pub fn publish(protocol: Protocol, pkid: u16, m: &OutPublish, out: &mut BytesMut) {
+    let pkid = if m.qos == QoS::AtMostOnce { 0 } else { pkid };
+    // Encoding into a growable buffer does not fail; size limits are checked by the uplink.
+    let _ = match protocol {
+        Protocol::V311 => {
+            let mut p = v4::Publish::from_bytes(&m.topic, v4_qos(m.qos), m.payload.clone());
+            p.retain = m.retain;
+            p.pkid = pkid;
+            p.write(out).is_ok()
+        }
+        Protocol::V5 => {
+            let p = &m.properties;
+            let props = v5::PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: m.expiry_secs,
+                topic_alias: None,
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone(),
+                user_properties: p.user_properties.clone(),
+                subscription_identifiers: Vec::new(),
+                content_type: p.content_type.clone(),
+            };
+            let mut publish = v5::Publish::new(
+                m.topic.as_str(),
+                v5_qos(m.qos),
+                m.payload.clone(),
+                Some(props),
+            );
+            publish.retain = m.retain;
+            publish.pkid = pkid;
+            v5::Packet::Publish(publish).write(out, None).is_ok()
+        }
+    };
+}
+
+/// PUBACK for a received QoS 1 message.
+pub fn puback(protocol: Protocol, pkid: u16, out: &mut BytesMut) {
+    let _ = match protocol {
+        Protocol::V311 => v4::PubAck::new(pkid).write(out).is_ok(),
+        Protocol::V5 => v5::Packet::PubAck(v5::PubAck::new(pkid, None))
+            .write(out, None)
+            .is_ok(),
+    };
+}
+
+/// SUBSCRIBE to `filters` (QoS 0 or 1). On v5, retained messages are sent only for a
+/// subscription the session did not have, so a reconnect does not replay the state, and live
+/// messages keep their retain flag (Retain As Published).
+pub fn subscribe(protocol: Protocol, pkid: u16, filters: &[(String, u8)], out: &mut BytesMut) {
+    let qos_of = |q: u8| {
+        if q == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    };
+    let _ = match protocol {
+        Protocol::V311 => {
+            let mut s = v4::Subscribe::new_many(
+                filters
+                    .iter()
+                    .map(|(f, q)| v4::SubscribeFilter::new(f.clone(), v4_qos(qos_of(*q)))),
+            );
+            s.pkid = pkid;
+            s.write(out).is_ok()
+        }
+        Protocol::V5 => {
+            let mut s = v5::Subscribe::new_many(
+                filters.iter().map(|(f, q)| {
+                    let mut filter = v5::Filter::new(f.clone(), v5_qos(qos_of(*q)));
+                    filter.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
+                    filter.preserve_retain = true;
+                    filter
+                }),
+                None,
+            );
+            s.pkid = pkid;
+            v5::Packet::Subscribe(s).write(out, None).is_ok()
+        }
+    };
+}
+
+pub fn pingreq(protocol: Protocol, out: &mut BytesMut) {
+    let _ = match protocol {
+        Protocol::V311 => v4::PingReq.write(out).is_ok(),
+        Protocol::V5 => v5::Packet::PingReq(v5::PingReq).write(out, None).is_ok(),
+    };
+}
+
+/// A normal DISCONNECT: the session stays and the will is not sent.
+pub fn disconnect(protocol: Protocol, out: &mut BytesMut) {
+    let _ = match protocol {
+        Protocol::V311 => v4::Disconnect.write(out).is_ok(),
+        Protocol::V5 => v5::Packet::Disconnect(v5::Disconnect::new(
+            v5::DisconnectReasonCode::NormalDisconnection,
+        ))
+        .write(out, None)
+        .is_ok(),
+    };
+}
+
+/// The next complete packet in `buf` (consumed), `Ok(None)` if more bytes are needed.
+pub fn decode(
+    protocol: Protocol,
+    buf: &mut BytesMut,
+    max_size: u32,
+) -> Result<Option<Incoming>, String> {
+    match protocol {
+        Protocol::V311 => match v4::Packet::read(buf, max_size as usize) {
+            Ok(p) => Ok(Some(from_v4(p))),
+            Err(m4::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(format!("malformed packet from the broker: {e:?}")),
+        },
+        Protocol::V5 => match v5::Packet::read(buf, Some(max_size)) {
+            Ok(p) => Ok(Some(from_v5(p))),
+            Err(m5::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(format!("malformed packet from the broker: {e:?}")),
+        },
+    }
+}
+
+fn from_v4(p: v4::Packet) -> Incoming {
+    match p {
+        v4::Packet::ConnAck(c) => Incoming::ConnAck {
+            session_present: c.session_present,
+            refused: (c.code != v4::ConnectReturnCode::Success)
+                .then(|| format!("connection refused: {:?}", c.code)),
+            receive_maximum: None,
+            max_packet_size: None,
+        },
+        v4::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: None,
+        },
+        v4::Packet::Publish(p) => {
+            let qos = match p.qos {
+                m4::QoS::AtMostOnce => QoS::AtMostOnce,
+                m4::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                m4::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            };
+            Incoming::Publish {
+                pkid: p.pkid,
+                message: Box::new(Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos,
+                    retain: p.retain,
+                    properties: Properties::default(),
+                    accepted: Stamp::now(),
+                    deadline: None,
+                }),
+            }
+        }
+        v4::Packet::SubAck(s) => Incoming::SubAck { pkid: s.pkid },
+        v4::Packet::PingResp => Incoming::PingResp,
+        v4::Packet::Disconnect => Incoming::Disconnect("DISCONNECT".into()),
+        v4::Packet::Connect(_) => Incoming::Unexpected("CONNECT"),
+        v4::Packet::PubRec(_) => Incoming::Unexpected("PUBREC"),
+        v4::Packet::PubRel(_) => Incoming::Unexpected("PUBREL"),
+        v4::Packet::PubComp(_) => Incoming::Unexpected("PUBCOMP"),
+        v4::Packet::Subscribe(_) => Incoming::Unexpected("SUBSCRIBE"),
+        v4::Packet::Unsubscribe(_) => Incoming::Unexpected("UNSUBSCRIBE"),
+        v4::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
+        v4::Packet::PingReq => Incoming::Unexpected("PINGREQ"),
+    }
+}
+
+fn from_v5(p: v5::Packet) -> Incoming {
+    match p {
+        v5::Packet::ConnAck(c) => Incoming::ConnAck {
+            session_present: c.session_present,
+            refused: (c.code != v5::ConnectReturnCode::Success)
+                .then(|| format!("connection refused: {:?}", c.code)),
+            receive_maximum: c.properties.as_ref().and_then(|p| p.receive_max),
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+        },
+        v5::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: match a.reason {
+                v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers => None,
+                other => Some(format!("{other:?}")),
+            },
+        },
+        v5::Packet::Publish(p) => {
+            let qos = match p.qos {
+                m5::QoS::AtMostOnce => QoS::AtMostOnce,
+                m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                m5::QoS::ExactlyOnce => QoS::ExactlyOnce,
+            };
+            let accepted = Stamp::now();
+            let props = p.properties.unwrap_or_default();
+            let deadline = props
+                .message_expiry_interval
+                .map(|s| accepted.plus(Duration::from_secs(u64::from(s))));
+            Incoming::Publish {
+                pkid: p.pkid,
+                message: Box::new(Message {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload,
+                    qos,
+                    retain: p.retain,
+                    properties: Properties {
+                        payload_format_indicator: props.payload_format_indicator,
+                        content_type: props.content_type,
+                        response_topic: props.response_topic,
+                        correlation_data: props.correlation_data,
+                        user_properties: props.user_properties,
+                    },
+                    accepted,
+                    deadline,
+                }),
+            }
+        }
+        v5::Packet::SubAck(s) => Incoming::SubAck { pkid: s.pkid },
+        v5::Packet::PingResp(_) => Incoming::PingResp,
+        v5::Packet::Disconnect(d) => Incoming::Disconnect(format!("{:?}", d.reason_code)),
+        v5::Packet::Auth(_) => Incoming::Unexpected("AUTH"),
+        v5::Packet::Connect(..) => Incoming::Unexpected("CONNECT"),
+        v5::Packet::PubRec(_) => Incoming::Unexpected("PUBREC"),
+        v5::Packet::PubRel(_) => Incoming::Unexpected("PUBREL"),
+        v5::Packet::PubComp(_) => Incoming::Unexpected("PUBCOMP"),
+        v5::Packet::Subscribe(_) => Incoming::Unexpected("SUBSCRIBE"),
+        v5::Packet::Unsubscribe(_) => Incoming::Unexpected("UNSUBSCRIBE"),
+        v5::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
+        v5::Packet::PingReq(_) => Incoming::Unexpected("PINGREQ"),
+    }
+}
