@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-/// rumqttc logs every connection error at `error` and its internals at `debug`/`trace`;
-/// the uplink already reports link state changes itself, so rumqttc is held at `warn`.
-pub const DEFAULT_LEVEL: &str = "info,rumqttc=warn";
+/// The level when neither the config nor `RUST_LOG` gives one.
+pub const DEFAULT_LEVEL: &str = "info";
 
 /// `RUST_LOG`-style directives: a default level and per-target (module prefix) levels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,16 +26,14 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Parses `"info,rumqttc=warn,trainrelay::uplink=debug"`. A directive without `=` sets the
-    /// default; `target=level` sets the level of that target and everything below it.
-    /// Targets not mentioned fall back to the default (info when none is given); `rumqttc`
-    /// stays at `warn` unless a directive names it.
+    /// Parses `"info,trainrelay::uplink=debug"`. A directive without `=` sets the default;
+    /// `target=level` sets the level of that target and everything below it. Targets not
+    /// mentioned fall back to the default (info when none is given).
     pub fn parse(spec: &str) -> Result<Filter, String> {
         let mut filter = Filter {
             default: LevelFilter::Info,
             targets: Vec::new(),
         };
-        let mut rumqttc_named = false;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 None => {
@@ -53,15 +50,9 @@ impl Filter {
                     if target.is_empty() {
                         return Err(format!("'{part}' names no target"));
                     }
-                    rumqttc_named |= target == "rumqttc" || target.starts_with("rumqttc::");
                     filter.targets.push((target.to_string(), level));
                 }
             }
-        }
-        if !rumqttc_named {
-            filter
-                .targets
-                .push(("rumqttc".into(), LevelFilter::Warn.min(filter.default)));
         }
         filter
             .targets
@@ -236,7 +227,7 @@ mod tests {
     fn directives() {
         let f = Filter::parse("info").unwrap();
         assert_eq!(f.level_for("trainrelay::uplink"), LevelFilter::Info);
-        assert_eq!(f.level_for("rumqttc::state"), LevelFilter::Warn);
+        assert_eq!(f.level_for("rumqttc::state"), LevelFilter::Info);
         let f = Filter::parse("warn,trainrelay::uplink=debug,rumqttc=error").unwrap();
         assert_eq!(f.level_for("trainrelay::uplink::link"), LevelFilter::Debug);
         assert_eq!(f.level_for("trainrelay::uplinkx"), LevelFilter::Warn);

@@ -184,7 +184,7 @@ pub struct Local {
 
 /// Local Mosquitto with a bridge section as a team would deploy it: QoS 1 topics, clean
 /// session off, persistence on, MQTT v5 towards central, no queue limit (the default of 1000
-/// would drop the backlog), and the same in-flight window (64) as trainrelay's uplink.
+/// would drop the backlog), and the same in-flight window (256) as trainrelay's uplink.
 pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
     let dir = dir.join("bridge");
     std::fs::create_dir_all(&dir).expect("bridge dir");
@@ -194,7 +194,7 @@ pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
         &conf,
         &format!(
             "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-             persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 64\n\
+             persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 256\n\
              \nconnection central\naddress 127.0.0.1:{central_port}\n\
              bridge_protocol_version mqttv50\ncleansession false\nclientid bridge-T1\n\
              restart_timeout 1\nnotifications false\ntopic # out 1 up/ trains/T1/up/\n",

@@ -81,7 +81,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -257,6 +257,10 @@ struct Shared {
     fills: AtomicU64,
     /// Times rows were put back under their old ids (see [`Queue::rewinds`]).
     rewinds: AtomicU64,
+    /// Bit `p` set: priority `p` may have rows. Set before an insert, never cleared while
+    /// open, so a fetch skips the index ranges of priorities never used (most trains use one
+    /// or two).
+    priorities: AtomicU16,
     notify: Notify,
 }
 
@@ -276,6 +280,18 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Marks priority `p` as possibly holding rows (see `priorities`).
+    fn may_have(&self, p: u8) {
+        self.priorities
+            .fetch_or(1 << p.min(LOWEST_PRIORITY), Ordering::AcqRel);
+    }
+
+    /// Whether any priority in `range` may hold rows.
+    fn any_in(&self, range: std::ops::RangeInclusive<u8>) -> bool {
+        let mask = self.priorities.load(Ordering::Acquire);
+        range.into_iter().any(|p| mask & (1 << p) != 0)
     }
 
     fn added(&self, rows: u64, bytes: u64) {
@@ -312,10 +328,10 @@ impl Queue {
     /// Loads totals (rows, bytes) and the store's identity (a random epoch kept in `meta`, drawn
     /// on first use), used in message ids.
     pub async fn open(db: Db, config: QueueConfig) -> Result<Queue, StoreError> {
-        let (epoch, totals) = db
+        let (epoch, totals, priorities) = db
             .run(|conn| {
                 let epoch = load_or_create_epoch(conn)?;
-                Ok((epoch, load_totals(conn)?))
+                Ok((epoch, load_totals(conn)?, load_priorities(conn)?))
             })
             .await?;
         if totals.bytes > config.max_bytes {
@@ -347,6 +363,7 @@ impl Queue {
                 starvation_every: AtomicU32::new(0),
                 fills: AtomicU64::new(0),
                 rewinds: AtomicU64::new(0),
+                priorities: AtomicU16::new(priorities),
                 notify: Notify::new(),
             }),
         })
@@ -439,6 +456,7 @@ impl Queue {
                         }
                     }
                 }
+                shared.may_have(priority);
                 let m = &e.message;
                 let (deadline_wall, deadline_boot) = deadline_columns(m);
                 conn.prepare_cached(
@@ -879,12 +897,12 @@ fn scan(
         if every > 0 && fill % every == 0 {
             let mut st = conn.prepare_cached(&SCAN_SQL.oldest_of_priority)?;
             'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
-                let mut rows = st.query(named_params! {
-                    ":cur_boot": now.boot_id,
-                    ":now_boot": now.boot_ms,
-                    ":now_wall": now.wall_ms,
-                    ":priority": priority,
-                })?;
+                let mut rows = st.query(params![
+                    now.boot_id,
+                    now.boot_ms,
+                    now.wall_ms,
+                    i64::from(priority)
+                ])?;
                 while let Some(row) = rows.next()? {
                     match visit(row, exclude, &shared.epoch, &mut found)? {
                         Visit::Skip => {}
@@ -910,11 +928,11 @@ fn scan(
         None => scans.push((&sql.all, [0, 0])),
         Some(c) => {
             let p = i64::from(c.priority);
-            if c.priority > 0 {
+            if c.priority > 0 && shared.any_in(0..=c.priority - 1) {
                 scans.push((&sql.more_urgent, [p, 0]));
             }
             scans.push((&sql.after, [p, c.id]));
-            if c.priority < LOWEST_PRIORITY {
+            if c.priority < LOWEST_PRIORITY && shared.any_in(c.priority + 1..=LOWEST_PRIORITY) {
                 scans.push((&sql.less_urgent, [p, 0]));
             }
         }
@@ -924,17 +942,13 @@ fn scan(
             break;
         }
         let mut st = conn.prepare_cached(sql)?;
-        // Each statement binds only the parameters it has.
-        for (name, value) in [
-            (":cur_boot", now.boot_id),
-            (":now_boot", now.boot_ms),
-            (":now_wall", now.wall_ms),
-            (":p", p),
-            (":id", id),
-        ] {
-            if let Some(i) = st.parameter_index(name)? {
-                st.raw_bind_parameter(i, value)?;
-            }
+        // Numbered parameters in a fixed order; each statement has only the first few.
+        for (i, value) in [now.boot_id, now.boot_ms, now.wall_ms, p, id]
+            .into_iter()
+            .enumerate()
+            .take(st.parameter_count())
+        {
+            st.raw_bind_parameter(i + 1, value)?;
         }
         let mut rows = st.raw_query();
         while let Some(row) = rows.next()? {
@@ -961,24 +975,30 @@ fn scan(
 struct ScanSql {
     /// Everything, in delivery order.
     all: String,
-    /// Priorities below `:p` (more urgent), in delivery order.
+    /// Priorities below ?4 (more urgent), in delivery order.
     more_urgent: String,
-    /// Priority `:p` after id `:id`.
+    /// Priority ?4 after id ?5.
     after: String,
-    /// Priorities above `:p` (less urgent), in delivery order.
+    /// Priorities above ?4 (less urgent), in delivery order.
     less_urgent: String,
-    /// Priority `:priority`, oldest first (the anti-starvation pick).
+    /// Priority ?4, oldest first (the anti-starvation pick).
     oldest_of_priority: String,
 }
 
 static SCAN_SQL: std::sync::LazyLock<ScanSql> = std::sync::LazyLock::new(|| {
-    let select = format!("SELECT {COLUMNS} FROM uplink_queue");
+    // `scan` binds by position: ?1 ?2 ?3 the clock (as named in COLUMNS), ?4 the cursor's
+    // priority, ?5 its id.
+    let columns = COLUMNS
+        .replace(":cur_boot", "?1")
+        .replace(":now_boot", "?2")
+        .replace(":now_wall", "?3");
+    let select = format!("SELECT {columns} FROM uplink_queue");
     ScanSql {
         all: format!("{select} ORDER BY priority, id"),
-        more_urgent: format!("{select} WHERE priority < :p ORDER BY priority, id"),
-        after: format!("{select} WHERE priority = :p AND id > :id ORDER BY id"),
-        less_urgent: format!("{select} WHERE priority > :p ORDER BY priority, id"),
-        oldest_of_priority: format!("{select} WHERE priority = :priority ORDER BY id"),
+        more_urgent: format!("{select} WHERE priority < ?4 ORDER BY priority, id"),
+        after: format!("{select} WHERE priority = ?4 AND id > ?5 ORDER BY id"),
+        less_urgent: format!("{select} WHERE priority > ?4 ORDER BY priority, id"),
+        oldest_of_priority: format!("{select} WHERE priority = ?4 ORDER BY id"),
     }
 });
 
@@ -1065,6 +1085,18 @@ fn load_totals(conn: &Connection) -> Result<Totals, StoreError> {
         rows: rows.max(0) as u64,
         bytes: bytes.max(0) as u64,
     })
+}
+
+/// The priorities that hold rows: one index seek each.
+fn load_priorities(conn: &Connection) -> Result<u16, StoreError> {
+    let mut st = conn.prepare("SELECT 1 FROM uplink_queue WHERE priority = ?1 LIMIT 1")?;
+    let mut mask = 0u16;
+    for p in 0..=LOWEST_PRIORITY {
+        if st.exists([p])? {
+            mask |= 1 << p;
+        }
+    }
+    Ok(mask)
 }
 
 fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreError> {

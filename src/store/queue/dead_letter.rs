@@ -177,6 +177,8 @@ impl Queue {
                 after.settle(&result);
                 if matches!(result, Ok(n) if n > 0) {
                     after.rewinds.fetch_add(1, Ordering::AcqRel);
+                    // Whatever priorities they had may hold rows now.
+                    after.priorities.fetch_or(u16::MAX, Ordering::AcqRel);
                     after.notify.notify_one();
                 }
                 result
