@@ -8,14 +8,21 @@
 //! users put on a shared machine spreads over all three; medians are reported. Each
 //! measurement starts fresh processes on ephemeral loopback ports in a fresh temp dir.
 //!
+//! The `cellular` workload runs (b) and (c) only, with central in a network namespace of its
+//! own behind a cellular-like uplink: 60 ± 20 ms each way and 1 % loss (see `relay/cellular.rs`;
+//! needs root, skipped otherwise).
+//!
 //! Environment (all optional):
 //! - `BENCH_QUICK=1`: a smoke run for CI (few messages, one repetition, short phases);
 //! - `BENCH_REPS` (3), `BENCH_MSGS` (100000), `BENCH_LATENCY_SECS` (20), `BENCH_RATE` (1000),
 //!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
-//!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue),
+//!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`),
+//!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
 //!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test).
 
+#[path = "relay/cellular.rs"]
+mod cellular;
 #[path = "relay/enqueue.rs"]
 mod enqueue;
 #[path = "relay/setup.rs"]
@@ -47,6 +54,7 @@ struct Opts {
     memory_levels: Vec<u64>,
     publishers: u64,
     window: usize,
+    cellular_msgs: u64,
     workloads: Vec<String>,
     setups: Vec<Setup>,
     out: PathBuf,
@@ -64,10 +72,10 @@ fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
 impl Opts {
     fn from_env() -> Opts {
         let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
-        let (reps, msgs, secs, levels) = if quick {
-            (1, 5_000, 3.0, "1000,5000,10000")
+        let (reps, msgs, secs, levels, cellular_msgs) = if quick {
+            (1, 5_000, 3.0, "1000,5000,10000", 2_000)
         } else {
-            (3, 100_000, 20.0, "10000,100000,1000000")
+            (3, 100_000, 20.0, "10000,100000,1000000", 20_000)
         };
         let list = |key: &str, default: &str| -> Vec<String> {
             std::env::var(key)
@@ -92,9 +100,10 @@ impl Opts {
                 .collect(),
             publishers: env("BENCH_PUBLISHERS", 4u64).max(1),
             window: env("BENCH_WINDOW", 64usize).max(1),
+            cellular_msgs: env("BENCH_CELLULAR_MSGS", cellular_msgs),
             workloads: list(
                 "BENCH_WORKLOADS",
-                "ceiling,throughput,latency,drain,memory,enqueue",
+                "ceiling,throughput,latency,drain,memory,enqueue,cellular",
             ),
             setups: list("BENCH_SETUPS", "direct,mosquitto-bridge,trainrelay")
                 .iter()
@@ -130,23 +139,56 @@ fn scratch() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-/// A running setup: the central broker and, for (b) and (c), the local process.
+/// A running setup: the central broker and, for (b) and (c), the local process; for the
+/// cellular profile also the link between them. Dropped in this order: processes first, then
+/// the link's namespace.
 struct Rig {
     setup: Setup,
     central: Central,
     local: Option<Local>,
+    _link: Option<cellular::Link>,
     _dir: tempfile::TempDir,
 }
 
 impl Rig {
+    /// Everything on loopback.
     async fn start(setup: Setup) -> Rig {
         let dir = scratch();
         let mut central = Central::new(dir.path());
         central.start().await;
+        Rig::finish(setup, central, None, dir).await
+    }
+
+    /// Central in a network namespace of its own; the local side reaches it through the
+    /// cellular link. Err when the namespace or the proxy cannot be set up here.
+    async fn start_cellular(setup: Setup) -> Result<Rig, String> {
+        let dir = scratch();
+        let ns = cellular::Netns::create()?;
+        let mut central = Central::in_netns(
+            dir.path(),
+            &ns.name,
+            ns.addr.into(),
+            cellular::SINK_PORT,
+            cellular::UPLINK_PORT,
+        );
+        central.start().await;
+        let proxy = cellular::DelayProxy::start(central.uplink_addr()).await?;
+        let link = cellular::Link::new(ns, proxy);
+        Ok(Rig::finish(setup, central, Some(link), dir).await)
+    }
+
+    async fn finish(
+        setup: Setup,
+        central: Central,
+        link: Option<cellular::Link>,
+        dir: tempfile::TempDir,
+    ) -> Rig {
+        // Central's address as the local side sees it.
+        let upstream = link.as_ref().map_or(central.uplink_addr(), |l| l.entry());
         let local = match setup {
             Setup::Direct => None,
-            Setup::Bridge => Some(setup::start_bridge(dir.path(), central.port).await),
-            Setup::Relay => Some(setup::start_relay(dir.path(), central.port).await),
+            Setup::Bridge => Some(setup::start_bridge(dir.path(), upstream).await),
+            Setup::Relay => Some(setup::start_relay(dir.path(), upstream).await),
         };
         if let Some(l) = &local {
             println!("  {}: pid {}, port {}", setup.name(), l.proc.pid(), l.port);
@@ -155,6 +197,7 @@ impl Rig {
             setup,
             central,
             local,
+            _link: link,
             _dir: dir,
         };
         rig.prime().await;
@@ -208,8 +251,10 @@ impl Rig {
     ) {
         let progress = Arc::new(AtomicU64::new(0));
         let (ready, subscribed) = tokio::sync::oneshot::channel();
+        // Always straight to central, never through the cellular link: only the local side's
+        // uplink is measured over it.
         let spec = SinkSpec {
-            port: self.central.port,
+            addr: self.central.addr(),
             client_id: id.to_string(),
             filter: SINK_FILTER.to_string(),
             persistent,
@@ -292,6 +337,7 @@ async fn ceiling(opts: &Opts, res: &mut Results) {
             setup: Setup::Direct,
             central,
             local: None,
+            _link: None,
             _dir: dir,
         };
         let epoch = Instant::now();
@@ -490,7 +536,7 @@ async fn drain(opts: &Opts, res: &mut Results) {
                 .expect("publish");
                 (sink.await.expect("sink task").expect("sink"), t0)
             } else {
-                wire::make_session(rig.central.port, "bench-drain", SINK_FILTER)
+                wire::make_session(rig.central.addr(), "bench-drain", SINK_FILTER)
                     .await
                     .expect("receiver session");
                 rig.central.stop();
@@ -602,6 +648,134 @@ async fn memory(opts: &Opts, res: &mut Results) {
                 0,
                 &format!("buffering_msgs_per_s_to_{level}"),
                 rate,
+            );
+        }
+    }
+}
+
+/// The cellular profile, (b) and (c) only: N QoS 1 messages end to end over the cellular
+/// link, then (fresh processes) the same N buffered while central is down and drained over it
+/// once central starts, as in `drain`. The receiver connects to central straight, not over
+/// the link, so that only the local side's uplink sees the delay and the loss.
+async fn cellular(opts: &Opts, res: &mut Results) {
+    if let Some(why) = cellular::unavailable() {
+        println!("  SKIPPED cellular: {why}");
+        return;
+    }
+    let n = opts.cellular_msgs;
+    let setups: Vec<Setup> = opts
+        .setups
+        .iter()
+        .copied()
+        .filter(|s| *s != Setup::Direct)
+        .collect();
+    if setups.is_empty() {
+        println!("  SKIPPED cellular: it runs mosquitto-bridge and trainrelay only");
+        return;
+    }
+    for rep in 0..opts.reps {
+        for setup in order(rep, &setups) {
+            let name = setup.name();
+            let rig = match Rig::start_cellular(setup).await {
+                Ok(rig) => rig,
+                Err(why) => {
+                    println!("  SKIPPED cellular: cannot set up the link: {why}");
+                    return;
+                }
+            };
+            let epoch = Instant::now();
+            let (sink, _) = rig
+                .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
+                .await;
+            let started = Instant::now();
+            rig.publish_seq(
+                0,
+                n,
+                opts.publishers,
+                opts.window,
+                None,
+                false,
+                "bench-pub",
+                epoch,
+            )
+            .await
+            .expect("publish");
+            let r = sink.await.expect("sink task").expect("sink");
+            assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+            let last = r.last.expect("arrivals");
+            res.add(
+                "cellular",
+                name,
+                rep,
+                "cellular_throughput_msgs_per_s",
+                n as f64 / (last - started).as_secs_f64(),
+            );
+            res.add(
+                "cellular",
+                name,
+                rep,
+                "cellular_throughput_duplicates",
+                r.duplicates as f64,
+            );
+            drop(rig);
+
+            let mut rig = match Rig::start_cellular(setup).await {
+                Ok(rig) => rig,
+                Err(why) => {
+                    println!("  SKIPPED cellular: cannot set up the link: {why}");
+                    return;
+                }
+            };
+            // The priming messages' PUBACKs are still on the link when the receiver has them;
+            // stopping central before they reach the local side would have it resend them
+            // after the restart, counted as duplicates of the drain's first sequence numbers.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let epoch = Instant::now();
+            wire::make_session(rig.central.addr(), "bench-drain", SINK_FILTER)
+                .await
+                .expect("receiver session");
+            rig.central.stop();
+            // Let the local side see the connection go before the backlog arrives.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rig.publish_seq(
+                0,
+                n,
+                opts.publishers,
+                opts.window,
+                None,
+                false,
+                "bench-pub",
+                epoch,
+            )
+            .await
+            .expect("publish while central is down");
+            let t0 = rig.central.start().await;
+            let (sink, _) = rig
+                .spawn_sink("bench-drain", true, n, false, allowance(n), epoch)
+                .await;
+            let r = sink.await.expect("sink task").expect("sink");
+            assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+            let (first, last) = (r.first.expect("arrivals"), r.last.expect("arrivals"));
+            res.add(
+                "cellular",
+                name,
+                rep,
+                "cellular_drain_s",
+                (last - t0).as_secs_f64(),
+            );
+            res.add(
+                "cellular",
+                name,
+                rep,
+                "cellular_drain_msgs_per_s",
+                n as f64 / (last - first).as_secs_f64().max(1e-6),
+            );
+            res.add(
+                "cellular",
+                name,
+                rep,
+                "cellular_drain_duplicates",
+                r.duplicates as f64,
             );
         }
     }
@@ -745,6 +919,17 @@ fn main() {
             );
             enqueue_rate(&opts, &mut res).await;
         }
+        if opts.wants("cellular") {
+            println!(
+                "== cellular: {} QoS 1 msgs over {:?} ± {:?} each way and {} % loss, \
+                 end to end and drained",
+                opts.cellular_msgs,
+                cellular::DELAY,
+                cellular::JITTER,
+                cellular::LOSS * 100.0
+            );
+            cellular(&opts, &mut res).await;
+        }
     });
     let elapsed = started.elapsed();
     let table = table(&res);
@@ -764,7 +949,7 @@ fn main() {
         "options": {
             "quick": opts.quick, "reps": opts.reps, "msgs": opts.msgs, "payload_bytes": wire::PAYLOAD,
             "latency_secs": opts.latency_secs, "rate": opts.rate, "memory_levels": opts.memory_levels,
-            "publishers": opts.publishers, "window": opts.window,
+            "publishers": opts.publishers, "window": opts.window, "cellular_msgs": opts.cellular_msgs,
         },
         "elapsed_s": elapsed.as_secs_f64(),
         "medians": res.medians().into_iter().map(|((w, m), v)| json!({"workload": w, "figure": m, "by_setup": v})).collect::<Vec<_>>(),

@@ -3,7 +3,7 @@
 //! is killed when its guard is dropped, so an aborted benchmark leaves nothing behind.
 
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,19 +50,23 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
-/// Waits until something accepts TCP connections on the port.
+/// Waits until something accepts TCP connections on the loopback port.
 pub async fn wait_for_port(port: u16, within: Duration) {
+    wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), within).await;
+}
+
+/// Waits until something accepts TCP connections at the address.
+pub async fn wait_for(addr: SocketAddr, within: Duration) {
     let start = Instant::now();
     while start.elapsed() < within {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr));
+        if matches!(attempt.await, Ok(Ok(_))) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("nothing listens on port {port} after {within:?}");
+    panic!("nothing listens on {addr} after {within:?}");
 }
 
 /// A child process killed (SIGKILL) on drop.
@@ -128,22 +132,60 @@ fn write(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("config file");
 }
 
-/// The central Mosquitto, restartable on the same port and persistence directory.
+/// The central Mosquitto, restartable on the same ports and persistence directory.
 pub struct Central {
+    /// Where it listens; the receiver connects here.
+    pub host: IpAddr,
     pub port: u16,
+    /// The listener the local side's uplink uses: `port` itself on loopback, a second
+    /// listener when central runs in a network namespace (so faults can apply to it alone).
+    pub uplink_port: u16,
+    /// The network namespace it runs in, if any.
+    netns: Option<String>,
     dir: PathBuf,
     proc: Option<Proc>,
 }
 
 impl Central {
+    /// On an ephemeral loopback port.
     pub fn new(dir: &Path) -> Central {
+        let port = free_port();
+        Central::build(dir, IpAddr::V4(Ipv4Addr::LOCALHOST), port, port, None)
+    }
+
+    /// Inside network namespace `netns`, listening on `host` (an address of the namespace
+    /// reachable from here): the receiver on `port`, the uplink on `uplink_port`.
+    pub fn in_netns(dir: &Path, netns: &str, host: IpAddr, port: u16, uplink_port: u16) -> Central {
+        Central::build(dir, host, port, uplink_port, Some(netns.to_string()))
+    }
+
+    fn build(
+        dir: &Path,
+        host: IpAddr,
+        port: u16,
+        uplink_port: u16,
+        netns: Option<String>,
+    ) -> Central {
         let dir = dir.join("central");
         std::fs::create_dir_all(&dir).expect("central dir");
         Central {
-            port: free_port(),
+            host,
+            port,
+            uplink_port,
+            netns,
             dir,
             proc: None,
         }
+    }
+
+    /// The receiver's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    /// The uplink listener's address.
+    pub fn uplink_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.uplink_port)
     }
 
     /// Starts it and waits until it listens; returns when the process was spawned.
@@ -151,20 +193,31 @@ impl Central {
         let conf = self.dir.join("mosquitto.conf");
         // `user root`: when run as root Mosquitto would otherwise switch to user `mosquitto`
         // and then fail to write its persistence file into a root-owned temp dir.
+        let mut listeners = format!("listener {} {}\n", self.port, self.host);
+        if self.uplink_port != self.port {
+            listeners += &format!("listener {} {}\n", self.uplink_port, self.host);
+        }
         write(
             &conf,
             &format!(
-                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "user root\n{listeners}allow_anonymous true\npersistence true\n\
                  persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 100\n",
-                port = self.port,
                 dir = self.dir.display()
             ),
         );
-        let mut cmd = Command::new("mosquitto");
+        // `ip netns exec` execs the command in place: the pid is Mosquitto's own.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, "mosquitto"]);
+                cmd
+            }
+            None => Command::new("mosquitto"),
+        };
         cmd.arg("-c").arg(&conf);
         let spawned = Instant::now();
         self.proc = Some(Proc::spawn("central mosquitto", cmd, &self.dir.join("log")));
-        wait_for_port(self.port, Duration::from_secs(20)).await;
+        wait_for(self.addr(), Duration::from_secs(20)).await;
         spawned
     }
 
@@ -185,7 +238,11 @@ pub struct Local {
 /// Local Mosquitto with a bridge section as a team would deploy it: QoS 1 topics, clean
 /// session off, persistence on, MQTT v5 towards central, no queue limit (the default of 1000
 /// would drop the backlog), and the same in-flight window (256) as trainrelay's uplink.
-pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
+/// Mosquitto 2.0.11's MQTT v5 bridge holds to that window (or central's Receive Maximum) only
+/// while PUBACKs come back at once: with them 120 ms late it had 1,900 of 2,000 QoS 1
+/// messages unacknowledged (eclipse-mosquitto/mosquitto#2301), which the `cellular` figures
+/// show. `central` is the central broker's address as the local side sees it.
+pub async fn start_bridge(dir: &Path, central: SocketAddr) -> Local {
     let dir = dir.join("bridge");
     std::fs::create_dir_all(&dir).expect("bridge dir");
     let port = free_port();
@@ -195,7 +252,7 @@ pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
         &format!(
             "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 256\n\
-             \nconnection central\naddress 127.0.0.1:{central_port}\n\
+             \nconnection central\naddress {central}\n\
              bridge_protocol_version mqttv50\ncleansession false\nclientid bridge-T1\n\
              restart_timeout 1\nnotifications false\ntopic # out 1 up/ trains/T1/up/\n",
             dir = dir.display()
@@ -211,7 +268,8 @@ pub async fn start_bridge(dir: &Path, central_port: u16) -> Local {
 /// trainrelay with its default durability (`synchronous = "full"`, the iPad acknowledged only
 /// after commit). Only the store bound is raised (the 1M-message backlog exceeds the default
 /// 256 MiB) and reconnect backoff is capped at 1 s like the bridge's `restart_timeout`.
-pub async fn start_relay(dir: &Path, central_port: u16) -> Local {
+/// `central` is the central broker's address as the local side sees it.
+pub async fn start_relay(dir: &Path, central: SocketAddr) -> Local {
     let dir = dir.join("relay");
     std::fs::create_dir_all(&dir).expect("relay dir");
     let port = free_port();
@@ -225,7 +283,7 @@ pub async fn start_relay(dir: &Path, central_port: u16) -> Local {
 listen = "127.0.0.1:{port}"
 
 [uplink]
-url = "mqtt://127.0.0.1:{central_port}"
+url = "mqtt://{central}"
 backoff_min = "100ms"
 backoff_max = "1s"
 

@@ -5,6 +5,7 @@
 //! flushing only when it has consumed everything already read.
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,8 +144,8 @@ struct Conn {
     wr: BufWriter<OwnedWriteHalf>,
 }
 
-async fn connect(port: u16, client_id: &str, clean: bool) -> io::Result<Conn> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+async fn connect(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<Conn> {
+    let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
     let mut conn = Conn {
@@ -168,11 +169,11 @@ async fn connect(port: u16, client_id: &str, clean: bool) -> io::Result<Conn> {
     match tokio::time::timeout(Duration::from_secs(10), conn.reader.next()).await {
         Ok(Ok(Frame::ConnAck { code: 0 })) => Ok(conn),
         Ok(Ok(Frame::ConnAck { code })) => Err(io::Error::other(format!(
-            "port {port}: CONNACK refused '{client_id}' with code {code}"
+            "{addr}: CONNACK refused '{client_id}' with code {code}"
         ))),
-        Ok(Ok(_)) => Err(io::Error::other(format!("port {port}: no CONNACK"))),
+        Ok(Ok(_)) => Err(io::Error::other(format!("{addr}: no CONNACK"))),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::other(format!("port {port}: CONNACK timed out"))),
+        Err(_) => Err(io::Error::other(format!("{addr}: CONNACK timed out"))),
     }
 }
 
@@ -218,7 +219,8 @@ pub struct PubSpec {
 
 /// Publishes `spec.count` QoS 1 messages and waits for every PUBACK.
 pub async fn publish(spec: PubSpec, epoch: Instant) -> io::Result<PubReport> {
-    let Conn { mut reader, mut wr } = connect(spec.port, &spec.client_id, true).await?;
+    let entry = SocketAddr::from((Ipv4Addr::LOCALHOST, spec.port));
+    let Conn { mut reader, mut wr } = connect(entry, &spec.client_id, true).await?;
     let sent_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..=u16::MAX).map(|_| AtomicU64::new(0)).collect());
     let window = Arc::new(Semaphore::new(spec.window));
@@ -303,8 +305,8 @@ pub struct SinkReport {
 
 /// Creates a persistent session (clean session off) subscribed to `filter`, then leaves, so a
 /// later [`sink`] with the same id finds everything queued for it meanwhile.
-pub async fn make_session(port: u16, client_id: &str, filter: &str) -> io::Result<()> {
-    let mut conn = connect(port, client_id, false).await?;
+pub async fn make_session(addr: SocketAddr, client_id: &str, filter: &str) -> io::Result<()> {
+    let mut conn = connect(addr, client_id, false).await?;
     subscribe(&mut conn, filter).await?;
     conn.wr.write_all(&[0xe0, 0x00]).await?;
     conn.wr.flush().await
@@ -332,7 +334,7 @@ async fn subscribe(conn: &mut Conn, filter: &str) -> io::Result<()> {
 
 /// Parameters of the receiver.
 pub struct SinkSpec {
-    pub port: u16,
+    pub addr: SocketAddr,
     pub client_id: String,
     pub filter: String,
     /// Keep the session (see [`make_session`]).
@@ -353,7 +355,7 @@ pub struct SinkSpec {
 /// Connecting is retried until the deadline, so the sink may start before its broker.
 pub async fn sink(mut spec: SinkSpec, epoch: Instant) -> io::Result<SinkReport> {
     let mut conn = loop {
-        match connect(spec.port, &spec.client_id, !spec.persistent).await {
+        match connect(spec.addr, &spec.client_id, !spec.persistent).await {
             Ok(c) => break c,
             Err(e) if Instant::now() > spec.deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -410,7 +412,7 @@ pub async fn sink(mut spec: SinkSpec, epoch: Instant) -> io::Result<SinkReport> 
             Ok(Ok(false)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("port {}: broker closed the receiver", spec.port),
+                    format!("{}: broker closed the receiver", spec.addr),
                 ))
             }
             Ok(Err(e)) => return Err(e),
