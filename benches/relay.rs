@@ -19,7 +19,8 @@
 //!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`),
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
-//!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test).
+//!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test),
+//!   `BENCH_KEEP=1` (keep the temp dirs with every process's log and store).
 
 #[path = "relay/cellular.rs"]
 mod cellular;

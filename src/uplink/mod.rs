@@ -46,6 +46,12 @@ const LIVENESS_TICK: Duration = Duration::from_millis(200);
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
+/// Acknowledged rows gathered before their delete is submitted (see `Drain::coalesce_acks`).
+const ACK_BATCH: usize = 512;
+
+/// Longest wait before acknowledged rows are deleted while a link is busy.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
 /// Most link events handled in one go before the acknowledged rows are deleted and the window
 /// refilled (bounds how long other branches of the loop wait).
 const MAX_BURST: usize = 256;
@@ -162,9 +168,19 @@ impl Uplink {
             let connect_wait = self.config.connect_timeout + Duration::from_secs(1);
             self.status.heartbeat().expect_within(connect_wait);
             let started = Instant::now();
+            let mut drain = Drain::default();
             let end = self
-                .connection(endpoint, current > 0, &mut shutdown, &mut subscribed_once)
+                .connection(
+                    endpoint,
+                    current > 0,
+                    &mut shutdown,
+                    &mut subscribed_once,
+                    &mut drain,
+                )
                 .await;
+            // Rows the central broker acknowledged are deleted before the next connection
+            // fetches, so they are not sent twice.
+            drain.finish_acks(&self.queue).await;
             let reason = match end {
                 End::Shutdown => break,
                 End::PrimaryBack => {
@@ -216,6 +232,7 @@ impl Uplink {
         on_fallback: bool,
         shutdown: &mut Shutdown,
         subscribed_once: &mut bool,
+        drain: &mut Drain,
     ) -> End {
         // A reconnect asked for while no connection was up (the netlink watch racing a state
         // change) is void now: clear it, or it would cut this connection short.
@@ -272,10 +289,8 @@ impl Uplink {
             Ok(d) => d,
             Err(e) => return End::Failed(format!("cannot read the store: {e}")),
         };
-        let mut drain = Drain {
-            throttle: throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64())),
-            ..Drain::default()
-        };
+        drain.throttle =
+            throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64()));
         let online = Outgoing {
             topic: &self.config.status_topic,
             payload: Bytes::from_static(b"online"),
@@ -304,12 +319,12 @@ impl Uplink {
         let mut more = true;
         loop {
             if let Err(e) = drain.settle_acks() {
-                self.lost(&drain);
+                self.lost(drain);
                 return End::Failed(e);
             }
             if more && drain.rows_in_flight() < window {
                 match self
-                    .fill(&link, &mut drainer, &mut drain, window, max_packet)
+                    .fill(&link, &mut drainer, drain, window, max_packet)
                     .await
                 {
                     Ok(filled_all) => more = filled_all,
@@ -330,9 +345,9 @@ impl Uplink {
                         }
                         match ev {
                             Ok(ev) => {
-                                if let Err(e) = self.on_event(&link, &mut drain, ev, &mut more).await {
+                                if let Err(e) = self.on_event(&link, drain, ev, &mut more).await {
                                     drain.submit_acks(&self.queue);
-                                    self.lost(&drain);
+                                    self.lost(drain);
                                     return End::Failed(e);
                                 }
                             }
@@ -340,8 +355,8 @@ impl Uplink {
                                 // Rows the central broker acknowledged before the end are
                                 // deleted all the same, so they are not sent again.
                                 drain.submit_acks(&self.queue);
-                                self.lost(&drain);
-                                self.suspect(&drain, &e).await;
+                                self.lost(drain);
+                                self.suspect(drain, &e).await;
                                 return End::Failed(format!("connection lost: {e}"));
                             }
                         }
@@ -350,16 +365,17 @@ impl Uplink {
                             None => break,
                         }
                     }
-                    drain.submit_acks(&self.queue);
+                    drain.coalesce_acks(&self.queue);
                 }
                 _ = self.queue.notified() => more = true,
                 _ = liveness.tick() => {
+                    drain.submit_acks(&self.queue);
                     crate::watchdog::beat_or_hang(self.status.heartbeat()).await;
                     if drain.retry_due() {
                         more = true;
                     }
                     if last_incoming.elapsed() > dead_after {
-                        self.lost(&drain);
+                        self.lost(drain);
                         return End::Failed(format!(
                             "nothing received for {:.1}s (keep-alive {}s): link is dead",
                             last_incoming.elapsed().as_secs_f64(),
@@ -368,7 +384,7 @@ impl Uplink {
                     }
                 }
                 _ = self.status.reconnect_requested() => {
-                    self.lost(&drain);
+                    self.lost(drain);
                     return End::Failed("reconnect requested".into());
                 }
                 _ = probe.tick(), if on_fallback && probing.is_none() => {
@@ -383,7 +399,8 @@ impl Uplink {
                 {
                     probing = None;
                     if matches!(healthy, Ok(true)) {
-                        self.lost(&drain);
+                        drain.submit_acks(&self.queue);
+                        self.lost(drain);
                         // A clean DISCONNECT: the session stays and the will is not sent.
                         link.disconnect();
                         let _ =
@@ -393,6 +410,7 @@ impl Uplink {
                     }
                 }
                 _ = shutdown.recv() => {
+                    drain.submit_acks(&self.queue);
                     self.goodbye(&mut link).await;
                     return End::Shutdown;
                 }
@@ -707,6 +725,8 @@ struct Drain {
     acks: VecDeque<(Vec<i64>, DeleteDone)>,
     /// The rows of `to_ack` and `acks`.
     pending_delete: HashSet<i64>,
+    /// When the last delete was submitted.
+    acks_submitted: Option<Instant>,
 }
 
 impl Drain {
@@ -749,7 +769,51 @@ impl Drain {
             let ids = std::mem::take(&mut self.to_ack);
             let done = queue.ack_submit(ids.clone());
             self.acks.push_back((ids, done));
+            self.acks_submitted = Some(Instant::now());
         }
+    }
+
+    /// [`Drain::submit_acks`], but only once the previous delete committed and either
+    /// [`ACK_BATCH`] rows or [`ACK_DELAY`] have gathered (the liveness tick flushes the rest).
+    /// Every commit rewrites the pages it touches into the WAL and waits for an fsync, so a
+    /// delete per burst of PUBACKs cost the store more than the deletes themselves. A row
+    /// acknowledged and not yet deleted stays excluded from fetches; if the relay dies before
+    /// the delete commits it is sent again (a duplicate, never a loss).
+    fn coalesce_acks(&mut self, queue: &Queue) {
+        let waited = match self.acks_submitted {
+            Some(at) => at.elapsed() >= ACK_DELAY,
+            None => true,
+        };
+        let due = self.to_ack.len() >= ACK_BATCH || waited;
+        if self.acks.is_empty() && due {
+            self.submit_acks(queue);
+        }
+    }
+
+    /// At the end of a connection: submits what is left and waits (a bounded time) until every
+    /// delete committed. Failures are logged; their rows are then sent again.
+    async fn finish_acks(&mut self, queue: &Queue) {
+        self.submit_acks(queue);
+        let waits = self.acks.drain(..).map(|(_, done)| done);
+        let all = futures_util::future::join_all(waits);
+        match tokio::time::timeout(Duration::from_secs(5), all).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => log::warn!("uplink: cannot delete acknowledged rows: {e}"),
+                        Err(_) => log::warn!(
+                            "uplink: cannot delete acknowledged rows: {}",
+                            StoreError::Closed
+                        ),
+                    }
+                }
+            }
+            Err(_) => log::warn!(
+                "uplink: deleting acknowledged rows takes over 5 s; they may be sent again"
+            ),
+        }
+        self.pending_delete.clear();
     }
 
     /// Collects the deletes committed so far; the first failure is the connection's end.
