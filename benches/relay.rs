@@ -20,7 +20,9 @@
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
 //!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test),
-//!   `BENCH_KEEP=1` (keep the temp dirs with every process's log and store).
+//!   `BENCH_KEEP=1` (keep the temp dirs with every process's log and store),
+//!   `BENCH_CENTRAL_INFLIGHT` (100: central's `max_inflight_messages`, which it also announces
+//!   as its Receive Maximum).
 
 #[path = "relay/cellular.rs"]
 mod cellular;

@@ -197,11 +197,17 @@ impl Central {
         if self.uplink_port != self.port {
             listeners += &format!("listener {} {}\n", self.uplink_port, self.host);
         }
+        // Also the Receive Maximum it announces to MQTT 5 clients (the relay's window).
+        let inflight: u32 = std::env::var("BENCH_CENTRAL_INFLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
         write(
             &conf,
             &format!(
                 "user root\n{listeners}allow_anonymous true\npersistence true\n\
-                 persistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 100\n",
+                 persistence_location {dir}/\nmax_queued_messages 0\n\
+                 max_inflight_messages {inflight}\n",
                 dir = self.dir.display()
             ),
         );
