@@ -12,7 +12,7 @@
 //! [`persist`] (sessions with an expiry, their subscriptions and QoS 1/2 messages, retained
 //! messages), so a restart of the daemon resumes them.
 
-mod codec;
+pub(crate) mod codec;
 mod connection;
 mod limits;
 mod listener;

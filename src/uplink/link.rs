@@ -151,12 +151,16 @@ const MAX_WRITE_BATCH: usize = 1024;
 /// A batch is written once it holds this many bytes.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 
-type EventTx = mpsc::Sender<Result<LinkEvent, String>>;
+/// Events travel in batches: everything one socket read or one write produced, so the uplink
+/// handles a burst of PUBACKs together and refills the window once.
+type EventTx = mpsc::Sender<Vec<Result<LinkEvent, String>>>;
 
 /// One live connection attempt.
 pub struct Link {
     requests: mpsc::Sender<Request>,
-    events: mpsc::Receiver<Result<LinkEvent, String>>,
+    events: mpsc::Receiver<Vec<Result<LinkEvent, String>>>,
+    /// The rest of the batch received last.
+    pending: std::collections::VecDeque<Result<LinkEvent, String>>,
     task: JoinHandle<()>,
 }
 
@@ -171,35 +175,46 @@ impl Link {
     pub fn start(o: &LinkOptions) -> Link {
         // Requests beyond the in-flight window are never made, so a small channel suffices.
         let (requests, rx) = mpsc::channel(usize::from(o.inflight) + 16);
-        let (tx, events) = mpsc::channel(256);
+        let (tx, events) = mpsc::channel(64);
         let options = o.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = connection(options, rx, &tx).await {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(vec![Err(e)]).await;
             }
         });
         Link {
             requests,
             events,
+            pending: std::collections::VecDeque::new(),
             task,
         }
     }
 
     /// The next event; `Err` ends the connection.
     pub async fn next_event(&mut self) -> Result<LinkEvent, String> {
-        match self.events.recv().await {
-            Some(item) => item,
-            None => Err("connection task ended".into()),
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return item;
+            }
+            match self.events.recv().await {
+                Some(batch) => self.pending.extend(batch),
+                None => return Err("connection task ended".into()),
+            }
         }
     }
 
     /// An event that is already waiting, if any; `Some(Err)` ends the connection.
     pub fn try_next_event(&mut self) -> Option<Result<LinkEvent, String>> {
-        match self.events.try_recv() {
-            Ok(item) => Some(item),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                Some(Err("connection task ended".into()))
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            match self.events.try_recv() {
+                Ok(batch) => self.pending.extend(batch),
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Some(Err("connection task ended".into()))
+                }
             }
         }
     }
@@ -323,11 +338,11 @@ async fn connection(
             max_packet_size,
             ..
         } => events
-            .send(Ok(LinkEvent::Connected {
+            .send(vec![Ok(LinkEvent::Connected {
                 session_present,
                 receive_maximum,
                 max_packet_size,
-            }))
+            })])
             .await
             .map_err(|_| ended())?,
         other => return Err(format!("expected CONNACK, got {other:?}")),
@@ -340,8 +355,26 @@ async fn connection(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
     let mut sent: Vec<u16> = Vec::new();
     loop {
-        while let Some(packet) = wire::decode(protocol, &mut inbuf, o.max_packet_size)? {
-            incoming(packet, &mut ids, events).await?;
+        // Everything that arrived, as one batch; on an error, what came before it first.
+        let mut batch = Vec::new();
+        let mut failed = None;
+        loop {
+            match wire::decode(protocol, &mut inbuf, o.max_packet_size)
+                .and_then(|p| p.map(|p| incoming(p, &mut ids)).transpose())
+            {
+                Ok(Some(event)) => batch.push(Ok(event)),
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            events.send(batch).await.map_err(|_| ended())?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         tokio::select! {
             req = requests.recv() => {
@@ -374,8 +407,9 @@ async fn connection(
                     }
                 }
                 write(&mut stream, &mut out).await?;
-                for pkid in sent.drain(..) {
-                    events.send(Ok(LinkEvent::Sent { pkid })).await.map_err(|_| ended())?;
+                if !sent.is_empty() {
+                    let batch = sent.drain(..).map(|pkid| Ok(LinkEvent::Sent { pkid })).collect();
+                    events.send(batch).await.map_err(|_| ended())?;
                 }
                 if disconnect {
                     let _ = stream.shutdown().await;
@@ -410,8 +444,8 @@ async fn read(stream: &mut Box<dyn Io>, inbuf: &mut BytesMut) -> Result<(), Stri
 
 /// Turns a packet from the broker into an event; a packet that ends the connection is an
 /// error.
-async fn incoming(packet: Incoming, ids: &mut PacketIds, events: &EventTx) -> Result<(), String> {
-    let event = match packet {
+fn incoming(packet: Incoming, ids: &mut PacketIds) -> Result<LinkEvent, String> {
+    Ok(match packet {
         Incoming::PubAck { pkid, refused } => {
             ids.release(pkid);
             LinkEvent::Acked { pkid, refused }
@@ -434,8 +468,7 @@ async fn incoming(packet: Incoming, ids: &mut PacketIds, events: &EventTx) -> Re
         Incoming::Disconnect(reason) => return Err(format!("the broker disconnected: {reason}")),
         Incoming::ConnAck { .. } => return Err("unexpected second CONNACK from the broker".into()),
         Incoming::Unexpected(name) => return Err(format!("unexpected {name} from the broker")),
-    };
-    events.send(Ok(event)).await.map_err(|_| ended())
+    })
 }
 
 #[cfg(test)]

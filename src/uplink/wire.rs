@@ -355,3 +355,127 @@ fn from_v5(p: v5::Packet) -> Incoming {
         v5::Packet::PingReq(_) => Incoming::Unexpected("PINGREQ"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Round trips against the local broker's codec, which checks what a server must refuse:
+    //! what the uplink sends is what a strict broker reads, and what a broker sends is what
+    //! the uplink reads.
+    use super::*;
+    use crate::broker::codec::{self, Inbound, Outbound};
+    use crate::broker::Protocol as BrokerProtocol;
+
+    const BOTH: [(Protocol, BrokerProtocol); 2] = [
+        (Protocol::V311, BrokerProtocol::V311),
+        (Protocol::V5, BrokerProtocol::V5),
+    ];
+
+    #[test]
+    fn connect_keeps_the_session_and_carries_will_and_credentials() {
+        let credentials = ("relay".to_string(), "secret".to_string());
+        let will = (
+            "trains/T1/status".to_string(),
+            Bytes::from_static(b"offline"),
+        );
+        for (ours, theirs) in BOTH {
+            let mut buf = BytesMut::new();
+            let spec = ConnectSpec {
+                client_id: "trainrelay-T1",
+                keep_alive: Duration::from_secs(15),
+                session_expiry: Duration::from_secs(86_400),
+                max_packet_size: 1 << 20,
+                credentials: Some(&credentials),
+                will: Some(&will),
+            };
+            connect(ours, &spec, &mut buf).unwrap();
+            let c = codec::decode_connect(&mut buf, theirs, 1 << 20)
+                .unwrap()
+                .expect("a whole CONNECT");
+            assert_eq!(c.client_id, "trainrelay-T1");
+            assert!(!c.clean_start);
+            assert_eq!(c.keep_alive, 15);
+            assert_eq!(c.username.as_deref(), Some("relay"));
+            assert_eq!(c.password.as_deref(), Some(&b"secret"[..]));
+            let w = c.will.expect("will");
+            assert_eq!(
+                (w.topic.as_str(), &w.payload[..]),
+                ("trains/T1/status", &b"offline"[..])
+            );
+            assert!(w.retain);
+            assert_eq!(w.qos, QoS::AtLeastOnce);
+            if ours == Protocol::V5 {
+                assert_eq!(c.session_expiry, 86_400);
+                assert_eq!(c.max_packet_size, Some(1 << 20));
+            }
+        }
+    }
+
+    #[test]
+    fn publish_carries_remaining_expiry_and_user_properties_on_v5() {
+        for (ours, theirs) in BOTH {
+            let m = OutPublish {
+                topic: "trains/T1/up/x".into(),
+                payload: Bytes::from_static(b"hello"),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                properties: Properties {
+                    user_properties: vec![("trainrelay-msg-id".into(), "e-7".into())],
+                    ..Properties::default()
+                },
+                expiry_secs: Some(42),
+            };
+            let mut buf = BytesMut::new();
+            publish(ours, 9, &m, &mut buf);
+            // Half a packet is not a packet yet.
+            let mut half = BytesMut::from(&buf[..buf.len() / 2]);
+            assert!(codec::decode(&mut half, theirs, 1 << 20).unwrap().is_none());
+            let Some(Inbound::Publish(p)) = codec::decode(&mut buf, theirs, 1 << 20).unwrap()
+            else {
+                panic!("expected a PUBLISH");
+            };
+            assert_eq!(
+                (p.topic.as_str(), &p.payload[..]),
+                ("trains/T1/up/x", &b"hello"[..])
+            );
+            assert_eq!((p.pkid, p.qos, p.retain), (9, QoS::AtLeastOnce, true));
+            if ours == Protocol::V5 {
+                assert_eq!(p.expiry, Some(42));
+                assert_eq!(
+                    p.properties.user_properties,
+                    vec![("trainrelay-msg-id".to_string(), "e-7".to_string())]
+                );
+            } else {
+                assert_eq!(p.expiry, None);
+            }
+        }
+    }
+
+    #[test]
+    fn acks_from_the_broker_say_whether_it_took_the_message() {
+        for (ours, theirs) in BOTH {
+            let mut buf = BytesMut::new();
+            for (pkid, reason) in [(1, 0x00), (2, 0x10), (3, 0x97)] {
+                let ack = Outbound::PubAck { pkid, reason };
+                codec::encode(&ack, theirs, &mut buf, 1 << 20).unwrap();
+            }
+            let mut got = Vec::new();
+            while let Some(p) = decode(ours, &mut buf, 1 << 20).unwrap() {
+                let Incoming::PubAck { pkid, refused } = p else {
+                    panic!("expected PUBACK, got {p:?}");
+                };
+                got.push((pkid, refused.is_some()));
+            }
+            // 0x10 (no matching subscribers) is a success; 3.1.1 has no reason codes.
+            let refused_3 = ours == Protocol::V5;
+            assert_eq!(got, vec![(1, false), (2, false), (3, refused_3)]);
+        }
+    }
+
+    #[test]
+    fn garbage_from_the_broker_is_an_error_not_a_panic() {
+        for (ours, _) in BOTH {
+            let mut buf = BytesMut::from(&[0xF0u8, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..]);
+            assert!(decode(ours, &mut buf, 1 << 20).is_err());
+        }
+    }
+}
