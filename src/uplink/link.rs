@@ -173,8 +173,9 @@ impl Drop for Link {
 impl Link {
     /// Starts connecting; the first event is `Connected` or an error.
     pub fn start(o: &LinkOptions) -> Link {
-        // Requests beyond the in-flight window are never made, so a small channel suffices.
-        let (requests, rx) = mpsc::channel(usize::from(o.inflight) + 16);
+        // Publishes beyond the in-flight window are never made; the rest is room for the
+        // PUBACKs of a burst of downlink messages while a write is under way.
+        let (requests, rx) = mpsc::channel(usize::from(o.inflight) + 1024);
         let (tx, events) = mpsc::channel(64);
         let options = o.clone();
         let task = tokio::spawn(async move {

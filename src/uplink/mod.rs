@@ -304,6 +304,7 @@ impl Uplink {
             return End::Failed(format!("cannot publish presence: {e}"));
         }
         drain.queued.push_back(Tag::Presence);
+        drain.presence_in_flight = true;
 
         let keep_alive = self.config.keep_alive;
         // Checked on the liveness tick, so the threshold leaves one tick of room: a link that
@@ -322,7 +323,7 @@ impl Uplink {
                 self.lost(drain);
                 return End::Failed(e);
             }
-            if more && drain.rows_in_flight() < window {
+            if more && drain.publishes_in_flight() < window {
                 match self
                     .fill(&link, &mut drainer, drain, window, max_packet)
                     .await
@@ -434,7 +435,7 @@ impl Uplink {
                 return Ok(true);
             }
         }
-        let want = window - drain.rows_in_flight();
+        let want = window.saturating_sub(drain.publishes_in_flight());
         let rewinds = self.queue.rewinds();
         if rewinds != drain.rewinds {
             drain.rewinds = rewinds;
@@ -541,6 +542,9 @@ impl Uplink {
                 let Some(tag) = drain.by_pkid.remove(&pkid) else {
                     return Ok(());
                 };
+                if tag == Tag::Presence {
+                    drain.presence_in_flight = false;
+                }
                 if let Tag::Row(id) = tag {
                     drain.in_flight.remove(&id);
                     // Brokers acknowledge in order, so this is nearly always the front.
@@ -727,11 +731,19 @@ struct Drain {
     pending_delete: HashSet<i64>,
     /// When the last delete was submitted.
     acks_submitted: Option<Instant>,
+    /// The presence message is unacknowledged (it counts against the broker's Receive
+    /// Maximum like any QoS 1 PUBLISH).
+    presence_in_flight: bool,
 }
 
 impl Drain {
     fn rows_in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// QoS 1 publishes awaiting their PUBACK: what MQTT 5's Receive Maximum bounds.
+    fn publishes_in_flight(&self) -> usize {
+        self.in_flight.len() + usize::from(self.presence_in_flight)
     }
 
     /// The central broker has row `id`: delete it with the next batch of deletes.
