@@ -316,6 +316,69 @@ impl Rig {
     fn local_memory_kib(&self) -> Option<(u64, u64)> {
         self.local.as_ref().map(|l| l.proc.memory_kib())
     }
+
+    /// `n` messages from the publishers to the receiver at central, as fast as the setup
+    /// takes them: the receiver's report, when publishing started, and the publishers'.
+    async fn run_through(
+        &self,
+        opts: &Opts,
+        n: u64,
+    ) -> (SinkReport, Instant, Vec<wire::PubReport>) {
+        let epoch = Instant::now();
+        let (sink, _) = self
+            .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
+            .await;
+        let started = Instant::now();
+        let pubs = self
+            .publish_seq(
+                0,
+                n,
+                opts.publishers,
+                opts.window,
+                None,
+                false,
+                "bench-pub",
+                epoch,
+            )
+            .await
+            .expect("publish");
+        let r = sink.await.expect("sink task").expect("sink");
+        let name = self.setup.name();
+        assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+        (r, started, pubs)
+    }
+
+    /// `n` messages buffered while central is stopped, then central starts: the receiver's
+    /// report and when central was started.
+    async fn run_drain(&mut self, opts: &Opts, n: u64) -> (SinkReport, Instant) {
+        let epoch = Instant::now();
+        wire::make_session(self.central.addr(), "bench-drain", SINK_FILTER)
+            .await
+            .expect("receiver session");
+        self.central.stop();
+        // Let the local side see the connection go before the backlog arrives.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.publish_seq(
+            0,
+            n,
+            opts.publishers,
+            opts.window,
+            None,
+            false,
+            "bench-pub",
+            epoch,
+        )
+        .await
+        .expect("publish while central is down");
+        let t0 = self.central.start().await;
+        let (sink, _) = self
+            .spawn_sink("bench-drain", true, n, false, allowance(n), epoch)
+            .await;
+        let r = sink.await.expect("sink task").expect("sink");
+        let name = self.setup.name();
+        assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+        (r, t0)
+    }
 }
 
 /// Generous limit for `n` messages to arrive (only to fail a hung run).
@@ -370,36 +433,11 @@ async fn ceiling(opts: &Opts, res: &mut Results) {
 
 /// 100k QoS 1 messages end to end, as fast as the path takes them.
 async fn throughput(opts: &Opts, res: &mut Results) {
+    let n = opts.msgs;
     for rep in 0..opts.reps {
         for setup in order(rep, &opts.setups) {
             let rig = Rig::start(setup).await;
-            let epoch = Instant::now();
-            let n = opts.msgs;
-            let (sink, _) = rig
-                .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
-                .await;
-            let started = Instant::now();
-            let pubs = rig
-                .publish_seq(
-                    0,
-                    n,
-                    opts.publishers,
-                    opts.window,
-                    None,
-                    false,
-                    "bench-pub",
-                    epoch,
-                )
-                .await
-                .expect("publish");
-            let r = sink.await.expect("sink task").expect("sink");
-            assert_eq!(
-                r.unique,
-                n,
-                "{}: only {} of {n} arrived",
-                setup.name(),
-                r.unique
-            );
+            let (r, started, pubs) = rig.run_through(opts, n).await;
             let last = r.last.expect("arrivals");
             let acked = pubs.iter().map(|p| p.elapsed).max().unwrap_or_default();
             res.add(
@@ -519,57 +557,12 @@ async fn drain(opts: &Opts, res: &mut Results) {
     for rep in 0..opts.reps {
         for setup in order(rep, &opts.setups) {
             let mut rig = Rig::start(setup).await;
-            let epoch = Instant::now();
             let (r, t0) = if setup == Setup::Direct {
-                let (sink, _) = rig
-                    .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
-                    .await;
-                let t0 = Instant::now();
-                rig.publish_seq(
-                    0,
-                    n,
-                    opts.publishers,
-                    opts.window,
-                    None,
-                    false,
-                    "bench-pub",
-                    epoch,
-                )
-                .await
-                .expect("publish");
-                (sink.await.expect("sink task").expect("sink"), t0)
+                let (r, started, _) = rig.run_through(opts, n).await;
+                (r, started)
             } else {
-                wire::make_session(rig.central.addr(), "bench-drain", SINK_FILTER)
-                    .await
-                    .expect("receiver session");
-                rig.central.stop();
-                // Let the local side see the connection go before the backlog arrives.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                rig.publish_seq(
-                    0,
-                    n,
-                    opts.publishers,
-                    opts.window,
-                    None,
-                    false,
-                    "bench-pub",
-                    epoch,
-                )
-                .await
-                .expect("publish while central is down");
-                let t0 = rig.central.start().await;
-                let (sink, _) = rig
-                    .spawn_sink("bench-drain", true, n, false, allowance(n), epoch)
-                    .await;
-                (sink.await.expect("sink task").expect("sink"), t0)
+                rig.run_drain(opts, n).await
             };
-            assert_eq!(
-                r.unique,
-                n,
-                "{}: only {} of {n} arrived",
-                setup.name(),
-                r.unique
-            );
             let (first, last) = (r.first.expect("arrivals"), r.last.expect("arrivals"));
             let name = setup.name();
             res.add(
@@ -686,25 +679,7 @@ async fn cellular(opts: &Opts, res: &mut Results) {
                     return;
                 }
             };
-            let epoch = Instant::now();
-            let (sink, _) = rig
-                .spawn_sink("bench-sink", false, n, false, allowance(n), epoch)
-                .await;
-            let started = Instant::now();
-            rig.publish_seq(
-                0,
-                n,
-                opts.publishers,
-                opts.window,
-                None,
-                false,
-                "bench-pub",
-                epoch,
-            )
-            .await
-            .expect("publish");
-            let r = sink.await.expect("sink task").expect("sink");
-            assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+            let (r, started, _) = rig.run_through(opts, n).await;
             let last = r.last.expect("arrivals");
             res.add(
                 "cellular",
@@ -733,31 +708,7 @@ async fn cellular(opts: &Opts, res: &mut Results) {
             // stopping central before they reach the local side would have it resend them
             // after the restart, counted as duplicates of the drain's first sequence numbers.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let epoch = Instant::now();
-            wire::make_session(rig.central.addr(), "bench-drain", SINK_FILTER)
-                .await
-                .expect("receiver session");
-            rig.central.stop();
-            // Let the local side see the connection go before the backlog arrives.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            rig.publish_seq(
-                0,
-                n,
-                opts.publishers,
-                opts.window,
-                None,
-                false,
-                "bench-pub",
-                epoch,
-            )
-            .await
-            .expect("publish while central is down");
-            let t0 = rig.central.start().await;
-            let (sink, _) = rig
-                .spawn_sink("bench-drain", true, n, false, allowance(n), epoch)
-                .await;
-            let r = sink.await.expect("sink task").expect("sink");
-            assert_eq!(r.unique, n, "{name}: only {} of {n} arrived", r.unique);
+            let (r, t0) = rig.run_drain(opts, n).await;
             let (first, last) = (r.first.expect("arrivals"), r.last.expect("arrivals"));
             res.add(
                 "cellular",
