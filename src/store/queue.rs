@@ -155,7 +155,7 @@ pub struct Entry {
     pub attempts: u32,
 }
 
-/// Where [`Queue::next_batch_after`] resumes: the delivery-order key of the last row a drainer
+/// Where [`Drainer::next_batch`] resumes: the delivery-order key of the last row a drainer
 /// handled from the ordered part of a [`Batch`].
 ///
 /// A fetch with a cursor does not look at rows of the cursor's priority with ids up to the
@@ -180,7 +180,7 @@ impl Cursor {
     }
 }
 
-/// What [`Queue::next_batch_after`] returns.
+/// What [`Drainer::next_batch`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     /// In delivery order, except the anti-starvation pick, which comes first.
@@ -532,7 +532,25 @@ impl Queue {
         limit: usize,
         now: Stamp,
     ) -> Result<Vec<Entry>, StoreError> {
-        Ok(self.fetch(None, exclude, limit, now).await?.entries)
+        let shared = Arc::clone(&self.shared);
+        let (batch, found) = self
+            .db
+            .read(move |conn| {
+                let exclude: HashSet<i64> = exclude.into_iter().collect();
+                scan(
+                    conn,
+                    &shared,
+                    None,
+                    &|id| exclude.contains(&id),
+                    limit,
+                    &now,
+                )
+            })
+            .await?;
+        if !found.is_empty() {
+            self.delete_found(found).await?;
+        }
+        Ok(batch.entries)
     }
 
     /// How many times rows were put back under their old ids (re-queued dead letters): a
@@ -547,34 +565,6 @@ impl Queue {
             conn: self.db.open_reader()?,
             queue: self.clone(),
         })
-    }
-
-    async fn fetch(
-        &self,
-        cursor: Option<Cursor>,
-        exclude: Vec<i64>,
-        limit: usize,
-        now: Stamp,
-    ) -> Result<Batch, StoreError> {
-        let shared = Arc::clone(&self.shared);
-        let (batch, found) = self
-            .db
-            .read(move |conn| {
-                let exclude: HashSet<i64> = exclude.into_iter().collect();
-                scan(
-                    conn,
-                    &shared,
-                    cursor,
-                    &|id| exclude.contains(&id),
-                    limit,
-                    &now,
-                )
-            })
-            .await?;
-        if !found.is_empty() {
-            self.delete_found(found).await?;
-        }
-        Ok(batch)
     }
 
     /// Deletes the expired and unreadable rows a fetch met, and counts what was really deleted.

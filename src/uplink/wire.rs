@@ -83,7 +83,7 @@ fn secs_u16(d: Duration) -> u16 {
 
 /// CONNECT with a kept session (clean session / clean start off) and a retained QoS 1 will.
 pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> Result<(), String> {
-    let written = match protocol {
+    match protocol {
         Protocol::V311 => {
             let mut p = v4::Connect::new(c.client_id);
             p.keep_alive = secs_u16(c.keep_alive);
@@ -123,8 +123,7 @@ pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> R
                 .map(drop)
                 .map_err(|e| format!("CONNECT: {e:?}"))
         }
-    };
-    written
+    }
 }
 
 /// PUBLISH with packet id `pkid` (ignored for QoS 0).
