@@ -244,8 +244,10 @@ pub struct UplinkConfig {
     pub backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// QoS 1 messages in flight at once (lowered to the broker's Receive Maximum).
-    pub inflight: u16,
+    /// Cap on the QoS 1 messages in flight at once. By default the window is the central
+    /// broker's Receive Maximum, up to `uplink::DEFAULT_WINDOW` (also the window for a broker
+    /// that announces none: MQTT 3.1.1).
+    pub inflight: Option<u16>,
     /// Largest packet sent; larger messages are refused when accepted.
     pub max_packet_size: ByteSize,
     pub username: Option<String>,
@@ -299,7 +301,7 @@ impl Default for UplinkConfig {
             session_expiry: Duration::from_secs(24 * 3600),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            inflight: 256,
+            inflight: None,
             max_packet_size: ByteSize::mib(1),
             username: None,
             password_file: None,
@@ -746,7 +748,7 @@ impl Config {
                 ));
             }
         }
-        if self.uplink.inflight == 0 {
+        if self.uplink.inflight == Some(0) {
             return Err(invalid("uplink.inflight", "must be at least 1".into()));
         }
         if self.local.receive_maximum == 0 {

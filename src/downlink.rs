@@ -28,6 +28,9 @@ pub struct DownlinkCounters {
     pub unrouted: AtomicU64,
     /// Dropped as outdated by a route's version source.
     pub suppressed: AtomicU64,
+    /// Retained messages that repeated the local retained state (the snapshot asked for on
+    /// every connect), not delivered again.
+    pub unchanged: AtomicU64,
 }
 
 /// Hands messages from the central broker to the local broker.
@@ -75,6 +78,14 @@ impl Downlink {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        if route.state {
+            // 3.1.1 central brokers clear the flag on live delivery: the route says it is state.
+            msg.retain = true;
+        }
+        if msg.retain && self.broker.repeats_retained(&local_topic, &msg) {
+            self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let mut undo = None;
         if let Some(freshness) = &self.freshness {
             match freshness.check(route, &msg) {
@@ -87,10 +98,6 @@ impl Downlink {
         }
         if route.qos == 0 {
             msg.qos = QoS::AtMostOnce;
-        }
-        if route.state {
-            // 3.1.1 central brokers clear the flag on live delivery: the route says it is state.
-            msg.retain = true;
         }
         let props = &mut msg.properties.user_properties;
         props.retain(|(k, _)| k != ACCEPTED_MS_PROPERTY);

@@ -192,7 +192,8 @@ impl Watchdog {
             let state = self.status.snapshot();
             if last_state != Some(state.state) {
                 last_state = Some(state.state);
-                let line = status_line(state.state, &self.endpoint, state.last_error.as_deref());
+                let endpoint = state.endpoint.as_deref().unwrap_or(&self.endpoint);
+                let line = status_line(state.state, endpoint, state.last_error.as_deref());
                 notify(&format!("STATUS={line}"));
             }
             let stale = self

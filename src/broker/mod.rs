@@ -505,6 +505,27 @@ impl BrokerHandle {
         Ok(())
     }
 
+    /// Whether `msg` would change nothing as the retained message of `topic`: the same
+    /// payload is retained there and lives at least as long. The retained snapshot that the
+    /// uplink asks for on every connect mostly repeats what the iPads already have.
+    pub fn repeats_retained(&self, topic: &str, msg: &Message) -> bool {
+        let st = self.shared.lock();
+        let Some(held) = st.retained.get(topic) else {
+            return false;
+        };
+        let now = crate::clock::Stamp::now();
+        let lives_as_long = match (held.deadline, msg.deadline) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            // A second of slack: the central broker forwards expiry in whole seconds.
+            (Some(h), Some(m)) => {
+                h.remaining(&now).unwrap_or_default() + std::time::Duration::from_secs(1)
+                    >= m.remaining(&now).unwrap_or_default()
+            }
+        };
+        held.payload == msg.payload && !held.is_expired(&now) && lives_as_long
+    }
+
     /// Connected clients.
     pub fn clients(&self) -> Vec<ClientSummary> {
         let st = self.shared.lock();

@@ -25,6 +25,11 @@ impl Retained {
         }
     }
 
+    /// The retained message of `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
+        self.by_topic.get(topic)
+    }
+
     pub fn insert_loaded(&mut self, msg: Message) {
         self.by_topic.insert(msg.topic.clone(), Arc::new(msg));
     }

@@ -100,7 +100,12 @@ impl Sources {
             started_ms: self.started_ms,
             uptime_s: self.started.elapsed().as_secs(),
             uplink: UplinkReport {
-                endpoint: self.endpoint.clone(),
+                // The endpoint in use or being tried (one of `endpoints`), the configured
+                // one until the uplink first tries one.
+                endpoint: link
+                    .endpoint
+                    .clone()
+                    .unwrap_or_else(|| self.endpoint.clone()),
                 state: state_name(link.state).into(),
                 since_ms: link.since_ms,
                 for_s: u64::try_from((now.wall_ms - link.since_ms).max(0) / 1000).unwrap_or(0),
@@ -124,6 +129,7 @@ impl Sources {
                 conflated: q.conflated,
                 suppressed_up: fresh.suppressed_up,
                 suppressed_down: fresh.suppressed_down,
+                unchanged_down: load(&d.unchanged),
             },
             local: LocalReport {
                 listen: self.listen.clone(),

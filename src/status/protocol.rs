@@ -199,6 +199,10 @@ pub struct Counters {
     pub suppressed_up: u64,
     #[serde(default)]
     pub suppressed_down: u64,
+    /// Retained messages from the centre that repeated the local state (the snapshot asked
+    /// for on every connect) and were not delivered again.
+    #[serde(default)]
+    pub unchanged_down: u64,
 }
 
 /// The local broker the iPads use.

@@ -18,10 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::error::LinkError;
 use super::transport::{self, Io};
-use super::wire::{self, ConnectSpec, Incoming, OutPublish};
+pub use super::wire::OutPublish;
+use super::wire::{self, ConnectSpec, Incoming};
 use crate::config::Protocol;
-use crate::message::{Message, Properties, QoS};
+use crate::message::{Message, QoS};
 
 /// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.
 #[derive(Debug, Clone, Default)]
@@ -124,19 +126,6 @@ pub enum AckToken {
     Pkid(u16),
 }
 
-/// An outgoing message, ready for the wire.
-pub struct Outgoing<'a> {
-    pub topic: &'a str,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    pub properties: &'a Properties,
-    /// Remaining lifetime, forwarded as v5 Message Expiry Interval.
-    pub expiry_secs: Option<u32>,
-    /// Extra user properties (the relay's message id).
-    pub extra_user_properties: Vec<(String, String)>,
-}
-
 /// What the uplink asks of the connection task.
 enum Request {
     Publish(Box<OutPublish>),
@@ -153,14 +142,14 @@ const MAX_WRITE_BYTES: usize = 256 * 1024;
 
 /// Events travel in batches: everything one socket read or one write produced, so the uplink
 /// handles a burst of PUBACKs together and refills the window once.
-type EventTx = mpsc::Sender<Vec<Result<LinkEvent, String>>>;
+type EventTx = mpsc::Sender<Vec<Result<LinkEvent, LinkError>>>;
 
 /// One live connection attempt.
 pub struct Link {
     requests: mpsc::Sender<Request>,
-    events: mpsc::Receiver<Vec<Result<LinkEvent, String>>>,
+    events: mpsc::Receiver<Vec<Result<LinkEvent, LinkError>>>,
     /// The rest of the batch received last.
-    pending: std::collections::VecDeque<Result<LinkEvent, String>>,
+    pending: std::collections::VecDeque<Result<LinkEvent, LinkError>>,
     task: JoinHandle<()>,
 }
 
@@ -192,20 +181,20 @@ impl Link {
     }
 
     /// The next event; `Err` ends the connection.
-    pub async fn next_event(&mut self) -> Result<LinkEvent, String> {
+    pub async fn next_event(&mut self) -> Result<LinkEvent, LinkError> {
         loop {
             if let Some(item) = self.pending.pop_front() {
                 return item;
             }
             match self.events.recv().await {
                 Some(batch) => self.pending.extend(batch),
-                None => return Err("connection task ended".into()),
+                None => return Err(LinkError::Local("connection task ended")),
             }
         }
     }
 
     /// An event that is already waiting, if any; `Some(Err)` ends the connection.
-    pub fn try_next_event(&mut self) -> Option<Result<LinkEvent, String>> {
+    pub fn try_next_event(&mut self) -> Option<Result<LinkEvent, LinkError>> {
         loop {
             if let Some(item) = self.pending.pop_front() {
                 return Some(item);
@@ -214,46 +203,36 @@ impl Link {
                 Ok(batch) => self.pending.extend(batch),
                 Err(mpsc::error::TryRecvError::Empty) => return None,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Some(Err("connection task ended".into()))
+                    return Some(Err(LinkError::Local("connection task ended")))
                 }
             }
         }
     }
 
-    fn request(&self, r: Request) -> Result<(), String> {
+    fn request(&self, r: Request) -> Result<(), LinkError> {
         self.requests.try_send(r).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => "request queue full".to_string(),
-            mpsc::error::TrySendError::Closed(_) => "connection task ended".to_string(),
+            mpsc::error::TrySendError::Full(_) => LinkError::Local("request queue full"),
+            mpsc::error::TrySendError::Closed(_) => LinkError::Local("connection task ended"),
         })
     }
 
-    /// Queues a publish without waiting. `Err` means it was not queued. The extra user
-    /// properties (like all properties) travel on MQTT 5 only.
-    pub fn publish(&self, m: Outgoing<'_>) -> Result<(), String> {
-        let mut properties = m.properties.clone();
-        properties.user_properties.extend(m.extra_user_properties);
-        self.request(Request::Publish(Box::new(OutPublish {
-            topic: m.topic.to_string(),
-            payload: m.payload,
-            qos: m.qos,
-            retain: m.retain,
-            properties,
-            expiry_secs: m.expiry_secs,
-        })))
+    /// Queues a publish without waiting. `Err` means it was not queued. Properties travel on
+    /// MQTT 5 only.
+    pub fn publish(&self, p: OutPublish) -> Result<(), LinkError> {
+        self.request(Request::Publish(Box::new(p)))
     }
 
     /// Acknowledges a received message.
-    pub fn ack(&self, token: AckToken) -> Result<(), String> {
+    pub fn ack(&self, token: AckToken) -> Result<(), LinkError> {
         match token {
             AckToken::None => Ok(()),
             AckToken::Pkid(pkid) => self.request(Request::Ack(pkid)),
         }
     }
 
-    /// Subscribes to the downlink filters. On v5, retained messages are sent only for a
-    /// subscription the session did not have, so a reconnect does not replay the state, and
-    /// live messages keep their retain flag. (A 3.1.1 broker clears it on live delivery.)
-    pub fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+    /// Subscribes to the downlink filters, asking for the retained messages every time (see
+    /// [`wire::subscribe`]).
+    pub fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), LinkError> {
         if filters.is_empty() {
             return Ok(());
         }
@@ -274,9 +253,9 @@ struct PacketIds {
 }
 
 impl PacketIds {
-    fn take(&mut self) -> Result<u16, String> {
+    fn take(&mut self) -> Result<u16, LinkError> {
         if self.used.len() >= usize::from(u16::MAX) {
-            return Err("no free packet id".into());
+            return Err(LinkError::Local("no free packet id"));
         }
         loop {
             self.last = self.last.checked_add(1).unwrap_or(1);
@@ -291,12 +270,8 @@ impl PacketIds {
     }
 }
 
-fn io_error(e: std::io::Error) -> String {
-    format!("I/O: {e}")
-}
-
-fn ended() -> String {
-    "link dropped".into()
+fn ended() -> LinkError {
+    LinkError::Local("link dropped")
 }
 
 /// The connection task: connect, then write batches of requests, read packets and ping,
@@ -305,9 +280,9 @@ async fn connection(
     o: LinkOptions,
     mut requests: mpsc::Receiver<Request>,
     events: &EventTx,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let protocol = o.protocol;
-    let mut stream = transport::open(&o).await?;
+    let mut stream = transport::open(&o).await.map_err(LinkError::Connect)?;
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     wire::connect(
@@ -321,10 +296,13 @@ async fn connection(
             will: o.will.as_ref(),
         },
         &mut out,
-    )?;
+    )
+    .map_err(LinkError::Protocol)?;
     write(&mut stream, &mut out).await?;
     let connack = loop {
-        if let Some(p) = wire::decode(protocol, &mut inbuf, o.max_packet_size)? {
+        if let Some(p) =
+            wire::decode(protocol, &mut inbuf, o.max_packet_size).map_err(LinkError::Protocol)?
+        {
             break p;
         }
         read(&mut stream, &mut inbuf).await?;
@@ -332,7 +310,7 @@ async fn connection(
     match connack {
         Incoming::ConnAck {
             refused: Some(why), ..
-        } => return Err(why),
+        } => return Err(LinkError::Refused(why)),
         Incoming::ConnAck {
             session_present,
             receive_maximum,
@@ -346,7 +324,11 @@ async fn connection(
             })])
             .await
             .map_err(|_| ended())?,
-        other => return Err(format!("expected CONNACK, got {other:?}")),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected CONNACK, got {other:?}"
+            )))
+        }
     }
 
     let mut ids = PacketIds::default();
@@ -361,6 +343,7 @@ async fn connection(
         let mut failed = None;
         loop {
             match wire::decode(protocol, &mut inbuf, o.max_packet_size)
+                .map_err(LinkError::Protocol)
                 .and_then(|p| p.map(|p| incoming(p, &mut ids)).transpose())
             {
                 Ok(Some(event)) => batch.push(Ok(event)),
@@ -427,25 +410,25 @@ async fn connection(
 }
 
 /// Writes and flushes `out`, leaving it empty.
-async fn write(stream: &mut Box<dyn Io>, out: &mut BytesMut) -> Result<(), String> {
-    stream.write_all(out).await.map_err(io_error)?;
-    stream.flush().await.map_err(io_error)?;
+async fn write(stream: &mut Box<dyn Io>, out: &mut BytesMut) -> Result<(), LinkError> {
+    stream.write_all(out).await.map_err(LinkError::io)?;
+    stream.flush().await.map_err(LinkError::io)?;
     out.clear();
     Ok(())
 }
 
 /// Reads what arrived into `inbuf`; the end of the stream is an error.
-async fn read(stream: &mut Box<dyn Io>, inbuf: &mut BytesMut) -> Result<(), String> {
+async fn read(stream: &mut Box<dyn Io>, inbuf: &mut BytesMut) -> Result<(), LinkError> {
     match stream.read_buf(inbuf).await {
-        Ok(0) => Err("connection closed by peer".into()),
+        Ok(0) => Err(LinkError::Closed),
         Ok(_) => Ok(()),
-        Err(e) => Err(io_error(e)),
+        Err(e) => Err(LinkError::io(e)),
     }
 }
 
 /// Turns a packet from the broker into an event; a packet that ends the connection is an
 /// error.
-fn incoming(packet: Incoming, ids: &mut PacketIds) -> Result<LinkEvent, String> {
+fn incoming(packet: Incoming, ids: &mut PacketIds) -> Result<LinkEvent, LinkError> {
     Ok(match packet {
         Incoming::PubAck { pkid, refused } => {
             ids.release(pkid);
@@ -461,14 +444,24 @@ fn incoming(packet: Incoming, ids: &mut PacketIds) -> Result<LinkEvent, String> 
                 QoS::AtMostOnce => AckToken::None,
                 QoS::AtLeastOnce => AckToken::Pkid(pkid),
                 QoS::ExactlyOnce => {
-                    return Err("the broker sent a QoS 2 message; none was subscribed".into())
+                    return Err(LinkError::Protocol(
+                        "the broker sent a QoS 2 message; none was subscribed".into(),
+                    ))
                 }
             };
             LinkEvent::Message { message, token }
         }
-        Incoming::Disconnect(reason) => return Err(format!("the broker disconnected: {reason}")),
-        Incoming::ConnAck { .. } => return Err("unexpected second CONNACK from the broker".into()),
-        Incoming::Unexpected(name) => return Err(format!("unexpected {name} from the broker")),
+        Incoming::Disconnect { code, name } => return Err(LinkError::Disconnected { code, name }),
+        Incoming::ConnAck { .. } => {
+            return Err(LinkError::Protocol(
+                "unexpected second CONNACK from the broker".into(),
+            ))
+        }
+        Incoming::Unexpected(name) => {
+            return Err(LinkError::Protocol(format!(
+                "unexpected {name} from the broker"
+            )))
+        }
     })
 }
 

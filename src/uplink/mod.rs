@@ -14,6 +14,7 @@
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
 pub mod endpoint;
+mod error;
 pub mod link;
 pub mod netwatch;
 mod status;
@@ -37,7 +38,8 @@ use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Cursor, Drainer, Entry, Queue};
 use crate::store::StoreError;
 use endpoint::Endpoint;
-use link::{Link, LinkEvent, LinkOptions, LinkTransport, Outgoing};
+pub use error::LinkError;
+use link::{Link, LinkEvent, LinkOptions, LinkTransport, OutPublish};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
 /// How often the uplink checks that the link is alive (and beats its watchdog heartbeat).
@@ -51,6 +53,13 @@ const ACK_BATCH: usize = 512;
 
 /// Longest wait before acknowledged rows are deleted while a link is busy.
 const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// The in-flight window when the central broker announces no Receive Maximum (MQTT 3.1.1, or
+/// a v5 broker that leaves it at 65,535) and `uplink.inflight` sets none: enough for a cellular
+/// bandwidth-delay product (20 Mbit/s × 130 ms ≈ 325 kB ≈ 1,200 messages of 260 bytes on the
+/// wire), while the messages in flight, held in memory and resent after a link loss, stay
+/// bounded.
+pub const DEFAULT_WINDOW: u16 = 1024;
 
 /// Most link events handled in one go before the acknowledged rows are deleted and the window
 /// refilled (bounds how long other branches of the loop wait).
@@ -99,6 +108,26 @@ enum Tag {
     Presence,
 }
 
+/// The relay's retained presence message (`online`, or `offline` when it leaves).
+fn presence(topic: &str, state: &'static str) -> OutPublish {
+    OutPublish {
+        topic: topic.to_string(),
+        payload: Bytes::from_static(state.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::default(),
+        expiry_secs: None,
+    }
+}
+
+/// How [`Uplink::connect_and_drain`] ended: through the link (the evidence [`Uplink::blame`]
+/// weighs), before a connection was up, or otherwise.
+enum Ended {
+    Link(LinkError),
+    NotConnected(End),
+    Other(End),
+}
+
 /// Why a connection ended.
 enum End {
     Shutdown,
@@ -134,7 +163,7 @@ impl Uplink {
             keep_alive: config.keep_alive,
             connect_timeout: config.connect_timeout,
             session_expiry: config.session_expiry,
-            inflight: config.inflight,
+            inflight: config.inflight.unwrap_or(DEFAULT_WINDOW),
             max_packet_size: u32::try_from(config.max_packet_size.as_u64()).unwrap_or(u32::MAX),
             credentials,
             will: Some((config.status_topic.clone(), Bytes::from_static(b"offline"))),
@@ -154,7 +183,8 @@ impl Uplink {
     /// Connects, drains and reconnects until shutdown.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut failures: u32 = 0;
-        let mut subscribed_once = false;
+        // The oldest unacknowledged row when the last connection was closed by the peer.
+        let mut close_head: Option<i64> = None;
         let mut last_reason: Option<String> = None;
         let mut current = 0usize;
         let watcher = tokio::spawn(netwatch::watch(self.status.clone(), self.endpoints.clone()));
@@ -174,7 +204,7 @@ impl Uplink {
                     endpoint,
                     current > 0,
                     &mut shutdown,
-                    &mut subscribed_once,
+                    &mut close_head,
                     &mut drain,
                 )
                 .await;
@@ -231,9 +261,36 @@ impl Uplink {
         endpoint: &Endpoint,
         on_fallback: bool,
         shutdown: &mut Shutdown,
-        subscribed_once: &mut bool,
+        close_head: &mut Option<i64>,
         drain: &mut Drain,
     ) -> End {
+        let end = self
+            .connect_and_drain(endpoint, on_fallback, shutdown, drain)
+            .await;
+        match end {
+            Ended::Link(e) => {
+                // Rows the central broker acknowledged before the end are deleted all the
+                // same, so they are not sent again.
+                drain.submit_acks(&self.queue);
+                self.lost(drain);
+                *close_head = self.blame(drain, &e, close_head.take()).await;
+                End::Failed(format!("connection lost: {e}"))
+            }
+            Ended::Other(end) => {
+                *close_head = None;
+                end
+            }
+            Ended::NotConnected(end) => end,
+        }
+    }
+
+    async fn connect_and_drain(
+        &self,
+        endpoint: &Endpoint,
+        on_fallback: bool,
+        shutdown: &mut Shutdown,
+        drain: &mut Drain,
+    ) -> Ended {
         // A reconnect asked for while no connection was up (the netlink watch racing a state
         // change) is void now: clear it, or it would cut this connection short.
         let _ = tokio::time::timeout(Duration::ZERO, self.status.reconnect_requested()).await;
@@ -242,13 +299,13 @@ impl Uplink {
         options.port = endpoint.port;
         options.transport = match self.transport(endpoint) {
             Ok(t) => t,
-            Err(e) => return End::Failed(e),
+            Err(e) => return Ended::NotConnected(End::Failed(e)),
         };
         let mut link = Link::start(&options);
         let connect_deadline = self.config.connect_timeout + Duration::from_secs(1);
         let connected = tokio::select! {
             ev = tokio::time::timeout(connect_deadline, link.next_event()) => ev,
-            _ = shutdown.recv() => return End::Shutdown,
+            _ = shutdown.recv() => return Ended::Other(End::Shutdown),
         };
         let (session_present, receive_maximum, broker_max_packet) = match connected {
             Ok(Ok(LinkEvent::Connected {
@@ -256,16 +313,13 @@ impl Uplink {
                 receive_maximum,
                 max_packet_size,
             })) => (session_present, receive_maximum, max_packet_size),
-            Ok(Ok(other)) => return End::Failed(format!("expected CONNACK, got {other:?}")),
-            Ok(Err(e)) => return End::Failed(format!("connect failed: {e}")),
-            Err(_) => return End::Failed("connect timed out".into()),
+            Ok(Ok(other)) => {
+                return Ended::NotConnected(End::Failed(format!("expected CONNACK, got {other:?}")))
+            }
+            Ok(Err(e)) => return Ended::NotConnected(End::Failed(format!("connect failed: {e}"))),
+            Err(_) => return Ended::NotConnected(End::Failed("connect timed out".into())),
         };
-        let window = usize::from(
-            receive_maximum
-                .unwrap_or(self.config.inflight)
-                .min(self.config.inflight)
-                .max(1),
-        );
+        let window = usize::from(window_for(receive_maximum, self.config.inflight));
         let max_packet = broker_max_packet
             .unwrap_or(u32::MAX)
             .min(self.options.max_packet_size) as usize;
@@ -274,34 +328,32 @@ impl Uplink {
             .set_route_source(netwatch::route_source(endpoint).await);
         self.status.set(LinkState::Connected, None);
         log::info!(
-            endpoint = self.config.url.as_str();
-            "uplink {}: connected (session present: {session_present}, window {window})",
-            endpoint.url
-        );
-        if !session_present || !*subscribed_once {
-            if let Err(e) = link.subscribe(&self.down_filters) {
-                return End::Failed(format!("cannot subscribe: {e}"));
+            endpoint = endpoint.url.as_str();
+            "uplink {}: connected (session present: {session_present}, window {window}{})",
+            endpoint.url,
+            match receive_maximum {
+                Some(rm) => format!(", broker's Receive Maximum {rm}"),
+                None => String::new(),
             }
-            *subscribed_once = true;
+        );
+        // On every connect, with the session there or not: the subscription asks for the
+        // retained snapshot (Retain Handling 0), because the central broker may have dropped
+        // what it queued for this session while the link was down (Mosquitto keeps 1,000
+        // messages by default), or hold no session for a relay on a fresh store at all.
+        // What is not newer than the local state is dropped on the way in (unchanged retained
+        // messages, and the version rules of the routes that have them).
+        if let Err(e) = link.subscribe(&self.down_filters) {
+            return Ended::Other(End::Failed(format!("cannot subscribe: {e}")));
         }
 
         let mut drainer = match self.queue.drainer() {
             Ok(d) => d,
-            Err(e) => return End::Failed(format!("cannot read the store: {e}")),
+            Err(e) => return Ended::Other(End::Failed(format!("cannot read the store: {e}"))),
         };
         drain.throttle =
             throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64()));
-        let online = Outgoing {
-            topic: &self.config.status_topic,
-            payload: Bytes::from_static(b"online"),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: &Properties::default(),
-            expiry_secs: None,
-            extra_user_properties: Vec::new(),
-        };
-        if let Err(e) = link.publish(online) {
-            return End::Failed(format!("cannot publish presence: {e}"));
+        if let Err(e) = link.publish(presence(&self.config.status_topic, "online")) {
+            return Ended::Other(End::Failed(format!("cannot publish presence: {e}")));
         }
         drain.queued.push_back(Tag::Presence);
         drain.presence_in_flight = true;
@@ -321,7 +373,7 @@ impl Uplink {
         loop {
             if let Err(e) = drain.settle_acks() {
                 self.lost(drain);
-                return End::Failed(e);
+                return Ended::Other(End::Failed(e));
             }
             if more && drain.publishes_in_flight() < window {
                 match self
@@ -329,7 +381,7 @@ impl Uplink {
                     .await
                 {
                     Ok(filled_all) => more = filled_all,
-                    Err(e) => return End::Failed(e),
+                    Err(e) => return Ended::Other(End::Failed(e)),
                 }
             }
             tokio::select! {
@@ -337,7 +389,8 @@ impl Uplink {
                     // Take every event already waiting too, so that one delete and one fetch
                     // cover a burst of PUBACKs instead of a commit each.
                     let mut ev = ev;
-                    for _ in 0..MAX_BURST {
+                    let mut handled = 0;
+                    loop {
                         // Only what the broker sent proves the link alive: rumqttc reports our
                         // own writes too, and those succeed into a dead link until the socket
                         // buffer fills.
@@ -349,17 +402,17 @@ impl Uplink {
                                 if let Err(e) = self.on_event(&link, drain, ev, &mut more).await {
                                     drain.submit_acks(&self.queue);
                                     self.lost(drain);
-                                    return End::Failed(e);
+                                    return Ended::Other(End::Failed(e));
                                 }
                             }
-                            Err(e) => {
-                                // Rows the central broker acknowledged before the end are
-                                // deleted all the same, so they are not sent again.
-                                drain.submit_acks(&self.queue);
-                                self.lost(drain);
-                                self.suspect(drain, &e).await;
-                                return End::Failed(format!("connection lost: {e}"));
-                            }
+                            Err(e) => return Ended::Link(e),
+                        }
+                        // Stop before taking another event, never after: an event taken
+                        // from the link and not handled is lost (a downlink message never
+                        // delivered, a PUBACK never matched).
+                        handled += 1;
+                        if handled == MAX_BURST {
+                            break;
                         }
                         match link.try_next_event() {
                             Some(next) => ev = next,
@@ -377,16 +430,16 @@ impl Uplink {
                     }
                     if last_incoming.elapsed() > dead_after {
                         self.lost(drain);
-                        return End::Failed(format!(
+                        return Ended::Other(End::Failed(format!(
                             "nothing received for {:.1}s (keep-alive {}s): link is dead",
                             last_incoming.elapsed().as_secs_f64(),
                             keep_alive.as_secs()
-                        ));
+                        )));
                     }
                 }
                 _ = self.status.reconnect_requested() => {
                     self.lost(drain);
-                    return End::Failed("reconnect requested".into());
+                    return Ended::Other(End::Failed("reconnect requested".into()));
                 }
                 _ = probe.tick(), if on_fallback && probing.is_none() => {
                     // In a task of its own: a blackholed primary takes the whole connect
@@ -407,13 +460,13 @@ impl Uplink {
                         let _ =
                             tokio::time::timeout(Duration::from_millis(300), link.next_event())
                                 .await;
-                        return End::PrimaryBack;
+                        return Ended::Other(End::PrimaryBack);
                     }
                 }
                 _ = shutdown.recv() => {
                     drain.submit_acks(&self.queue);
                     self.goodbye(&mut link).await;
-                    return End::Shutdown;
+                    return Ended::Other(End::Shutdown);
                 }
             }
         }
@@ -457,9 +510,9 @@ impl Uplink {
                 return Ok(true);
             }
             match self.send(link, &entry, &now, max_packet) {
-                Send::Sent => {
+                Send::Sent(size) => {
                     drain.queued.push_back(Tag::Row(entry.id));
-                    drain.in_flight.insert(entry.id);
+                    drain.in_flight.insert(entry.id, size);
                     if let Some(t) = drain.throttle.as_mut() {
                         t.take(entry.message.topic.len() + entry.message.payload.len());
                     }
@@ -492,23 +545,30 @@ impl Uplink {
                 None => return Send::Skip,
             },
         };
-        let size = m.topic.len() + m.payload.len() + 64 + entry.msg_id.len();
-        if size > max_packet {
-            return Send::Refused(format!(
-                "{size} bytes exceed the central broker's maximum packet size {max_packet}"
-            ));
-        }
-        let out = Outgoing {
-            topic: &m.topic,
+        let mut properties = m.properties.clone();
+        properties
+            .user_properties
+            .push(("trainrelay-msg-id".into(), entry.msg_id.clone()));
+        let out = OutPublish {
+            topic: m.topic.clone(),
             payload: m.payload.clone(),
             qos: m.qos,
             retain: m.retain,
-            properties: &m.properties,
+            properties,
             expiry_secs,
-            extra_user_properties: vec![("trainrelay-msg-id".into(), entry.msg_id.clone())],
         };
+        // The whole packet as it goes on the wire, properties included: a broker that gets
+        // more than its Maximum Packet Size disconnects (0x95), and the message would be sent
+        // again on every connection.
+        let size = wire::publish_size(self.options.protocol, &out);
+        if size > max_packet {
+            return Send::Refused(format!(
+                "its {size}-byte packet exceeds the central broker's maximum packet size \
+                 {max_packet}"
+            ));
+        }
         match link.publish(out) {
-            Ok(()) => Send::Sent,
+            Ok(()) => Send::Sent(size),
             Err(_) => Send::Busy,
         }
     }
@@ -533,7 +593,7 @@ impl Uplink {
                     }
                 } else {
                     if let Tag::Row(id) = tag {
-                        drain.written.push_back(id);
+                        drain.wrote(id);
                     }
                     drain.by_pkid.insert(pkid, tag);
                 }
@@ -546,13 +606,7 @@ impl Uplink {
                     drain.presence_in_flight = false;
                 }
                 if let Tag::Row(id) = tag {
-                    drain.in_flight.remove(&id);
-                    // Brokers acknowledge in order, so this is nearly always the front.
-                    if drain.written.front() == Some(&id) {
-                        drain.written.pop_front();
-                    } else {
-                        drain.written.retain(|w| *w != id);
-                    }
+                    drain.answered(id);
                     match refused {
                         None => {
                             drain.acked(id);
@@ -575,7 +629,7 @@ impl Uplink {
                     .deliver(*message)
                     .await
                     .map_err(|e| format!("downlink: {e}"))?;
-                link.ack(token)?;
+                link.ack(token).map_err(|e| e.to_string())?;
             }
             LinkEvent::Connected { .. } | LinkEvent::Other => {}
         }
@@ -631,27 +685,45 @@ impl Uplink {
         }
     }
 
-    /// The broker closed or reset the connection: a broker that cannot take a message (NATS
-    /// 2.9 with a `.` in a topic) does that on every resend, and it processes in order, so the
-    /// oldest unacknowledged message written counts one failed attempt. Timeouts (tunnels,
-    /// interface switches) are not the message's fault and count nothing.
-    async fn suspect(&self, drain: &Drain, error: &str) {
-        let closed = error.contains("closed by peer")
-            || error.contains("reset by peer")
-            || error.contains("ConnectionReset")
-            || error.contains("ConnectionAborted");
-        if !closed {
-            return;
+    /// Weighs how a link ended against the messages it carried. Returns the row to remember
+    /// as the head of this close, for the next connection's end to compare with.
+    ///
+    /// A message is blamed (counts a failed attempt, see [`Uplink::failed`]) only on evidence:
+    /// - a DISCONNECT with reason 0x95 (packet too large): the largest message written and not
+    ///   acknowledged (the size check before sending keeps this from happening unless the
+    ///   broker takes less than it announced);
+    /// - the broker closing the connection without a reason on two consecutive connections
+    ///   while the same row was the oldest unacknowledged one and nothing written after it was
+    ///   acknowledged: a broker that cannot take a message and processes in order (NATS 2.9
+    ///   with a `.` in a topic) does exactly that on every resend.
+    ///
+    /// A single close or reset is the network's: carrier NATs, firewalls, load balancers and a
+    /// gracefully restarting central broker all do it to healthy messages. Timeouts (tunnels,
+    /// interface switches) never count.
+    async fn blame(&self, drain: &Drain, error: &LinkError, previous: Option<i64>) -> Option<i64> {
+        if let LinkError::Disconnected {
+            code: Some(error::PACKET_TOO_LARGE),
+            ..
+        } = error
+        {
+            if let Some(id) = drain.largest_unacknowledged() {
+                let reason = format!("was refused by the central broker ({error})");
+                self.failed(&mut Drain::default(), id, reason).await;
+            }
+            return None;
         }
-        if let Some(&id) = drain.written.iter().find(|id| drain.in_flight.contains(id)) {
-            let mut scratch = Drain::default();
-            self.failed(
-                &mut scratch,
-                id,
-                format!("was followed by the broker closing the connection ({error})"),
-            )
-            .await;
+        if !error.peer_closed() {
+            return None;
         }
+        let head = drain.close_suspect()?;
+        if previous == Some(head) {
+            let reason = format!(
+                "was the oldest unacknowledged message when the broker closed the connection, \
+                 twice in a row ({error})"
+            );
+            self.failed(&mut Drain::default(), head, reason).await;
+        }
+        Some(head)
     }
 
     fn lost(&self, drain: &Drain) {
@@ -663,16 +735,10 @@ impl Uplink {
 
     /// Clean end: tell the central broker we are going (retained `offline`), then DISCONNECT.
     async fn goodbye(&self, link: &mut Link) {
-        let offline = Outgoing {
-            topic: &self.config.status_topic,
-            payload: Bytes::from_static(b"offline"),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: &Properties::default(),
-            expiry_secs: None,
-            extra_user_properties: Vec::new(),
-        };
-        if link.publish(offline).is_ok() {
+        if link
+            .publish(presence(&self.config.status_topic, "offline"))
+            .is_ok()
+        {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Ok(ev) = link.next_event().await {
                     if matches!(ev, LinkEvent::Acked { .. }) {
@@ -688,7 +754,8 @@ impl Uplink {
 }
 
 enum Send {
-    Sent,
+    /// Handed to the link; the packet's size on the wire.
+    Sent(usize),
     /// Expired in the meantime; not sent.
     Skip,
     /// Can never be sent as it is.
@@ -707,14 +774,19 @@ struct Drain {
     queued: VecDeque<Tag>,
     /// Written publishes waiting for their PUBACK.
     by_pkid: HashMap<u16, Tag>,
-    /// Store rows queued or written and not yet acknowledged.
-    in_flight: HashSet<i64>,
+    /// Store rows queued or written and not yet acknowledged, with their size on the wire.
+    in_flight: HashMap<i64, usize>,
     /// Rows not to fetch again on this connection (expired meanwhile).
     skipped: HashSet<i64>,
     /// Rows whose delivery failed, not to fetch again before the instant.
     retry_at: HashMap<i64, Instant>,
-    /// Rows written and waiting for their PUBACK, oldest first.
-    written: VecDeque<i64>,
+    /// Rows written and waiting for their PUBACK, oldest first, each with its place in the
+    /// order of writes on this connection.
+    written: VecDeque<(u64, i64)>,
+    /// Writes of rows on this connection so far.
+    writes: u64,
+    /// The place of the last-written row that the broker answered (see [`Drain::wrote`]).
+    answered_up_to: Option<u64>,
     /// The bandwidth cap, if one is configured.
     throttle: Option<throttle::Throttle>,
     /// Where the next fetch resumes; every deliverable row behind it is excluded above.
@@ -753,10 +825,45 @@ impl Drain {
         self.pending_delete.insert(id);
     }
 
+    /// Row `id` was written to the socket.
+    fn wrote(&mut self, id: i64) {
+        self.written.push_back((self.writes, id));
+        self.writes += 1;
+    }
+
+    /// The broker answered row `id` (acknowledged or refused it).
+    fn answered(&mut self, id: i64) {
+        self.in_flight.remove(&id);
+        // Brokers answer in order, so this is nearly always the front.
+        let pos = if self.written.front().is_some_and(|w| w.1 == id) {
+            Some(0)
+        } else {
+            self.written.iter().position(|w| w.1 == id)
+        };
+        if let Some((place, _)) = pos.and_then(|p| self.written.remove(p)) {
+            self.answered_up_to = self.answered_up_to.max(Some(place));
+        }
+    }
+
+    /// The oldest row written and not answered, if nothing written after it was answered: the
+    /// one a broker that processes in order was working on when it closed the connection.
+    fn close_suspect(&self) -> Option<i64> {
+        let &(place, id) = self.written.front()?;
+        (self.answered_up_to.map_or(true, |up_to| up_to < place)).then_some(id)
+    }
+
+    /// The largest row written and not answered.
+    fn largest_unacknowledged(&self) -> Option<i64> {
+        self.written
+            .iter()
+            .max_by_key(|(_, id)| self.in_flight.get(id).copied().unwrap_or(0))
+            .map(|&(_, id)| id)
+    }
+
     /// Rows a fetch must not return: in flight, expired meanwhile, waiting for a retry, or
     /// acknowledged with the delete not committed yet.
     fn is_excluded(&self, id: i64) -> bool {
-        self.in_flight.contains(&id)
+        self.in_flight.contains_key(&id)
             || self.pending_delete.contains(&id)
             || self.skipped.contains(&id)
             || self.retry_at.contains_key(&id)
@@ -853,6 +960,14 @@ impl Drain {
     }
 }
 
+/// The in-flight window of a connection: the broker's Receive Maximum, capped by
+/// `uplink.inflight` if set, else by [`DEFAULT_WINDOW`] (which is also the window when the
+/// broker announces none: MQTT 3.1.1).
+fn window_for(receive_maximum: Option<u16>, cap: Option<u16>) -> u16 {
+    let cap = cap.unwrap_or(DEFAULT_WINDOW);
+    receive_maximum.unwrap_or(cap).min(cap).max(1)
+}
+
 /// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^failures)].
 fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let cap = min
@@ -874,6 +989,40 @@ mod tests {
         assert_eq!(parse_url("mqtt://h:x"), None);
         assert_eq!(parse_url("http://h:1"), None);
         assert_eq!(parse_url("mqtt://"), None);
+    }
+
+    #[test]
+    fn window_follows_the_broker_within_the_cap() {
+        // Mosquitto's default, EMQX's, HiveMQ's: the broker's word.
+        assert_eq!(window_for(Some(20), None), 20);
+        assert_eq!(window_for(Some(32), None), 32);
+        assert_eq!(window_for(Some(10), Some(256)), 10);
+        // The cap, set or built in, bounds a generous broker.
+        assert_eq!(window_for(Some(1000), Some(256)), 256);
+        assert_eq!(window_for(Some(u16::MAX), None), DEFAULT_WINDOW);
+        // 3.1.1: no Receive Maximum.
+        assert_eq!(window_for(None, None), DEFAULT_WINDOW);
+        assert_eq!(window_for(None, Some(64)), 64);
+    }
+
+    #[test]
+    fn only_the_head_of_an_unanswered_run_is_suspect() {
+        let mut d = Drain::default();
+        for id in [10, 11, 12] {
+            d.in_flight.insert(id, 100 + id as usize);
+            d.wrote(id);
+        }
+        assert_eq!(d.close_suspect(), Some(10));
+        assert_eq!(d.largest_unacknowledged(), Some(12));
+        // The broker answered a message written after 10: it got past 10, so 10 did not
+        // make it close the connection.
+        d.answered(11);
+        assert_eq!(d.close_suspect(), None);
+        d.answered(10);
+        assert_eq!(d.close_suspect(), None);
+        d.in_flight.insert(13, 1);
+        d.wrote(13);
+        assert_eq!(d.close_suspect(), Some(12));
     }
 
     #[test]

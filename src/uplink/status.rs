@@ -143,8 +143,10 @@ impl StatusHandle {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if inner.endpoint.as_deref() != Some(url) {
-            inner.endpoint = Some(url.to_string());
+        // Shown on the status socket and in systemd's STATUS=: never with user info.
+        let url = crate::status::redact_url(url);
+        if inner.endpoint.as_deref() != Some(url.as_str()) {
+            inner.endpoint = Some(url);
         }
     }
 

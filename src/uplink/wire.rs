@@ -56,8 +56,11 @@ pub enum Incoming {
         pkid: u16,
     },
     PingResp,
-    /// The broker ends the connection (v5 says why).
-    Disconnect(String),
+    /// The broker ends the connection (v5 says why: `code`).
+    Disconnect {
+        code: Option<u8>,
+        name: String,
+    },
     /// A packet a client does not expect; named for the error.
     Unexpected(&'static str),
 }
@@ -126,40 +129,55 @@ pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> R
     }
 }
 
+fn v4_publish(pkid: u16, m: &OutPublish) -> v4::Publish {
+    let mut p = v4::Publish::from_bytes(&m.topic, v4_qos(m.qos), m.payload.clone());
+    p.retain = m.retain;
+    p.pkid = if m.qos == QoS::AtMostOnce { 0 } else { pkid };
+    p
+}
+
+fn v5_publish(pkid: u16, m: &OutPublish) -> v5::Publish {
+    let p = &m.properties;
+    let props = v5::PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: m.expiry_secs,
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    };
+    let mut publish = v5::Publish::new(
+        m.topic.as_str(),
+        v5_qos(m.qos),
+        m.payload.clone(),
+        Some(props),
+    );
+    publish.retain = m.retain;
+    publish.pkid = if m.qos == QoS::AtMostOnce { 0 } else { pkid };
+    publish
+}
+
 /// PUBLISH with packet id `pkid` (ignored for QoS 0).
 pub fn publish(protocol: Protocol, pkid: u16, m: &OutPublish, out: &mut BytesMut) {
-    let pkid = if m.qos == QoS::AtMostOnce { 0 } else { pkid };
-    // Encoding into a growable buffer does not fail; size limits are checked by the uplink.
+    // Encoding into a growable buffer does not fail; size limits are checked by the uplink
+    // with [`publish_size`] before a message is handed to the link.
     let _ = match protocol {
-        Protocol::V311 => {
-            let mut p = v4::Publish::from_bytes(&m.topic, v4_qos(m.qos), m.payload.clone());
-            p.retain = m.retain;
-            p.pkid = pkid;
-            p.write(out).is_ok()
-        }
-        Protocol::V5 => {
-            let p = &m.properties;
-            let props = v5::PublishProperties {
-                payload_format_indicator: p.payload_format_indicator,
-                message_expiry_interval: m.expiry_secs,
-                topic_alias: None,
-                response_topic: p.response_topic.clone(),
-                correlation_data: p.correlation_data.clone(),
-                user_properties: p.user_properties.clone(),
-                subscription_identifiers: Vec::new(),
-                content_type: p.content_type.clone(),
-            };
-            let mut publish = v5::Publish::new(
-                m.topic.as_str(),
-                v5_qos(m.qos),
-                m.payload.clone(),
-                Some(props),
-            );
-            publish.retain = m.retain;
-            publish.pkid = pkid;
-            v5::Packet::Publish(publish).write(out, None).is_ok()
-        }
+        Protocol::V311 => v4_publish(pkid, m).write(out).is_ok(),
+        Protocol::V5 => v5::Packet::Publish(v5_publish(pkid, m))
+            .write(out, None)
+            .is_ok(),
     };
+}
+
+/// The size of `m` on the wire as [`publish`] encodes it, fixed header and properties
+/// included: what a broker's Maximum Packet Size is compared with.
+pub fn publish_size(protocol: Protocol, m: &OutPublish) -> usize {
+    match protocol {
+        Protocol::V311 => v4_publish(1, m).size(),
+        Protocol::V5 => v5_publish(1, m).size(),
+    }
 }
 
 /// PUBACK for a received QoS 1 message.
@@ -172,9 +190,10 @@ pub fn puback(protocol: Protocol, pkid: u16, out: &mut BytesMut) {
     };
 }
 
-/// SUBSCRIBE to `filters` (QoS 0 or 1). On v5, retained messages are sent only for a
-/// subscription the session did not have, so a reconnect does not replay the state, and live
-/// messages keep their retain flag (Retain As Published).
+/// SUBSCRIBE to `filters` (QoS 0 or 1). Retained messages are sent on every subscribe, also
+/// for a subscription the session already had (v5 Retain Handling 0; a 3.1.1 broker always
+/// does), so every connect brings the current state; on v5 live messages keep their retain
+/// flag (Retain As Published). A 3.1.1 broker clears it on live delivery.
 pub fn subscribe(protocol: Protocol, pkid: u16, filters: &[(String, u8)], out: &mut BytesMut) {
     let qos_of = |q: u8| {
         if q == 0 {
@@ -197,7 +216,7 @@ pub fn subscribe(protocol: Protocol, pkid: u16, filters: &[(String, u8)], out: &
             let mut s = v5::Subscribe::new_many(
                 filters.iter().map(|(f, q)| {
                     let mut filter = v5::Filter::new(f.clone(), v5_qos(qos_of(*q)));
-                    filter.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
+                    filter.retain_forward_rule = v5::RetainForwardRule::OnEverySubscribe;
                     filter.preserve_retain = true;
                     filter
                 }),
@@ -282,7 +301,10 @@ fn from_v4(p: v4::Packet) -> Incoming {
         }
         v4::Packet::SubAck(s) => Incoming::SubAck { pkid: s.pkid },
         v4::Packet::PingResp => Incoming::PingResp,
-        v4::Packet::Disconnect => Incoming::Disconnect("DISCONNECT".into()),
+        v4::Packet::Disconnect => Incoming::Disconnect {
+            code: None,
+            name: "DISCONNECT".into(),
+        },
         v4::Packet::Connect(_) => Incoming::Unexpected("CONNECT"),
         v4::Packet::PubRec(_) => Incoming::Unexpected("PUBREC"),
         v4::Packet::PubRel(_) => Incoming::Unexpected("PUBREL"),
@@ -342,7 +364,10 @@ fn from_v5(p: v5::Packet) -> Incoming {
         }
         v5::Packet::SubAck(s) => Incoming::SubAck { pkid: s.pkid },
         v5::Packet::PingResp(_) => Incoming::PingResp,
-        v5::Packet::Disconnect(d) => Incoming::Disconnect(format!("{:?}", d.reason_code)),
+        v5::Packet::Disconnect(d) => Incoming::Disconnect {
+            code: Some(d.reason_code as u8),
+            name: format!("{:?} ({:#04x})", d.reason_code, d.reason_code as u8),
+        },
         v5::Packet::Auth(_) => Incoming::Unexpected("AUTH"),
         v5::Packet::Connect(..) => Incoming::Unexpected("CONNECT"),
         v5::Packet::PubRec(_) => Incoming::Unexpected("PUBREC"),
@@ -446,6 +471,27 @@ mod tests {
             } else {
                 assert_eq!(p.expiry, None);
             }
+        }
+    }
+
+    #[test]
+    fn publish_size_is_the_encoded_size_with_properties() {
+        for (ours, _) in BOTH {
+            let m = OutPublish {
+                topic: "trains/T1/up/x".into(),
+                payload: Bytes::from(vec![7u8; 300]),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties {
+                    user_properties: vec![("trainrelay-msg-id".into(), "e-7".into())],
+                    content_type: Some("application/json".into()),
+                    ..Properties::default()
+                },
+                expiry_secs: Some(42),
+            };
+            let mut buf = BytesMut::new();
+            publish(ours, 9, &m, &mut buf);
+            assert_eq!(publish_size(ours, &m), buf.len(), "{ours:?}");
         }
     }
 

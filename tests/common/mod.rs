@@ -52,14 +52,26 @@ pub struct Central {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// `max_inflight_messages`: also the Receive Maximum it announces to MQTT 5 clients
+    /// (0: no limit).
+    inflight: u32,
+    /// More lines for mosquitto.conf.
+    extra: String,
 }
 
 impl Central {
     pub async fn start(dir: &Path) -> Central {
+        Central::start_with(dir, 100, "").await
+    }
+
+    /// With `max_inflight_messages inflight` and `extra` lines in its configuration.
+    pub async fn start_with(dir: &Path, inflight: u32, extra: &str) -> Central {
         let mut c = Central {
             port: free_port(),
             dir: dir.join("central"),
             child: None,
+            inflight,
+            extra: extra.to_string(),
         };
         std::fs::create_dir_all(&c.dir).unwrap();
         c.restart().await;
@@ -84,9 +96,11 @@ impl Central {
         let mut f = std::fs::File::create(&conf).unwrap();
         writeln!(
             f,
-            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n",
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages {inflight}\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
             port = self.port,
-            dir = self.dir.display()
+            dir = self.dir.display(),
+            inflight = self.inflight,
+            extra = self.extra
         )
         .unwrap();
         let child = Command::new("mosquitto")

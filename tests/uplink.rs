@@ -1,0 +1,322 @@
+//! The uplink against a real Mosquitto as the central broker: bursts larger than any internal
+//! batch, resets that are the network's fault, a packet the broker cannot take, and the
+//! current state after every connect.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::netns::fault_config;
+use common::ops::{eventually, query};
+use common::*;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+const QUIET: Duration = Duration::from_secs(20);
+
+/// The `counters` of the relay's status report.
+fn counters(relay: &Relay) -> serde_json::Value {
+    query(&relay.dir.join("status.sock"), "status")["status"]["counters"].clone()
+}
+
+/// Unique sequence numbers of `tag` among `msgs`, and how many were duplicates.
+fn unique(msgs: &[rumqttc::v5::mqttbytes::v5::Publish], tag: &str) -> (usize, usize) {
+    let (order, dups) = sequence(msgs, tag);
+    (order.len(), dups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_larger_than_every_batch_lose_nothing_either_way() {
+    let dir = tempfile::tempdir().unwrap();
+    // No in-flight limit at the central broker: it pushes a downlink burst as fast as it can,
+    // and takes a window of 1,000 from the relay.
+    let mut central = Central::start_with(dir.path(), 1000, "").await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.subscribe("down/#").await;
+    let mut probe = V5Client::connect(central.port, "probe", true).await;
+    probe.subscribe("trains/T1/status").await;
+    let online = probe.collect(1, QUIET).await;
+    assert_eq!(online.first().map(|p| &p.payload[..]), Some(&b"online"[..]));
+    drop(probe);
+
+    // Downlink: 3,000 QoS 1 messages in one burst.
+    let control = V5Client::connect(central.port, "control-down", true).await;
+    for p in payloads("d", 3000) {
+        control
+            .client
+            .publish("trains/T1/down/orders", QoS::AtLeastOnce, false, p)
+            .await
+            .unwrap();
+    }
+    let got = ipad.collect(3000, QUIET).await;
+    let (order, dups) = sequence(&got, "d");
+    assert_eq!(
+        order,
+        (0..3000).collect::<Vec<u64>>(),
+        "downlink burst: {} of 3,000 arrived ({dups} duplicates)",
+        order.len()
+    );
+
+    // Uplink: a backlog of 5,000 drained with a window of 1,000, so PUBACKs come back in
+    // bursts of hundreds.
+    let sink = V5Client::connect(central.port, "control-up", false).await;
+    sink.subscribe("trains/T1/up/#").await;
+    drop(sink);
+    central.stop();
+    ipad.publish_acked("up/x", payloads("u", 5000), None).await;
+    central.restart().await;
+    let mut sink = V5Client::connect(central.port, "control-up", false).await;
+    let got = sink.collect(5000, QUIET).await;
+    let (n, dups) = unique(&got, "u");
+    assert_eq!(
+        n, 5000,
+        "uplink burst: {n} of 5,000 arrived ({dups} duplicates)"
+    );
+    let c = counters(&relay);
+    assert_eq!(c["dead_lettered"], 0, "{c}");
+}
+
+/// Commands for every connection through a [`ResetProxy`].
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// Stop passing what the broker sends (its PUBACKs), so the relay's window fills.
+    Freeze,
+    /// Reset the relay's side (RST), as a carrier NAT or firewall does.
+    Reset,
+}
+
+/// A TCP proxy in front of the central broker that can freeze and reset every connection
+/// through it.
+struct ResetProxy {
+    port: u16,
+    cuts: broadcast::Sender<Cut>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResetProxy {
+    async fn start(upstream: u16) -> ResetProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cuts, _) = broadcast::channel(16);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (tx, count) = (cuts.clone(), Arc::clone(&connections));
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(pipe(client, server, tx.subscribe()));
+            }
+        });
+        ResetProxy {
+            port,
+            cuts,
+            connections,
+            task,
+        }
+    }
+
+    fn cut(&self, c: Cut) {
+        let _ = self.cuts.send(c);
+    }
+}
+
+impl Drop for ResetProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(mut client: TcpStream, mut server: TcpStream, mut cuts: broadcast::Receiver<Cut>) {
+    let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
+    let mut frozen = false;
+    loop {
+        tokio::select! {
+            n = client.read(&mut up) => match n {
+                Ok(n) if n > 0 => if server.write_all(&up[..n]).await.is_err() { return },
+                _ => return,
+            },
+            n = server.read(&mut down), if !frozen => match n {
+                Ok(n) if n > 0 => if client.write_all(&down[..n]).await.is_err() { return },
+                _ => return,
+            },
+            cut = cuts.recv() => match cut {
+                Ok(Cut::Freeze) => frozen = true,
+                Ok(Cut::Reset) | Err(_) => {
+                    // Closing with a zero linger sends RST instead of FIN.
+                    let _ = client.set_zero_linger();
+                    return;
+                }
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_with_messages_in_flight_dead_letter_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let mut sink = V5Client::connect(central.port, "control", false).await;
+    sink.subscribe("trains/T1/up/#").await;
+    let proxy = ResetProxy::start(central.port).await;
+    // One failed attempt is enough for a dead letter: any reset blamed on a message shows.
+    let config = fault_config(
+        &format!("mqtt://127.0.0.1:{}", proxy.port),
+        "5s",
+        "max_attempts = 1",
+        "",
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    eventually(QUIET, "relay connected through the proxy", || {
+        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    let mut got = Vec::new();
+    let rounds = 4;
+    for round in 0..rounds {
+        let before = proxy.connections.load(Ordering::SeqCst);
+        // PUBACKs stop coming back: the window fills with unacknowledged messages...
+        proxy.cut(Cut::Freeze);
+        let batch = payloads("r", 300 * (round + 1))
+            .into_iter()
+            .skip(300 * round as usize);
+        ipad.publish_acked("up/x", batch, None).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ...and then the path resets the connection.
+        proxy.cut(Cut::Reset);
+        eventually(QUIET, "relay reconnected after the reset", || {
+            (proxy.connections.load(Ordering::SeqCst) > before).then_some(())
+        })
+        .await;
+        // Everything so far arrives before the next reset, so each reset finds other
+        // messages at the head of the window.
+        let want = 300 * (round as usize + 1);
+        while unique(&got, "r").0 < want {
+            let more = sink.collect(1, QUIET).await;
+            assert!(
+                !more.is_empty(),
+                "round {round}: {} of {want} arrived",
+                unique(&got, "r").0
+            );
+            got.extend(more);
+        }
+    }
+    let (n, dups) = unique(&got, "r");
+    assert_eq!(n, 300 * rounds as usize, "{dups} duplicates");
+    let c = counters(&relay);
+    assert_eq!(
+        c["dead_lettered"], 0,
+        "a reset was blamed on a healthy message: {c}"
+    );
+    println!(
+        "{rounds} resets with a full window: {n} delivered, {dups} duplicates, 0 dead letters"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_over_the_brokers_maximum_is_refused_and_the_queue_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    // Mosquitto announces its Maximum Packet Size to MQTT 5 clients and disconnects a client
+    // that sends more.
+    let central = Central::start_with(dir.path(), 100, "max_packet_size 400").await;
+    let mut sink = V5Client::connect(central.port, "control", false).await;
+    sink.subscribe("trains/T1/up/#").await;
+    let config = fault_config(&central.url(), "5s", "max_attempts = 1", "");
+    let relay = Relay::start(dir.path(), &config).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    // Topic and payload fit, the properties make the packet too large.
+    let props = PublishProperties {
+        user_properties: vec![("note".into(), "p".repeat(150))],
+        ..Default::default()
+    };
+    ipad.publish_acked("up/x", vec![vec![b'x'; 220]], Some(props))
+        .await;
+    ipad.publish_acked("up/x", payloads("after", 3), None).await;
+    let got = sink.collect(3, QUIET).await;
+    let (order, _) = sequence(&got, "after");
+    assert_eq!(order, vec![0, 1, 2], "the queue behind the large message");
+    assert!(
+        got.iter().all(|p| p.payload.len() < 200),
+        "the over-size message reached the broker"
+    );
+    let c = counters(&relay);
+    assert_eq!(c["dead_lettered"], 1, "{c}");
+    // Refused before sending: the broker never had to close the connection over it.
+    let uplink = &query(&relay.dir.join("status.sock"), "status")["status"]["uplink"];
+    assert_eq!(uplink["connects"], 1, "{uplink}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connect_brings_the_current_state_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let mut relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
+    let control = V5Client::connect(central.port, "control", true).await;
+    control
+        .client
+        .publish("trains/T1/down/state", QoS::AtLeastOnce, true, "v1")
+        .await
+        .unwrap();
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.subscribe("down/#").await;
+    let first = ipad.collect(1, QUIET).await;
+    assert_eq!(first.first().map(|p| &p.payload[..]), Some(&b"v1"[..]));
+    drop(ipad);
+
+    // A fresh store (a replaced unit, a deleted or corrupt store) with the same uplink client
+    // id: the central broker still holds the relay's session and its subscription.
+    relay.terminate();
+    for f in ["store.db", "store.db-wal", "store.db-shm"] {
+        let _ = std::fs::remove_file(relay.dir.join(f));
+    }
+    relay.restart().await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.subscribe("down/#").await;
+    let state = ipad.collect(1, QUIET).await;
+    assert_eq!(
+        state.first().map(|p| (p.topic.as_ref(), &p.payload[..])),
+        Some((&b"down/state"[..], &b"v1"[..])),
+        "a relay on a fresh store must get the retained state"
+    );
+
+    // A reconnect brings the snapshot again; it repeats what the iPad has, so the iPad does
+    // not get it a second time.
+    let socket = relay.dir.join("status.sock");
+    let before = counters(&relay)["unchanged_down"].as_u64().unwrap_or(0);
+    query(&socket, "reconnect");
+    eventually(QUIET, "the snapshot after the reconnect", || {
+        let now = counters(&relay)["unchanged_down"].as_u64().unwrap_or(0);
+        (now > before).then_some(())
+    })
+    .await;
+    let again = ipad.collect(1, Duration::from_secs(2)).await;
+    assert!(
+        again.is_empty(),
+        "unchanged state delivered again: {again:?}"
+    );
+    // A change still comes through.
+    control
+        .client
+        .publish("trains/T1/down/state", QoS::AtLeastOnce, true, "v2")
+        .await
+        .unwrap();
+    let changed = ipad.collect(1, QUIET).await;
+    assert_eq!(changed.first().map(|p| &p.payload[..]), Some(&b"v2"[..]));
+}
