@@ -244,6 +244,9 @@ pub struct UplinkConfig {
     pub backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Parallel MQTT connections to the central broker, each with its own session and window;
+    /// the first one carries presence and the downlink.
+    pub connections: usize,
     /// Cap on the QoS 1 messages in flight at once. By default the window is the central
     /// broker's Receive Maximum, up to `uplink::DEFAULT_WINDOW` (also the window for a broker
     /// that announces none: MQTT 3.1.1).
@@ -301,6 +304,7 @@ impl Default for UplinkConfig {
             session_expiry: Duration::from_secs(24 * 3600),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            connections: 4,
             inflight: None,
             max_packet_size: ByteSize::mib(1),
             username: None,
@@ -388,6 +392,9 @@ pub struct RouteConfig {
     /// Uplink: whether a newer waiting message replaces an older one of the same key.
     #[serde(default)]
     pub conflate: Conflate,
+    /// Uplink: what keeps its order across the parallel uplink connections.
+    #[serde(default)]
+    pub order: Order,
     /// Downlink: keep each topic's latest message as local retained state, whatever its
     /// retain flag (3.1.1 central brokers clear the flag on live delivery).
     #[serde(default)]
@@ -406,6 +413,19 @@ pub enum VersionSource {
     UserProperty(String),
     /// A top-level field of a JSON object payload.
     JsonField(String),
+}
+
+/// What an uplink route keeps in order across the parallel uplink connections
+/// (`uplink.connections`): every message of one topic (and of one conflation key) always
+/// travels on the same connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Per topic, MQTT's ordered-topic rule: topics are spread over the connections.
+    #[default]
+    Topic,
+    /// Strict FIFO across all the route's topics: the whole route travels on one connection.
+    Route,
 }
 
 /// Conflation policy of an uplink route.
@@ -471,6 +491,7 @@ impl Config {
                 version: None,
                 key: default_key(),
                 conflate: Conflate::None,
+                order: Order::Topic,
                 state: false,
                 snapshot_topics: Vec::new(),
             },
@@ -485,6 +506,7 @@ impl Config {
                 version: None,
                 key: default_key(),
                 conflate: Conflate::None,
+                order: Order::Topic,
                 state: false,
                 snapshot_topics: Vec::new(),
             },
@@ -499,6 +521,7 @@ impl Config {
                 version: None,
                 key: default_key(),
                 conflate: Conflate::None,
+                order: Order::Topic,
                 state: false,
                 snapshot_topics: Vec::new(),
             },
@@ -747,6 +770,12 @@ impl Config {
                     format!("'{proxy}' must look like http://[user:password@]host:port"),
                 ));
             }
+        }
+        if !(1..=16).contains(&self.uplink.connections) {
+            return Err(invalid(
+                "uplink.connections",
+                format!("must be 1 to 16, not {}", self.uplink.connections),
+            ));
         }
         if self.uplink.inflight == Some(0) {
             return Err(invalid("uplink.inflight", "must be at least 1".into()));

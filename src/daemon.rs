@@ -90,6 +90,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         queue.clone(),
         downlink,
         routes.load().down_filters(),
+        routes.load().fifo_up_routes(),
         status.clone(),
     );
     log::info!(
@@ -134,7 +135,12 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
             Watchdog {
                 status: status.clone(),
                 endpoint,
-                heartbeats: vec![status.heartbeat().clone(), broker_hb, store_hb],
+                // One per uplink connection.
+                heartbeats: status
+                    .heartbeats()
+                    .into_iter()
+                    .chain([broker_hb, store_hb])
+                    .collect(),
             }
             .run(shutdown.clone()),
         ),

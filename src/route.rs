@@ -9,7 +9,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::config::{Config, Conflate, Direction, VersionSource};
+use crate::config::{Config, Conflate, Direction, Order, VersionSource};
 use crate::message::Message;
 use crate::topic;
 
@@ -30,6 +30,8 @@ pub struct Route {
     /// `"topic"` (the source topic) or a v5 user property name: what "the same thing" is.
     pub key: String,
     pub conflate: Conflate,
+    /// Uplink: what keeps its order across parallel uplink connections.
+    pub order: Order,
     /// Downlink: injected as retained whatever the flag said.
     pub state: bool,
     /// Downlink: exact remote topics also subscribed to, for the initial snapshot.
@@ -82,6 +84,7 @@ impl Routes {
                 version: r.version.clone(),
                 key: r.key.clone(),
                 conflate: r.conflate,
+                order: r.order,
                 state: r.state,
                 snapshot_topics: r.snapshot_topics.clone(),
             };
@@ -91,6 +94,15 @@ impl Routes {
             }
         }
         routes
+    }
+
+    /// Names of the uplink routes that keep strict FIFO order across their topics.
+    pub fn fifo_up_routes(&self) -> Vec<String> {
+        self.up
+            .iter()
+            .filter(|r| r.order == Order::Route)
+            .map(|r| r.name.clone())
+            .collect()
     }
 
     /// The uplink route for a local topic, and the remote topic it maps to.

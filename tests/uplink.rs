@@ -95,11 +95,11 @@ enum Cut {
     Reset,
 }
 
-/// A TCP proxy in front of the central broker that can freeze and reset every connection
-/// through it.
+/// A TCP proxy in front of the central broker that can freeze and reset the connections
+/// through it: every one, or the one accepted as number `n` (from 0).
 struct ResetProxy {
     port: u16,
-    cuts: broadcast::Sender<Cut>,
+    cuts: broadcast::Sender<(Option<usize>, Cut)>,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -116,8 +116,8 @@ impl ResetProxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                     continue;
                 };
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(pipe(client, server, tx.subscribe()));
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(pipe(n, client, server, tx.subscribe()));
             }
         });
         ResetProxy {
@@ -129,7 +129,11 @@ impl ResetProxy {
     }
 
     fn cut(&self, c: Cut) {
-        let _ = self.cuts.send(c);
+        let _ = self.cuts.send((None, c));
+    }
+
+    fn cut_one(&self, n: usize, c: Cut) {
+        let _ = self.cuts.send((Some(n), c));
     }
 }
 
@@ -139,7 +143,12 @@ impl Drop for ResetProxy {
     }
 }
 
-async fn pipe(mut client: TcpStream, mut server: TcpStream, mut cuts: broadcast::Receiver<Cut>) {
+async fn pipe(
+    me: usize,
+    mut client: TcpStream,
+    mut server: TcpStream,
+    mut cuts: broadcast::Receiver<(Option<usize>, Cut)>,
+) {
     let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
     let mut frozen = false;
     loop {
@@ -153,8 +162,9 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, mut cuts: broadcast:
                 _ => return,
             },
             cut = cuts.recv() => match cut {
-                Ok(Cut::Freeze) => frozen = true,
-                Ok(Cut::Reset) | Err(_) => {
+                Ok((Some(n), _)) if n != me => {}
+                Ok((_, Cut::Freeze)) => frozen = true,
+                Ok((_, Cut::Reset)) | Err(_) => {
                     // Closing with a zero linger sends RST instead of FIN.
                     let _ = client.set_zero_linger();
                     return;
@@ -319,4 +329,96 @@ async fn every_connect_brings_the_current_state_once() {
         .unwrap();
     let changed = ipad.collect(1, QUIET).await;
     assert_eq!(changed.first().map(|p| &p.payload[..]), Some(&b"v2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_connections_keep_topic_order_and_outlive_a_dead_path() {
+    let dir = tempfile::tempdir().unwrap();
+    // Mosquitto's shipped limit: 20 in flight per connection.
+    let central = Central::start_with(dir.path(), 20, "").await;
+    let mut sink = V5Client::connect(central.port, "control", false).await;
+    sink.subscribe("trains/T1/up/#").await;
+    let proxy = ResetProxy::start(central.port).await;
+    let config = fault_config(
+        &format!("mqtt://127.0.0.1:{}", proxy.port),
+        "5s",
+        "connections = 4",
+        "",
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    eventually(QUIET, "four connections through the proxy", || {
+        (proxy.connections.load(Ordering::SeqCst) >= 4).then_some(())
+    })
+    .await;
+    let socket = relay.dir.join("status.sock");
+    let connections = |relay_socket: &std::path::Path| {
+        query(relay_socket, "status")["status"]["uplink"]["connections"].clone()
+    };
+    eventually(QUIET, "every connection up", || {
+        let c = connections(&socket);
+        let up = c
+            .as_array()?
+            .iter()
+            .filter(|c| c["state"] == "connected" || c["state"] == "draining")
+            .count();
+        (up == 4).then_some(())
+    })
+    .await;
+
+    // One connection's path goes silent (a blackhole, no RST): only its share waits for its
+    // dead-link detection; the others go on.
+    proxy.cut_one(1, Cut::Freeze);
+    let topics = 8;
+    let per_topic = 150;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    for i in 0..per_topic {
+        for t in 0..topics {
+            ipad.publish_acked(&format!("up/t{t}"), vec![format!("t{t}-{i}").into_bytes()], None)
+                .await;
+        }
+    }
+    let mut got = Vec::new();
+    let mut during_freeze = 0;
+    let total = topics * per_topic;
+    let mut firsts: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    while firsts.len() < total {
+        let more = sink.collect(1, QUIET).await;
+        assert!(!more.is_empty(), "{} of {total} arrived", firsts.len());
+        if proxy.connections.load(Ordering::SeqCst) == 4 {
+            during_freeze += more.len();
+        }
+        for p in &more {
+            firsts.insert(p.payload.to_vec());
+        }
+        got.extend(more);
+    }
+    assert!(
+        during_freeze > 0,
+        "nothing arrived while one connection's path was dead"
+    );
+    // Per topic, first deliveries in publish order.
+    for t in 0..topics {
+        let (order, _) = sequence(&got, &format!("t{t}"));
+        assert_eq!(
+            order,
+            (0..per_topic as u64).collect::<Vec<u64>>(),
+            "topic t{t} out of order or incomplete"
+        );
+    }
+    // Never more in flight on a connection than the broker allowed it.
+    let c = connections(&socket);
+    let list = c.as_array().expect("connections in the status report");
+    assert_eq!(list.len(), 4, "{c}");
+    for conn in list {
+        let most = conn["max_in_flight"].as_u64().unwrap_or(u64::MAX);
+        assert!(most <= 20, "a connection exceeded Receive Maximum 20: {conn}");
+    }
+    let ids: std::collections::HashSet<&str> =
+        list.iter().filter_map(|c| c["client_id"].as_str()).collect();
+    assert_eq!(ids.len(), 4, "each connection has its own client id: {c}");
+    println!(
+        "4 connections, one path dead for its detection time: {total} delivered, \
+         {during_freeze} of them while it was dead, {} duplicates",
+        got.len() - total
+    );
 }

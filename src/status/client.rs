@@ -134,6 +134,15 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
             let _ = writeln!(o, "          previous error: {e}");
         }
     }
+    if u.connections.len() > 1 {
+        for c in &u.connections {
+            let _ = writeln!(
+                o,
+                "          {} {}: window {}, {} in flight (most {}), {} connects",
+                c.client_id, c.state, c.window, c.in_flight, c.max_in_flight, c.connects
+            );
+        }
+    }
     let st = &s.store;
     let oldest = st
         .oldest_age_s

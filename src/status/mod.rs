@@ -24,8 +24,8 @@ use crate::downlink::Downlink;
 use crate::store::queue::Queue;
 use crate::uplink::{LinkState, StatusHandle};
 use protocol::{
-    ClientReport, Counters, DownlinkReport, LocalReport, RouteReport, StatusReport, StoreReport,
-    UplinkReport,
+    ClientReport, ConnectionReport, Counters, DownlinkReport, LocalReport, RouteReport,
+    StatusReport, StoreReport, UplinkReport,
 };
 
 /// How long a status query waits for the store's per-route figures before answering with the
@@ -114,6 +114,21 @@ impl Sources {
                 link_for_s: u64::try_from((now.wall_ms - link.link_since_ms).max(0) / 1000)
                     .unwrap_or(0),
                 connects: link.connects,
+                connections: self
+                    .uplink
+                    .connections()
+                    .into_iter()
+                    .map(|c| ConnectionReport {
+                        client_id: c.client_id,
+                        state: state_name(c.state).into(),
+                        endpoint: c.endpoint,
+                        last_error: c.last_error,
+                        connects: c.connects,
+                        window: c.window,
+                        in_flight: c.in_flight,
+                        max_in_flight: c.max_in_flight,
+                    })
+                    .collect(),
             },
             store,
             counters: Counters {

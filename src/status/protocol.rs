@@ -144,6 +144,27 @@ pub struct UplinkReport {
     pub link_for_s: u64,
     /// Successful connects since start.
     pub connects: u64,
+    /// Every parallel uplink connection, the first one (presence, downlink) first; the fields
+    /// above are the first one's.
+    #[serde(default)]
+    pub connections: Vec<ConnectionReport>,
+}
+
+/// One uplink connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionReport {
+    pub client_id: String,
+    /// As `UplinkReport::state`.
+    pub state: String,
+    pub endpoint: Option<String>,
+    pub last_error: Option<String>,
+    pub connects: u64,
+    /// The current connection's in-flight window: the broker's Receive Maximum within
+    /// `uplink.inflight` (0 while down).
+    pub window: u64,
+    pub in_flight: u64,
+    /// The most in flight at once since start: never above the window.
+    pub max_in_flight: u64,
 }
 
 /// What waits in the store for the uplink.

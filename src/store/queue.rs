@@ -79,7 +79,6 @@
 //! index lookup.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,7 +87,7 @@ use bytes::Bytes;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{named_params, params, Connection, OptionalExtension, Row};
 use serde::Deserialize;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch};
 
 pub mod dead_letter;
 
@@ -261,7 +260,8 @@ struct Shared {
     /// open, so a fetch skips the index ranges of priorities never used (most trains use one
     /// or two).
     priorities: AtomicU16,
-    notify: Notify,
+    /// Bumped after every commit that added rows; each drain task watches it.
+    commits: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -364,7 +364,7 @@ impl Queue {
                 fills: AtomicU64::new(0),
                 rewinds: AtomicU64::new(0),
                 priorities: AtomicU16::new(priorities),
-                notify: Notify::new(),
+                commits: watch::channel(0).0,
             }),
         })
     }
@@ -497,7 +497,7 @@ impl Queue {
                         if dropped > 0 {
                             log::debug!("uplink queue full: dropped the {dropped} oldest entries");
                         }
-                        after.notify.notify_one();
+                        after.commits.send_modify(|n| *n += 1);
                         Ok(id)
                     }
                     Err(StoreError::Full) => {
@@ -542,6 +542,7 @@ impl Queue {
                     &shared,
                     None,
                     &|id| exclude.contains(&id),
+                    None,
                     limit,
                     &now,
                 )
@@ -564,6 +565,7 @@ impl Queue {
         Ok(Drainer {
             conn: self.db.open_reader()?,
             queue: self.clone(),
+            filter: None,
         })
     }
 
@@ -779,11 +781,11 @@ impl Queue {
         }
     }
 
-    /// Resolves once new entries were committed since the last time it resolved. Meant for the
-    /// one task that drains the queue: a commit with nobody waiting leaves a permit, so a wake-up
-    /// between two waits is not lost (it may resolve once with nothing new, which is harmless).
-    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
-        self.shared.notify.notified()
+    /// Tells of commits that added rows: `changed()` resolves once there was one since the
+    /// receiver last looked, so a commit between two waits is not lost. Every task that drains
+    /// the queue (one per uplink connection) has a receiver of its own.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.shared.commits.subscribe()
     }
 
     /// Whether row `id` is still queued (not yet acknowledged, expired or dropped). A primary
@@ -818,7 +820,8 @@ impl Queue {
 const COLUMNS: &str = "id, COALESCE((boot_id = :cur_boot AND deadline_boot <= :now_boot) OR \
                        (boot_id != :cur_boot AND deadline_wall <= :now_wall), 0), route, \
                        priority, topic, payload, qos, retain, props, accepted_wall, \
-                       accepted_boot, boot_id, deadline_wall, deadline_boot, attempts";
+                       accepted_boot, boot_id, deadline_wall, deadline_boot, attempts, \
+                       conflate_key";
 
 /// Rows a fetch found expired or unreadable, to be deleted by the writer.
 #[derive(Debug, Default)]
@@ -842,9 +845,22 @@ impl Found {
 pub struct Drainer {
     conn: Connection,
     queue: Queue,
+    /// Which rows this drainer takes (route, topic, conflation key): one of several parallel
+    /// uplink connections takes only its share. `None`: every row.
+    filter: Option<RowFilter>,
 }
 
+/// Decides from a row's route, topic and conflation key whether a drainer takes it.
+pub type RowFilter = Box<dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync>;
+
 impl Drainer {
+    /// Takes only the rows `filter` accepts (the others are neither returned nor looked at
+    /// further: their own drainer deals with them).
+    pub fn with_filter(mut self, filter: RowFilter) -> Drainer {
+        self.filter = Some(filter);
+        self
+    }
+
     /// [`Queue::next_batch`] resuming after `cursor`: rows in `cursor`'s priority at or below
     /// its id are not looked at, so the drainer does not step over its own in-flight rows at
     /// every refill. Correct as long as every deliverable row there is excluded (see
@@ -857,7 +873,16 @@ impl Drainer {
         limit: usize,
     ) -> Result<Batch, StoreError> {
         let now = Stamp::now();
-        let (batch, found) = scan(&self.conn, &self.queue.shared, cursor, exclude, limit, &now)?;
+        let filter = self.filter.as_deref();
+        let (batch, found) = scan(
+            &self.conn,
+            &self.queue.shared,
+            cursor,
+            exclude,
+            filter,
+            limit,
+            &now,
+        )?;
         if !found.is_empty() {
             // Until the delete commits these rows are met (and skipped) again; the answer
             // only updates counters.
@@ -873,6 +898,7 @@ fn scan(
     shared: &Shared,
     cursor: Option<Cursor>,
     exclude: &dyn Fn(i64) -> bool,
+    filter: Option<&(dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync)>,
     limit: usize,
     now: &Stamp,
 ) -> Result<(Batch, Found), StoreError> {
@@ -894,7 +920,7 @@ fn scan(
                     i64::from(priority)
                 ])?;
                 while let Some(row) = rows.next()? {
-                    match visit(row, exclude, &shared.epoch, &mut found)? {
+                    match visit(row, exclude, filter, &shared.epoch, &mut found)? {
                         Visit::Skip => {}
                         Visit::Gone(id) => {
                             seen.insert(id);
@@ -946,7 +972,7 @@ fn scan(
             if seen.contains(&id) {
                 continue;
             }
-            if let Visit::Take(entry) = visit(row, exclude, &shared.epoch, &mut found)? {
+            if let Visit::Take(entry) = visit(row, exclude, filter, &shared.epoch, &mut found)? {
                 out.push(*entry);
                 if out.len() >= limit {
                     break 'scans;
@@ -1006,12 +1032,25 @@ enum Visit {
 fn visit(
     row: &Row<'_>,
     exclude: &dyn Fn(i64) -> bool,
+    filter: Option<&(dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync)>,
     epoch: &str,
     found: &mut Found,
 ) -> Result<Visit, StoreError> {
     let id: i64 = row.get(0)?;
     if exclude(id) {
         return Ok(Visit::Skip);
+    }
+    if let Some(takes) = filter {
+        // Borrowed from the row, no copy: most rows of a shared queue are another
+        // drainer's.
+        let text = |i: usize| match row.get_ref(i) {
+            Ok(ValueRef::Text(t)) => std::str::from_utf8(t).ok(),
+            _ => None,
+        };
+        let (route, topic) = (text(2).unwrap_or(""), text(4).unwrap_or(""));
+        if !takes(route, topic, text(15)) {
+            return Ok(Visit::Skip);
+        }
     }
     if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
         if found.expired.len() < MAX_SKIPPED_PER_BATCH {
@@ -1908,6 +1947,7 @@ mod tests {
         )
         .await;
         assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+        let mut commits = q.commits();
         let (a, b) = (msg("t", 1, at(5), None), msg("t", 2, at(3), None));
         q.enqueue(new_entry("b", 0, b.clone()))
             .await
@@ -1921,9 +1961,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        // A commit with nobody waiting leaves a permit.
-        tokio::time::timeout(Duration::from_secs(5), q.notified())
+        // A commit with nobody waiting is seen by the next wait.
+        tokio::time::timeout(Duration::from_secs(5), commits.changed())
             .await
+            .unwrap()
             .unwrap();
         let s = q.stats().await.unwrap();
         assert_eq!((s.depth, s.bytes), (3, q.totals().bytes));

@@ -15,6 +15,7 @@
 
 pub mod endpoint;
 mod error;
+mod lanes;
 pub mod link;
 pub mod netwatch;
 mod status;
@@ -39,6 +40,7 @@ use crate::store::queue::{Cursor, Drainer, Entry, Queue};
 use crate::store::StoreError;
 use endpoint::Endpoint;
 pub use error::LinkError;
+use lanes::Partition;
 use link::{Link, LinkEvent, LinkOptions, LinkTransport, OutPublish};
 pub use status::{LinkState, LinkStatus, StatusHandle};
 
@@ -88,16 +90,29 @@ pub fn parse_url(url: &str) -> Option<(String, u16)> {
     (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
-/// The uplink task's inputs.
+/// The uplink: `uplink.connections` parallel connections to the central broker, each
+/// draining its share of the store (see [`lanes`]).
 pub struct Uplink {
+    lanes: Vec<Lane>,
+}
+
+/// One connection to the central broker, reconnecting until shutdown: its own client id,
+/// persistent session, window, dead-link detection and backoff. The first one also carries
+/// the relay's presence and the downlink subscription.
+struct Lane {
     options: LinkOptions,
     /// In order of preference; never empty.
     endpoints: Vec<Endpoint>,
     config: UplinkConfig,
     queue: Queue,
     downlink: Downlink,
+    /// Empty but on the first connection.
     down_filters: Vec<(String, u8)>,
     status: StatusHandle,
+    /// The rows this connection takes.
+    partition: Partition,
+    /// The first connection: presence and downlink.
+    first: bool,
 }
 
 /// What a message in flight stands for.
@@ -120,7 +135,7 @@ fn presence(topic: &str, state: &'static str) -> OutPublish {
     }
 }
 
-/// How [`Uplink::connect_and_drain`] ended: through the link (the evidence [`Uplink::blame`]
+/// How [`Lane::connect_and_drain`] ended: through the link (the evidence [`Lane::blame`]
 /// weighs), before a connection was up, or otherwise.
 enum Ended {
     Link(LinkError),
@@ -137,14 +152,70 @@ enum End {
 }
 
 impl Uplink {
+    /// The connections of `config`; `status` becomes the first one's, the others' are added
+    /// to it (so their heartbeats and states are reported). `fifo_routes`: uplink routes that
+    /// keep their order across topics (`order = "route"`).
     pub fn new(
         config: &UplinkConfig,
         credentials: Option<(String, String)>,
         queue: Queue,
         downlink: Downlink,
         down_filters: Vec<(String, u8)>,
+        fifo_routes: Vec<String>,
         status: StatusHandle,
     ) -> Uplink {
+        let count = config.connections.max(1);
+        let first = Lane::new(config, credentials, queue, downlink, down_filters, status);
+        let mut lanes = Vec::with_capacity(count);
+        for n in 1..count {
+            let mut lane = Lane {
+                options: first.options.clone(),
+                endpoints: first.endpoints.clone(),
+                config: first.config.clone(),
+                queue: first.queue.clone(),
+                downlink: first.downlink.clone(),
+                down_filters: Vec::new(),
+                status: first.status.another(),
+                partition: Partition::new(n, count, &fifo_routes),
+                first: false,
+            };
+            // Its own session: `{client_id}-{n}`; no will (presence is the first one's).
+            lane.options.client_id = format!("{}-{n}", first.options.client_id);
+            lane.options.will = None;
+            lane.status.set_client_id(&lane.options.client_id);
+            lanes.push(lane);
+        }
+        let mut first = first;
+        first.partition = Partition::new(0, count, &fifo_routes);
+        first.status.set_client_id(&first.options.client_id);
+        lanes.insert(0, first);
+        Uplink { lanes }
+    }
+
+    /// Runs every connection until shutdown.
+    pub async fn run(self, shutdown: Shutdown) {
+        let tasks: Vec<_> = self
+            .lanes
+            .into_iter()
+            .map(|lane| tokio::spawn(lane.run(shutdown.clone())))
+            .collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                log::error!("uplink: a connection task ended abnormally: {e}");
+            }
+        }
+    }
+}
+
+impl Lane {
+    fn new(
+        config: &UplinkConfig,
+        credentials: Option<(String, String)>,
+        queue: Queue,
+        downlink: Downlink,
+        down_filters: Vec<(String, u8)>,
+        status: StatusHandle,
+    ) -> Lane {
         let mut endpoints: Vec<Endpoint> = config
             .endpoint_urls()
             .iter()
@@ -169,7 +240,7 @@ impl Uplink {
             will: Some((config.status_topic.clone(), Bytes::from_static(b"offline"))),
             proxy: config.proxy.as_deref().and_then(link::HttpProxy::parse),
         };
-        Uplink {
+        Lane {
             options,
             endpoints,
             config: config.clone(),
@@ -177,6 +248,8 @@ impl Uplink {
             downlink,
             down_filters,
             status,
+            partition: Partition::new(0, 1, &[]),
+            first: true,
         }
     }
 
@@ -187,6 +260,7 @@ impl Uplink {
         let mut close_head: Option<i64> = None;
         let mut last_reason: Option<String> = None;
         let mut current = 0usize;
+        let mut commits = self.queue.commits();
         let watcher = tokio::spawn(netwatch::watch(self.status.clone(), self.endpoints.clone()));
         loop {
             if shutdown.is_shutdown() {
@@ -206,6 +280,7 @@ impl Uplink {
                     &mut shutdown,
                     &mut close_head,
                     &mut drain,
+                    &mut commits,
                 )
                 .await;
             // Rows the central broker acknowledged are deleted before the next connection
@@ -263,9 +338,10 @@ impl Uplink {
         shutdown: &mut Shutdown,
         close_head: &mut Option<i64>,
         drain: &mut Drain,
+        commits: &mut tokio::sync::watch::Receiver<u64>,
     ) -> End {
         let end = self
-            .connect_and_drain(endpoint, on_fallback, shutdown, drain)
+            .connect_and_drain(endpoint, on_fallback, shutdown, drain, commits)
             .await;
         match end {
             Ended::Link(e) => {
@@ -290,6 +366,7 @@ impl Uplink {
         on_fallback: bool,
         shutdown: &mut Shutdown,
         drain: &mut Drain,
+        commits: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Ended {
         // A reconnect asked for while no connection was up (the netlink watch racing a state
         // change) is void now: clear it, or it would cut this connection short.
@@ -347,16 +424,24 @@ impl Uplink {
         }
 
         let mut drainer = match self.queue.drainer() {
-            Ok(d) => d,
+            Ok(d) if self.partition.is_whole() => d,
+            Ok(d) => {
+                let partition = self.partition.clone();
+                d.with_filter(Box::new(move |route, topic, key| {
+                    partition.takes(route, topic, key)
+                }))
+            }
             Err(e) => return Ended::Other(End::Failed(format!("cannot read the store: {e}"))),
         };
         drain.throttle =
             throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64()));
-        if let Err(e) = link.publish(presence(&self.config.status_topic, "online")) {
-            return Ended::Other(End::Failed(format!("cannot publish presence: {e}")));
+        if self.first {
+            if let Err(e) = link.publish(presence(&self.config.status_topic, "online")) {
+                return Ended::Other(End::Failed(format!("cannot publish presence: {e}")));
+            }
+            drain.queued.push_back(Tag::Presence);
+            drain.presence_in_flight = true;
         }
-        drain.queued.push_back(Tag::Presence);
-        drain.presence_in_flight = true;
 
         let keep_alive = self.config.keep_alive;
         // Checked on the liveness tick, so the threshold leaves one tick of room: a link that
@@ -375,6 +460,7 @@ impl Uplink {
                 self.lost(drain);
                 return Ended::Other(End::Failed(e));
             }
+            self.status.set_window(window, drain.publishes_in_flight());
             if more && drain.publishes_in_flight() < window {
                 match self
                     .fill(&link, &mut drainer, drain, window, max_packet)
@@ -421,7 +507,7 @@ impl Uplink {
                     }
                     drain.coalesce_acks(&self.queue);
                 }
-                _ = self.queue.notified() => more = true,
+                Ok(()) = commits.changed() => more = true,
                 _ = liveness.tick() => {
                     drain.submit_acks(&self.queue);
                     crate::watchdog::beat_or_hang(self.status.heartbeat()).await;
@@ -735,9 +821,10 @@ impl Uplink {
 
     /// Clean end: tell the central broker we are going (retained `offline`), then DISCONNECT.
     async fn goodbye(&self, link: &mut Link) {
-        if link
-            .publish(presence(&self.config.status_topic, "offline"))
-            .is_ok()
+        if self.first
+            && link
+                .publish(presence(&self.config.status_topic, "offline"))
+                .is_ok()
         {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Ok(ev) = link.next_event().await {

@@ -142,7 +142,9 @@ pub async fn watch(status: StatusHandle, endpoints: Vec<Endpoint>) {
             return;
         }
         let snap = status.snapshot();
-        let Some(url) = snap.endpoint else { continue };
+        let Some(url) = status.endpoint_url() else {
+            continue;
+        };
         let Some(endpoint) = endpoints.iter().find(|e| e.url == url) else {
             continue;
         };
@@ -162,7 +164,7 @@ pub async fn watch(status: StatusHandle, endpoints: Vec<Endpoint>) {
                     show(before),
                     show(now)
                 );
-                status.request_reconnect();
+                status.reconnect_this();
             }
         }
         last = Some((url, now));

@@ -179,7 +179,7 @@ impl Queue {
                     after.rewinds.fetch_add(1, Ordering::AcqRel);
                     // Whatever priorities they had may hold rows now.
                     after.priorities.fetch_or(u16::MAX, Ordering::AcqRel);
-                    after.notify.notify_one();
+                    after.commits.send_modify(|n| *n += 1);
                 }
                 result
             },
