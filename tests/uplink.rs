@@ -373,8 +373,12 @@ async fn parallel_connections_keep_topic_order_and_outlive_a_dead_path() {
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
     for i in 0..per_topic {
         for t in 0..topics {
-            ipad.publish_acked(&format!("up/t{t}"), vec![format!("t{t}-{i}").into_bytes()], None)
-                .await;
+            ipad.publish_acked(
+                &format!("up/t{t}"),
+                vec![format!("t{t}-{i}").into_bytes()],
+                None,
+            )
+            .await;
         }
     }
     let mut got = Vec::new();
@@ -411,10 +415,15 @@ async fn parallel_connections_keep_topic_order_and_outlive_a_dead_path() {
     assert_eq!(list.len(), 4, "{c}");
     for conn in list {
         let most = conn["max_in_flight"].as_u64().unwrap_or(u64::MAX);
-        assert!(most <= 20, "a connection exceeded Receive Maximum 20: {conn}");
+        assert!(
+            most <= 20,
+            "a connection exceeded Receive Maximum 20: {conn}"
+        );
     }
-    let ids: std::collections::HashSet<&str> =
-        list.iter().filter_map(|c| c["client_id"].as_str()).collect();
+    let ids: std::collections::HashSet<&str> = list
+        .iter()
+        .filter_map(|c| c["client_id"].as_str())
+        .collect();
     assert_eq!(ids.len(), 4, "each connection has its own client id: {c}");
     println!(
         "4 connections, one path dead for its detection time: {total} delivered, \

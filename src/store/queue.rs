@@ -851,7 +851,10 @@ pub struct Drainer {
 }
 
 /// Decides from a row's route, topic and conflation key whether a drainer takes it.
-pub type RowFilter = Box<dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync>;
+pub type TakesRow = dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync;
+
+/// A [`Drainer`]'s share of the rows.
+pub type RowFilter = Box<TakesRow>;
 
 impl Drainer {
     /// Takes only the rows `filter` accepts (the others are neither returned nor looked at
@@ -898,7 +901,7 @@ fn scan(
     shared: &Shared,
     cursor: Option<Cursor>,
     exclude: &dyn Fn(i64) -> bool,
-    filter: Option<&(dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync)>,
+    filter: Option<&TakesRow>,
     limit: usize,
     now: &Stamp,
 ) -> Result<(Batch, Found), StoreError> {
@@ -1032,7 +1035,7 @@ enum Visit {
 fn visit(
     row: &Row<'_>,
     exclude: &dyn Fn(i64) -> bool,
-    filter: Option<&(dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync)>,
+    filter: Option<&TakesRow>,
     epoch: &str,
     found: &mut Found,
 ) -> Result<Visit, StoreError> {
