@@ -52,6 +52,15 @@ enum Command {
         /// Put every dead letter back into the queue.
         #[arg(long, conflicts_with_all = ["json", "watch", "reconnect", "dead_letters"])]
         requeue: bool,
+        /// Print the status as metrics: `prometheus` (text format 0.0.4, what node_exporter's
+        /// textfile collector reads) or `openmetrics`. A daemon that does not answer is
+        /// reported as `trainrelay_up 0`.
+        #[arg(long, value_enum, conflicts_with_all = ["json", "watch", "reconnect", "dead_letters", "requeue"])]
+        format: Option<MetricsFormat>,
+        /// With --format: write to FILE (replaced atomically, for the textfile collector)
+        /// instead of standard output.
+        #[arg(long, value_name = "FILE", requires = "format")]
+        output: Option<PathBuf>,
     },
     /// Read a password (without echo from a terminal, else one line of stdin) and print its
     /// argon2 hash for `password_hash` of a `[[local.device]]`.
@@ -74,15 +83,20 @@ fn main() -> ExitCode {
             reconnect,
             dead_letters,
             requeue,
-        } => status(
-            config,
-            socket,
-            json,
-            watch,
-            reconnect,
-            dead_letters,
-            requeue,
-        ),
+            format,
+            output,
+        } => match format {
+            Some(format) => metrics(config, socket, format, output),
+            None => status(
+                config,
+                socket,
+                json,
+                watch,
+                reconnect,
+                dead_letters,
+                requeue,
+            ),
+        },
         Command::Passwd => match read_password().and_then(|p| {
             if p.is_empty() {
                 return Err("the password is empty".into());
@@ -160,6 +174,79 @@ fn describe(e: &anyhow::Error) -> String {
 /// The default config file of an installed daemon.
 const SYSTEM_CONFIG: &str = "/etc/trainrelay/trainrelay.toml";
 
+/// `trainrelay status --format`'s formats.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MetricsFormat {
+    Prometheus,
+    Openmetrics,
+}
+
+/// The status socket and the train id, from `--socket`, the config file or the defaults. A
+/// given `--socket` needs no readable config (a technician's own user may not read it).
+fn locate(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<(PathBuf, String), String> {
+    if let (Some(socket), None) = (&socket, &config) {
+        let train_id = Config::load(std::path::Path::new(SYSTEM_CONFIG))
+            .map_or_else(|_| "unknown".to_string(), |c| c.train_id);
+        return Ok((socket.clone(), train_id));
+    }
+    let file = config.or_else(|| {
+        let system = PathBuf::from(SYSTEM_CONFIG);
+        system.exists().then_some(system)
+    });
+    let config = match file {
+        Some(file) => Config::load(&file).map_err(|e| e.to_string())?,
+        None => Config::builtin(),
+    };
+    Ok((socket.unwrap_or(config.status.socket), config.train_id))
+}
+
+/// `trainrelay status --format prometheus|openmetrics [--output FILE]`.
+fn metrics(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    format: MetricsFormat,
+    output: Option<PathBuf>,
+) -> ExitCode {
+    use trainrelay::status::{client, metrics};
+    let format = match format {
+        MetricsFormat::Prometheus => metrics::Format::Prometheus,
+        MetricsFormat::Openmetrics => metrics::Format::OpenMetrics,
+    };
+    let (socket, train_id) = match locate(config, socket) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("trainrelay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (text, code) = match client::ask_all(&socket) {
+        Ok((status, clients)) => (
+            metrics::render(&status, &clients, format),
+            ExitCode::SUCCESS,
+        ),
+        Err(e) => {
+            eprintln!("trainrelay status: {e}");
+            (
+                metrics::render_down(&train_id, format),
+                ExitCode::from(e.exit_code()),
+            )
+        }
+    };
+    let Some(path) = output else {
+        print!("{text}");
+        return code;
+    };
+    // Write beside the target and rename over it: a collector never reads half a file.
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("trainrelay status: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    code
+}
+
 fn status(
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
@@ -170,23 +257,11 @@ fn status(
     requeue: bool,
 ) -> ExitCode {
     use trainrelay::status::client;
-    let socket = match socket {
-        Some(s) => s,
-        None => {
-            let file = config.or_else(|| {
-                let system = PathBuf::from(SYSTEM_CONFIG);
-                system.exists().then_some(system)
-            });
-            match file {
-                Some(file) => match Config::load(&file) {
-                    Ok(c) => c.status.socket,
-                    Err(e) => {
-                        eprintln!("trainrelay: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                None => Config::builtin().status.socket,
-            }
+    let socket = match locate(config, socket) {
+        Ok((socket, _)) => socket,
+        Err(e) => {
+            eprintln!("trainrelay: {e}");
+            return ExitCode::from(2);
         }
     };
     if dead_letters {

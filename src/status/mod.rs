@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod detail;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 
