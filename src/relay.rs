@@ -187,7 +187,9 @@ impl Hooks for RelayHooks {
     fn ingest(&self, _client: &ClientInfo, msg: &Message) -> Ingest {
         let routes = self.routes.load();
         let Some((route, remote_topic)) = routes.up(&msg.topic) else {
-            return Ingest::Accept;
+            // No uplink route takes it: only local subscribers may; a v5 publisher learns when
+            // nobody does (PUBACK 0x10).
+            return Ingest::Unrouted;
         };
         let mut undo = None;
         if let Some(freshness) = &self.freshness {

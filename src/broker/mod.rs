@@ -146,6 +146,10 @@ pub enum RejectReason {
 pub enum Ingest {
     /// Acknowledge and deliver now.
     Accept,
+    /// Acknowledge and deliver now; the hook keeps no copy (no route takes the message). A v5
+    /// publisher that no local subscriber takes either gets reason 0x10 (No matching
+    /// subscribers), a success code: the publisher learns the message went nowhere.
+    Unrouted,
     /// Refuse now.
     Reject(RejectReason),
     /// The verdict comes later (after a store commit); the broker acknowledges the client only

@@ -172,6 +172,8 @@ impl Relay {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
+            // Relative default paths (store, status socket) land in the test's own directory.
+            .current_dir(&self.dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
