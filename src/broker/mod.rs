@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 
 use crate::message::Message;
 use crate::shutdown::Shutdown;
-use crate::store::{Db, StoreError};
+use crate::store::{Db, StoreError, StoreWrite};
 use router::Shared;
 
 /// Limits and settings of the local broker.
@@ -506,6 +506,25 @@ impl BrokerHandle {
         if let Some(commit) = self.shared.publish(msg, None) {
             commit.await.map_err(|_| StoreError::Closed)??;
         }
+        Ok(())
+    }
+
+    /// [`BrokerHandle::inject`] that commits `also` in the same transaction as the message's
+    /// durable part (the downlink's route version next to the message it admits).
+    pub async fn inject_with(&self, msg: Message, also: StoreWrite) -> Result<(), BrokerError> {
+        if self.shared.is_closed() {
+            return Err(BrokerError::Closed);
+        }
+        if let Err(e) = crate::topic::validate_name(&msg.topic) {
+            return Err(BrokerError::InvalidTopic {
+                topic: msg.topic,
+                reason: e.to_string(),
+            });
+        }
+        self.shared
+            .publish_with(msg, also)
+            .await
+            .map_err(|_| StoreError::Closed)??;
         Ok(())
     }
 

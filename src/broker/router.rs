@@ -20,7 +20,7 @@ use super::session::{Delivery, Session};
 use super::{BrokerConfig, BrokerEvent, BrokerStats, ClientInfo, Hooks, Ingest};
 use crate::clock::Stamp;
 use crate::message::{Message, QoS};
-use crate::store::{Db, StoreError};
+use crate::store::{Db, StoreError, StoreWrite};
 
 pub type Commit = oneshot::Receiver<Result<(), StoreError>>;
 
@@ -207,6 +207,19 @@ impl Shared {
     /// client id of the sender, for No Local. Returns the commit of the durable part.
     pub fn publish(&self, msg: Message, publisher: Option<&str>) -> Option<Commit> {
         self.publish_reaching(msg, publisher).0
+    }
+
+    /// [`Shared::publish`] whose durable part also runs `also`, in the same store job, and is
+    /// always submitted (so the caller learns when `also` is committed).
+    pub fn publish_with(&self, msg: Message, also: StoreWrite) -> Commit {
+        let msg = Arc::new(msg);
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        self.route_locked(&mut st, &msg, None, &mut ops);
+        self.db.submit(move |conn| {
+            also(conn)?;
+            persist::apply(conn, &ops)
+        })
     }
 
     /// [`Shared::publish`] that also tells how many sessions the message was queued for.
