@@ -88,6 +88,10 @@ pub struct Config {
     pub status: StatusConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// True when the file lists no `[[route]]` and the built-in routes were put in their place
+    /// (a file with no routes would accept the iPads' messages and send them nowhere).
+    #[serde(skip)]
+    pub builtin_routes: bool,
 }
 
 /// `[log]`: what the daemon logs. `RUST_LOG`, when set, takes precedence.
@@ -475,68 +479,95 @@ impl Default for StatusConfig {
     }
 }
 
+/// The routes of the built-in defaults, also used when a config file lists no `[[route]]`:
+/// the iPads' `up/#` to the train's uplink tree, the train's downlink tree and the fleet
+/// broadcast to the iPads.
+fn builtin_routes() -> Vec<RouteConfig> {
+    vec![
+        RouteConfig {
+            name: None,
+            direction: Direction::Up,
+            local: "up/#".into(),
+            remote: "trains/{train_id}/up/#".into(),
+            qos: 1,
+            ttl: Some(Duration::from_secs(600)),
+            priority: 5,
+            version: None,
+            key: default_key(),
+            conflate: Conflate::None,
+            order: Order::Topic,
+            state: false,
+            snapshot_topics: Vec::new(),
+        },
+        RouteConfig {
+            name: None,
+            direction: Direction::Down,
+            local: "down/#".into(),
+            remote: "trains/{train_id}/down/#".into(),
+            qos: 1,
+            ttl: None,
+            priority: 5,
+            version: None,
+            key: default_key(),
+            conflate: Conflate::None,
+            order: Order::Topic,
+            state: false,
+            snapshot_topics: Vec::new(),
+        },
+        RouteConfig {
+            name: None,
+            direction: Direction::Down,
+            local: "fleet/broadcast/#".into(),
+            remote: "fleet/broadcast/#".into(),
+            qos: 1,
+            ttl: None,
+            priority: 5,
+            version: None,
+            key: default_key(),
+            conflate: Conflate::None,
+            order: Order::Topic,
+            state: false,
+            snapshot_topics: Vec::new(),
+        },
+    ]
+}
+
 impl Config {
     /// The built-in defaults: a laptop setup that buffers until a central broker appears on
     /// 127.0.0.1:1884.
     pub fn builtin() -> Config {
-        let routes = vec![
-            RouteConfig {
-                name: None,
-                direction: Direction::Up,
-                local: "up/#".into(),
-                remote: "trains/{train_id}/up/#".into(),
-                qos: 1,
-                ttl: Some(Duration::from_secs(600)),
-                priority: 5,
-                version: None,
-                key: default_key(),
-                conflate: Conflate::None,
-                order: Order::Topic,
-                state: false,
-                snapshot_topics: Vec::new(),
-            },
-            RouteConfig {
-                name: None,
-                direction: Direction::Down,
-                local: "down/#".into(),
-                remote: "trains/{train_id}/down/#".into(),
-                qos: 1,
-                ttl: None,
-                priority: 5,
-                version: None,
-                key: default_key(),
-                conflate: Conflate::None,
-                order: Order::Topic,
-                state: false,
-                snapshot_topics: Vec::new(),
-            },
-            RouteConfig {
-                name: None,
-                direction: Direction::Down,
-                local: "fleet/broadcast/#".into(),
-                remote: "fleet/broadcast/#".into(),
-                qos: 1,
-                ttl: None,
-                priority: 5,
-                version: None,
-                key: default_key(),
-                conflate: Conflate::None,
-                order: Order::Topic,
-                state: false,
-                snapshot_topics: Vec::new(),
-            },
-        ];
         let mut config = Config {
             train_id: "T1".into(),
             local: LocalConfig::default(),
             uplink: UplinkConfig::default(),
             store: StoreConfig::default(),
-            routes,
+            routes: builtin_routes(),
             status: StatusConfig::default(),
             log: LogConfig::default(),
+            builtin_routes: true,
         };
         config.expand();
         config
+    }
+
+    /// When the file lists no `[[route]]`: the line that says which routes are used instead.
+    pub fn builtin_routes_note(&self, file: &Path) -> Option<String> {
+        if !self.builtin_routes {
+            return None;
+        }
+        let routes: Vec<String> = self
+            .routes
+            .iter()
+            .map(|r| match r.direction {
+                Direction::Up => format!("{} -> {}", r.local, r.remote),
+                Direction::Down => format!("{} <- {}", r.local, r.remote),
+            })
+            .collect();
+        Some(format!(
+            "no [[route]] in {}: using the built-in routes {}",
+            file.display(),
+            routes.join(", ")
+        ))
     }
 
     /// Reads, parses and validates a config file, and the credentials file it names. Files
@@ -675,6 +706,10 @@ impl Config {
                 key: "uplink.endpoints".into(),
                 message: "give either uplink.url or uplink.endpoints, not both".into(),
             });
+        }
+        if config.routes.is_empty() {
+            config.routes = builtin_routes();
+            config.builtin_routes = true;
         }
         config.validate(file)?;
         config.expand();

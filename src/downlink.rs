@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::broker::{BrokerError, BrokerHandle};
 use crate::clock::Stamp;
-use crate::freshness::{Check, Freshness};
+use crate::freshness::Freshness;
 use crate::message::{Message, QoS};
 use crate::route::SharedRoutes;
 
@@ -86,14 +86,16 @@ impl Downlink {
             self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let mut undo = None;
+        let mut admission = None;
         if let Some(freshness) = &self.freshness {
-            match freshness.check(route, &msg) {
-                Check::Outdated => {
+            // Outdated only against a committed version: a redelivery racing the commit of the
+            // copy it is compared with waits for that commit.
+            match freshness.admit_committed(route, &msg).await {
+                None => {
                     self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Check::Fresh(u) => undo = u,
+                Some(a) => admission = a,
             }
         }
         if route.qos == 0 {
@@ -106,13 +108,17 @@ impl Downlink {
             msg.accepted.wall_ms.to_string(),
         ));
         msg.topic = local_topic;
-        if let Err(e) = self.broker.inject(msg).await {
-            // Not acknowledged upstream: the central broker sends it again, which must pass.
-            if let (Some(freshness), Some(undo)) = (&self.freshness, undo) {
-                freshness.undo(undo);
-            }
-            return Err(e);
+        // The version row commits in the same transaction as the message's rows, or not at
+        // all; not committed, the message is not acknowledged upstream, and the central
+        // broker's redelivery must pass.
+        let injected = match &admission {
+            Some(a) => self.broker.inject_with(msg, a.write()).await,
+            None => self.broker.inject(msg).await,
+        };
+        if let Some(a) = admission {
+            a.settle(injected.is_ok());
         }
+        injected?;
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

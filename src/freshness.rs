@@ -14,27 +14,33 @@
 //! - A message without a readable version passes and changes nothing: a missing property must
 //!   not silence a topic.
 //! - The newest version per (route, key) is kept in memory and in the store (table
-//!   `route_versions`), so suppression holds across restarts. The row is submitted to the
-//!   store's writer before the message itself is queued or injected, so it commits in the same
-//!   or an earlier group commit. One row per key is kept forever; keys are meant to be a
-//!   bounded set (topics of a state tree, vehicle ids).
-//! - The version is recorded when the message is admitted (so a resend racing the first copy's
-//!   commit is already dropped); if the message then cannot be stored (store full, refused to
-//!   the iPad) or injected (the central broker will redeliver it), the previous version is
-//!   restored, so the retry is not mistaken for a duplicate.
+//!   `route_versions`), so suppression holds across restarts. The version row is written by the
+//!   same store job as the message it admits ([`Admission::write`], run inside the uplink
+//!   enqueue or the local broker's inject), so both commit in one transaction or neither does:
+//!   a kill between two commits cannot leave a version stored whose message is not. One row per
+//!   key is kept forever; keys are meant to be a bounded set (topics of a state tree, vehicle
+//!   ids).
+//! - A message is judged outdated only against a *committed* version. A version admitted but
+//!   not yet committed is pending: a message not newer than it, but newer than the committed
+//!   one, must wait for that commit ([`Check::Wait`], [`Freshness::admit_committed`]); if the
+//!   commit fails (store full, refused to the iPad; an I/O error; the central broker will
+//!   redeliver) the pending version is forgotten and the waiting message is judged again, so
+//!   the retry of a message that could not be stored is not mistaken for a duplicate and an
+//!   acknowledged resend is never dropped in favour of a copy that was lost.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use rusqlite::params;
+use rusqlite::{params, Connection};
+use tokio::sync::watch;
 
 use crate::clock::Stamp;
 use crate::config::{Direction, VersionSource};
 use crate::message::Message;
 use crate::route::Route;
-use crate::store::{Db, StoreError};
+use crate::store::{Db, StoreError, StoreWrite};
 
 /// A message's version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,26 +101,129 @@ pub fn version_of(source: &VersionSource, msg: &Message) -> Option<Version> {
 /// The answer of [`Freshness::check`].
 #[derive(Debug)]
 pub enum Check {
-    /// Pass it on; `Some` when a version was recorded (take it back with [`Freshness::undo`]).
-    Fresh(Option<Undo>),
-    /// Drop it: not newer than the newest seen for its key (counted).
+    /// Pass it on; `Some` when a version was admitted: write it with the message
+    /// ([`Admission::write`]) and report the outcome ([`Admission::settle`]).
+    Fresh(Option<Admission>),
+    /// Drop it: not newer than the newest committed version of its key (counted).
     Outdated,
+    /// Not newer than a version whose commit is still pending: check again once the receiver
+    /// changes (or use [`Freshness::admit_committed`]).
+    Wait(watch::Receiver<u64>),
 }
 
-/// What [`Freshness::undo`] needs to take an admitted version back.
-#[derive(Debug)]
-pub struct Undo {
+/// Versions of one (route, key): the committed one and those admitted since, oldest first
+/// (each newer than the one before, all newer than the committed one).
+#[derive(Debug, Default)]
+struct Slot {
+    committed: Option<Version>,
+    pending: Vec<Version>,
+}
+
+impl Slot {
+    fn newest(&self) -> Option<&Version> {
+        self.pending.last().or(self.committed.as_ref())
+    }
+}
+
+/// The in-memory state shared by [`Freshness`] and its outstanding [`Admission`]s.
+struct State {
+    slots: Mutex<HashMap<(String, String), Slot>>,
+    /// Bumped whenever a pending version settles; [`Check::Wait`]ers watch it.
+    settled: watch::Sender<u64>,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// An admitted, not yet committed version. Dropped without [`Admission::settle`], it counts
+/// as not committed.
+pub struct Admission {
+    state: Arc<State>,
     route: String,
     key: String,
     version: Version,
-    previous: Option<Version>,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Admission({} {} {})",
+            self.route,
+            self.key,
+            self.version.text()
+        )
+    }
+}
+
+impl Admission {
+    /// The version row's write, to run inside the store job that stores the message, so that
+    /// both commit together or not at all.
+    pub fn write(&self) -> StoreWrite {
+        let (route, key, text) = (self.route.clone(), self.key.clone(), self.version.text());
+        let wall = Stamp::now().wall_ms;
+        Box::new(move |conn: &Connection| {
+            conn.prepare_cached(
+                "INSERT INTO route_versions (route, key, version, updated_wall) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (route, key) DO UPDATE SET version = ?3, updated_wall = ?4",
+            )?
+            .execute(params![route, key, text, wall])?;
+            Ok(())
+        })
+    }
+
+    /// Reports whether the job carrying [`Admission::write`] committed: the version becomes
+    /// the committed one, or is forgotten (the sender's retry must pass).
+    pub fn settle(mut self, committed: bool) {
+        self.finish(committed);
+    }
+
+    fn finish(&mut self, committed: bool) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        {
+            let mut slots = self.state.lock();
+            let slot_key = (
+                std::mem::take(&mut self.route),
+                std::mem::take(&mut self.key),
+            );
+            if let Some(slot) = slots.get_mut(&slot_key) {
+                if let Some(i) = slot.pending.iter().position(|v| *v == self.version) {
+                    slot.pending.remove(i);
+                }
+                if committed
+                    && slot
+                        .committed
+                        .as_ref()
+                        .map_or(true, |c| self.version.compare(c) == CmpOrdering::Greater)
+                {
+                    slot.committed = Some(self.version.clone());
+                }
+            }
+        }
+        self.state.settled.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
 }
 
 /// The newest version per (route, key), with its durable copy, and the count of suppressed
 /// messages. Shared by the ingest hook (uplink) and the downlink.
 pub struct Freshness {
-    db: Db,
-    newest: Mutex<HashMap<(String, String), Version>>,
+    state: Arc<State>,
     suppressed_up: AtomicU64,
     suppressed_down: AtomicU64,
 }
@@ -170,28 +279,29 @@ impl Freshness {
                 Ok(rows)
             })
             .await?;
-        let newest = rows
+        let slots = rows
             .into_iter()
-            .map(|(route, key, v)| ((route, key), Version::parse(&v)))
+            .map(|(route, key, v)| {
+                let slot = Slot {
+                    committed: Some(Version::parse(&v)),
+                    pending: Vec::new(),
+                };
+                ((route, key), slot)
+            })
             .collect();
         Ok(Freshness {
-            db,
-            newest: Mutex::new(newest),
+            state: Arc::new(State {
+                slots: Mutex::new(slots),
+                settled: watch::channel(0).0,
+            }),
             suppressed_up: AtomicU64::new(0),
             suppressed_down: AtomicU64::new(0),
         })
     }
 
-    /// True if `msg` (seen on `route`'s source side) may pass; false if it is outdated (its
-    /// version is older than or equal to the newest seen for its key), which is counted. A
-    /// passing message's version becomes the newest and is submitted to the store.
-    pub fn admit(&self, route: &Route, msg: &Message) -> bool {
-        matches!(self.check(route, msg), Check::Fresh(_))
-    }
-
-    /// [`Freshness::admit`] that can be taken back: when the message then cannot be stored or
-    /// injected, [`Freshness::undo`] restores the previous newest version, so the sender's
-    /// retry is not mistaken for a duplicate.
+    /// Judges `msg` (seen on `route`'s source side) against the versions of its key: newer
+    /// than all of them → admitted (pending until settled); not newer than the committed one →
+    /// outdated (counted); else it must wait for a pending commit.
     pub fn check(&self, route: &Route, msg: &Message) -> Check {
         let Some(source) = &route.version else {
             return Check::Fresh(None);
@@ -200,84 +310,59 @@ impl Freshness {
             return Check::Fresh(None);
         };
         let key = route.key_of(msg);
-        let previous = {
-            let mut newest = self.lock();
-            let slot = (route.name.clone(), key.clone());
-            if let Some(seen) = newest.get(&slot) {
-                if version.compare(seen) != CmpOrdering::Greater {
-                    match route.direction {
-                        Direction::Up => &self.suppressed_up,
-                        Direction::Down => &self.suppressed_down,
-                    }
-                    .fetch_add(1, Ordering::Relaxed);
-                    log::debug!(
-                        "route {}: dropped outdated message on '{}' (version {} <= {})",
-                        route.name,
-                        msg.topic,
-                        version.text(),
-                        seen.text()
-                    );
-                    return Check::Outdated;
+        // Subscribed before the look so that a settle after it wakes the waiter.
+        let settled = self.state.settled.subscribe();
+        let mut slots = self.state.lock();
+        let slot = slots.entry((route.name.clone(), key.clone())).or_default();
+        let newer_than = |v: Option<&Version>| {
+            v.map_or(true, |seen| version.compare(seen) == CmpOrdering::Greater)
+        };
+        if newer_than(slot.newest()) {
+            slot.pending.push(version.clone());
+            return Check::Fresh(Some(Admission {
+                state: Arc::clone(&self.state),
+                route: route.name.clone(),
+                key,
+                version,
+                settled: false,
+            }));
+        }
+        if !newer_than(slot.committed.as_ref()) {
+            let seen = slot
+                .committed
+                .as_ref()
+                .map(Version::text)
+                .unwrap_or_default();
+            drop(slots);
+            match route.direction {
+                Direction::Up => &self.suppressed_up,
+                Direction::Down => &self.suppressed_down,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            log::debug!(
+                "route {}: dropped outdated message on '{}' (version {} <= {seen})",
+                route.name,
+                msg.topic,
+                version.text(),
+            );
+            return Check::Outdated;
+        }
+        Check::Wait(settled)
+    }
+
+    /// [`Freshness::check`] that waits out pending commits: `None` when `msg` is outdated
+    /// against a committed version, else its admission (if it carries a version).
+    pub async fn admit_committed(&self, route: &Route, msg: &Message) -> Option<Option<Admission>> {
+        loop {
+            match self.check(route, msg) {
+                Check::Fresh(admission) => return Some(admission),
+                Check::Outdated => return None,
+                Check::Wait(mut settled) => {
+                    // The sender lives as long as `self`.
+                    let _ = settled.changed().await;
                 }
             }
-            newest.insert(slot, version.clone())
-        };
-        self.persist(route.name.clone(), key.clone(), Some(version.text()));
-        Check::Fresh(Some(Undo {
-            route: route.name.clone(),
-            key,
-            version,
-            previous,
-        }))
-    }
-
-    /// Restores the version before `undo`'s message, unless a newer one was admitted since.
-    pub fn undo(&self, undo: Undo) {
-        let Undo {
-            route,
-            key,
-            version,
-            previous,
-        } = undo;
-        {
-            let mut newest = self.lock();
-            let slot = (route.clone(), key.clone());
-            if newest.get(&slot) != Some(&version) {
-                return;
-            }
-            match &previous {
-                Some(p) => newest.insert(slot, p.clone()),
-                None => newest.remove(&slot),
-            };
         }
-        self.persist(route, key, previous.map(|p| p.text()));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Version>> {
-        self.newest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Submits the newest version of a key (`None`: forget the key). Fire and forget: the
-    /// writer runs jobs in order, so this commits with or before the message's own row.
-    fn persist(&self, route: String, key: String, version: Option<String>) {
-        let wall = Stamp::now().wall_ms;
-        drop(self.db.submit(move |conn| {
-            match version {
-                Some(text) => conn
-                    .prepare_cached(
-                        "INSERT INTO route_versions (route, key, version, updated_wall) \
-                         VALUES (?1, ?2, ?3, ?4) \
-                         ON CONFLICT (route, key) DO UPDATE SET version = ?3, updated_wall = ?4",
-                    )?
-                    .execute(params![route, key, text, wall])?,
-                None => conn
-                    .prepare_cached("DELETE FROM route_versions WHERE route = ?1 AND key = ?2")?
-                    .execute(params![route, key])?,
-            };
-            Ok(())
-        }));
     }
 
     /// Messages dropped as outdated since start, both directions.
@@ -335,18 +420,17 @@ mod tests {
         assert_eq!(version_of(&json("ts"), &m), None);
     }
 
-    #[tokio::test]
-    async fn newest_versions_survive_a_restart_and_outdated_ones_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
+    fn route_with_version() -> crate::route::Routes {
         let cfg = crate::config::Config::parse(
             "train_id = \"T1\"\n[[route]]\nname = \"r\"\ndirection = \"up\"\nlocal = \"a/#\"\nremote = \"b/#\"\nversion = { user_property = \"seq\" }\n",
             std::path::Path::new("t.toml"),
         )
         .unwrap();
-        let routes = crate::route::Routes::from_config(&cfg);
-        let (route, _) = routes.up("a/x").unwrap();
-        let m = |topic: &str, seq: &str| Message {
+        crate::route::Routes::from_config(&cfg)
+    }
+
+    fn m(topic: &str, seq: &str) -> Message {
+        Message {
             topic: topic.into(),
             payload: bytes::Bytes::from_static(b"p"),
             qos: crate::message::QoS::AtLeastOnce,
@@ -357,15 +441,63 @@ mod tests {
             },
             accepted: Stamp::now(),
             deadline: None,
+        }
+    }
+
+    /// Admits `msg` and commits its version as the message's store job would; false if it is
+    /// outdated.
+    async fn admit(f: &Freshness, db: &Db, route: &Route, msg: &Message) -> bool {
+        match f.check(route, msg) {
+            Check::Fresh(Some(a)) => {
+                let write = a.write();
+                db.run(write).await.unwrap();
+                a.settle(true);
+                true
+            }
+            Check::Fresh(None) => true,
+            Check::Outdated => false,
+            Check::Wait(_) => panic!("nothing is pending in this test"),
+        }
+    }
+
+    async fn open_queue(db: &Db, max_bytes: u64) -> crate::store::queue::Queue {
+        let config = crate::store::queue::QueueConfig {
+            max_bytes,
+            when_full: crate::store::queue::WhenFull::RejectNew,
         };
+        crate::store::queue::Queue::open(db.clone(), config)
+            .await
+            .unwrap()
+    }
+
+    fn entry(msg: &Message) -> crate::store::queue::NewEntry {
+        crate::store::queue::NewEntry {
+            route: "r".into(),
+            priority: 5,
+            message: msg.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn newest_versions_survive_a_restart_and_outdated_ones_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let routes = route_with_version();
+        let (route, _) = routes.up("a/x").unwrap();
         {
             let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
             let f = Freshness::load(db.clone()).await.unwrap();
-            assert!(f.admit(route, &m("a/x", "7")));
-            assert!(f.admit(route, &m("a/x", "9")));
-            assert!(!f.admit(route, &m("a/x", "7")), "a resend of 7 after 9");
-            assert!(!f.admit(route, &m("a/x", "9")), "equal is not newer");
-            assert!(f.admit(route, &m("a/y", "1")), "another key");
+            assert!(admit(&f, &db, route, &m("a/x", "7")).await);
+            assert!(admit(&f, &db, route, &m("a/x", "9")).await);
+            assert!(
+                !admit(&f, &db, route, &m("a/x", "7")).await,
+                "a resend of 7 after 9"
+            );
+            assert!(
+                !admit(&f, &db, route, &m("a/x", "9")).await,
+                "equal is not newer"
+            );
+            assert!(admit(&f, &db, route, &m("a/y", "1")).await, "another key");
             assert_eq!(f.suppressed(), 2);
             drop(f);
             drop(db);
@@ -373,24 +505,133 @@ mod tests {
         }
         let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
         let f = Freshness::load(db.clone()).await.unwrap();
-        assert!(!f.admit(route, &m("a/x", "8")), "9 was stored");
-        assert!(f.admit(route, &m("a/x", "10")));
+        assert!(!admit(&f, &db, route, &m("a/x", "8")).await, "9 was stored");
+        assert!(admit(&f, &db, route, &m("a/x", "10")).await);
         assert_eq!(f.suppressed(), 1);
 
         // A message that could not be stored is taken back: its retry passes.
-        let Check::Fresh(Some(undo)) = f.check(route, &m("a/x", "11")) else {
+        let Check::Fresh(Some(a)) = f.check(route, &m("a/x", "11")) else {
             panic!("11 is fresh");
         };
-        f.undo(undo);
-        assert!(f.admit(route, &m("a/x", "11")), "the retry of 11 passes");
-        // Taking back an older admission after a newer one changes nothing.
-        let Check::Fresh(Some(undo)) = f.check(route, &m("a/z", "1")) else {
-            panic!("a new key is fresh");
+        a.settle(false);
+        assert!(
+            admit(&f, &db, route, &m("a/x", "11")).await,
+            "the retry of 11 passes"
+        );
+        // An admission dropped unsettled counts as not committed.
+        let Check::Fresh(Some(a)) = f.check(route, &m("a/x", "12")) else {
+            panic!("12 is fresh");
         };
-        assert!(f.admit(route, &m("a/z", "2")));
-        f.undo(undo);
-        assert!(!f.admit(route, &m("a/z", "2")));
+        drop(a);
+        assert!(admit(&f, &db, route, &m("a/x", "12")).await);
         drop(f);
+        drop(db);
+        thread.join();
+    }
+
+    /// The kill-between-commits window: a version admitted but whose message never committed
+    /// (the process died first, or the store refused the row) is not in the store after a
+    /// restart, so the iPad's resend passes. Before the version row moved into the message's
+    /// own job, `check` committed it on its own, and the resend here was judged outdated.
+    #[tokio::test]
+    async fn a_version_is_stored_only_with_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let routes = route_with_version();
+        let (route, _) = routes.up("a/x").unwrap();
+        {
+            let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
+            let f = Freshness::load(db.clone()).await.unwrap();
+            let queue = open_queue(&db, 1 << 20).await;
+            // Admitted, then killed before the message's job ran.
+            let Check::Fresh(Some(lost)) = f.check(route, &m("a/x", "7")) else {
+                panic!("7 is fresh");
+            };
+            // Admitted with a row the store refuses (larger than the whole store).
+            let mut big = m("a/y", "3");
+            big.payload = bytes::Bytes::from(vec![b'x'; 2 << 20]);
+            let Check::Fresh(Some(refused)) = f.check(route, &big) else {
+                panic!("3 is fresh");
+            };
+            let done = queue.enqueue_with(entry(&big), None, Some(refused.write()));
+            assert!(matches!(done.await.unwrap(), Err(StoreError::Full)));
+            // Stored with its message.
+            let Check::Fresh(Some(kept)) = f.check(route, &m("a/z", "5")) else {
+                panic!("5 is fresh");
+            };
+            let done = queue.enqueue_with(entry(&m("a/z", "5")), None, Some(kept.write()));
+            done.await.unwrap().unwrap();
+            // The process ends: nothing more is written.
+            drop((lost, refused, kept));
+            drop((f, queue));
+            drop(db);
+            thread.join();
+        }
+        let (db, thread) = Db::open(&path, crate::store::Synchronous::Normal).unwrap();
+        let f = Freshness::load(db.clone()).await.unwrap();
+        assert!(
+            admit(&f, &db, route, &m("a/x", "7")).await,
+            "the resend of a message that never committed passes"
+        );
+        assert!(
+            admit(&f, &db, route, &m("a/y", "3")).await,
+            "the retry of a refused message passes"
+        );
+        assert!(
+            !admit(&f, &db, route, &m("a/z", "5")).await,
+            "a committed message's version is kept"
+        );
+        drop(f);
+        drop(db);
+        thread.join();
+    }
+
+    /// An outdated verdict only against a committed version: a resend compared with a copy
+    /// whose commit is pending waits; if that commit fails (store full under `reject_new`) the
+    /// resend is admitted, if it succeeds the resend is outdated. Before, the resend was judged
+    /// outdated at once, acknowledged, and lost with the failed copy.
+    #[tokio::test]
+    async fn a_resend_waits_for_the_commit_it_is_compared_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) =
+            Db::open(&dir.path().join("s.db"), crate::store::Synchronous::Normal).unwrap();
+        let routes = route_with_version();
+        let (route, _) = routes.up("a/x").unwrap();
+        let f = Freshness::load(db.clone()).await.unwrap();
+        let queue = open_queue(&db, 4096).await;
+        let mut big = m("a/x", "5");
+        big.payload = bytes::Bytes::from(vec![b'x'; 8192]);
+        for (msg, commits) in [(big, false), (m("a/x", "6"), true)] {
+            // Hold the writer so the first copy's commit is pending while the resend arrives.
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let blocker = db.submit(move |_| {
+                let _ = held.recv();
+                Ok(())
+            });
+            let Check::Fresh(Some(first)) = f.check(route, &msg) else {
+                panic!("the first copy is fresh");
+            };
+            let committed = queue.enqueue_with(entry(&msg), None, Some(first.write()));
+            let Check::Wait(mut settled) = f.check(route, &msg) else {
+                panic!("the resend must wait for the first copy's commit");
+            };
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            let outcome = committed.await.unwrap();
+            assert_eq!(outcome.is_ok(), commits, "{outcome:?}");
+            first.settle(outcome.is_ok());
+            settled.changed().await.unwrap();
+            let again = f.admit_committed(route, &msg).await;
+            if commits {
+                assert!(again.is_none(), "a resend of a committed copy is outdated");
+            } else {
+                assert!(
+                    matches!(again, Some(Some(_))),
+                    "a resend of a copy that failed to commit is fresh"
+                );
+            }
+        }
+        drop((f, queue));
         drop(db);
         thread.join();
     }

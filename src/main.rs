@@ -113,7 +113,10 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(c) => {
+                if let Some(note) = c.builtin_routes_note(&config) {
+                    println!("{note}");
+                }
                 println!("config {}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -134,6 +137,9 @@ fn main() -> ExitCode {
                 None => Config::builtin(),
             };
             trainrelay::logging::init_for(&config.train_id, &config.log.level);
+            if let Some(note) = file.as_ref().and_then(|f| config.builtin_routes_note(f)) {
+                log::warn!("{note}");
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -11,7 +11,7 @@ use crate::broker::{
 };
 use crate::clock::Stamp;
 use crate::config::Conflate;
-use crate::freshness::{Check, Freshness};
+use crate::freshness::{Admission, Check, Freshness};
 use crate::message::{Message, Properties, QoS};
 use crate::route::SharedRoutes;
 use crate::store::queue::{NewEntry, Queue};
@@ -104,25 +104,62 @@ impl RelayHooks {
     }
 }
 
-/// Whether `filter` could match a topic `{prefix}/{other}/...` of a client other than `own`.
-/// Levels are compared one by one: a literal that differs from the prefix means "no"; `#` at or
-/// before the device level, or `+` / another client's id at the device level, means "yes".
-fn may_reach_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
+type Enqueued = tokio::sync::oneshot::Receiver<Result<i64, StoreError>>;
+
+/// Queues `entry`, with the version row of `admission` in the same transaction.
+fn enqueue(
+    queue: &Queue,
+    entry: NewEntry,
+    conflate_key: Option<String>,
+    admission: &Option<Admission>,
+) -> Enqueued {
+    queue.enqueue_with(
+        entry,
+        conflate_key,
+        admission.as_ref().map(Admission::write),
+    )
+}
+
+/// The iPad's verdict from the enqueue's outcome; settles the admitted version with it.
+fn settle(
+    committed: Result<Result<i64, StoreError>, tokio::sync::oneshot::error::RecvError>,
+    admission: Option<Admission>,
+) -> Result<(), RejectReason> {
+    let answer = match committed {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(StoreError::Full)) => Err(RejectReason::QuotaExceeded),
+        Ok(Err(e)) => {
+            log::error!("store: cannot accept a message: {e}");
+            Err(RejectReason::UnspecifiedError)
+        }
+        Err(_) => Err(RejectReason::UnspecifiedError),
+    };
+    if let Some(admission) = admission {
+        admission.settle(answer.is_ok());
+    }
+    answer
+}
+
+async fn store(
+    queue: &Queue,
+    entry: NewEntry,
+    conflate_key: Option<String>,
+    admission: Option<Admission>,
+) -> Result<(), RejectReason> {
+    let committed = enqueue(queue, entry, conflate_key, &admission).await;
+    settle(committed, admission)
+}
+
+/// Whether `filter` names another client's device level literally (`{prefix}/{other}` or
+/// `{prefix}/{other}/...`, wildcards after it or not): it could never receive anything.
+fn names_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
     let mut levels = filter.split('/');
     for p in prefix {
-        match levels.next() {
-            None => return false,
-            Some("#") => return true,
-            Some("+") => {}
-            Some(l) if l == p => {}
-            Some(_) => return false,
+        if levels.next() != Some(p.as_str()) {
+            return false;
         }
     }
-    match levels.next() {
-        None => false,
-        Some("#") | Some("+") => true,
-        Some(id) => id != own,
-    }
+    matches!(levels.next(), Some(id) if id != own && id != "+" && id != "#")
 }
 
 /// Whether `topic` is `{prefix}/{id}/...` for an `id` other than `own`.
@@ -156,9 +193,7 @@ impl Hooks for RelayHooks {
                 .as_ref()
                 .map_or(true, |a| a.may_subscribe(client, filter));
         };
-        let explicit_other = may_reach_other_device(prefix, filter, &client.client_id)
-            && !filter.contains(['+', '#']);
-        !explicit_other
+        !names_other_device(prefix, filter, &client.client_id)
             && self
                 .auth
                 .as_ref()
@@ -187,15 +222,20 @@ impl Hooks for RelayHooks {
     fn ingest(&self, _client: &ClientInfo, msg: &Message) -> Ingest {
         let routes = self.routes.load();
         let Some((route, remote_topic)) = routes.up(&msg.topic) else {
-            return Ingest::Accept;
+            // No uplink route takes it: only local subscribers may; a v5 publisher learns when
+            // nobody does (PUBACK 0x10).
+            return Ingest::Unrouted;
         };
-        let mut undo = None;
+        let mut admission = None;
+        let mut must_wait = false;
         if let Some(freshness) = &self.freshness {
             match freshness.check(route, msg) {
-                // Accept and drop: the iPad's resend is answered, the central broker never
-                // sees the outdated message.
+                // Outdated against a committed version: accept and drop; the iPad's resend is
+                // answered, the central broker never sees the outdated message.
                 Check::Outdated => return Ingest::Accept,
-                Check::Fresh(u) => undo = u.map(|u| (Arc::clone(freshness), u)),
+                Check::Fresh(a) => admission = a,
+                // Not newer than a version whose commit is pending: the verdict waits for it.
+                Check::Wait(_) => must_wait = true,
             }
         }
         let conflate_key = (route.conflate == Conflate::Latest).then(|| route.key_of(msg));
@@ -220,25 +260,28 @@ impl Hooks for RelayHooks {
                 deadline,
             },
         };
-        let committed = self.queue.enqueue_keyed(entry, conflate_key);
         let (verdict, pending) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let answer = match committed.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(StoreError::Full)) => Err(RejectReason::QuotaExceeded),
-                Ok(Err(e)) => {
-                    log::error!("store: cannot accept a message: {e}");
-                    Err(RejectReason::UnspecifiedError)
-                }
-                Err(_) => Err(RejectReason::UnspecifiedError),
+        let queue = self.queue.clone();
+        if must_wait {
+            let (Some(freshness), route, msg) =
+                (self.freshness.clone(), route.clone(), msg.clone())
+            else {
+                return Ingest::Reject(RejectReason::UnspecifiedError);
             };
-            if answer.is_err() {
-                if let Some((freshness, undo)) = undo {
-                    freshness.undo(undo);
-                }
-            }
-            let _ = verdict.send(answer);
-        });
+            tokio::spawn(async move {
+                let answer = match freshness.admit_committed(&route, &msg).await {
+                    None => Ok(()),
+                    Some(admission) => store(&queue, entry, conflate_key, admission).await,
+                };
+                let _ = verdict.send(answer);
+            });
+        } else {
+            // Submitted here, in arrival order, so the queue keeps the iPad's order.
+            let committed = enqueue(&queue, entry, conflate_key, &admission);
+            tokio::spawn(async move {
+                let _ = verdict.send(settle(committed.await, admission));
+            });
+        }
         Ingest::Pending(pending)
     }
 
@@ -276,14 +319,13 @@ mod tests {
     #[test]
     fn device_topics_are_private() {
         let p = prefix();
-        assert!(!may_reach_other_device(&p, "down/device/ipad1/#", "ipad1"));
-        assert!(may_reach_other_device(&p, "down/device/ipad2/#", "ipad1"));
-        assert!(may_reach_other_device(&p, "down/#", "ipad1"));
-        assert!(may_reach_other_device(&p, "down/device/+/x", "ipad1"));
-        assert!(may_reach_other_device(&p, "#", "ipad1"));
-        assert!(!may_reach_other_device(&p, "down/speed", "ipad1"));
-        assert!(!may_reach_other_device(&p, "down/device", "ipad1"));
-        assert!(!may_reach_other_device(&p, "up/#", "ipad1"));
+        assert!(names_other_device(&p, "down/device/ipad2/#", "ipad1"));
+        assert!(names_other_device(&p, "down/device/ipad2", "ipad1"));
+        assert!(names_other_device(&p, "down/device/ipad2/+/x", "ipad1"));
+        assert!(!names_other_device(&p, "down/device/ipad1/#", "ipad1"));
+        assert!(!names_other_device(&p, "down/device/+/x", "ipad1"));
+        assert!(!names_other_device(&p, "down/#", "ipad1"));
+        assert!(!names_other_device(&p, "down/speed", "ipad1"));
         assert!(is_other_device_topic(&p, "down/device/ipad2/msg", "ipad1"));
         assert!(!is_other_device_topic(&p, "down/device/ipad1/msg", "ipad1"));
         assert!(!is_other_device_topic(&p, "down/speed", "ipad1"));

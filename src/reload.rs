@@ -88,16 +88,38 @@ impl Reloader {
                 .all(|(a, b)| shape(a) == shape(b));
         let mut next = self.current.clone();
         if same_shape {
+            let mut changed = false;
             for (i, (a, b)) in old.routes.iter().zip(&new.routes).enumerate() {
+                let name = a.name.as_deref().unwrap_or("?");
+                // Keys that decide what is stored and how it is compared: queued rows and
+                // stored versions were made under the old ones.
+                for (key, differ) in [
+                    ("version", differs(&a.version, &b.version)),
+                    ("key", a.key != b.key),
+                    ("conflate", differs(&a.conflate, &b.conflate)),
+                    ("state", a.state != b.state),
+                    ("snapshot_topics", a.snapshot_topics != b.snapshot_topics),
+                ] {
+                    if differ {
+                        log::warn!(
+                            "SIGHUP: route {name}: changing `{key}` needs a restart; keeping the old value"
+                        );
+                        restart.push(format!("route[{i}].{key}"));
+                    }
+                }
+                let route = &mut next.routes[i];
                 if a.ttl != b.ttl {
                     applied.push(format!("route[{i}].ttl"));
+                    route.ttl = b.ttl;
+                    changed = true;
                 }
                 if a.priority != b.priority {
                     applied.push(format!("route[{i}].priority"));
+                    route.priority = b.priority;
+                    changed = true;
                 }
             }
-            if !applied.is_empty() {
-                next.routes = new.routes.clone();
+            if changed {
                 self.routes.store(Routes::from_config(&next));
             }
         } else {

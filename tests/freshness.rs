@@ -297,7 +297,18 @@ async fn a_device_topic_reaches_only_that_ipad() {
     one.subscribe("down/#").await;
     two.subscribe("down/#").await;
     two.subscribe("down/device/+/#").await;
-    two.subscribe("down/device/ipad1/#").await; // refused by the ACL
+    assert_eq!(
+        two.subscribe_reason("down/device/ipad1/#").await,
+        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized,
+        "another iPad's device topic is refused"
+    );
+    assert!(
+        matches!(
+            two.subscribe_reason("down/device/ipad2/#").await,
+            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+        ),
+        "its own device topic is allowed"
+    );
     let mut fleet = V5Client::connect(relay.local_port, "ipad3", true).await;
     fleet.subscribe("fleet/#").await;
 

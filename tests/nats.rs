@@ -23,12 +23,15 @@ struct Nats {
 impl Nats {
     /// `None` (with a message) when nats-server is not installed.
     async fn start(dir: &Path) -> Option<Nats> {
-        if Command::new("nats-server")
+        let installed = Command::new("nats-server")
             .arg("--version")
             .output()
-            .is_err()
-        {
-            eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+            .is_ok();
+        if !require_or_skip(
+            "nats",
+            installed,
+            "nats-server is not installed (apt-get install nats-server)",
+        ) {
             return None;
         }
         let dir = dir.join("nats");

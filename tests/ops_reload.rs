@@ -117,3 +117,60 @@ async fn sighup_applies_valid_and_rejects_invalid() {
     })
     .await;
 }
+
+/// A route's `key` (like `version`, `conflate`, `state`, `snapshot_topics`) needs a restart:
+/// a SIGHUP that changes it says so naming the route and keeps the old value, whether it comes
+/// alone or beside a `ttl` change that is applied. Seen in conflation: with the old key
+/// (`topic`) two messages of different vehicles on one topic still replace each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_keeps_route_keys_that_need_a_restart() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = Daemon::start(
+        tmp.path(),
+        &config("1h", "info", "conflate = \"latest\""),
+        &[],
+    )
+    .await;
+    let socket = relay.socket();
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    let rewrite = |ttl: &str, extra: &str| {
+        let text = config(ttl, "info", extra)
+            .replace("{local_port}", &relay.local_port.to_string())
+            .replace("{dir}", &relay.dir.display().to_string());
+        std::fs::write(&relay.config_path, text).unwrap();
+    };
+    let vehicle = |v: &str| PublishProperties {
+        user_properties: vec![("vehicle".into(), v.into())],
+        ..Default::default()
+    };
+    let warning = "route up:up/#: changing `key` needs a restart; keeping the old value";
+
+    // The key alone.
+    rewrite("1h", "conflate = \"latest\"\nkey = \"vehicle\"");
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log(warning, WAIT).await;
+    assert!(!relay.log().contains("nothing changed"), "{}", relay.log());
+    for v in ["v1", "v2"] {
+        ipad.publish_acked("up/pos", payloads(v, 1), Some(vehicle(v)))
+            .await;
+    }
+    let s = query(&socket, "status");
+    assert_eq!(route_depth(&s, "up:up/#"), 1, "conflated by topic: {s}");
+
+    // The key beside a ttl change: the ttl applies, the key does not.
+    rewrite("2h", "conflate = \"latest\"\nkey = \"vehicle\"");
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("applied route[0].ttl", WAIT).await;
+    assert_eq!(relay.log().matches(warning).count(), 2, "{}", relay.log());
+    for v in ["v3", "v4"] {
+        ipad.publish_acked("up/pos", payloads(v, 1), Some(vehicle(v)))
+            .await;
+    }
+    let s = query(&socket, "status");
+    assert_eq!(
+        route_depth(&s, "up:up/#"),
+        1,
+        "still conflated by topic: {s}"
+    );
+}

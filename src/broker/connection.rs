@@ -95,6 +95,8 @@ struct PendingIn {
     msg: Message,
     verdict: Verdict,
     acl_denied: bool,
+    /// The ingest hook keeps no copy ([`Ingest::Unrouted`]).
+    unrouted: bool,
 }
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -1057,6 +1059,7 @@ impl Conn {
                 .expiry
                 .map(|s| accepted.plus(Duration::from_secs(u64::from(s)))),
         };
+        let mut unrouted = false;
         let (verdict, acl_denied) = if !self.shared.hooks.may_publish(&self.info, &msg.topic) {
             log::info!(
                 "local broker: '{}' may not publish to '{}'; dropped",
@@ -1068,6 +1071,10 @@ impl Conn {
         } else {
             let v = match self.shared.hooks.ingest(&self.info, &msg) {
                 Ingest::Accept => Verdict::Ready(Ok(())),
+                Ingest::Unrouted => {
+                    unrouted = true;
+                    Verdict::Ready(Ok(()))
+                }
                 Ingest::Reject(r) => Verdict::Ready(Err(r)),
                 Ingest::Pending(rx) => Verdict::Waiting(rx),
             };
@@ -1079,6 +1086,7 @@ impl Conn {
             msg,
             verdict,
             acl_denied,
+            unrouted,
         });
         Ok(())
     }
@@ -1137,8 +1145,14 @@ impl Conn {
         let code = match result {
             Ok(()) => {
                 self.shared.lock().stats.messages_in += 1;
-                let _ = self.shared.publish(p.msg, Some(&self.info.client_id));
-                0
+                let (_, reached) = self
+                    .shared
+                    .publish_reaching(p.msg, Some(&self.info.client_id));
+                if p.unrouted && reached == 0 && self.protocol == Protocol::V5 {
+                    0x10
+                } else {
+                    0
+                }
             }
             Err(r) if p.acl_denied && self.protocol == Protocol::V311 => {
                 let _ = r;

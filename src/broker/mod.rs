@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 
 use crate::message::Message;
 use crate::shutdown::Shutdown;
-use crate::store::{Db, StoreError};
+use crate::store::{Db, StoreError, StoreWrite};
 use router::Shared;
 
 /// Limits and settings of the local broker.
@@ -146,6 +146,10 @@ pub enum RejectReason {
 pub enum Ingest {
     /// Acknowledge and deliver now.
     Accept,
+    /// Acknowledge and deliver now; the hook keeps no copy (no route takes the message). A v5
+    /// publisher that no local subscriber takes either gets reason 0x10 (No matching
+    /// subscribers), a success code: the publisher learns the message went nowhere.
+    Unrouted,
     /// Refuse now.
     Reject(RejectReason),
     /// The verdict comes later (after a store commit); the broker acknowledges the client only
@@ -524,6 +528,25 @@ impl BrokerHandle {
             }
         };
         held.payload == msg.payload && !held.is_expired(&now) && lives_as_long
+    }
+
+    /// [`BrokerHandle::inject`] that commits `also` in the same transaction as the message's
+    /// durable part (the downlink's route version next to the message it admits).
+    pub async fn inject_with(&self, msg: Message, also: StoreWrite) -> Result<(), BrokerError> {
+        if self.shared.is_closed() {
+            return Err(BrokerError::Closed);
+        }
+        if let Err(e) = crate::topic::validate_name(&msg.topic) {
+            return Err(BrokerError::InvalidTopic {
+                topic: msg.topic,
+                reason: e.to_string(),
+            });
+        }
+        self.shared
+            .publish_with(msg, also)
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(())
     }
 
     /// Connected clients.

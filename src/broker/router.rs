@@ -20,7 +20,7 @@ use super::session::{Delivery, Session};
 use super::{BrokerConfig, BrokerEvent, BrokerStats, ClientInfo, Hooks, Ingest};
 use crate::clock::Stamp;
 use crate::message::{Message, QoS};
-use crate::store::{Db, StoreError};
+use crate::store::{Db, StoreError, StoreWrite};
 
 pub type Commit = oneshot::Receiver<Result<(), StoreError>>;
 
@@ -206,11 +206,33 @@ impl Shared {
     /// Routes `msg` to every matching session and applies its retain flag. `publisher`: the
     /// client id of the sender, for No Local. Returns the commit of the durable part.
     pub fn publish(&self, msg: Message, publisher: Option<&str>) -> Option<Commit> {
+        self.publish_reaching(msg, publisher).0
+    }
+
+    /// [`Shared::publish`] whose durable part also runs `also`, in the same store job, and is
+    /// always submitted (so the caller learns when `also` is committed).
+    pub fn publish_with(&self, msg: Message, also: StoreWrite) -> Commit {
         let msg = Arc::new(msg);
         let mut st = self.lock();
         let mut ops = Vec::new();
-        self.route_locked(&mut st, &msg, publisher, &mut ops);
-        self.submit(ops)
+        self.route_locked(&mut st, &msg, None, &mut ops);
+        self.db.submit(move |conn| {
+            also(conn)?;
+            persist::apply(conn, &ops)
+        })
+    }
+
+    /// [`Shared::publish`] that also tells how many sessions the message was queued for.
+    pub fn publish_reaching(
+        &self,
+        msg: Message,
+        publisher: Option<&str>,
+    ) -> (Option<Commit>, usize) {
+        let msg = Arc::new(msg);
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        let reached = self.route_locked(&mut st, &msg, publisher, &mut ops);
+        (self.submit(ops), reached)
     }
 
     fn route_locked(
@@ -219,7 +241,7 @@ impl Shared {
         msg: &Arc<Message>,
         publisher: Option<&str>,
         ops: &mut Vec<Op>,
-    ) {
+    ) -> usize {
         if msg.retain {
             if st.retained.apply(msg) {
                 ops.push(Op::UpsertRetained(Arc::clone(msg)));
@@ -239,6 +261,7 @@ impl Shared {
                 targets.push((cid.clone(), m));
             }
         }
+        let reached = targets.len();
         for (cid, m) in targets {
             let d = Delivery {
                 msg: Arc::clone(msg),
@@ -249,6 +272,7 @@ impl Shared {
             };
             st.enqueue(&cid, d, self.config.max_queued_messages, ops);
         }
+        reached
     }
 
     /// Publishes a client's will: through the ingest hook (so it reaches the uplink queue like
@@ -276,7 +300,7 @@ impl Shared {
             topic: msg.topic.clone(),
         };
         match self.hooks.ingest(&info, &msg) {
-            Ingest::Accept => {
+            Ingest::Accept | Ingest::Unrouted => {
                 self.lock().stats.messages_in += 1;
                 let _ = self.publish(msg, Some(&info.client_id));
                 self.hooks.on_event(event);

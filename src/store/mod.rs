@@ -79,6 +79,10 @@ pub enum Synchronous {
     Normal,
 }
 
+/// A write that another module's state needs committed together with a store job's own rows
+/// (a route's version next to the message it admits): run inside that job's savepoint.
+pub type StoreWrite = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A read runs against the reader connection.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;

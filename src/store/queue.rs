@@ -91,7 +91,7 @@ use tokio::sync::{oneshot, watch};
 
 pub mod dead_letter;
 
-use super::{Db, StoreError};
+use super::{Db, StoreError, StoreWrite};
 use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};
 
@@ -398,6 +398,17 @@ impl Queue {
         e: NewEntry,
         conflate_key: Option<String>,
     ) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_with(e, conflate_key, None)
+    }
+
+    /// [`Queue::enqueue_keyed`] that also runs `also` in the same job: it commits with the row
+    /// or, if the row is refused (full) or the commit fails, not at all.
+    pub fn enqueue_with(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+        also: Option<StoreWrite>,
+    ) -> oneshot::Receiver<Result<i64, StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
         let props = encode_props(&e.message.properties);
@@ -405,6 +416,9 @@ impl Queue {
         let priority = e.priority.min(LOWEST_PRIORITY);
         self.db.submit_then(
             move |conn| {
+                if let Some(also) = also {
+                    also(conn)?;
+                }
                 shared.sync_totals(conn)?;
                 let QueueConfig {
                     max_bytes,

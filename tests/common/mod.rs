@@ -47,6 +47,34 @@ fn kill(child: &mut Child, signal: i32) {
     let _ = nix::sys::signal::kill(pid, sig);
 }
 
+/// Whether the environment says this is CI (`CI` set to anything but "", "0" or "false").
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// The one place a test gives up for a missing prerequisite: prints "SKIPPED" and returns
+/// false; under CI it fails the test instead, so a broken install step cannot turn CI green.
+pub fn require_or_skip(test: &str, available: bool, missing: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !under_ci(),
+        "{test}: {missing}; CI is set, so this is a failure, not a skip"
+    );
+    eprintln!("SKIPPED {test}: {missing}");
+    false
+}
+
+/// [`require_or_skip`] for tests that need root (network namespaces, iptables).
+pub fn require_root_or_skip(test: &str) -> bool {
+    require_or_skip(
+        test,
+        nix::unistd::geteuid().is_root(),
+        "network namespaces need root (CI runs as root)",
+    )
+}
+
 /// A Mosquitto process playing the central broker, with persistence on.
 pub struct Central {
     pub port: u16,
@@ -186,6 +214,8 @@ impl Relay {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
+            // Relative default paths (store, status socket) land in the test's own directory.
+            .current_dir(&self.dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -279,6 +309,7 @@ pub struct V5Client {
     pub client: AsyncClient,
     pub messages: mpsc::UnboundedReceiver<Publish>,
     pub acks: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::PubAck>,
+    pub subacks: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::SubAck>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -306,6 +337,7 @@ impl V5Client {
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, messages) = mpsc::unbounded_channel();
         let (ack_tx, acks) = mpsc::unbounded_channel();
+        let (suback_tx, subacks) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(async move {
@@ -322,6 +354,9 @@ impl V5Client {
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
                         let _ = ack_tx.send(a);
                     }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let _ = suback_tx.send(a);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
@@ -335,6 +370,7 @@ impl V5Client {
             client,
             messages,
             acks,
+            subacks,
             task,
         }
     }
@@ -348,7 +384,25 @@ impl V5Client {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    /// Publishes QoS 1 messages and waits until `n` PUBACKs came back.
+    /// Subscribes to one filter and returns the SUBACK's reason code for it.
+    pub async fn subscribe_reason(
+        &mut self,
+        filter: &str,
+    ) -> rumqttc::v5::mqttbytes::v5::SubscribeReasonCode {
+        while self.subacks.try_recv().is_ok() {}
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(30), self.subacks.recv())
+            .await
+            .expect("SUBACK not received within 30 s")
+            .expect("client ended");
+        assert_eq!(ack.return_codes.len(), 1, "{ack:?}");
+        ack.return_codes[0]
+    }
+
+    /// Publishes QoS 1 messages and waits until `n` PUBACKs came back, each a success.
     pub async fn publish_acked(
         &mut self,
         topic: &str,
@@ -372,10 +426,16 @@ impl V5Client {
             n += 1;
         }
         for _ in 0..n {
-            tokio::time::timeout(Duration::from_secs(30), self.acks.recv())
+            let ack = tokio::time::timeout(Duration::from_secs(30), self.acks.recv())
                 .await
                 .expect("PUBACK not received within 30 s")
                 .expect("client ended");
+            assert_eq!(
+                ack.reason,
+                rumqttc::v5::mqttbytes::v5::PubAckReason::Success,
+                "PUBACK {} on '{topic}' is not a success",
+                ack.pkid
+            );
         }
         n
     }

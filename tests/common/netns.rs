@@ -30,14 +30,10 @@ pub const CONTROL_PORT: u16 = 1884;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// True when the tests can create namespaces; otherwise prints why the test is skipped.
+/// True when the tests can create namespaces; otherwise says why the test is skipped, or fails
+/// it under CI ([`super::require_root_or_skip`]).
 pub fn can_fault(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("SKIPPED {test}: network namespaces need root (CI runs as root)");
-        false
-    }
+    super::require_root_or_skip(test)
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
