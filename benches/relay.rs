@@ -16,7 +16,8 @@
 //! - `BENCH_QUICK=1`: a smoke run for CI (few messages, one repetition, short phases);
 //! - `BENCH_REPS` (3), `BENCH_MSGS` (100000), `BENCH_LATENCY_SECS` (20), `BENCH_RATE` (1000),
 //!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
-//!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`),
+//!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`), `BENCH_TOPICS` (16: messages go
+//!   round-robin to `up/bench/0..15`, as a train publishes on many topics),
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
 //!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test),
@@ -61,6 +62,11 @@ struct Opts {
     workloads: Vec<String>,
     setups: Vec<Setup>,
     out: PathBuf,
+}
+
+/// Topics the publishers spread their messages over (`BENCH_TOPICS`, 16).
+fn opts_topics() -> u64 {
+    env("BENCH_TOPICS", 16u64).max(1)
 }
 
 fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -303,6 +309,7 @@ impl Rig {
             port: self.entry_port(),
             client_id: id.to_string(),
             topic: self.setup.topic().to_string(),
+            topics: opts_topics(),
             first_seq,
             count,
             window,
@@ -688,6 +695,24 @@ async fn cellular(opts: &Opts, res: &mut Results) {
                 "cellular_throughput_msgs_per_s",
                 n as f64 / (last - started).as_secs_f64(),
             );
+            // Flow control kept: the most any connection ever had in flight, and its window.
+            let windows = rig
+                .local
+                .as_ref()
+                .map(|l| l.uplink_windows())
+                .unwrap_or_default();
+            if let Some(most) = windows.iter().map(|w| w.1).max() {
+                let window = windows.iter().map(|w| w.0).max().unwrap_or(0);
+                res.add("cellular", name, rep, "cellular_max_in_flight", most as f64);
+                res.add("cellular", name, rep, "cellular_window", window as f64);
+                res.add(
+                    "cellular",
+                    name,
+                    rep,
+                    "cellular_connections",
+                    windows.len() as f64,
+                );
+            }
             res.add(
                 "cellular",
                 name,

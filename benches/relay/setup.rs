@@ -239,6 +239,43 @@ impl Central {
 pub struct Local {
     pub port: u16,
     pub proc: Proc,
+    /// trainrelay's status socket (none for the bridge).
+    pub status: Option<PathBuf>,
+}
+
+impl Local {
+    /// The uplink connections' (window, most in flight) from trainrelay's status socket.
+    pub fn uplink_windows(&self) -> Vec<(u64, u64)> {
+        use std::io::{BufRead, BufReader};
+        let Some(path) = &self.status else {
+            return Vec::new();
+        };
+        let ask = || -> std::io::Result<String> {
+            let mut s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"{\"v\":1,\"query\":\"status\"}\n")?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            Ok(line)
+        };
+        let Ok(line) = ask() else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        v["status"]["uplink"]["connections"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|c| {
+                        (
+                            c["window"].as_u64().unwrap_or(0),
+                            c["max_in_flight"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Local Mosquitto with a bridge section as a team would deploy it: QoS 1 topics, clean
@@ -268,7 +305,11 @@ pub async fn start_bridge(dir: &Path, central: SocketAddr) -> Local {
     cmd.arg("-c").arg(&conf);
     let proc = Proc::spawn("bridge mosquitto", cmd, &dir.join("log"));
     wait_for_port(port, Duration::from_secs(20)).await;
-    Local { port, proc }
+    Local {
+        port,
+        proc,
+        status: None,
+    }
 }
 
 /// trainrelay with its default durability (`synchronous = "full"`, the iPad acknowledged only
@@ -315,7 +356,11 @@ remote = "trains/T1/up/#"
         .env("RUST_LOG", "warn");
     let proc = Proc::spawn("trainrelay", cmd, &dir.join("log"));
     wait_for_port(port, Duration::from_secs(30)).await;
-    Local { port, proc }
+    Local {
+        port,
+        proc,
+        status: Some(dir.join("status.sock")),
+    }
 }
 
 /// The release binary cargo built alongside this benchmark (override: `TRAINRELAY_BIN`).

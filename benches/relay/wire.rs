@@ -203,7 +203,10 @@ pub struct PubReport {
 pub struct PubSpec {
     pub port: u16,
     pub client_id: String,
+    /// Messages go to `{topic}/{seq % topics}`: a train publishes on many topics (positions,
+    /// doors, diagnostics, acknowledgements), and per-topic order is what MQTT keeps.
     pub topic: String,
+    pub topics: u64,
     /// Sequence numbers `first_seq .. first_seq + count` go into the payloads.
     pub first_seq: u64,
     pub count: u64,
@@ -251,6 +254,9 @@ pub async fn publish(spec: PubSpec, epoch: Instant) -> io::Result<PubReport> {
     let started = Instant::now();
     let interval = spec.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let mut pkt = Vec::with_capacity(PAYLOAD + 64);
+    let topics: Vec<String> = (0..spec.topics.max(1))
+        .map(|k| format!("{}/{k}", spec.topic))
+        .collect();
     for i in 0..count {
         if let Some(interval) = interval {
             let due = started + interval.mul_f64(i as f64);
@@ -272,7 +278,9 @@ pub async fn publish(spec: PubSpec, epoch: Instant) -> io::Result<PubReport> {
         let pkid = (i % 65535) as u16 + 1;
         let now = epoch.elapsed().as_nanos() as u64;
         sent_at[usize::from(pkid)].store(now, Ordering::Relaxed);
-        encode_publish(&mut pkt, &spec.topic, pkid, now, spec.first_seq + i);
+        let seq = spec.first_seq + i;
+        let topic = &topics[(seq % topics.len() as u64) as usize];
+        encode_publish(&mut pkt, topic, pkid, now, seq);
         wr.write_all(&pkt).await?;
         if interval.is_some() {
             wr.flush().await?;
