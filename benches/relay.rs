@@ -18,6 +18,7 @@
 //!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
 //!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`), `BENCH_TOPICS` (16: messages go
 //!   round-robin to `up/bench/0..15`, as a train publishes on many topics),
+//!   `BENCH_RELAY_CONNECTIONS` (4: trainrelay's `uplink.connections`),
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
 //!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test),
@@ -712,6 +713,19 @@ async fn cellular(opts: &Opts, res: &mut Results) {
                     "cellular_connections",
                     windows.len() as f64,
                 );
+                // How evenly the topics spread: the busiest connection's share over an even one.
+                let total: u64 = windows.iter().map(|w| w.2).sum();
+                let busiest = windows.iter().map(|w| w.2).max().unwrap_or(0);
+                if total > 0 {
+                    let even = total as f64 / windows.len() as f64;
+                    res.add(
+                        "cellular",
+                        name,
+                        rep,
+                        "cellular_busiest_share",
+                        busiest as f64 / even,
+                    );
+                }
             }
             res.add(
                 "cellular",

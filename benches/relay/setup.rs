@@ -244,8 +244,9 @@ pub struct Local {
 }
 
 impl Local {
-    /// The uplink connections' (window, most in flight) from trainrelay's status socket.
-    pub fn uplink_windows(&self) -> Vec<(u64, u64)> {
+    /// The uplink connections' (window, most in flight, forwarded) from trainrelay's status
+    /// socket.
+    pub fn uplink_windows(&self) -> Vec<(u64, u64, u64)> {
         use std::io::{BufRead, BufReader};
         let Some(path) = &self.status else {
             return Vec::new();
@@ -270,6 +271,7 @@ impl Local {
                         (
                             c["window"].as_u64().unwrap_or(0),
                             c["max_in_flight"].as_u64().unwrap_or(0),
+                            c["forwarded"].as_u64().unwrap_or(0),
                         )
                     })
                     .collect()
@@ -333,6 +335,7 @@ listen = "127.0.0.1:{port}"
 url = "mqtt://{central}"
 backoff_min = "100ms"
 backoff_max = "1s"
+connections = {connections}
 
 [store]
 path = "{dir}/store.db"
@@ -346,7 +349,8 @@ direction = "up"
 local = "up/#"
 remote = "trains/T1/up/#"
 "#,
-            dir = dir.display()
+            dir = dir.display(),
+            connections = relay_connections(),
         ),
     );
     let mut cmd = Command::new(relay_binary());
@@ -361,6 +365,14 @@ remote = "trains/T1/up/#"
         proc,
         status: Some(dir.join("status.sock")),
     }
+}
+
+/// trainrelay's `uplink.connections` (`BENCH_RELAY_CONNECTIONS`, default 4 like the daemon's).
+pub fn relay_connections() -> u64 {
+    std::env::var("BENCH_RELAY_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
 }
 
 /// The release binary cargo built alongside this benchmark (override: `TRAINRELAY_BIN`).

@@ -138,8 +138,14 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
         for c in &u.connections {
             let _ = writeln!(
                 o,
-                "          {} {}: window {}, {} in flight (most {}), {} connects",
-                c.client_id, c.state, c.window, c.in_flight, c.max_in_flight, c.connects
+                "          {} {}: window {}, {} in flight (most {}), {} forwarded, {} connects",
+                c.client_id,
+                c.state,
+                c.window,
+                c.in_flight,
+                c.max_in_flight,
+                c.forwarded,
+                c.connects
             );
         }
     }

@@ -175,6 +175,12 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], format: Format) -> Str
         "Successful connects of each uplink connection.",
         &per_conn(|c| c.connects),
     );
+    w.family(
+        "trainrelay_uplink_connection_forwarded",
+        Kind::Counter,
+        "Messages each uplink connection delivered.",
+        &per_conn(|c| c.forwarded),
+    );
 
     // The store.
     let st = &s.store;

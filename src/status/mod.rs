@@ -128,6 +128,7 @@ impl Sources {
                         window: c.window,
                         in_flight: c.in_flight,
                         max_in_flight: c.max_in_flight,
+                        forwarded: c.forwarded,
                     })
                     .collect(),
             },

@@ -165,6 +165,9 @@ pub struct ConnectionReport {
     pub in_flight: u64,
     /// The most in flight at once since start: never above the window.
     pub max_in_flight: u64,
+    /// Messages this connection delivered since start (its share of the traffic).
+    #[serde(default)]
+    pub forwarded: u64,
 }
 
 /// What waits in the store for the uplink.

@@ -58,6 +58,8 @@ pub struct ConnectionStatus {
     /// The most ever in flight at once on this connection's connections: never above the
     /// window the broker allowed.
     pub max_in_flight: u64,
+    /// Messages this connection delivered (its share of the traffic).
+    pub forwarded: u64,
 }
 
 struct Inner {
@@ -79,6 +81,7 @@ struct Lane {
     window: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    forwarded: AtomicU64,
     reconnect: Notify,
     /// Beaten by the connection's loop; the systemd watchdog stops pinging when it goes stale.
     heartbeat: Heartbeat,
@@ -101,6 +104,7 @@ impl Lane {
             window: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
             reconnect: Notify::new(),
             heartbeat: Heartbeat::new("uplink"),
         }
@@ -282,12 +286,14 @@ impl StatusHandle {
                     window: lane.window.load(Ordering::Relaxed),
                     in_flight: lane.in_flight.load(Ordering::Relaxed),
                     max_in_flight: lane.max_in_flight.load(Ordering::Relaxed),
+                    forwarded: lane.forwarded.load(Ordering::Relaxed),
                 }
             })
             .collect()
     }
 
     pub fn count_forwarded(&self, n: u64) {
+        self.lane.forwarded.fetch_add(n, Ordering::Relaxed);
         self.totals.forwarded.fetch_add(n, Ordering::Relaxed);
     }
 
