@@ -13,6 +13,7 @@
 //!   when TCP gives up minutes later;
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
+mod drain;
 pub mod endpoint;
 mod error;
 mod lanes;
@@ -24,11 +25,9 @@ pub mod tls;
 mod transport;
 mod wire;
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use crate::clock::{self, Stamp};
 use crate::config::UplinkConfig;
@@ -36,8 +35,8 @@ use crate::downlink::Downlink;
 use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
-use crate::store::queue::{Cursor, Drainer, Entry, Queue};
-use crate::store::StoreError;
+use crate::store::queue::{Drainer, Entry, Queue};
+use drain::{Drain, Tag};
 use endpoint::Endpoint;
 pub use error::LinkError;
 use lanes::Partition;
@@ -49,12 +48,6 @@ const LIVENESS_TICK: Duration = Duration::from_millis(200);
 
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Acknowledged rows gathered before their delete is submitted (see `Drain::coalesce_acks`).
-const ACK_BATCH: usize = 512;
-
-/// Longest wait before acknowledged rows are deleted while a link is busy.
-const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// The in-flight window when the central broker announces no Receive Maximum (MQTT 3.1.1, or
 /// a v5 broker that leaves it at 65,535) and `uplink.inflight` sets none: enough for a cellular
@@ -113,14 +106,6 @@ struct Lane {
     partition: Partition,
     /// The first connection: presence and downlink.
     first: bool,
-}
-
-/// What a message in flight stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tag {
-    Row(i64),
-    /// The relay's own presence message; not in the store.
-    Presence,
 }
 
 /// The relay's retained presence message (`online`, or `offline` when it leaves).
@@ -575,13 +560,8 @@ impl Lane {
             }
         }
         let want = window.saturating_sub(drain.publishes_in_flight());
-        let rewinds = self.queue.rewinds();
-        if rewinds != drain.rewinds {
-            drain.rewinds = rewinds;
-            drain.cursor = None;
-        }
-        let batch = drainer
-            .next_batch(drain.cursor, &|id| drain.is_excluded(id), want)
+        let batch = drain
+            .next_rows(drainer, self.queue.rewinds(), want)
             .map_err(|e| e.to_string())?;
         let out_of_order = batch.out_of_order;
         let batch = batch.entries;
@@ -597,8 +577,7 @@ impl Lane {
             }
             match self.send(link, &entry, &now, max_packet) {
                 Send::Sent(size) => {
-                    drain.queued.push_back(Tag::Row(entry.id));
-                    drain.in_flight.insert(entry.id, size);
+                    drain.sent(entry.id, size);
                     if let Some(t) = drain.throttle.as_mut() {
                         t.take(entry.message.topic.len() + entry.message.payload.len());
                     }
@@ -612,9 +591,7 @@ impl Lane {
                 }
                 Send::Busy => return Ok(true),
             }
-            if out_of_order != Some(entry.id) {
-                drain.cursor = Some(Cursor::at(&entry));
-            }
+            drain.passed(&entry, out_of_order);
         }
         // A full batch means a backlog: say so, so nobody mistakes a long drain for a hang.
         self.status.set_draining(got == want);
@@ -849,202 +826,6 @@ enum Send {
     Refused(String),
     /// The request channel is full; try again later.
     Busy,
-}
-
-/// The answer to a submitted delete, after its commit.
-type DeleteDone = oneshot::Receiver<Result<(), StoreError>>;
-
-/// In-flight bookkeeping of one connection.
-#[derive(Default)]
-struct Drain {
-    /// Requests handed to rumqttc whose packet id is not known yet, in order.
-    queued: VecDeque<Tag>,
-    /// Written publishes waiting for their PUBACK.
-    by_pkid: HashMap<u16, Tag>,
-    /// Store rows queued or written and not yet acknowledged, with their size on the wire.
-    in_flight: HashMap<i64, usize>,
-    /// Rows not to fetch again on this connection (expired meanwhile).
-    skipped: HashSet<i64>,
-    /// Rows whose delivery failed, not to fetch again before the instant.
-    retry_at: HashMap<i64, Instant>,
-    /// Rows written and waiting for their PUBACK, oldest first, each with its place in the
-    /// order of writes on this connection.
-    written: VecDeque<(u64, i64)>,
-    /// Writes of rows on this connection so far.
-    writes: u64,
-    /// The place of the last-written row that the broker answered (see [`Drain::wrote`]).
-    answered_up_to: Option<u64>,
-    /// The bandwidth cap, if one is configured.
-    throttle: Option<throttle::Throttle>,
-    /// Where the next fetch resumes; every deliverable row behind it is excluded above.
-    cursor: Option<Cursor>,
-    /// [`Queue::rewinds`] when `cursor` was last valid.
-    rewinds: u64,
-    /// Rows acknowledged by the central broker whose delete is not submitted yet.
-    to_ack: Vec<i64>,
-    /// Submitted deletes, oldest first, whose commit is not confirmed yet. A fetch reads the
-    /// last commit, so their rows stay excluded until then; a failed commit ends the
-    /// connection (the rows are then sent again: a duplicate, never a loss).
-    acks: VecDeque<(Vec<i64>, DeleteDone)>,
-    /// The rows of `to_ack` and `acks`.
-    pending_delete: HashSet<i64>,
-    /// When the last delete was submitted.
-    acks_submitted: Option<Instant>,
-    /// The presence message is unacknowledged (it counts against the broker's Receive
-    /// Maximum like any QoS 1 PUBLISH).
-    presence_in_flight: bool,
-}
-
-impl Drain {
-    fn rows_in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
-    /// QoS 1 publishes awaiting their PUBACK: what MQTT 5's Receive Maximum bounds.
-    fn publishes_in_flight(&self) -> usize {
-        self.in_flight.len() + usize::from(self.presence_in_flight)
-    }
-
-    /// The central broker has row `id`: delete it with the next batch of deletes.
-    fn acked(&mut self, id: i64) {
-        self.in_flight.remove(&id);
-        self.to_ack.push(id);
-        self.pending_delete.insert(id);
-    }
-
-    /// Row `id` was written to the socket.
-    fn wrote(&mut self, id: i64) {
-        self.written.push_back((self.writes, id));
-        self.writes += 1;
-    }
-
-    /// The broker answered row `id` (acknowledged or refused it).
-    fn answered(&mut self, id: i64) {
-        self.in_flight.remove(&id);
-        // Brokers answer in order, so this is nearly always the front.
-        let pos = if self.written.front().is_some_and(|w| w.1 == id) {
-            Some(0)
-        } else {
-            self.written.iter().position(|w| w.1 == id)
-        };
-        if let Some((place, _)) = pos.and_then(|p| self.written.remove(p)) {
-            self.answered_up_to = self.answered_up_to.max(Some(place));
-        }
-    }
-
-    /// The oldest row written and not answered, if nothing written after it was answered: the
-    /// one a broker that processes in order was working on when it closed the connection.
-    fn close_suspect(&self) -> Option<i64> {
-        let &(place, id) = self.written.front()?;
-        (self.answered_up_to.map_or(true, |up_to| up_to < place)).then_some(id)
-    }
-
-    /// The largest row written and not answered.
-    fn largest_unacknowledged(&self) -> Option<i64> {
-        self.written
-            .iter()
-            .max_by_key(|(_, id)| self.in_flight.get(id).copied().unwrap_or(0))
-            .map(|&(_, id)| id)
-    }
-
-    /// Rows a fetch must not return: in flight, expired meanwhile, waiting for a retry, or
-    /// acknowledged with the delete not committed yet.
-    fn is_excluded(&self, id: i64) -> bool {
-        self.in_flight.contains_key(&id)
-            || self.pending_delete.contains(&id)
-            || self.skipped.contains(&id)
-            || self.retry_at.contains_key(&id)
-    }
-
-    /// Releases failed rows whose retry time came; true if any did.
-    fn retry_due(&mut self) -> bool {
-        let now = Instant::now();
-        let before = self.retry_at.len();
-        self.retry_at.retain(|_, at| *at > now);
-        let released = self.retry_at.len() != before;
-        if released {
-            // The released rows are behind the cursor.
-            self.cursor = None;
-        }
-        released
-    }
-
-    /// Deletes the acknowledged rows in one store job, without waiting for its commit.
-    fn submit_acks(&mut self, queue: &Queue) {
-        if !self.to_ack.is_empty() {
-            let ids = std::mem::take(&mut self.to_ack);
-            let done = queue.ack_submit(ids.clone());
-            self.acks.push_back((ids, done));
-            self.acks_submitted = Some(Instant::now());
-        }
-    }
-
-    /// [`Drain::submit_acks`], but only once the previous delete committed and either
-    /// [`ACK_BATCH`] rows or [`ACK_DELAY`] have gathered (the liveness tick flushes the rest).
-    /// Every commit rewrites the pages it touches into the WAL and waits for an fsync, so a
-    /// delete per burst of PUBACKs cost the store more than the deletes themselves. A row
-    /// acknowledged and not yet deleted stays excluded from fetches; if the relay dies before
-    /// the delete commits it is sent again (a duplicate, never a loss).
-    fn coalesce_acks(&mut self, queue: &Queue) {
-        let waited = match self.acks_submitted {
-            Some(at) => at.elapsed() >= ACK_DELAY,
-            None => true,
-        };
-        let due = self.to_ack.len() >= ACK_BATCH || waited;
-        if self.acks.is_empty() && due {
-            self.submit_acks(queue);
-        }
-    }
-
-    /// At the end of a connection: submits what is left and waits (a bounded time) until every
-    /// delete committed. Failures are logged; their rows are then sent again.
-    async fn finish_acks(&mut self, queue: &Queue) {
-        self.submit_acks(queue);
-        let waits = self.acks.drain(..).map(|(_, done)| done);
-        let all = futures_util::future::join_all(waits);
-        match tokio::time::timeout(Duration::from_secs(5), all).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => log::warn!("uplink: cannot delete acknowledged rows: {e}"),
-                        Err(_) => log::warn!(
-                            "uplink: cannot delete acknowledged rows: {}",
-                            StoreError::Closed
-                        ),
-                    }
-                }
-            }
-            Err(_) => log::warn!(
-                "uplink: deleting acknowledged rows takes over 5 s; they may be sent again"
-            ),
-        }
-        self.pending_delete.clear();
-    }
-
-    /// Collects the deletes committed so far; the first failure is the connection's end.
-    fn settle_acks(&mut self) -> Result<(), String> {
-        while let Some((_, front)) = self.acks.front_mut() {
-            match front.try_recv() {
-                Ok(Ok(())) => {
-                    if let Some((ids, _)) = self.acks.pop_front() {
-                        for id in ids {
-                            self.pending_delete.remove(&id);
-                        }
-                    }
-                }
-                Ok(Err(e)) => return Err(format!("cannot delete acknowledged rows: {e}")),
-                Err(oneshot::error::TryRecvError::Empty) => break,
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Err(format!(
-                        "cannot delete acknowledged rows: {}",
-                        StoreError::Closed
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The in-flight window of a connection: the broker's Receive Maximum, capped by
