@@ -133,25 +133,6 @@ async fn rejected_ingest_closes_a_v311_client_without_puback() {
 }
 
 #[tokio::test]
-async fn exceeding_receive_maximum_gives_disconnect_0x93() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config();
-    config.receive_maximum = 2;
-    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
-    b.hooks.set_mode(IngestMode::Hold);
-    let mut c = Raw5::simple(b.addr, "flood", 0).await;
-    for i in 1..=3 {
-        c.send(pub5("up/x", b"m", 1, i, None)).await;
-    }
-    let got = c.until_closed().await;
-    assert_eq!(
-        disconnect_reason(&got),
-        Some(DisconnectReasonCode::ReceiveMaximumExceeded)
-    );
-    assert_eq!(b.handle.stats().protocol_errors, 1);
-}
-
-#[tokio::test]
 async fn qos2_duplicate_is_not_delivered_twice_before_pubrel() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBroker::start(dir.path()).await;

@@ -226,6 +226,19 @@ fn peek_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
     Err(malformed("remaining length longer than 4 bytes"))
 }
 
+/// The first byte and total length of the complete frame at the start of `buf`; `Ok(None)` if
+/// the frame is not complete yet. Lets the connection look past PUBLISHes it holds back.
+pub fn peek_frame(buf: &[u8], max_size: u32) -> Result<Option<(u8, usize)>, DecodeError> {
+    let Some(h) = peek_header(buf)? else {
+        return Ok(None);
+    };
+    let len = h.header_len.saturating_add(h.remaining);
+    if len > max_size as usize {
+        return Err(DecodeError::TooLarge(len));
+    }
+    Ok((buf.len() >= len).then_some((h.byte1, len)))
+}
+
 /// Checks the fixed header flags the spec reserves (MQTT 3.1.1 §2.2.2, MQTT 5 §2.1.3).
 fn check_flags(byte1: u8, protocol: Protocol) -> Result<(), DecodeError> {
     let kind = byte1 >> 4;

@@ -6,8 +6,22 @@
 //! once, in arrival order, and joins a FIFO of pending verdicts. The connection keeps reading
 //! while verdicts are outstanding; whenever the verdict at the head of the FIFO is known, the
 //! message is delivered to local subscribers and acknowledged, so deliveries and acks keep the
-//! arrival order. The FIFO is bounded by our Receive Maximum (QoS 1/2 only): a client that
-//! exceeds it is disconnected (v5 reason 0x93).
+//! arrival order.
+//!
+//! # Backpressure instead of disconnects
+//! The FIFO (plus QoS 2 messages awaiting PUBREL) is bounded by our Receive Maximum. When it
+//! is full, the connection stops decoding PUBLISHes: they stay in the read buffer, and once
+//! that holds [`HELD_READ_AHEAD`] bytes the socket is not read at all, so TCP slows the client
+//! down. Decoding resumes, in order, as verdicts free the window. This serves MQTT 3.1.1
+//! clients (which know no Receive Maximum) and v5 clients that ignore ours (paho-mqtt for
+//! Python does) alike; a v5 client that exceeds it is counted (`receive_maximum_exceeded`),
+//! not disconnected with 0x93, which the spec allows but does not require: a disconnected
+//! client would only resend its whole window. While held back, the packets that cannot wait
+//! behind the held PUBLISHes (PUBACK, PUBREC, PUBREL, PUBCOMP, PINGREQ) are still taken out
+//! of the buffer and served, so the client's acknowledgements of our messages, the PUBRELs
+//! that free the window, and its pings do not starve. A held-back connection has no
+//! keep-alive deadline (we are the ones not reading); the timer restarts when the window has
+//! room again.
 //!
 //! # Refusing a PUBLISH in 3.1.1
 //! MQTT 3.1.1 has no negative PUBACK. When the ingest hook refuses a QoS 1/2 message from a
@@ -56,6 +70,10 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_secs(1);
 /// QoS 0 messages written per wake-up before giving other work a turn.
 const FLUSH_BATCH: usize = 256;
+/// While the inbound window is full, the socket is read only as long as the read buffer holds
+/// less than this: enough to find the acknowledgements and pings behind held PUBLISHes,
+/// little enough that TCP pushes back on the client.
+pub const HELD_READ_AHEAD: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -359,6 +377,10 @@ struct Conn {
     connect_expiry: u32,
     /// `max_publish_rate`, if set.
     bucket: Option<super::limits::TokenBucket>,
+    /// The inbound window was full at the last turn of the loop (no keep-alive deadline).
+    held: bool,
+    /// This v5 connection was counted in `receive_maximum_exceeded`.
+    exceeded_counted: bool,
 }
 
 impl Conn {
@@ -592,6 +614,8 @@ impl Conn {
             connect_expiry: expiry,
             bucket: (shared.config.max_publish_rate > 0)
                 .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
+            held: false,
+            exceeded_counted: false,
         };
         log::info!(
             "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
@@ -661,19 +685,25 @@ impl Conn {
             return end;
         }
         // Packets that arrived in the same read as CONNECT.
-        if !self.rbuf.is_empty() {
-            if let Err(end) = self.read_packets().await {
-                return end;
-            }
-            if let Err(end) = self.drain_verdicts().await {
-                return end;
-            }
+        if let Err(end) = self.process_buffered().await {
+            return end;
         }
         loop {
             if let Err(end) = self.flush_queue().await {
                 return end;
             }
-            let deadline = self.keep_alive.map(|ka| self.last_recv + ka);
+            // While the window is full we are the ones not reading: no keep-alive deadline,
+            // and the timer starts afresh once the window has room.
+            let full = self.inbound_full();
+            if self.held && !full {
+                self.last_recv = Instant::now();
+            }
+            self.held = full;
+            let deadline = self
+                .keep_alive
+                .filter(|_| !full)
+                .map(|ka| self.last_recv + ka);
+            let may_read = !full || self.rbuf.len() < HELD_READ_AHEAD;
             enum Ev {
                 Kick(u8),
                 Shutdown,
@@ -685,7 +715,7 @@ impl Conn {
             let ev = tokio::select! {
                 k = self.kick_rx.recv() => Ev::Kick(k.unwrap_or(0x8E)),
                 _ = shutdown.recv() => Ev::Shutdown,
-                r = self.reader.read_buf(&mut self.rbuf), if !self.inbound_full() => Ev::Read(r),
+                r = self.reader.read_buf(&mut self.rbuf), if may_read => Ev::Read(r),
                 v = head_verdict(&mut self.pending) => Ev::Verdict(v),
                 _ = self.notify.notified() => Ev::Notified,
                 _ = sleep_until(deadline) => Ev::KeepAlive,
@@ -705,7 +735,7 @@ impl Conn {
                 Ev::Read(Err(e)) => Err(End::Abnormal(format!("read failed: {e}"))),
                 Ev::Read(Ok(_)) => {
                     self.last_recv = Instant::now();
-                    self.read_packets().await
+                    Ok(())
                 }
                 Ev::Verdict(v) => {
                     if let Some(head) = self.pending.front_mut() {
@@ -725,15 +755,8 @@ impl Conn {
                 }
             };
             let step = match step {
-                Ok(()) => self.drain_verdicts().await,
+                Ok(()) => self.process_buffered().await,
                 Err(e) => Err(e),
-            };
-            // Packets held back while the in-flight window was full.
-            let step = match step {
-                Ok(()) if !self.rbuf.is_empty() && !self.inbound_full() => {
-                    self.read_packets().await
-                }
-                other => other,
             };
             if let Err(end) = step {
                 return end;
@@ -744,13 +767,31 @@ impl Conn {
         }
     }
 
+    /// Resolves known verdicts and decodes what the buffer holds, as long as either frees
+    /// room for the other: packets held back while the window was full are decoded as soon
+    /// as verdicts make room, without waiting for the socket to wake us.
+    async fn process_buffered(&mut self) -> Result<(), End> {
+        loop {
+            self.drain_verdicts().await?;
+            let before = self.rbuf.len();
+            if before == 0 {
+                return Ok(());
+            }
+            self.read_packets().await?;
+            if self.rbuf.len() == before {
+                return Ok(());
+            }
+        }
+    }
+
     async fn read_packets(&mut self) -> Result<(), End> {
         loop {
-            // A 3.1.1 client knows no Receive Maximum: instead of disconnecting it for
-            // having too much in flight, stop reading until verdicts free the window (TCP
-            // then pushes back on the client). A v5 client that exceeds it is an error.
-            if self.protocol == Protocol::V311 && self.inbound_full() {
-                return Ok(());
+            // Window full: PUBLISHes wait in the buffer (see the module doc).
+            if self.inbound_full() {
+                if !self.serve_past_held().await? {
+                    return Ok(());
+                }
+                continue;
             }
             match codec::decode(
                 &mut self.rbuf,
@@ -760,6 +801,58 @@ impl Conn {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+            }
+        }
+    }
+
+    /// With the window full: serves the acknowledgements and pings that follow the held
+    /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
+    /// DISCONNECT, ...). True if one was served (the window may have room again).
+    async fn serve_past_held(&mut self) -> Result<bool, End> {
+        let max = self.shared.config.max_packet_size;
+        let mut off = 0;
+        loop {
+            let frame = match self
+                .rbuf
+                .get(off..)
+                .map(|rest| codec::peek_frame(rest, max))
+            {
+                Some(Ok(Some(f))) => f,
+                Some(Ok(None)) | None => return Ok(false),
+                Some(Err(e)) => {
+                    return Err(self.protocol_error(e.reason_code(), e.to_string()).await)
+                }
+            };
+            let (byte1, len) = frame;
+            match byte1 >> 4 {
+                3 => {
+                    if byte1 & 0x06 != 0 && self.protocol == Protocol::V5 && !self.exceeded_counted
+                    {
+                        self.exceeded_counted = true;
+                        self.shared.lock().stats.receive_maximum_exceeded += 1;
+                        log::info!(
+                            "local broker: '{}' ({}) sends more than our Receive Maximum of {} unacknowledged QoS 1/2 PUBLISHes; holding them back",
+                            self.info.client_id,
+                            self.info.peer,
+                            self.shared.config.receive_maximum
+                        );
+                    }
+                    off += len;
+                }
+                4..=7 | 12 => {
+                    let mut tail = self.rbuf.split_off(off);
+                    let decoded = codec::decode(&mut tail, self.protocol, max);
+                    self.rbuf.unsplit(tail);
+                    return match decoded {
+                        Ok(Some(p)) => {
+                            self.handle(p).await?;
+                            Ok(true)
+                        }
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+                    };
+                }
+                _ => return Ok(false),
             }
         }
     }
@@ -1018,31 +1111,6 @@ impl Conn {
                 .any(|q| q.qos == QoS::ExactlyOnce && q.pkid == p.pkid)
             {
                 return Ok(());
-            }
-        }
-        if p.qos != QoS::AtMostOnce {
-            let awaiting_rel = {
-                let st = self.shared.lock();
-                st.sessions
-                    .get(&self.info.client_id)
-                    .map_or(0, |s| s.incoming_qos2.len())
-            };
-            let in_flight = self
-                .pending
-                .iter()
-                .filter(|q| q.qos != QoS::AtMostOnce)
-                .count()
-                + awaiting_rel;
-            if in_flight >= usize::from(self.shared.config.receive_maximum) {
-                return Err(self
-                    .protocol_error(
-                        0x93,
-                        format!(
-                            "more than {} unacknowledged QoS 1/2 PUBLISHes",
-                            self.shared.config.receive_maximum
-                        ),
-                    )
-                    .await);
             }
         }
         let accepted = Stamp::now();

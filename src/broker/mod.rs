@@ -253,6 +253,9 @@ pub struct BrokerStats {
     pub refused_per_address: u64,
     /// Clients disconnected for exceeding `max_publish_rate`.
     pub rate_limited: u64,
+    /// v5 connections that sent more QoS 1/2 PUBLISHes than our Receive Maximum allows (each
+    /// counted once); they are slowed down by backpressure, not disconnected.
+    pub receive_maximum_exceeded: u64,
 }
 
 pub use limits::valid_client_id;
