@@ -69,17 +69,8 @@ impl RelayHooks {
     }
 
     fn presence(&self, client: &ClientInfo, state: &str) {
-        let id: String = client
-            .client_id
-            .chars()
-            .map(|c| {
-                if matches!(c, '/' | '+' | '#' | '\0') {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        // One level, one-to-one: `a/b` and `a_b` get different presence topics.
+        let id = topic::id_level(&client.client_id);
         let accepted = Stamp::now();
         let payload = serde_json::json!({
             "state": state,
@@ -105,6 +96,7 @@ impl RelayHooks {
 }
 
 /// Whether `filter` could match a topic `{prefix}/{other}/...` of a client other than `own`.
+/// The device level holds the id encoded by [`topic::id_level`]: id `a/b` owns `{prefix}/a%2Fb`.
 /// Levels are compared one by one: a literal that differs from the prefix means "no"; `#` at or
 /// before the device level, or `+` / another client's id at the device level, means "yes".
 fn may_reach_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
@@ -121,7 +113,7 @@ fn may_reach_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
     match levels.next() {
         None => false,
         Some("#") | Some("+") => true,
-        Some(id) => id != own,
+        Some(id) => id != topic::id_level(own),
     }
 }
 
@@ -133,7 +125,7 @@ fn is_other_device_topic(prefix: &[String], topic_name: &str, own: &str) -> bool
             return false;
         }
     }
-    matches!(levels.next(), Some(id) if id != own)
+    matches!(levels.next(), Some(id) if id != topic::id_level(own))
 }
 
 impl Hooks for RelayHooks {

@@ -410,9 +410,9 @@ impl Conn {
                 assigned = Some(client_id.clone());
             }
         }
-        if !super::limits::valid_client_id(&client_id) {
+        if let Some(why) = super::limits::client_id_problem(&client_id) {
             log::info!(
-                "local broker: {peer}: client id {:?} is not 1 to 64 of [A-Za-z0-9._:-]; refused",
+                "local broker: {peer}: client id {:?} {why}; refused",
                 client_id.chars().take(80).collect::<String>()
             );
             {
@@ -449,6 +449,14 @@ impl Conn {
         let verdict = authenticate(&shared, &client_id, &c, pre.cert_identity.clone(), peer).await;
         if verdict == AuthVerdict::Allow {
             shared.failures.succeed(peer.ip());
+        } else if verdict == AuthVerdict::ClientIdNotAllowed {
+            // The password was right: not a guess, so no delay and no failure counted.
+            log::info!(
+                "local broker: '{client_id}' from {peer}: the client id is not one user {:?} may use (its name, '{{name}}-...', or with any_client_id any id no other device owns); refused",
+                c.username.as_deref().or(pre.cert_identity.as_deref()).unwrap_or("")
+            );
+            let mut st = shared.lock();
+            st.stats.bad_client_ids += 1;
         } else {
             // Slow down guessing: the delay grows with each failure from this address. It is
             // spent in this connection's task, so nobody else waits.
@@ -470,6 +478,7 @@ impl Conn {
             AuthVerdict::Allow => None,
             AuthVerdict::BadCredentials => Some(refuse(0x04, 0x86)),
             AuthVerdict::NotAuthorized => Some(refuse(0x05, 0x87)),
+            AuthVerdict::ClientIdNotAllowed => Some(refuse(0x02, 0x85)),
         };
         let code = code.or_else(|| {
             c.will
