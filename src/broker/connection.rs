@@ -356,6 +356,15 @@ impl PreConnect {
     }
 }
 
+/// Whether the client already closed the socket (EOF or error) while its CONNECT waited; bytes
+/// that arrived meanwhile are kept in `rbuf`. Polls the socket once, never waits.
+async fn closed_meanwhile(reader: &mut Reader, rbuf: &mut BytesMut) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::ZERO, reader.read_buf(rbuf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
 struct Conn {
     shared: Arc<Shared>,
     reader: Reader,
@@ -423,6 +432,9 @@ impl Conn {
             pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
             return None;
         }
+        // Connections are numbered in the order their CONNECTs arrived; authentication runs
+        // in between, for however long it takes, and must not reorder takeovers.
+        let conn_id = shared.lock().new_conn_id();
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
                 log::info!(
@@ -506,74 +518,98 @@ impl Conn {
             Protocol::V311 => V311_WINDOW,
             Protocol::V5 => usize::from(c.receive_maximum),
         };
+        // A client that gave up on this CONNECT (closed the socket before our CONNACK) must
+        // not take over a session it would lose again at once, perhaps from its own newer
+        // connection.
+        if closed_meanwhile(&mut pre.reader, &mut pre.rbuf).await {
+            log::info!("local broker: '{client_id}' from {peer} closed the connection before CONNACK; its CONNECT is dropped");
+            shared.lock().stats.refused_connections += 1;
+            return None;
+        }
         let notify = Arc::new(Notify::new());
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
         let mut old_will = None;
-        let (conn_id, session_present) = {
+        let attached = {
             let mut st = shared.lock();
-            let conn_id = st.new_conn_id();
-            let mut ops = Vec::new();
-            let mut existed = false;
-            if let Some(s) = st.sessions.get_mut(&client_id) {
-                existed = true;
-                if let Some(old) = s.conn.take() {
-                    // The old connection ends without DISCONNECT: its will is due unless a will
-                    // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
-                    if let Some(w) = s.will.take() {
-                        if w.delay == 0 || c.clean_start {
-                            old_will = Some((old.info.clone(), w));
+            // A connection whose CONNECT came later already holds the session: it wins.
+            let newer_attached = st
+                .sessions
+                .get(&client_id)
+                .and_then(|s| s.conn.as_ref())
+                .is_some_and(|link| link.conn_id > conn_id);
+            if newer_attached {
+                st.stats.refused_connections += 1;
+                None
+            } else {
+                let mut ops = Vec::new();
+                let mut existed = false;
+                if let Some(s) = st.sessions.get_mut(&client_id) {
+                    existed = true;
+                    if let Some(old) = s.conn.take() {
+                        // The old connection ends without DISCONNECT: its will is due unless a will
+                        // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
+                        if let Some(w) = s.will.take() {
+                            if w.delay == 0 || c.clean_start {
+                                old_will = Some((old.info.clone(), w));
+                            }
+                        }
+                        log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
+                        let _ = old.kick.send(0x8E);
+                    }
+                    if let Some(cancel) = s.will_cancel.take() {
+                        let _ = cancel.send(());
+                    }
+                }
+                if existed && c.clean_start {
+                    st.remove_session(&client_id, &mut ops);
+                    existed = false;
+                }
+                let s = st
+                    .sessions
+                    .entry(client_id.clone())
+                    .or_insert_with(|| Session::new(client_id.clone(), expiry));
+                let was_persistent = existed && s.persistent();
+                s.expiry_secs = expiry;
+                if s.persistent() {
+                    ops.push(Op::UpsertSession {
+                        client_id: client_id.clone(),
+                        expiry_secs: expiry,
+                    });
+                    if !was_persistent {
+                        for sub in s.subs.iter() {
+                            ops.push(Op::UpsertSub {
+                                client_id: client_id.clone(),
+                                sub: sub.clone(),
+                            });
                         }
                     }
-                    log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
-                    let _ = old.kick.send(0x8E);
+                } else if was_persistent {
+                    ops.push(Op::DeleteSession {
+                        client_id: client_id.clone(),
+                    });
+                    s.queue.iter_mut().for_each(|d| d.seq = None);
+                    s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
                 }
-                if let Some(cancel) = s.will_cancel.take() {
-                    let _ = cancel.send(());
-                }
-            }
-            if existed && c.clean_start {
-                st.remove_session(&client_id, &mut ops);
-                existed = false;
-            }
-            let s = st
-                .sessions
-                .entry(client_id.clone())
-                .or_insert_with(|| Session::new(client_id.clone(), expiry));
-            let was_persistent = existed && s.persistent();
-            s.expiry_secs = expiry;
-            if s.persistent() {
-                ops.push(Op::UpsertSession {
-                    client_id: client_id.clone(),
-                    expiry_secs: expiry,
+                s.will = c.will.clone();
+                s.expires_at = None;
+                s.conn = Some(ConnLink {
+                    conn_id,
+                    info: info.clone(),
+                    notify: Arc::clone(&notify),
+                    kick: kick_tx,
+                    connected_since_ms: Stamp::now().wall_ms,
+                    out_window: out_window.clamp(1, 65535),
                 });
-                if !was_persistent {
-                    for sub in s.subs.iter() {
-                        ops.push(Op::UpsertSub {
-                            client_id: client_id.clone(),
-                            sub: sub.clone(),
-                        });
-                    }
-                }
-            } else if was_persistent {
-                ops.push(Op::DeleteSession {
-                    client_id: client_id.clone(),
-                });
-                s.queue.iter_mut().for_each(|d| d.seq = None);
-                s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
+                st.stats.connections += 1;
+                let _ = shared.submit(ops);
+                Some((conn_id, existed))
             }
-            s.will = c.will.clone();
-            s.expires_at = None;
-            s.conn = Some(ConnLink {
-                conn_id,
-                info: info.clone(),
-                notify: Arc::clone(&notify),
-                kick: kick_tx,
-                connected_since_ms: Stamp::now().wall_ms,
-                out_window: out_window.clamp(1, 65535),
-            });
-            st.stats.connections += 1;
-            let _ = shared.submit(ops);
-            (conn_id, existed)
+        };
+        let Some((conn_id, session_present)) = attached else {
+            // No CONNACK: the client has a newer connection, which owns the session.
+            log::info!("local broker: '{client_id}' from {peer}: a connection with a newer CONNECT for this client id holds the session; closing this one without CONNACK");
+            linger(&mut pre.reader, &mut pre.writer).await;
+            return None;
         };
 
         if let Some((old_info, w)) = old_will {
