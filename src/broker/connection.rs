@@ -86,7 +86,7 @@ enum End {
     Abnormal(String),
     /// Another connection took the session over.
     TakenOver,
-    /// The broker is shutting down.
+    /// The broker is shutting down: the will is published.
     Shutdown,
 }
 
@@ -1520,7 +1520,13 @@ impl Conn {
     /// Detaches from the session: schedules or fires the will, starts the session's expiry.
     fn finish(&mut self, end: End) {
         let reason = end.describe();
-        let publish_will = matches!(end, End::ClientWithWill(_) | End::Abnormal(_));
+        // The server closing the connection publishes the will (MQTT 5 §3.1.2.5), at shutdown
+        // too; a will delay cannot run past our own end, so it is published at once then.
+        let shutting_down = matches!(end, End::Shutdown);
+        let publish_will = matches!(
+            end,
+            End::ClientWithWill(_) | End::Abnormal(_) | End::Shutdown
+        );
         let mut fire_now = None;
         {
             let mut st = self.shared.lock();
@@ -1550,7 +1556,7 @@ impl Conn {
                     }
                     if let Some(w) = will.filter(|_| publish_will) {
                         let delay = w.delay.min(s.expiry_secs);
-                        if delay == 0 {
+                        if delay == 0 || shutting_down {
                             fire_now = Some(w);
                         } else {
                             s.will_cancel = Some(self.shared.schedule_will(

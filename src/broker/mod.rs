@@ -429,6 +429,14 @@ impl Broker {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // The wills of the clients just closed: their ingest (the relay's store commit) is
+        // waited for, so they are kept and relayed like any other will.
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.wills_settled())
+            .await
+            .is_err()
+        {
+            log::warn!("local broker: wills still awaiting the relay's verdict at shutdown; they may be lost");
+        }
         self.shared.sweep();
         // An empty job: its commit means every earlier write of the broker is on disk.
         self.shared.db.run(|_| Ok(())).await?;

@@ -102,6 +102,10 @@ pub struct Shared {
     /// Bounds concurrent `authenticate` calls: password hashing is slow and memory-hungry on
     /// purpose, so a burst of logins must not occupy every thread or megabytes each.
     pub auth_slots: Arc<tokio::sync::Semaphore>,
+    /// Wills handed to the ingest hook whose verdict is still awaited; shutdown waits for
+    /// them, so the wills of clients closed at shutdown reach the store (and the uplink).
+    wills_pending: AtomicUsize,
+    wills_done: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -184,6 +188,8 @@ impl Shared {
                 addresses: Default::default(),
                 failures: Default::default(),
                 auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_SLOTS)),
+                wills_pending: AtomicUsize::new(0),
+                wills_done: tokio::sync::Notify::new(),
             },
             ops,
         )
@@ -289,8 +295,12 @@ impl Shared {
             }
             Ingest::Pending(rx) => {
                 let shared = Arc::clone(self);
+                self.wills_pending.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    if let Ok(Ok(())) = rx.await {
+                    let verdict = rx.await;
+                    shared.wills_pending.fetch_sub(1, Ordering::SeqCst);
+                    shared.wills_done.notify_waiters();
+                    if let Ok(Ok(())) = verdict {
                         shared.lock().stats.messages_in += 1;
                         let _ = shared.publish(msg, Some(&info.client_id));
                         shared.hooks.on_event(event);
@@ -302,6 +312,17 @@ impl Shared {
                     }
                 });
             }
+        }
+    }
+
+    /// Waits until every will handed to the ingest hook has its verdict.
+    pub async fn wills_settled(&self) {
+        loop {
+            let done = self.wills_done.notified();
+            if self.wills_pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
         }
     }
 
