@@ -628,7 +628,7 @@ impl Conn {
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: None,
-                shared_subscription_available: Some(0),
+                shared_subscription_available: Some(1),
                 server_keep_alive: None,
                 response_information: None,
                 server_reference: None,
@@ -1315,11 +1315,14 @@ impl Conn {
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
         for f in filters {
-            if f.filter.starts_with("$share/") {
-                codes.push(if v5 { 0x9E } else { 0x80 });
-                continue;
-            }
-            if let Err(e) = topic::validate_filter(&f.filter) {
+            // `$share/{group}/{filter}`: the ACL and the validity rules apply to the filter.
+            let shared = super::subscriptions::is_shared(&f.filter);
+            let inner = match super::subscriptions::shared_parts(&f.filter) {
+                Some((_, inner)) => inner,
+                None if shared => "",
+                None => f.filter.as_str(),
+            };
+            if let Err(e) = topic::validate_filter(inner) {
                 if !v5 {
                     // 3.1.1 §4.8: an invalid filter is a protocol violation.
                     return Err(self
@@ -1329,7 +1332,7 @@ impl Conn {
                 codes.push(0x8F);
                 continue;
             }
-            if !self.shared.hooks.may_subscribe(&self.info, &f.filter) {
+            if !self.shared.hooks.may_subscribe(&self.info, inner) {
                 self.shared.lock().stats.denied_subscribe += 1;
                 codes.push(if v5 { 0x87 } else { 0x80 });
                 continue;
@@ -1366,7 +1369,9 @@ impl Conn {
                             sub: sub.clone(),
                         });
                     }
-                    if f.retain_handling == 0 || (f.retain_handling == 1 && is_new) {
+                    // No retained messages on a shared subscription (MQTT 5 §4.8.2).
+                    let shared = super::subscriptions::is_shared(&f.filter);
+                    if !shared && (f.retain_handling == 0 || (f.retain_handling == 1 && is_new)) {
                         retained.push(sub);
                     }
                 }
@@ -1382,6 +1387,7 @@ impl Conn {
                         continue;
                     }
                     deliveries.push(super::session::Delivery {
+                        shared: None,
                         qos: m.qos.min(sub.qos),
                         msg: m,
                         retain: true,
@@ -1538,6 +1544,13 @@ impl Conn {
                 .and_then(|s| s.conn.as_ref())
                 .is_some_and(|c| c.conn_id == self.conn_id);
             if mine {
+                // Unacknowledged messages of shared subscriptions go to another member.
+                st.reassign_shared(
+                    self.shared.hooks.as_ref(),
+                    &cid,
+                    self.shared.config.max_queued_messages,
+                    &mut ops,
+                );
                 let mut remove = false;
                 if let Some(s) = st.sessions.get_mut(&cid) {
                     s.conn = None;
