@@ -34,6 +34,8 @@ pub struct ConnectPacket {
     pub receive_maximum: u16,
     /// Client's Maximum Packet Size, if it set one.
     pub max_packet_size: Option<u32>,
+    /// Topic aliases the client accepts from us (v5 Topic Alias Maximum; 0 when absent).
+    pub topic_alias_max: u16,
     /// v5 enhanced authentication requested (which we do not offer).
     pub auth_method: Option<String>,
 }
@@ -115,6 +117,9 @@ pub struct OutPublish {
     pub properties: Properties,
     pub expiry: Option<u32>,
     pub sub_ids: Vec<usize>,
+    /// v5 Topic Alias to send; with an empty `topic`, the alias stands for a topic the client
+    /// already knows.
+    pub topic_alias: Option<u16>,
 }
 
 /// What the broker sends to a client.
@@ -364,6 +369,7 @@ pub fn decode_connect(
                     session_expiry: 0,
                     receive_maximum: u16::MAX,
                     max_packet_size: None,
+                    topic_alias_max: 0,
                     auth_method: None,
                 }))
             }
@@ -424,6 +430,7 @@ pub fn decode_connect(
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
                     receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
                     max_packet_size: props.max_packet_size,
+                    topic_alias_max: props.topic_alias_max.unwrap_or(0),
                     auth_method: props.authentication_method,
                 }))
             }
@@ -903,7 +910,7 @@ fn to_v5(p: &Outbound) -> v5::Packet {
             let props = v5::PublishProperties {
                 payload_format_indicator: p.properties.payload_format_indicator,
                 message_expiry_interval: p.expiry,
-                topic_alias: None,
+                topic_alias: p.topic_alias,
                 response_topic: p.properties.response_topic.clone(),
                 correlation_data: p.properties.correlation_data.clone(),
                 user_properties: p.properties.user_properties.clone(),

@@ -390,6 +390,10 @@ struct Conn {
     held: bool,
     /// This v5 connection was counted in `receive_maximum_exceeded`.
     exceeded_counted: bool,
+    /// Topic aliases we gave this client (v5), up to the Topic Alias Maximum of its CONNECT:
+    /// the first PUBLISH on a topic carries topic and alias, later ones the alias alone.
+    out_aliases: HashMap<String, u16>,
+    out_alias_max: u16,
 }
 
 impl Conn {
@@ -661,6 +665,12 @@ impl Conn {
                 .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
             held: false,
             exceeded_counted: false,
+            out_aliases: HashMap::new(),
+            out_alias_max: if protocol == Protocol::V5 {
+                c.topic_alias_max
+            } else {
+                0
+            },
         };
         log::info!(
             "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
@@ -1497,9 +1507,25 @@ impl Conn {
                     },
                     delivery: d,
                 };
-                let packet = Outbound::Publish(out_publish(&f, false, &now));
+                let mut publish = out_publish(&f, false, &now);
+                // Topic alias: a known topic is sent as its alias alone; a new one gets the
+                // next free alias, remembered once the packet is encoded.
+                let mut new_alias = None;
+                if let Some(&a) = self.out_aliases.get(&publish.topic) {
+                    publish.topic_alias = Some(a);
+                    publish.topic.clear();
+                } else if let Ok(n) = u16::try_from(self.out_aliases.len() + 1) {
+                    if n <= self.out_alias_max {
+                        publish.topic_alias = Some(n);
+                        new_alias = Some((publish.topic.clone(), n));
+                    }
+                }
+                let packet = Outbound::Publish(publish);
                 match codec::encode(&packet, self.protocol, &mut self.wbuf, self.out_max) {
                     Ok(()) => {
+                        if let Some((t, n)) = new_alias {
+                            self.out_aliases.insert(t, n);
+                        }
                         sent += 1;
                         st.stats.messages_out += 1;
                         if f.delivery.qos != QoS::AtMostOnce {
@@ -1615,6 +1641,7 @@ fn out_publish(f: &Inflight, dup: bool, now: &Stamp) -> OutPublish {
             .deadline
             .map(|d| clock::expiry_secs(d.remaining(now).unwrap_or(Duration::ZERO))),
         sub_ids: f.delivery.sub_ids.clone(),
+        topic_alias: None,
     }
 }
 
