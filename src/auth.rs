@@ -8,7 +8,9 @@
 //!   argon2's, which compares in constant time; an unknown username is verified against a dummy
 //!   hash so its answer takes as long as a wrong password. A device's client id must be its
 //!   name or start with `{name}-`, so one device cannot take over another's session or read its
-//!   device topic (`down/device/{client_id}/...`).
+//!   device topic (`down/device/{client_id}/...`). A device (or its group) with
+//!   `any_client_id = true` may use any id except one another device owns. A wrong client id
+//!   with the right password is [`AuthVerdict::ClientIdNotAllowed`], not a failed login.
 //! - **Open mode.** With no device configured (the built-in laptop defaults), anonymous clients
 //!   are let in and only the relay's fixed rules apply (no publishing into downlink topics,
 //!   device topics private). Configuring one device switches to secured mode: anonymous
@@ -30,7 +32,7 @@ use crate::config::Config;
 use crate::route::Routes;
 use crate::topic;
 
-pub use crate::broker::valid_client_id;
+pub use crate::broker::valid_device_name;
 
 /// Checks that `hash` is an argon2 PHC string.
 pub fn check_hash(hash: &str) -> Result<(), String> {
@@ -76,22 +78,28 @@ impl Acl {
         }
     }
 
+    /// `{client_id}` is replaced by the id as one topic level ([`topic::id_level`]), so an id
+    /// like `a/b` or `#` cannot widen the filter.
     pub fn may_publish(&self, client_id: &str, topic_name: &str) -> bool {
+        let level = topic::id_level(client_id);
         self.publish
             .iter()
-            .any(|f| topic::matches(&f.replace("{client_id}", client_id), topic_name))
+            .any(|f| topic::matches(&f.replace("{client_id}", &level), topic_name))
     }
 
     pub fn may_subscribe(&self, client_id: &str, filter: &str) -> bool {
+        let level = topic::id_level(client_id);
         self.subscribe
             .iter()
-            .any(|f| topic::covers(&f.replace("{client_id}", client_id), filter))
+            .any(|f| topic::covers(&f.replace("{client_id}", &level), filter))
     }
 }
 
 struct Device {
     hash: String,
     acl: Acl,
+    /// May use any client id that no other device owns (`any_client_id`).
+    any_client_id: bool,
 }
 
 /// The authentication and ACL decisions of the local broker.
@@ -119,28 +127,34 @@ impl Auth {
                 publish: publish.clone().unwrap_or_else(|| base.publish.clone()),
                 subscribe: subscribe.clone().unwrap_or_else(|| base.subscribe.clone()),
             };
-        let groups: HashMap<&str, Acl> = config
+        let groups: HashMap<&str, (Acl, bool)> = config
             .local
             .groups
             .iter()
-            .map(|g| (g.name.as_str(), acl_of(&g.publish, &g.subscribe, &defaults)))
+            .map(|g| {
+                (
+                    g.name.as_str(),
+                    (acl_of(&g.publish, &g.subscribe, &defaults), g.any_client_id),
+                )
+            })
             .collect();
         let devices = config
             .local
             .devices
             .iter()
             .map(|d| {
-                let base = d
-                    .group
-                    .as_deref()
-                    .and_then(|g| groups.get(g))
-                    .unwrap_or(&defaults);
+                let group = d.group.as_deref().and_then(|g| groups.get(g));
+                let base = group.map_or(&defaults, |(acl, _)| acl);
                 let acl = acl_of(&d.publish, &d.subscribe, base);
+                let any_client_id = d
+                    .any_client_id
+                    .unwrap_or_else(|| group.is_some_and(|(_, any)| *any));
                 (
                     d.name.clone(),
                     Device {
                         hash: d.password_hash.clone(),
                         acl,
+                        any_client_id,
                     },
                 )
             })
@@ -179,10 +193,7 @@ impl Auth {
             username,
             cert_identity.filter(|cn| self.devices.contains_key(*cn)),
         ) {
-            if !owns_client_id(cn, client_id) {
-                return AuthVerdict::NotAuthorized;
-            }
-            return AuthVerdict::Allow;
+            return self.client_id_verdict(cn, client_id);
         }
         let Some(user) = username else {
             return if self.allow_anonymous {
@@ -200,10 +211,26 @@ impl Auth {
         if !ok || device.is_none() {
             return AuthVerdict::BadCredentials;
         }
-        if !owns_client_id(user, client_id) {
-            return AuthVerdict::NotAuthorized;
+        self.client_id_verdict(user, client_id)
+    }
+
+    /// Whether authenticated `device` may use `client_id`: its own ids always; with
+    /// `any_client_id` any other id too, except one that another configured device owns
+    /// (which would let it take over that device's session and device topic).
+    fn client_id_verdict(&self, device: &str, client_id: &str) -> AuthVerdict {
+        if owns_client_id(device, client_id) {
+            return AuthVerdict::Allow;
         }
-        AuthVerdict::Allow
+        let any = self.devices.get(device).is_some_and(|d| d.any_client_id);
+        let owned_by_other = self
+            .devices
+            .keys()
+            .any(|other| other != device && owns_client_id(other, client_id));
+        if any && !owned_by_other {
+            AuthVerdict::Allow
+        } else {
+            AuthVerdict::ClientIdNotAllowed
+        }
     }
 
     /// The ACL of a client; `None` in open mode (no restriction here).
@@ -245,13 +272,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_ids() {
+    fn device_names() {
         for ok in ["ipad1", "a.b_c:d-e", &"x".repeat(64)] {
-            assert!(valid_client_id(ok), "{ok}");
+            assert!(valid_device_name(ok), "{ok}");
         }
         for bad in ["", "a/b", "a+b", "a#", "ä", "a b", "a\0", &"x".repeat(65)] {
-            assert!(!valid_client_id(bad), "{bad:?}");
+            assert!(!valid_device_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn client_id_placeholder_is_one_level() {
+        let acl = Acl {
+            publish: vec!["up/{client_id}/#".into()],
+            subscribe: vec!["down/device/{client_id}/#".into()],
+        };
+        assert!(acl.may_subscribe("a/b", "down/device/a%2Fb/#"));
+        assert!(!acl.may_subscribe("a/b", "down/device/a/b"));
+        assert!(!acl.may_subscribe("#", "down/device/x/y"));
+        assert!(acl.may_subscribe("#", "down/device/%23/y"));
+        assert!(!acl.may_publish("+", "up/x/y"));
+        assert!(acl.may_publish("Cab iPad 3", "up/Cab%20iPad%203/ack"));
     }
 
     #[test]
@@ -311,6 +352,7 @@ mod tests {
             group: None,
             publish: None,
             subscribe: None,
+            any_client_id: None,
         });
         let secured = Auth::from_config(&config, &routes);
         assert_eq!(
@@ -331,7 +373,7 @@ mod tests {
         );
         assert_eq!(
             secured.authenticate("other", None, None, Some("ipad1")),
-            AuthVerdict::NotAuthorized
+            AuthVerdict::ClientIdNotAllowed
         );
         // Anonymous clients in secured mode get the default ACL.
         assert!(!secured.may_subscribe(&client, "#"));
@@ -339,6 +381,57 @@ mod tests {
         assert!(secured.may_subscribe(&client, "down/device/x/#"));
         assert!(secured.may_publish(&client, "up/x"));
         assert!(!secured.may_publish(&client, "elsewhere"));
+    }
+
+    #[test]
+    fn any_client_id_from_device_or_group_but_never_another_devices() {
+        let mut config = Config::builtin();
+        let routes = Routes::from_config(&config);
+        let hash = hash_password(b"pw").expect("hash");
+        let device =
+            |name: &str, group: Option<&str>, any: Option<bool>| crate::config::DeviceConfig {
+                name: name.into(),
+                password_hash: hash.clone(),
+                group: group.map(str::to_string),
+                publish: None,
+                subscribe: None,
+                any_client_id: any,
+            };
+        config.local.groups.push(crate::config::GroupConfig {
+            name: "free".into(),
+            publish: None,
+            subscribe: None,
+            any_client_id: true,
+        });
+        config.local.devices.push(device("strict", None, None));
+        config.local.devices.push(device("app", None, Some(true)));
+        config
+            .local
+            .devices
+            .push(device("member", Some("free"), None));
+        config
+            .local
+            .devices
+            .push(device("optout", Some("free"), Some(false)));
+        let auth = Auth::from_config(&config, &routes);
+        let login = |id: &str, user: &str| auth.authenticate(id, Some(user), Some(b"pw"), None);
+        assert_eq!(login("strict", "strict"), AuthVerdict::Allow);
+        assert_eq!(login("paho123", "strict"), AuthVerdict::ClientIdNotAllowed);
+        assert_eq!(login("paho123", "app"), AuthVerdict::Allow);
+        assert_eq!(login("Cab iPad 3", "member"), AuthVerdict::Allow);
+        assert_eq!(login("paho123", "optout"), AuthVerdict::ClientIdNotAllowed);
+        // Another device's ids stay its own, whatever any_client_id says.
+        assert_eq!(login("strict", "app"), AuthVerdict::ClientIdNotAllowed);
+        assert_eq!(
+            login("strict-web", "member"),
+            AuthVerdict::ClientIdNotAllowed
+        );
+        assert_eq!(login("app", "member"), AuthVerdict::ClientIdNotAllowed);
+        // A wrong password is still a wrong password.
+        assert_eq!(
+            auth.authenticate("paho123", Some("app"), Some(b"no"), None),
+            AuthVerdict::BadCredentials
+        );
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub struct DeviceConfig {
     pub publish: Option<Vec<String>>,
     /// Topic filters the device may subscribe to (a subscription must be covered by one).
     pub subscribe: Option<Vec<String>>,
+    /// The device may connect with any client id (for apps whose library picks its own), but
+    /// never one another configured device owns. Unset: the group's setting, else false.
+    pub any_client_id: Option<bool>,
 }
 
 /// `[[local.group]]`: an ACL shared by devices.
@@ -182,6 +185,9 @@ pub struct GroupConfig {
     pub name: String,
     pub publish: Option<Vec<String>>,
     pub subscribe: Option<Vec<String>>,
+    /// Devices of this group may connect with any client id no other device owns.
+    #[serde(default)]
+    pub any_client_id: bool,
 }
 
 /// A credentials file: only `[[device]]` entries.
@@ -650,7 +656,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.local.devices.iter().enumerate() {
             let key = |k: &str| format!("local.device[{i}].{k}");
-            if !crate::auth::valid_client_id(&d.name) {
+            if !crate::auth::valid_device_name(&d.name) {
                 return Err(invalid(
                     key("name"),
                     format!(

@@ -2,10 +2,12 @@
 //!
 //! Start-up order: store, queue, local broker (bound), uplink, status socket; then READY (so
 //! `Type=notify` units order after a relay that accepts iPads and has its store open). SIGHUP
-//! reloads the config (see `reload`). Shutdown on
-//! SIGTERM/SIGINT: every task sees the shared signal, the local broker stops accepting and
-//! closes its clients, the uplink says goodbye to the central broker, and the store's writer
-//! finishes what was submitted before the process exits.
+//! reloads the config (see `reload`). Shutdown on SIGTERM/SIGINT, in two steps: first the
+//! local broker stops accepting and closes its clients, publishing the wills of those still
+//! connected (they go through the store like any will), and the uplink, still running, gets up
+//! to [`FINAL_FLUSH`] to forward them; then every other task sees the shared signal, the
+//! uplink says goodbye to the central broker, and the store's writer finishes what was
+//! submitted before the process exits.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -115,7 +117,10 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
             }
         };
     let (detail_interval, detail_rx) = tokio::sync::watch::channel(config.status.detail_interval);
-    let broker_task = tokio::spawn(log_errors("local broker", broker.run(shutdown.clone())));
+    // The local broker stops first, on its own signal: the wills of the iPads it closes go
+    // through the store to the uplink, which is still running then.
+    let (broker_trigger, broker_shutdown) = shutdown::channel();
+    let mut broker_task = tokio::spawn(log_errors("local broker", broker.run(broker_shutdown)));
     let broker_hb = Heartbeat::new("local broker");
     let store_hb = Heartbeat::new("store");
     let mut tasks = vec![
@@ -125,7 +130,6 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
             broker_hb.clone(),
             shutdown.clone(),
         )),
-        broker_task,
         tokio::spawn(watchdog::probe_store(
             db.clone(),
             store_hb.clone(),
@@ -162,6 +166,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     if let Some(server) = status_server {
         tasks.push(tokio::spawn(server.run(shutdown.clone())));
     }
+    let flush_queue = queue.clone();
     drop(queue);
     drop(db);
     watchdog::notify("READY=1");
@@ -196,6 +201,13 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         }
     }
     watchdog::notify("STOPPING=1");
+    broker_trigger.trigger();
+    if tokio::time::timeout(GRACE, &mut broker_task).await.is_err() {
+        log::warn!("the local broker did not stop within {GRACE:?}; aborting it");
+        broker_task.abort();
+    }
+    flush_before_stop(&flush_queue, &status).await;
+    drop(flush_queue);
     trigger.trigger();
     for task in tasks {
         let abort = task.abort_handle();
@@ -215,6 +227,27 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         .context("store writer")?;
     log::info!("stopped");
     Ok(())
+}
+
+/// How long shutdown waits for the uplink to forward what the local broker committed last
+/// (the wills of the iPads it closed).
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
+/// With the uplink connected, gives it up to [`FINAL_FLUSH`] to empty the queue, so the wills
+/// published at shutdown reach the central broker now rather than after the next start. A
+/// backlog that takes longer stays in the store, as always.
+async fn flush_before_stop(queue: &Queue, status: &StatusHandle) {
+    use crate::uplink::LinkState;
+    let deadline = Instant::now() + FINAL_FLUSH;
+    while Instant::now() < deadline
+        && queue.totals().rows > 0
+        && matches!(
+            status.snapshot().state,
+            LinkState::Connected | LinkState::Draining
+        )
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn log_errors<E: std::fmt::Display>(
@@ -261,13 +294,14 @@ fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downl
 fn log_security_counters(broker: &crate::broker::BrokerHandle) {
     let s = broker.stats();
     log::info!(
-        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} denied_publish={} denied_subscribe={}",
+        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} receive_maximum_exceeded={} denied_publish={} denied_subscribe={}",
         s.refused_connections,
         s.auth_failures,
         s.bad_client_ids,
         s.refused_per_address,
         s.rate_limited,
         s.protocol_errors,
+        s.receive_maximum_exceeded,
         s.denied_publish,
         s.denied_subscribe,
     );

@@ -69,17 +69,8 @@ impl RelayHooks {
     }
 
     fn presence(&self, client: &ClientInfo, state: &str) {
-        let id: String = client
-            .client_id
-            .chars()
-            .map(|c| {
-                if matches!(c, '/' | '+' | '#' | '\0') {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        // One level, one-to-one: `a/b` and `a_b` get different presence topics.
+        let id = topic::id_level(&client.client_id);
         let accepted = Stamp::now();
         let payload = serde_json::json!({
             "state": state,
@@ -159,7 +150,9 @@ fn names_other_device(prefix: &[String], filter: &str, own: &str) -> bool {
             return false;
         }
     }
-    matches!(levels.next(), Some(id) if id != own && id != "+" && id != "#")
+    // The device level holds the id encoded by [`topic::id_level`]: id `a/b` owns
+    // `{prefix}/a%2Fb`.
+    matches!(levels.next(), Some(id) if id != topic::id_level(own) && id != "+" && id != "#")
 }
 
 /// Whether `topic` is `{prefix}/{id}/...` for an `id` other than `own`.
@@ -170,7 +163,7 @@ fn is_other_device_topic(prefix: &[String], topic_name: &str, own: &str) -> bool
             return false;
         }
     }
-    matches!(levels.next(), Some(id) if id != own)
+    matches!(levels.next(), Some(id) if id != topic::id_level(own))
 }
 
 impl Hooks for RelayHooks {
@@ -329,5 +322,11 @@ mod tests {
         assert!(is_other_device_topic(&p, "down/device/ipad2/msg", "ipad1"));
         assert!(!is_other_device_topic(&p, "down/device/ipad1/msg", "ipad1"));
         assert!(!is_other_device_topic(&p, "down/speed", "ipad1"));
+        // Ids that are not one topic level own their encoded level, and nothing else.
+        assert!(!names_other_device(&p, "down/device/a%2Fb/#", "a/b"));
+        assert!(names_other_device(&p, "down/device/a/#", "a/b"));
+        assert!(!is_other_device_topic(&p, "down/device/a%2Fb/x", "a/b"));
+        assert!(is_other_device_topic(&p, "down/device/a%2Fb/x", "a"));
+        assert!(is_other_device_topic(&p, "down/device/a/b/x", "a/b"));
     }
 }

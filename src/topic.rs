@@ -19,6 +19,35 @@ pub enum TopicError {
     MisplacedPlus,
 }
 
+/// Turns a client id into exactly one topic level, for every place that puts a client id into
+/// a topic or filter (device topics, `{client_id}` in ACLs, presence upstream).
+///
+/// MQTT allows any UTF-8 client id, but `/` would split the level, `+` and `#` are wildcards in
+/// a filter, and a space breaks some central brokers (NATS closes the connection on it). These
+/// bytes, and `%` itself so that the mapping stays one-to-one, are percent-encoded as `%XX`
+/// (uppercase hex of each UTF-8 byte): `a/b` becomes `a%2Fb`, which no other id maps to (`a_b`
+/// stays `a_b`). Control characters are encoded too, though the broker refuses ids with them.
+/// Everything else, non-ASCII letters included, is kept: `iPad von Jürg` becomes
+/// `iPad%20von%20Jürg`. The common ids (`ipad-3`, `T1.cab`) are returned unchanged.
+pub fn id_level(id: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| matches!(c, '%' | '/' | '+' | '#' | ' ') || c.is_control();
+    if !id.contains(special) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        if special(c) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Checks a topic name as used in PUBLISH.
 pub fn validate_name(name: &str) -> Result<(), TopicError> {
     check_common(name)?;
@@ -115,6 +144,25 @@ pub fn has_wildcard(filter: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn id_level_is_one_level_and_one_to_one() {
+        use super::id_level;
+        assert_eq!(id_level("ipad-3"), "ipad-3");
+        assert_eq!(id_level("a/b"), "a%2Fb");
+        assert_eq!(id_level("a_b"), "a_b");
+        assert_eq!(id_level("+"), "%2B");
+        assert_eq!(id_level("#"), "%23");
+        assert_eq!(id_level("50%"), "50%25");
+        assert_eq!(id_level("a%2Fb"), "a%252Fb");
+        assert_eq!(id_level("Cab iPad 3"), "Cab%20iPad%203");
+        assert_eq!(id_level("iPad von Jürg"), "iPad%20von%20Jürg");
+        for id in ["a/b", "+", "#", "x y", "/", "%", "a\u{85}b"] {
+            let l = id_level(id);
+            assert!(!l.contains(['/', '+', '#', ' ']), "{id:?} -> {l}");
+            assert!(super::validate_name(&l).is_ok());
+        }
+    }
+
     use super::*;
 
     #[test]

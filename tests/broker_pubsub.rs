@@ -186,3 +186,57 @@ async fn inject_reaches_subscribers_without_hooks() {
     };
     assert!(b.handle.inject(bad).await.is_err());
 }
+
+/// A v5 client that accepts topic aliases gets them: the first PUBLISH on a topic carries
+/// topic and alias, later ones the alias alone, up to the client's Topic Alias Maximum.
+#[tokio::test]
+async fn topic_aliases_are_sent_up_to_the_clients_maximum() {
+    use rumqttc::v5::mqttbytes::v5::{Connect, ConnectProperties, Packet, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let props = ConnectProperties {
+        topic_alias_max: Some(2),
+        ..ConnectProperties::new()
+    };
+    let connect = Connect {
+        keep_alive: 0,
+        client_id: "aliased".into(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    let (mut c, _) = Raw5::connect(b.addr, connect, None).await;
+    c.send(Packet::Subscribe(Subscribe {
+        pkid: 1,
+        filters: vec![filter("t/#", 0)],
+        properties: None,
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let p = v5(b.addr, "pub", |_| {}).await;
+    for t in ["t/a", "t/a", "t/b", "t/c", "t/b"] {
+        p.client.publish(t, qos5(0), false, t).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        match c.recv().await {
+            Some(Packet::Publish(m)) => got.push((
+                String::from_utf8_lossy(&m.topic).into_owned(),
+                m.properties.and_then(|p| p.topic_alias),
+                String::from_utf8_lossy(&m.payload).into_owned(),
+            )),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    let want = [
+        ("t/a", Some(1), "t/a"),
+        ("", Some(1), "t/a"),
+        ("t/b", Some(2), "t/b"),
+        ("t/c", None, "t/c"),
+        ("", Some(2), "t/b"),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(t, a, p)| (t.to_string(), *a, p.to_string()))
+        .collect();
+    assert_eq!(got, want);
+}

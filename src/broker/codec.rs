@@ -34,6 +34,8 @@ pub struct ConnectPacket {
     pub receive_maximum: u16,
     /// Client's Maximum Packet Size, if it set one.
     pub max_packet_size: Option<u32>,
+    /// Topic aliases the client accepts from us (v5 Topic Alias Maximum; 0 when absent).
+    pub topic_alias_max: u16,
     /// v5 enhanced authentication requested (which we do not offer).
     pub auth_method: Option<String>,
 }
@@ -115,6 +117,9 @@ pub struct OutPublish {
     pub properties: Properties,
     pub expiry: Option<u32>,
     pub sub_ids: Vec<usize>,
+    /// v5 Topic Alias to send; with an empty `topic`, the alias stands for a topic the client
+    /// already knows.
+    pub topic_alias: Option<u16>,
 }
 
 /// What the broker sends to a client.
@@ -224,6 +229,19 @@ fn peek_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
         }
     }
     Err(malformed("remaining length longer than 4 bytes"))
+}
+
+/// The first byte and total length of the complete frame at the start of `buf`; `Ok(None)` if
+/// the frame is not complete yet. Lets the connection look past PUBLISHes it holds back.
+pub fn peek_frame(buf: &[u8], max_size: u32) -> Result<Option<(u8, usize)>, DecodeError> {
+    let Some(h) = peek_header(buf)? else {
+        return Ok(None);
+    };
+    let len = h.header_len.saturating_add(h.remaining);
+    if len > max_size as usize {
+        return Err(DecodeError::TooLarge(len));
+    }
+    Ok((buf.len() >= len).then_some((h.byte1, len)))
 }
 
 /// Checks the fixed header flags the spec reserves (MQTT 3.1.1 §2.2.2, MQTT 5 §2.1.3).
@@ -351,6 +369,7 @@ pub fn decode_connect(
                     session_expiry: 0,
                     receive_maximum: u16::MAX,
                     max_packet_size: None,
+                    topic_alias_max: 0,
                     auth_method: None,
                 }))
             }
@@ -411,6 +430,7 @@ pub fn decode_connect(
                     session_expiry: props.session_expiry_interval.unwrap_or(0),
                     receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
                     max_packet_size: props.max_packet_size,
+                    topic_alias_max: props.topic_alias_max.unwrap_or(0),
                     auth_method: props.authentication_method,
                 }))
             }
@@ -890,7 +910,7 @@ fn to_v5(p: &Outbound) -> v5::Packet {
             let props = v5::PublishProperties {
                 payload_format_indicator: p.properties.payload_format_indicator,
                 message_expiry_interval: p.expiry,
-                topic_alias: None,
+                topic_alias: p.topic_alias,
                 response_topic: p.properties.response_topic.clone(),
                 correlation_data: p.properties.correlation_data.clone(),
                 user_properties: p.properties.user_properties.clone(),

@@ -6,8 +6,22 @@
 //! once, in arrival order, and joins a FIFO of pending verdicts. The connection keeps reading
 //! while verdicts are outstanding; whenever the verdict at the head of the FIFO is known, the
 //! message is delivered to local subscribers and acknowledged, so deliveries and acks keep the
-//! arrival order. The FIFO is bounded by our Receive Maximum (QoS 1/2 only): a client that
-//! exceeds it is disconnected (v5 reason 0x93).
+//! arrival order.
+//!
+//! # Backpressure instead of disconnects
+//! The FIFO (plus QoS 2 messages awaiting PUBREL) is bounded by our Receive Maximum. When it
+//! is full, the connection stops decoding PUBLISHes: they stay in the read buffer, and once
+//! that holds [`HELD_READ_AHEAD`] bytes the socket is not read at all, so TCP slows the client
+//! down. Decoding resumes, in order, as verdicts free the window. This serves MQTT 3.1.1
+//! clients (which know no Receive Maximum) and v5 clients that ignore ours (paho-mqtt for
+//! Python does) alike; a v5 client that exceeds it is counted (`receive_maximum_exceeded`),
+//! not disconnected with 0x93, which the spec allows but does not require: a disconnected
+//! client would only resend its whole window. While held back, the packets that cannot wait
+//! behind the held PUBLISHes (PUBACK, PUBREC, PUBREL, PUBCOMP, PINGREQ) are still taken out
+//! of the buffer and served, so the client's acknowledgements of our messages, the PUBRELs
+//! that free the window, and its pings do not starve. A held-back connection has no
+//! keep-alive deadline (we are the ones not reading); the timer restarts when the window has
+//! room again.
 //!
 //! # Refusing a PUBLISH in 3.1.1
 //! MQTT 3.1.1 has no negative PUBACK. When the ingest hook refuses a QoS 1/2 message from a
@@ -56,6 +70,10 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_secs(1);
 /// QoS 0 messages written per wake-up before giving other work a turn.
 const FLUSH_BATCH: usize = 256;
+/// While the inbound window is full, the socket is read only as long as the read buffer holds
+/// less than this: enough to find the acknowledgements and pings behind held PUBLISHes,
+/// little enough that TCP pushes back on the client.
+pub const HELD_READ_AHEAD: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -68,7 +86,7 @@ enum End {
     Abnormal(String),
     /// Another connection took the session over.
     TakenOver,
-    /// The broker is shutting down.
+    /// The broker is shutting down: the will is published.
     Shutdown,
 }
 
@@ -340,6 +358,15 @@ impl PreConnect {
     }
 }
 
+/// Whether the client already closed the socket (EOF or error) while its CONNECT waited; bytes
+/// that arrived meanwhile are kept in `rbuf`. Polls the socket once, never waits.
+async fn closed_meanwhile(reader: &mut Reader, rbuf: &mut BytesMut) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::ZERO, reader.read_buf(rbuf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
 struct Conn {
     shared: Arc<Shared>,
     reader: Reader,
@@ -361,6 +388,14 @@ struct Conn {
     connect_expiry: u32,
     /// `max_publish_rate`, if set.
     bucket: Option<super::limits::TokenBucket>,
+    /// The inbound window was full at the last turn of the loop (no keep-alive deadline).
+    held: bool,
+    /// This v5 connection was counted in `receive_maximum_exceeded`.
+    exceeded_counted: bool,
+    /// Topic aliases we gave this client (v5), up to the Topic Alias Maximum of its CONNECT:
+    /// the first PUBLISH on a topic carries topic and alias, later ones the alias alone.
+    out_aliases: HashMap<String, u16>,
+    out_alias_max: u16,
 }
 
 impl Conn {
@@ -390,9 +425,9 @@ impl Conn {
                 assigned = Some(client_id.clone());
             }
         }
-        if !super::limits::valid_client_id(&client_id) {
+        if let Some(why) = super::limits::client_id_problem(&client_id) {
             log::info!(
-                "local broker: {peer}: client id {:?} is not 1 to 64 of [A-Za-z0-9._:-]; refused",
+                "local broker: {peer}: client id {:?} {why}; refused",
                 client_id.chars().take(80).collect::<String>()
             );
             {
@@ -403,6 +438,9 @@ impl Conn {
             pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
             return None;
         }
+        // Connections are numbered in the order their CONNECTs arrived; authentication runs
+        // in between, for however long it takes, and must not reorder takeovers.
+        let conn_id = shared.lock().new_conn_id();
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
                 log::info!(
@@ -429,6 +467,14 @@ impl Conn {
         let verdict = authenticate(&shared, &client_id, &c, pre.cert_identity.clone(), peer).await;
         if verdict == AuthVerdict::Allow {
             shared.failures.succeed(peer.ip());
+        } else if verdict == AuthVerdict::ClientIdNotAllowed {
+            // The password was right: not a guess, so no delay and no failure counted.
+            log::info!(
+                "local broker: '{client_id}' from {peer}: the client id is not one user {:?} may use (its name, '{{name}}-...', or with any_client_id any id no other device owns); refused",
+                c.username.as_deref().or(pre.cert_identity.as_deref()).unwrap_or("")
+            );
+            let mut st = shared.lock();
+            st.stats.bad_client_ids += 1;
         } else {
             // Slow down guessing: the delay grows with each failure from this address. It is
             // spent in this connection's task, so nobody else waits.
@@ -450,6 +496,7 @@ impl Conn {
             AuthVerdict::Allow => None,
             AuthVerdict::BadCredentials => Some(refuse(0x04, 0x86)),
             AuthVerdict::NotAuthorized => Some(refuse(0x05, 0x87)),
+            AuthVerdict::ClientIdNotAllowed => Some(refuse(0x02, 0x85)),
         };
         let code = code.or_else(|| {
             c.will
@@ -477,74 +524,98 @@ impl Conn {
             Protocol::V311 => V311_WINDOW,
             Protocol::V5 => usize::from(c.receive_maximum),
         };
+        // A client that gave up on this CONNECT (closed the socket before our CONNACK) must
+        // not take over a session it would lose again at once, perhaps from its own newer
+        // connection.
+        if closed_meanwhile(&mut pre.reader, &mut pre.rbuf).await {
+            log::info!("local broker: '{client_id}' from {peer} closed the connection before CONNACK; its CONNECT is dropped");
+            shared.lock().stats.refused_connections += 1;
+            return None;
+        }
         let notify = Arc::new(Notify::new());
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
         let mut old_will = None;
-        let (conn_id, session_present) = {
+        let attached = {
             let mut st = shared.lock();
-            let conn_id = st.new_conn_id();
-            let mut ops = Vec::new();
-            let mut existed = false;
-            if let Some(s) = st.sessions.get_mut(&client_id) {
-                existed = true;
-                if let Some(old) = s.conn.take() {
-                    // The old connection ends without DISCONNECT: its will is due unless a will
-                    // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
-                    if let Some(w) = s.will.take() {
-                        if w.delay == 0 || c.clean_start {
-                            old_will = Some((old.info.clone(), w));
+            // A connection whose CONNECT came later already holds the session: it wins.
+            let newer_attached = st
+                .sessions
+                .get(&client_id)
+                .and_then(|s| s.conn.as_ref())
+                .is_some_and(|link| link.conn_id > conn_id);
+            if newer_attached {
+                st.stats.refused_connections += 1;
+                None
+            } else {
+                let mut ops = Vec::new();
+                let mut existed = false;
+                if let Some(s) = st.sessions.get_mut(&client_id) {
+                    existed = true;
+                    if let Some(old) = s.conn.take() {
+                        // The old connection ends without DISCONNECT: its will is due unless a will
+                        // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
+                        if let Some(w) = s.will.take() {
+                            if w.delay == 0 || c.clean_start {
+                                old_will = Some((old.info.clone(), w));
+                            }
+                        }
+                        log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
+                        let _ = old.kick.send(0x8E);
+                    }
+                    if let Some(cancel) = s.will_cancel.take() {
+                        let _ = cancel.send(());
+                    }
+                }
+                if existed && c.clean_start {
+                    st.remove_session(&client_id, &mut ops);
+                    existed = false;
+                }
+                let s = st
+                    .sessions
+                    .entry(client_id.clone())
+                    .or_insert_with(|| Session::new(client_id.clone(), expiry));
+                let was_persistent = existed && s.persistent();
+                s.expiry_secs = expiry;
+                if s.persistent() {
+                    ops.push(Op::UpsertSession {
+                        client_id: client_id.clone(),
+                        expiry_secs: expiry,
+                    });
+                    if !was_persistent {
+                        for sub in s.subs.iter() {
+                            ops.push(Op::UpsertSub {
+                                client_id: client_id.clone(),
+                                sub: sub.clone(),
+                            });
                         }
                     }
-                    log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
-                    let _ = old.kick.send(0x8E);
+                } else if was_persistent {
+                    ops.push(Op::DeleteSession {
+                        client_id: client_id.clone(),
+                    });
+                    s.queue.iter_mut().for_each(|d| d.seq = None);
+                    s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
                 }
-                if let Some(cancel) = s.will_cancel.take() {
-                    let _ = cancel.send(());
-                }
-            }
-            if existed && c.clean_start {
-                st.remove_session(&client_id, &mut ops);
-                existed = false;
-            }
-            let s = st
-                .sessions
-                .entry(client_id.clone())
-                .or_insert_with(|| Session::new(client_id.clone(), expiry));
-            let was_persistent = existed && s.persistent();
-            s.expiry_secs = expiry;
-            if s.persistent() {
-                ops.push(Op::UpsertSession {
-                    client_id: client_id.clone(),
-                    expiry_secs: expiry,
+                s.will = c.will.clone();
+                s.expires_at = None;
+                s.conn = Some(ConnLink {
+                    conn_id,
+                    info: info.clone(),
+                    notify: Arc::clone(&notify),
+                    kick: kick_tx,
+                    connected_since_ms: Stamp::now().wall_ms,
+                    out_window: out_window.clamp(1, 65535),
                 });
-                if !was_persistent {
-                    for sub in s.subs.iter() {
-                        ops.push(Op::UpsertSub {
-                            client_id: client_id.clone(),
-                            sub: sub.clone(),
-                        });
-                    }
-                }
-            } else if was_persistent {
-                ops.push(Op::DeleteSession {
-                    client_id: client_id.clone(),
-                });
-                s.queue.iter_mut().for_each(|d| d.seq = None);
-                s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
+                st.stats.connections += 1;
+                let _ = shared.submit(ops);
+                Some((conn_id, existed))
             }
-            s.will = c.will.clone();
-            s.expires_at = None;
-            s.conn = Some(ConnLink {
-                conn_id,
-                info: info.clone(),
-                notify: Arc::clone(&notify),
-                kick: kick_tx,
-                connected_since_ms: Stamp::now().wall_ms,
-                out_window: out_window.clamp(1, 65535),
-            });
-            st.stats.connections += 1;
-            let _ = shared.submit(ops);
-            (conn_id, existed)
+        };
+        let Some((conn_id, session_present)) = attached else {
+            // No CONNACK: the client has a newer connection, which owns the session.
+            log::info!("local broker: '{client_id}' from {peer}: a connection with a newer CONNECT for this client id holds the session; closing this one without CONNACK");
+            linger(&mut pre.reader, &mut pre.writer).await;
+            return None;
         };
 
         if let Some((old_info, w)) = old_will {
@@ -563,7 +634,7 @@ impl Conn {
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: None,
-                shared_subscription_available: Some(0),
+                shared_subscription_available: Some(1),
                 server_keep_alive: None,
                 response_information: None,
                 server_reference: None,
@@ -594,6 +665,14 @@ impl Conn {
             connect_expiry: expiry,
             bucket: (shared.config.max_publish_rate > 0)
                 .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
+            held: false,
+            exceeded_counted: false,
+            out_aliases: HashMap::new(),
+            out_alias_max: if protocol == Protocol::V5 {
+                c.topic_alias_max
+            } else {
+                0
+            },
         };
         log::info!(
             "local broker: '{client_id}' connected from {peer} ({protocol:?}, keep-alive {}s, session {})",
@@ -663,19 +742,25 @@ impl Conn {
             return end;
         }
         // Packets that arrived in the same read as CONNECT.
-        if !self.rbuf.is_empty() {
-            if let Err(end) = self.read_packets().await {
-                return end;
-            }
-            if let Err(end) = self.drain_verdicts().await {
-                return end;
-            }
+        if let Err(end) = self.process_buffered().await {
+            return end;
         }
         loop {
             if let Err(end) = self.flush_queue().await {
                 return end;
             }
-            let deadline = self.keep_alive.map(|ka| self.last_recv + ka);
+            // While the window is full we are the ones not reading: no keep-alive deadline,
+            // and the timer starts afresh once the window has room.
+            let full = self.inbound_full();
+            if self.held && !full {
+                self.last_recv = Instant::now();
+            }
+            self.held = full;
+            let deadline = self
+                .keep_alive
+                .filter(|_| !full)
+                .map(|ka| self.last_recv + ka);
+            let may_read = !full || self.rbuf.len() < HELD_READ_AHEAD;
             enum Ev {
                 Kick(u8),
                 Shutdown,
@@ -687,7 +772,7 @@ impl Conn {
             let ev = tokio::select! {
                 k = self.kick_rx.recv() => Ev::Kick(k.unwrap_or(0x8E)),
                 _ = shutdown.recv() => Ev::Shutdown,
-                r = self.reader.read_buf(&mut self.rbuf), if !self.inbound_full() => Ev::Read(r),
+                r = self.reader.read_buf(&mut self.rbuf), if may_read => Ev::Read(r),
                 v = head_verdict(&mut self.pending) => Ev::Verdict(v),
                 _ = self.notify.notified() => Ev::Notified,
                 _ = sleep_until(deadline) => Ev::KeepAlive,
@@ -707,7 +792,7 @@ impl Conn {
                 Ev::Read(Err(e)) => Err(End::Abnormal(format!("read failed: {e}"))),
                 Ev::Read(Ok(_)) => {
                     self.last_recv = Instant::now();
-                    self.read_packets().await
+                    Ok(())
                 }
                 Ev::Verdict(v) => {
                     if let Some(head) = self.pending.front_mut() {
@@ -727,15 +812,8 @@ impl Conn {
                 }
             };
             let step = match step {
-                Ok(()) => self.drain_verdicts().await,
+                Ok(()) => self.process_buffered().await,
                 Err(e) => Err(e),
-            };
-            // Packets held back while the in-flight window was full.
-            let step = match step {
-                Ok(()) if !self.rbuf.is_empty() && !self.inbound_full() => {
-                    self.read_packets().await
-                }
-                other => other,
             };
             if let Err(end) = step {
                 return end;
@@ -746,13 +824,31 @@ impl Conn {
         }
     }
 
+    /// Resolves known verdicts and decodes what the buffer holds, as long as either frees
+    /// room for the other: packets held back while the window was full are decoded as soon
+    /// as verdicts make room, without waiting for the socket to wake us.
+    async fn process_buffered(&mut self) -> Result<(), End> {
+        loop {
+            self.drain_verdicts().await?;
+            let before = self.rbuf.len();
+            if before == 0 {
+                return Ok(());
+            }
+            self.read_packets().await?;
+            if self.rbuf.len() == before {
+                return Ok(());
+            }
+        }
+    }
+
     async fn read_packets(&mut self) -> Result<(), End> {
         loop {
-            // A 3.1.1 client knows no Receive Maximum: instead of disconnecting it for
-            // having too much in flight, stop reading until verdicts free the window (TCP
-            // then pushes back on the client). A v5 client that exceeds it is an error.
-            if self.protocol == Protocol::V311 && self.inbound_full() {
-                return Ok(());
+            // Window full: PUBLISHes wait in the buffer (see the module doc).
+            if self.inbound_full() {
+                if !self.serve_past_held().await? {
+                    return Ok(());
+                }
+                continue;
             }
             match codec::decode(
                 &mut self.rbuf,
@@ -762,6 +858,58 @@ impl Conn {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+            }
+        }
+    }
+
+    /// With the window full: serves the acknowledgements and pings that follow the held
+    /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
+    /// DISCONNECT, ...). True if one was served (the window may have room again).
+    async fn serve_past_held(&mut self) -> Result<bool, End> {
+        let max = self.shared.config.max_packet_size;
+        let mut off = 0;
+        loop {
+            let frame = match self
+                .rbuf
+                .get(off..)
+                .map(|rest| codec::peek_frame(rest, max))
+            {
+                Some(Ok(Some(f))) => f,
+                Some(Ok(None)) | None => return Ok(false),
+                Some(Err(e)) => {
+                    return Err(self.protocol_error(e.reason_code(), e.to_string()).await)
+                }
+            };
+            let (byte1, len) = frame;
+            match byte1 >> 4 {
+                3 => {
+                    if byte1 & 0x06 != 0 && self.protocol == Protocol::V5 && !self.exceeded_counted
+                    {
+                        self.exceeded_counted = true;
+                        self.shared.lock().stats.receive_maximum_exceeded += 1;
+                        log::info!(
+                            "local broker: '{}' ({}) sends more than our Receive Maximum of {} unacknowledged QoS 1/2 PUBLISHes; holding them back",
+                            self.info.client_id,
+                            self.info.peer,
+                            self.shared.config.receive_maximum
+                        );
+                    }
+                    off += len;
+                }
+                4..=7 | 12 => {
+                    let mut tail = self.rbuf.split_off(off);
+                    let decoded = codec::decode(&mut tail, self.protocol, max);
+                    self.rbuf.unsplit(tail);
+                    return match decoded {
+                        Ok(Some(p)) => {
+                            self.handle(p).await?;
+                            Ok(true)
+                        }
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+                    };
+                }
+                _ => return Ok(false),
             }
         }
     }
@@ -1022,31 +1170,6 @@ impl Conn {
                 return Ok(());
             }
         }
-        if p.qos != QoS::AtMostOnce {
-            let awaiting_rel = {
-                let st = self.shared.lock();
-                st.sessions
-                    .get(&self.info.client_id)
-                    .map_or(0, |s| s.incoming_qos2.len())
-            };
-            let in_flight = self
-                .pending
-                .iter()
-                .filter(|q| q.qos != QoS::AtMostOnce)
-                .count()
-                + awaiting_rel;
-            if in_flight >= usize::from(self.shared.config.receive_maximum) {
-                return Err(self
-                    .protocol_error(
-                        0x93,
-                        format!(
-                            "more than {} unacknowledged QoS 1/2 PUBLISHes",
-                            self.shared.config.receive_maximum
-                        ),
-                    )
-                    .await);
-            }
-        }
         let accepted = Stamp::now();
         let msg = Message {
             topic: topic_name,
@@ -1216,11 +1339,14 @@ impl Conn {
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
         for f in filters {
-            if f.filter.starts_with("$share/") {
-                codes.push(if v5 { 0x9E } else { 0x80 });
-                continue;
-            }
-            if let Err(e) = topic::validate_filter(&f.filter) {
+            // `$share/{group}/{filter}`: the ACL and the validity rules apply to the filter.
+            let shared = super::subscriptions::is_shared(&f.filter);
+            let inner = match super::subscriptions::shared_parts(&f.filter) {
+                Some((_, inner)) => inner,
+                None if shared => "",
+                None => f.filter.as_str(),
+            };
+            if let Err(e) = topic::validate_filter(inner) {
                 if !v5 {
                     // 3.1.1 §4.8: an invalid filter is a protocol violation.
                     return Err(self
@@ -1230,7 +1356,7 @@ impl Conn {
                 codes.push(0x8F);
                 continue;
             }
-            if !self.shared.hooks.may_subscribe(&self.info, &f.filter) {
+            if !self.shared.hooks.may_subscribe(&self.info, inner) {
                 self.shared.lock().stats.denied_subscribe += 1;
                 codes.push(if v5 { 0x87 } else { 0x80 });
                 continue;
@@ -1267,7 +1393,9 @@ impl Conn {
                             sub: sub.clone(),
                         });
                     }
-                    if f.retain_handling == 0 || (f.retain_handling == 1 && is_new) {
+                    // No retained messages on a shared subscription (MQTT 5 §4.8.2).
+                    let shared = super::subscriptions::is_shared(&f.filter);
+                    if !shared && (f.retain_handling == 0 || (f.retain_handling == 1 && is_new)) {
                         retained.push(sub);
                     }
                 }
@@ -1283,6 +1411,7 @@ impl Conn {
                         continue;
                     }
                     deliveries.push(super::session::Delivery {
+                        shared: None,
                         qos: m.qos.min(sub.qos),
                         msg: m,
                         retain: true,
@@ -1392,9 +1521,25 @@ impl Conn {
                     },
                     delivery: d,
                 };
-                let packet = Outbound::Publish(out_publish(&f, false, &now));
+                let mut publish = out_publish(&f, false, &now);
+                // Topic alias: a known topic is sent as its alias alone; a new one gets the
+                // next free alias, remembered once the packet is encoded.
+                let mut new_alias = None;
+                if let Some(&a) = self.out_aliases.get(&publish.topic) {
+                    publish.topic_alias = Some(a);
+                    publish.topic.clear();
+                } else if let Ok(n) = u16::try_from(self.out_aliases.len() + 1) {
+                    if n <= self.out_alias_max {
+                        publish.topic_alias = Some(n);
+                        new_alias = Some((publish.topic.clone(), n));
+                    }
+                }
+                let packet = Outbound::Publish(publish);
                 match codec::encode(&packet, self.protocol, &mut self.wbuf, self.out_max) {
                     Ok(()) => {
+                        if let Some((t, n)) = new_alias {
+                            self.out_aliases.insert(t, n);
+                        }
                         sent += 1;
                         st.stats.messages_out += 1;
                         if f.delivery.qos != QoS::AtMostOnce {
@@ -1421,7 +1566,13 @@ impl Conn {
     /// Detaches from the session: schedules or fires the will, starts the session's expiry.
     fn finish(&mut self, end: End) {
         let reason = end.describe();
-        let publish_will = matches!(end, End::ClientWithWill(_) | End::Abnormal(_));
+        // The server closing the connection publishes the will (MQTT 5 §3.1.2.5), at shutdown
+        // too; a will delay cannot run past our own end, so it is published at once then.
+        let shutting_down = matches!(end, End::Shutdown);
+        let publish_will = matches!(
+            end,
+            End::ClientWithWill(_) | End::Abnormal(_) | End::Shutdown
+        );
         let mut fire_now = None;
         {
             let mut st = self.shared.lock();
@@ -1433,6 +1584,13 @@ impl Conn {
                 .and_then(|s| s.conn.as_ref())
                 .is_some_and(|c| c.conn_id == self.conn_id);
             if mine {
+                // Unacknowledged messages of shared subscriptions go to another member.
+                st.reassign_shared(
+                    self.shared.hooks.as_ref(),
+                    &cid,
+                    self.shared.config.max_queued_messages,
+                    &mut ops,
+                );
                 let mut remove = false;
                 if let Some(s) = st.sessions.get_mut(&cid) {
                     s.conn = None;
@@ -1451,7 +1609,7 @@ impl Conn {
                     }
                     if let Some(w) = will.filter(|_| publish_will) {
                         let delay = w.delay.min(s.expiry_secs);
-                        if delay == 0 {
+                        if delay == 0 || shutting_down {
                             fire_now = Some(w);
                         } else {
                             s.will_cancel = Some(self.shared.schedule_will(
@@ -1497,6 +1655,7 @@ fn out_publish(f: &Inflight, dup: bool, now: &Stamp) -> OutPublish {
             .deadline
             .map(|d| clock::expiry_secs(d.remaining(now).unwrap_or(Duration::ZERO))),
         sub_ids: f.delivery.sub_ids.clone(),
+        topic_alias: None,
     }
 }
 

@@ -20,16 +20,33 @@ pub const MAX_DELAY: Duration = Duration::from_secs(8);
 /// An address without failures for this long starts from zero again.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-/// Longest client id accepted.
-pub const MAX_CLIENT_ID: usize = 64;
+/// Longest client id accepted, in bytes (UTF-8). MQTT allows up to 65535; an id is kept in
+/// memory, the store, logs and topics, so we take what real clients use with a wide margin.
+pub const MAX_CLIENT_ID: usize = 256;
 
-/// Client ids are restricted to `[A-Za-z0-9._:-]`, 1 to 64 characters: they appear in topics
-/// (device topics, presence), logs and the status output, where `/`, `+`, `#`, control
-/// characters or megabytes of text would do harm.
-pub fn valid_client_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_CLIENT_ID
-        && id
+/// Why a client id is refused, if it is. MQTT allows any UTF-8 client id; we refuse only what
+/// cannot be carried safely: NUL and other control characters (C0, DEL, C1: the spec lets a
+/// server treat them as malformed; they would garble logs and the status output), and ids
+/// longer than [`MAX_CLIENT_ID`] bytes. Ids with `/`, `+`, `#`, spaces or non-ASCII letters are
+/// fine: where an id goes into a topic it is encoded with [`crate::topic::id_level`].
+pub fn client_id_problem(id: &str) -> Option<String> {
+    if id.len() > MAX_CLIENT_ID {
+        return Some(format!(
+            "is {} bytes long, more than {MAX_CLIENT_ID}",
+            id.len()
+        ));
+    }
+    id.chars()
+        .find(|c| c.is_control())
+        .map(|c| format!("contains the control character U+{:04X}", u32::from(c)))
+}
+
+/// Device names (`[[local.device]] name`, also the MQTT username) stay plain: 1 to 64 of
+/// `[A-Za-z0-9._:-]`, so that they read well in topics, logs and the config.
+pub fn valid_device_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }

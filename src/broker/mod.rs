@@ -126,6 +126,10 @@ pub enum AuthVerdict {
     BadCredentials,
     /// v3.1.1 CONNACK 0x05, v5 0x87.
     NotAuthorized,
+    /// The credentials are right but the client id is not one this device may use (another
+    /// device's, or not the device's own name when it may not choose any id). v3.1.1 CONNACK
+    /// 0x02, v5 0x85; not a failed password, so it does not slow down later logins.
+    ClientIdNotAllowed,
 }
 
 /// Why an inbound PUBLISH was refused; mapped to the v5 PUBACK/PUBREC reason code.
@@ -251,15 +255,19 @@ pub struct BrokerStats {
     pub dropped_too_large: u64,
     /// CONNECTs refused by `authenticate` (bad credentials or not authorized).
     pub auth_failures: u64,
-    /// CONNECTs refused for a client id outside `[A-Za-z0-9._:-]{1,64}`.
+    /// CONNECTs refused for their client id (control characters, longer than
+    /// [`MAX_CLIENT_ID`] bytes).
     pub bad_client_ids: u64,
     /// Sockets closed at once because their address held `max_connections_per_address`.
     pub refused_per_address: u64,
     /// Clients disconnected for exceeding `max_publish_rate`.
     pub rate_limited: u64,
+    /// v5 connections that sent more QoS 1/2 PUBLISHes than our Receive Maximum allows (each
+    /// counted once); they are slowed down by backpressure, not disconnected.
+    pub receive_maximum_exceeded: u64,
 }
 
-pub use limits::valid_client_id;
+pub use limits::{client_id_problem, valid_device_name, MAX_CLIENT_ID};
 
 /// How often expired sessions and messages are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -424,6 +432,14 @@ impl Broker {
             log::warn!("local broker: some connections did not close in time; aborting them");
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
+        }
+        // The wills of the clients just closed: their ingest (the relay's store commit) is
+        // waited for, so they are kept and relayed like any other will.
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.wills_settled())
+            .await
+            .is_err()
+        {
+            log::warn!("local broker: wills still awaiting the relay's verdict at shutdown; they may be lost");
         }
         self.shared.sweep();
         // An empty job: its commit means every earlier write of the broker is on disk.

@@ -344,6 +344,7 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
             };
             Ok((
                 Delivery {
+                    shared: None,
                     msg: Arc::new(msg),
                     qos: qos_of(r.get(4)?),
                     retain: r.get(6)?,

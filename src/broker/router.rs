@@ -17,10 +17,12 @@ use super::codec::WillSpec;
 use super::persist::{self, Op};
 use super::retained::Retained;
 use super::session::{Delivery, Session};
+use super::subscriptions::{shared_parts, Subscription};
 use super::{BrokerConfig, BrokerEvent, BrokerStats, ClientInfo, Hooks, Ingest};
 use crate::clock::Stamp;
 use crate::message::{Message, QoS};
 use crate::store::{Db, StoreError, StoreWrite};
+use crate::topic;
 
 pub type Commit = oneshot::Receiver<Result<(), StoreError>>;
 
@@ -28,6 +30,8 @@ pub struct State {
     pub sessions: HashMap<String, Session>,
     pub retained: Retained,
     pub stats: BrokerStats,
+    /// Round-robin position per shared subscription (`$share/{group}/{filter}`).
+    share_turn: HashMap<String, usize>,
     next_conn_id: u64,
     next_seq: i64,
 }
@@ -71,6 +75,103 @@ impl State {
         }
     }
 
+    /// The next member of shared subscription `filter` to get a message on `topic`, round
+    /// robin over the members sorted by client id; connected members first, and a session
+    /// that is away only when nobody of the group is connected. `exclude`: a member that is
+    /// going away. Returns the member's client id and subscription.
+    pub fn next_share_member(
+        &mut self,
+        hooks: &dyn Hooks,
+        filter: &str,
+        topic_name: &str,
+        exclude: Option<&str>,
+        connected_only: bool,
+    ) -> Option<(String, Subscription)> {
+        let mut members: Vec<(&String, &Subscription, bool)> = self
+            .sessions
+            .iter()
+            .filter(|(cid, _)| Some(cid.as_str()) != exclude)
+            .filter_map(|(cid, s)| {
+                s.subs
+                    .iter()
+                    .find(|sub| sub.filter == filter)
+                    .map(|sub| (cid, sub, s.conn.is_some()))
+            })
+            .filter(|(cid, _, _)| hooks.may_receive(cid, topic_name))
+            .collect();
+        if members.iter().any(|m| m.2) {
+            members.retain(|m| m.2);
+        } else if connected_only {
+            return None;
+        }
+        if members.is_empty() {
+            return None;
+        }
+        members.sort_by(|a, b| a.0.cmp(b.0));
+        let turn = self.share_turn.entry(filter.to_string()).or_insert(0);
+        let (cid, sub, _) = members[*turn % members.len()];
+        *turn = turn.wrapping_add(1);
+        Some((cid.clone(), sub.clone()))
+    }
+
+    /// Hands the unacknowledged messages a leaving member got through shared subscriptions
+    /// to another connected member of the same group (MQTT 5 §4.8.2); with no other member
+    /// connected they stay with the session. QoS 2 messages already PUBREC'd stay: the
+    /// member has them.
+    pub fn reassign_shared(
+        &mut self,
+        hooks: &dyn Hooks,
+        client_id: &str,
+        limit: usize,
+        ops: &mut Vec<Op>,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let mut taken = Vec::new();
+        let mut keep_inflight = std::collections::VecDeque::new();
+        for f in s.inflight.drain(..) {
+            if f.delivery.shared.is_some() && f.state != super::session::OutState::Pubcomp {
+                taken.push(f.delivery);
+            } else {
+                keep_inflight.push_back(f);
+            }
+        }
+        s.inflight = keep_inflight;
+        let mut keep_queue = std::collections::VecDeque::new();
+        for d in s.queue.drain(..) {
+            if d.shared.is_some() {
+                taken.push(d);
+            } else {
+                keep_queue.push_back(d);
+            }
+        }
+        s.queue = keep_queue;
+        let mut back = Vec::new();
+        for mut d in taken {
+            let filter = d.shared.clone().unwrap_or_default();
+            match self.next_share_member(hooks, &filter, &d.msg.topic, Some(client_id), true) {
+                Some((target, sub)) => {
+                    log::info!(
+                        "local broker: '{client_id}' left with a message on '{}' of '{filter}' unacknowledged; sending it to '{target}'",
+                        d.msg.topic
+                    );
+                    if let Some(seq) = d.seq.take() {
+                        ops.push(Op::DeleteMsg { seq });
+                    }
+                    d.qos = d.msg.qos.min(sub.qos);
+                    self.enqueue(&target, d, limit, ops);
+                }
+                None => back.push(d),
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(client_id) {
+            for d in back.into_iter().rev() {
+                s.queue.push_front(d);
+            }
+        }
+    }
+
     /// Removes a session and its rows.
     pub fn remove_session(&mut self, client_id: &str, ops: &mut Vec<Op>) -> Option<Session> {
         let s = self.sessions.remove(client_id)?;
@@ -102,6 +203,10 @@ pub struct Shared {
     /// Bounds concurrent `authenticate` calls: password hashing is slow and memory-hungry on
     /// purpose, so a burst of logins must not occupy every thread or megabytes each.
     pub auth_slots: Arc<tokio::sync::Semaphore>,
+    /// Wills handed to the ingest hook whose verdict is still awaited; shutdown waits for
+    /// them, so the wills of clients closed at shutdown reach the store (and the uplink).
+    wills_pending: AtomicUsize,
+    wills_done: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -170,6 +275,7 @@ impl Shared {
             sessions,
             retained,
             stats: BrokerStats::default(),
+            share_turn: HashMap::new(),
             next_conn_id: 0,
             next_seq: loaded.max_seq,
         };
@@ -184,6 +290,8 @@ impl Shared {
                 addresses: Default::default(),
                 failures: Default::default(),
                 auth_slots: Arc::new(tokio::sync::Semaphore::new(AUTH_SLOTS)),
+                wills_pending: AtomicUsize::new(0),
+                wills_done: tokio::sync::Notify::new(),
             },
             ops,
         )
@@ -252,7 +360,13 @@ impl Shared {
             }
         }
         let mut targets = Vec::new();
+        let mut shares = std::collections::BTreeSet::new();
         for (cid, s) in &st.sessions {
+            for sub in s.subs.iter() {
+                if shared_parts(&sub.filter).is_some_and(|(_, f)| topic::matches(f, &msg.topic)) {
+                    shares.insert(sub.filter.clone());
+                }
+            }
             let own = publisher == Some(cid.as_str());
             if !self.hooks.may_receive(cid, &msg.topic) {
                 continue;
@@ -261,9 +375,27 @@ impl Shared {
                 targets.push((cid.clone(), m));
             }
         }
-        let reached = targets.len();
+        let mut reached = targets.len();
+        // One member of each shared subscription gets the message.
+        for filter in shares {
+            if let Some((cid, sub)) =
+                st.next_share_member(self.hooks.as_ref(), &filter, &msg.topic, None, false)
+            {
+                let d = Delivery {
+                    msg: Arc::clone(msg),
+                    qos: msg.qos.min(sub.qos),
+                    retain: msg.retain && sub.retain_as_published,
+                    sub_ids: sub.id.into_iter().collect(),
+                    seq: None,
+                    shared: Some(filter),
+                };
+                st.enqueue(&cid, d, self.config.max_queued_messages, ops);
+                reached += 1;
+            }
+        }
         for (cid, m) in targets {
             let d = Delivery {
+                shared: None,
                 msg: Arc::clone(msg),
                 qos: msg.qos.min(m.qos),
                 retain: msg.retain && m.retain_as_published,
@@ -313,8 +445,12 @@ impl Shared {
             }
             Ingest::Pending(rx) => {
                 let shared = Arc::clone(self);
+                self.wills_pending.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    if let Ok(Ok(())) = rx.await {
+                    let verdict = rx.await;
+                    shared.wills_pending.fetch_sub(1, Ordering::SeqCst);
+                    shared.wills_done.notify_waiters();
+                    if let Ok(Ok(())) = verdict {
                         shared.lock().stats.messages_in += 1;
                         let _ = shared.publish(msg, Some(&info.client_id));
                         shared.hooks.on_event(event);
@@ -326,6 +462,17 @@ impl Shared {
                     }
                 });
             }
+        }
+    }
+
+    /// Waits until every will handed to the ingest hook has its verdict.
+    pub async fn wills_settled(&self) {
+        loop {
+            let done = self.wills_done.notified();
+            if self.wills_pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
         }
     }
 

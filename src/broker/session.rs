@@ -25,6 +25,9 @@ pub struct Delivery {
     pub sub_ids: Vec<usize>,
     /// Row id in `broker_session_messages`, if the delivery is persisted.
     pub seq: Option<i64>,
+    /// The shared subscription (`$share/{group}/{filter}`) it was delivered for: if this
+    /// member goes away before acknowledging it, another member gets it. Not persisted.
+    pub shared: Option<String>,
 }
 
 /// Where an outgoing QoS 1/2 message stands: the packet we wait for.
@@ -140,6 +143,7 @@ mod tests {
 
     fn d(qos: QoS, n: u8) -> Delivery {
         Delivery {
+            shared: None,
             msg: Arc::new(Message {
                 topic: "t".into(),
                 payload: Bytes::from(vec![n]),

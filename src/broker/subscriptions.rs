@@ -4,6 +4,10 @@
 //! one copy per subscription or a single copy; we send a single copy at the highest granted QoS
 //! that carries every matching Subscription Identifier, because a cab iPad showing the same
 //! order twice is worse than the alternative.
+//!
+//! Shared subscriptions (`$share/{group}/{filter}`, MQTT 5 §4.8.2) are kept here under their
+//! full filter, like any other, but [`Subscriptions::matching`] leaves them out: the router
+//! picks one member of each group per message ([`shared_parts`]).
 
 use std::collections::HashMap;
 
@@ -62,6 +66,9 @@ impl Subscriptions {
     pub fn matching(&self, topic: &str, own_message: bool) -> Option<Match> {
         let mut found: Option<Match> = None;
         for sub in self.by_filter.values() {
+            if shared_parts(&sub.filter).is_some() {
+                continue;
+            }
             if own_message && sub.no_local {
                 continue;
             }
@@ -86,8 +93,33 @@ impl Subscriptions {
     }
 }
 
+/// `$share/{group}/{filter}` split into group and filter; `None` for a filter that is not a
+/// shared subscription. The group must be non-empty and free of `/`, `+` and `#`; the filter
+/// is checked by the caller.
+pub fn shared_parts(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (group, inner) = rest.split_once('/')?;
+    (!group.is_empty() && !group.contains(['+', '#'])).then_some((group, inner))
+}
+
+/// Whether `filter` asks for a shared subscription, valid or not (`$share` as first level).
+pub fn is_shared(filter: &str) -> bool {
+    filter == "$share" || filter.starts_with("$share/")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shared_subscription_filters() {
+        use super::shared_parts;
+        assert_eq!(shared_parts("$share/g/a/b"), Some(("g", "a/b")));
+        assert_eq!(shared_parts("$share/g/#"), Some(("g", "#")));
+        assert_eq!(shared_parts("$share//a"), None);
+        assert_eq!(shared_parts("$share/g+/a"), None);
+        assert_eq!(shared_parts("$share/g"), None);
+        assert_eq!(shared_parts("a/b"), None);
+    }
+
     use super::*;
 
     fn sub(filter: &str, qos: QoS, id: Option<usize>) -> Subscription {

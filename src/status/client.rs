@@ -254,6 +254,13 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
             l.refused_connections, l.denied_publish, l.denied_subscribe
         );
     }
+    if l.receive_maximum_exceeded > 0 {
+        let _ = writeln!(
+            o,
+            "slowed    {} MQTT 5 clients sent more than our Receive Maximum (held back, not disconnected)",
+            l.receive_maximum_exceeded
+        );
+    }
     o
 }
 

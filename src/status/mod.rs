@@ -154,6 +154,7 @@ impl Sources {
                 connections: b.connections,
                 refused_connections: b.refused_connections,
                 protocol_errors: b.protocol_errors,
+                receive_maximum_exceeded: b.receive_maximum_exceeded,
                 messages_in: b.messages_in,
                 messages_out: b.messages_out,
                 dropped_queue_full: b.dropped_queue_full,

@@ -237,6 +237,9 @@ pub struct LocalReport {
     pub connections: u64,
     pub refused_connections: u64,
     pub protocol_errors: u64,
+    /// v5 clients that exceeded our Receive Maximum (slowed down, not disconnected).
+    #[serde(default)]
+    pub receive_maximum_exceeded: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     /// Not delivered to an iPad because its session queue was full.

@@ -43,6 +43,10 @@ pub struct TestHooks {
     pub deny_subscribe: Mutex<Vec<String>>,
     /// User names refused with bad credentials.
     pub bad_users: Mutex<Vec<String>>,
+    /// User names whose authentication takes this long (on the blocking pool).
+    pub slow_users: Mutex<Vec<(String, Duration)>>,
+    /// Slow authentications under way.
+    pub authenticating: std::sync::atomic::AtomicUsize,
 }
 
 impl TestHooks {
@@ -55,6 +59,8 @@ impl TestHooks {
             deny_publish: Mutex::new(Vec::new()),
             deny_subscribe: Mutex::new(Vec::new()),
             bad_users: Mutex::new(Vec::new()),
+            slow_users: Mutex::new(Vec::new()),
+            authenticating: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -93,6 +99,19 @@ impl Hooks for TestHooks {
         &self,
         req: &trainrelay::broker::ConnectRequest<'_>,
     ) -> trainrelay::broker::AuthVerdict {
+        let slow = self
+            .slow_users
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(u, _)| Some(u.as_str()) == req.username)
+            .map(|(_, d)| *d);
+        if let Some(d) = slow {
+            use std::sync::atomic::Ordering;
+            self.authenticating.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(d);
+            self.authenticating.fetch_sub(1, Ordering::SeqCst);
+        }
         let bad = self.bad_users.lock().unwrap();
         if req.username.is_some_and(|u| bad.iter().any(|b| b == u)) {
             trainrelay::broker::AuthVerdict::BadCredentials
