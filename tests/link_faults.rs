@@ -1,8 +1,10 @@
 //! Link fault tests: the central Mosquitto in a network namespace of the test's own, the relay
 //! in the root namespace, and the faults a train's uplink meets (tunnel, flapping coverage,
-//! poor cellular, crashes on either side). Each test asserts what arrives; the timing figures
-//! (detection, drain rate, duplicates) are measured and printed, not asserted, except a
-//! generous bound on dead-link detection.
+//! poor cellular, crashes on either side). Each test asserts what arrives (nothing lost, order
+//! kept) and README's bound on duplicates: at most the in-flight window of every reconnect
+//! ([`duplicate_bound`]). Timings are asserted only where README states a deadline (dead-link
+//! detection, the netlink reconnect), with scheduling slack for a loaded 2-core machine; the
+//! other figures (drain rates, reconnect times) are printed as benchmark-style measurements.
 //!
 //! Needs root (network namespaces, iptables); without it each test says SKIPPED and passes, except under CI (`CI` set), where it fails.
 //! Run with `cargo test --test link_faults -- --nocapture` to see the figures.
@@ -15,6 +17,12 @@ use common::netns::*;
 use common::*;
 
 const KEEP_ALIVE_SECS: u64 = 5;
+/// What a deadline may overrun on the shared, loaded 2-core test machine: the relay's 0.2 s
+/// check interval, the test's 50 ms log polling and scheduling delays of both processes.
+const SLACK: Duration = Duration::from_secs(2);
+/// `max_inflight_messages` of [`NsCentral`]: the central broker's own window towards the
+/// control client, which a central restart may redeliver.
+const CENTRAL_WINDOW: usize = 100;
 const DRAIN_LIMIT: Duration = Duration::from_secs(180);
 
 fn assert_all(t: &Tally, n: u64, what: &str) {
@@ -91,11 +99,15 @@ async fn tunnel_loses_nothing_and_is_detected_within_keep_alive() {
         backlog as f64 / drain.as_secs_f64().max(0.001),
         t.duplicates
     );
-    // The uplink's deadline is 1.5 x keep-alive; allow for a loaded machine.
+    // README: a dead link is noticed within 1.5 x keep-alive (nothing from the broker for
+    // that long; the last thing received came before the tunnel, so measured from the tunnel's
+    // start this can only be shorter), plus the scheduling slack of a loaded machine.
+    let deadline = ka.mul_f64(1.5) + SLACK;
     assert!(
-        detection < ka * 3,
-        "dead link detected only after {detection:?}"
+        detection <= deadline,
+        "dead link detected only after {detection:?}, deadline {deadline:?}"
     );
+    assert_duplicates_bounded(t, &relay.log(), 0, "tunnel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,6 +157,8 @@ async fn flapping_link_loses_nothing_and_keeps_order() {
         count(&log, "link is dead"),
         drained.as_secs_f64()
     );
+    assert_duplicates_bounded(seen.tally(0), &log, 0, "flapping up/#");
+    assert_duplicates_bounded(seen.tally(1), &log, 0, "flapping alerts/#");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,6 +201,7 @@ async fn poor_cellular_delivers_everything() {
         count(&log, "connected (session"),
         tail.as_secs_f64()
     );
+    assert_duplicates_bounded(seen.tally(0), &log, 0, "poor cellular");
 }
 
 /// Builds a backlog of `n` while the relay cannot reach the central broker, then opens the
@@ -236,8 +251,17 @@ async fn central_sigkill_while_draining_loses_nothing_acknowledged() {
     assert_all(seen.tally(0), N, "central SIGKILL");
     println!(
         "central SIGKILL while draining: drain rate before the kill {rate:.0} msg/s, {N} \
-         delivered, {} duplicates",
-        seen.tally(0).duplicates
+         delivered, {} duplicates (bound {} + {CENTRAL_WINDOW})",
+        seen.tally(0).duplicates,
+        duplicate_bound(&relay.log())
+    );
+    // Beyond the relay's resends, the restarted central broker redelivers to the control client
+    // what it had in flight to it (at most its own window).
+    assert_duplicates_bounded(
+        seen.tally(0),
+        &relay.log(),
+        CENTRAL_WINDOW,
+        "central SIGKILL",
     );
 }
 
@@ -275,6 +299,16 @@ async fn relay_sigkill_while_draining_loses_nothing_acknowledged() {
         seen.received - before,
         rest.as_secs_f64(),
         seen.tally(0).duplicates
+    );
+    // A SIGKILL also loses the deletes of rows the central broker had acknowledged but whose
+    // delete was not committed yet (deletes are batched): those are resent too. They are the
+    // PUBACKs of one store commit, far fewer than a window per connection on this machine,
+    // which is the allowance.
+    assert_duplicates_bounded(
+        seen.tally(0),
+        &relay.log(),
+        CONNECTIONS * CENTRAL_WINDOW,
+        "relay SIGKILL",
     );
 }
 
@@ -429,6 +463,7 @@ async fn interface_switch_fails_over_and_returns_to_the_primary() {
         (back - up_at).as_secs_f64(),
         seen.tally(0).duplicates
     );
+    assert_duplicates_bounded(seen.tally(0), &relay.log(), 0, "interface switch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,8 +511,20 @@ async fn route_change_reconnects_without_waiting_for_keep_alive() {
         (reconnected - switched_at).as_secs_f64(),
         seen.tally(0).duplicates
     );
+    // README: the netlink watch debounces for 0.5 s and then reconnects at once (measured
+    // 0.6 s); the new connection may first wait one backoff (at most `backoff_max`, 1 s). With
+    // the slack of a loaded machine that is far below what keep-alive would take (90 s).
+    let noticed_within = Duration::from_millis(500) + SLACK;
     assert!(
-        reconnected - switched_at < Duration::from_secs(45),
-        "reconnect waited for keep-alive"
+        noticed - switched_at <= noticed_within,
+        "route change noticed only after {:?}",
+        noticed - switched_at
     );
+    let reconnect_within = noticed_within + Duration::from_secs(1);
+    assert!(
+        reconnected - switched_at <= reconnect_within,
+        "reconnected only after {:?}, bound {reconnect_within:?}",
+        reconnected - switched_at
+    );
+    assert_duplicates_bounded(seen.tally(0), &relay.log(), 0, "route change");
 }

@@ -435,6 +435,92 @@ async fn store_full_policies_behave_as_documented() {
     }
 }
 
+/// README "Store full" for an MQTT 3.1.1 iPad, which cannot be refused: under `reject_new` the
+/// relay withholds the PUBACK and closes the connection (seen on the wire with a raw client),
+/// and a real 3.1.1 client with a persistent session keeps the message and sends it again on
+/// every reconnect; once the central broker is back and the queue drained, the resend is
+/// accepted and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_full_mqtt311_publisher_is_not_acknowledged_until_there_is_room() {
+    use common::security::{publish_packet, Raw};
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    let dir = tempfile::tempdir().unwrap();
+    let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
+    let store = store_section("max_bytes = \"4KiB\"\nwhen_full = \"reject_new\"");
+    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &store)).await;
+    // Fill the store with 200-byte messages until a v5 publisher is refused (0x97).
+    let mut filler = V5Client::connect(relay.local_port, "filler", true).await;
+    let fill: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let mut p = format!("f-{i} ").into_bytes();
+            p.resize(200, b'.');
+            p
+        })
+        .collect();
+    let reasons = filler.publish_reasons("up/x", fill).await;
+    assert!(
+        reasons.contains(&PubAckReason::QuotaExceeded),
+        "the store never filled: {reasons:?}"
+    );
+
+    // On the wire: a 3.1.1 QoS 1 PUBLISH gets no PUBACK, the connection is closed.
+    let mut raw = Raw::open(relay.local_port).await;
+    assert_eq!(raw.login(false, "ipad311-raw", None, None).await, Some(0));
+    raw.send(&publish_packet(false, b"up/x", b"raw-0", 7))
+        .await
+        .expect("send PUBLISH");
+    let (closed, seen) = raw.closed_within(Duration::from_secs(30)).await;
+    assert!(closed, "the relay kept the 3.1.1 connection open");
+    assert!(
+        seen.iter().all(|p| p.kind() != 4),
+        "a 3.1.1 PUBLISH that was not stored got a PUBACK: {seen:?}"
+    );
+
+    // A real 3.1.1 client keeps the message in its session and redelivers it after each
+    // reconnect: no PUBACK while the store is full.
+    let mut ipad = V4Client::connect(relay.local_port, "ipad311", false).await;
+    ipad.client
+        .publish("up/x", rumqttc::QoS::AtLeastOnce, false, b"v4-0".to_vec())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), ipad.acks.recv())
+            .await
+            .is_err(),
+        "acknowledged although the store is full"
+    );
+
+    // Room is made: the central broker is back and the queue drains.
+    central.restart().await;
+    let mut control = V5Client::connect(central.port, "control", false).await;
+    tokio::time::timeout(Duration::from_secs(60), ipad.acks.recv())
+        .await
+        .expect("the 3.1.1 resend was not acknowledged after room was made")
+        .expect("client ended");
+    let got = control.collect(100, Duration::from_secs(8)).await;
+    let texts: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert!(
+        texts.iter().any(|t| t == "v4-0"),
+        "the 3.1.1 message did not reach the central broker: {texts:?}"
+    );
+    assert!(
+        !texts.iter().any(|t| t == "raw-0"),
+        "a message that was never acknowledged was stored"
+    );
+    let accepted = reasons
+        .iter()
+        .filter(|r| **r == PubAckReason::Success)
+        .count();
+    println!(
+        "3.1.1 store full: {accepted} fillers stored, the 3.1.1 PUBLISH closed without PUBACK, \
+         accepted after room was made; {} messages delivered",
+        got.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_do_not_disturb_the_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -445,6 +445,73 @@ async fn secret_files_readable_by_everyone_are_refused() {
     );
 }
 
+/// README "Secret files": `uplink.password_file` readable by every user is refused at load,
+/// by `check-config` and by `run` alike (exit 2, naming the key and the file); once private it
+/// is accepted.
+#[test]
+fn uplink_password_file_readable_by_everyone_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("central.password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let config = dir.path().join("trainrelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "train_id = \"T1\"\n[local]\nlisten = \"127.0.0.1:{}\"\n[uplink]\nurl = \"mqtt://127.0.0.1:{}\"\nusername = \"T1\"\npassword_file = \"{}\"\n[store]\npath = \"{}\"\n[status]\nsocket = \"{}\"\n",
+            common::free_port(),
+            common::free_port(),
+            secret.display(),
+            dir.path().join("store.db").display(),
+            dir.path().join("status.sock").display(),
+        ),
+    )
+    .unwrap();
+    let trainrelay = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainrelay"));
+        cmd.args(args).current_dir(dir.path());
+        // `run` refuses before it starts anything; the timeout only fails a hung test.
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("trainrelay {args:?} did not exit within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let config_arg = config.display().to_string();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for args in [
+        vec!["check-config", config_arg.as_str()],
+        vec!["run", "--config", config_arg.as_str()],
+    ] {
+        let out = trainrelay(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        println!("{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("uplink.password_file") && err.contains(&secret.display().to_string()),
+            "{args:?} names neither the key nor the file: {err}"
+        );
+    }
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = trainrelay(&["check-config", config_arg.as_str()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn passwd_prints_a_hash_that_verifies() {
     use std::io::Write;

@@ -215,3 +215,99 @@ async fn tls_key_readable_by_everyone_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("local.tls_key") && err.contains("server.key"));
 }
+
+/// The first certificate the server presented on `tls`.
+fn server_cert(
+    tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> rustls::pki_types::CertificateDer<'static> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("the server presented no certificate")
+        .clone()
+        .into_owned()
+}
+
+/// Replaces `to` by a copy of `from` the way a certificate renewal does: written beside it,
+/// then renamed over it (the copy keeps `from`'s mode, 0600 for keys).
+fn replace_file(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// README "TLS listener": on SIGHUP the daemon re-reads the listener's certificate and key;
+/// new connections get the new certificate, a connection made before keeps working, and a
+/// broken file on a later SIGHUP keeps the current certificate (logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tls_certificate_for_new_connections() {
+    use common::ops::Daemon;
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    // Two independent PKIs: the certificate before and after the renewal. The client trusts
+    // both CAs, so only the certificate it is shown tells them apart.
+    let (old, new, live, trust) = (
+        dir.path().join("old"),
+        dir.path().join("new"),
+        dir.path().join("live"),
+        dir.path().join("trust"),
+    );
+    for d in [&old, &new, &live, &trust] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    make_pki(&old, &[]);
+    make_pki(&new, &[]);
+    let cas = [
+        std::fs::read(old.join("ca.pem")).unwrap(),
+        std::fs::read(new.join("ca.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(trust.join("ca.pem"), cas).unwrap();
+    replace_file(&old.join("server.pem"), &live.join("server.pem"));
+    replace_file(&old.join("server.key"), &live.join("server.key"));
+
+    let tls_port = free_port();
+    let config = format!(
+        "train_id = \"T1\"\n[local]\nlisten = \"127.0.0.1:{{local_port}}\"\nconnect_timeout = \"3s\"\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{l}/server.pem\"\ntls_key = \"{l}/server.key\"\n[uplink]\nurl = \"mqtt://127.0.0.1:9\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n[store]\npath = \"{{dir}}/store.db\"\n[status]\nsocket = \"{{dir}}/status.sock\"\n",
+        l = live.display()
+    );
+    let relay = Daemon::start(dir.path(), &config, &[]).await;
+    common::wait_for_port(tls_port, T).await;
+    let old_cert = certs(&old.join("server.pem")).remove(0);
+    let new_cert = certs(&new.join("server.pem")).remove(0);
+    assert_ne!(old_cert, new_cert);
+
+    let mut before = tls_connect(&trust, tls_port, None).await;
+    assert_eq!(server_cert(&before), old_cert, "the certificate at start");
+    assert_eq!(login(&mut before, "before", None, None).await, Some(0));
+
+    // The renewal: new files in place, then SIGHUP.
+    replace_file(&new.join("server.pem"), &live.join("server.pem"));
+    replace_file(&new.join("server.key"), &live.join("server.key"));
+    relay.signal(Signal::SIGHUP);
+    relay.wait_log("TLS certificate and key reloaded", T).await;
+    let mut after = tls_connect(&trust, tls_port, None).await;
+    assert_eq!(
+        server_cert(&after),
+        new_cert,
+        "a new connection after SIGHUP sees the new certificate"
+    );
+    assert_eq!(login(&mut after, "after", None, None).await, Some(0));
+    assert_eq!(publish(&mut after, 1, "up/after").await, 0);
+    // The connection made before the reload is untouched.
+    assert_eq!(publish(&mut before, 1, "up/before").await, 0);
+
+    // A broken certificate file on the next SIGHUP: the current certificate stays.
+    std::fs::write(live.join("server.pem"), "not a certificate\n").unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay
+        .wait_log("keeping the current TLS certificate", T)
+        .await;
+    let kept = tls_connect(&trust, tls_port, None).await;
+    assert_eq!(
+        server_cert(&kept),
+        new_cert,
+        "the broken file replaced nothing"
+    );
+}

@@ -236,6 +236,60 @@ async fn resets_with_messages_in_flight_dead_letter_nothing() {
     );
 }
 
+/// README "At least once upstream": a message resent after a lost connection carries the same
+/// `trainrelay-msg-id` as the copy the central broker already has, so it can be deduplicated.
+/// The central broker receives (and delivers) a batch while its PUBACKs are held back; the path
+/// then resets, the relay resends the unacknowledged batch, and every second copy has the id
+/// of its first, while different messages have different ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_carries_the_same_msg_id() {
+    const N: u64 = 20;
+    const MSG_ID: &str = "trainrelay-msg-id";
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let mut sink = V5Client::connect(central.port, "control", false).await;
+    sink.subscribe("trains/T1/up/#").await;
+    let proxy = ResetProxy::start(central.port).await;
+    let config = fault_config(&format!("mqtt://127.0.0.1:{}", proxy.port), "5s", "", "");
+    let relay = Relay::start(dir.path(), &config).await;
+    eventually(QUIET, "relay connected through the proxy", || {
+        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    let before = proxy.connections.load(Ordering::SeqCst);
+    proxy.cut(Cut::Freeze);
+    ipad.publish_acked("up/x", payloads("m", N), None).await;
+    // The central broker has every message: the relay's copies are in flight, unacknowledged.
+    let mut got = sink.collect(N as usize, QUIET).await;
+    assert_eq!(unique(&got, "m"), (N as usize, 0), "first copies");
+    proxy.cut(Cut::Reset);
+    eventually(QUIET, "relay reconnected after the reset", || {
+        (proxy.connections.load(Ordering::SeqCst) > before).then_some(())
+    })
+    .await;
+    got.extend(sink.collect(N as usize, QUIET).await);
+    // Payload -> (the first copy's id, copies).
+    let mut first: std::collections::HashMap<String, (String, usize)> = Default::default();
+    for p in &got {
+        let payload = String::from_utf8_lossy(&p.payload).to_string();
+        let id = common::fresh::user_property(p, MSG_ID)
+            .unwrap_or_else(|| panic!("{payload} has no {MSG_ID}"));
+        let entry = first.entry(payload.clone()).or_insert((id.clone(), 0));
+        assert_eq!(id, entry.0, "the resend of {payload} has another {MSG_ID}");
+        entry.1 += 1;
+    }
+    let once: Vec<&String> = first
+        .iter()
+        .filter(|(_, e)| e.1 < 2)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(once.is_empty(), "not resent: {once:?}");
+    let ids: std::collections::HashSet<&String> = first.values().map(|e| &e.0).collect();
+    assert_eq!(ids.len(), N as usize, "distinct messages have distinct ids");
+    println!("{N} messages resent after a reset, each with its first copy's {MSG_ID}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_over_the_brokers_maximum_is_refused_and_the_queue_flows() {
     let dir = tempfile::tempdir().unwrap();

@@ -285,9 +285,7 @@ impl Lane {
                 }
                 End::Failed(reason) => reason,
             };
-            if started.elapsed() >= STABLE_AFTER {
-                failures = 0;
-            }
+            failures = failures_after(failures, started.elapsed());
             let url = endpoint.url.clone();
             // Fail over in order: the next endpoint is tried after the backoff.
             current = (current + 1) % self.endpoints.len();
@@ -836,6 +834,17 @@ fn window_for(receive_maximum: Option<u16>, cap: Option<u16>) -> u16 {
     receive_maximum.unwrap_or(cap).min(cap).max(1)
 }
 
+/// The failure count the next backoff starts from after a connection that lasted `lasted`: a
+/// connection that held for [`STABLE_AFTER`] was a success, so the backoff starts again from
+/// `backoff_min` instead of growing from every earlier failure.
+fn failures_after(failures: u32, lasted: Duration) -> u32 {
+    if lasted >= STABLE_AFTER {
+        0
+    } else {
+        failures
+    }
+}
+
 /// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^failures)].
 fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let cap = min
@@ -892,6 +901,26 @@ mod tests {
         d.in_flight.insert(13, 1);
         d.wrote(13);
         assert_eq!(d.close_suspect(), Some(12));
+    }
+
+    #[test]
+    fn a_connection_that_lasted_30s_resets_the_backoff() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(60));
+        // A link that keeps failing quickly keeps its count: the backoff keeps growing.
+        assert_eq!(failures_after(12, Duration::ZERO), 12);
+        assert_eq!(
+            failures_after(12, STABLE_AFTER - Duration::from_millis(1)),
+            12
+        );
+        // One that held for 30 s starts again from `backoff_min`.
+        assert_eq!(STABLE_AFTER, Duration::from_secs(30));
+        assert_eq!(failures_after(12, STABLE_AFTER), 0);
+        assert_eq!(failures_after(12, Duration::from_secs(3600)), 0);
+        for _ in 0..100 {
+            assert_eq!(backoff(min, max, failures_after(12, STABLE_AFTER)), min);
+        }
+        // Without the reset, 12 failures would allow waits up to `backoff_max`.
+        assert!((0..1000).any(|_| backoff(min, max, 12) > Duration::from_secs(1)));
     }
 
     #[test]

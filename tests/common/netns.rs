@@ -618,3 +618,40 @@ pub async fn wait_log(
     }
     None
 }
+
+/// `uplink.connections` of [`fault_config`] (the default).
+pub const CONNECTIONS: usize = 4;
+
+/// The windows of the uplink connections that the relay's log shows, one per connect, in
+/// order (parsed from "connected (session present: .., window N").
+pub fn connect_windows(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter_map(|l| l.split("connected (session present: ").nth(1))
+        .filter_map(|rest| rest.split("window ").nth(1))
+        .filter_map(|w| {
+            w.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// The most duplicates the relay may cause, by README's claim: a duplicate is a resend of what
+/// was in flight when a connection ended, and a connection never has more than its window in
+/// flight; so every connect after the first one of each connection (also the connects after a
+/// relay restart) may resend at most its window. Returns the sum of those windows.
+pub fn duplicate_bound(log: &str) -> usize {
+    connect_windows(log).iter().skip(CONNECTIONS).sum()
+}
+
+/// Asserts README's duplicate claim for `what`: at most [`duplicate_bound`] plus `extra`
+/// (what the test's fault adds beyond the relay's resends, explained by the caller).
+pub fn assert_duplicates_bounded(t: &Tally, log: &str, extra: usize, what: &str) {
+    let bound = duplicate_bound(log) + extra;
+    assert!(
+        t.duplicates <= bound,
+        "{what}: {} duplicates, more than the in-flight windows of the reconnects ({:?}) + {extra}",
+        t.duplicates,
+        connect_windows(log)
+    );
+}
