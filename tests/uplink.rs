@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::netns::fault_config;
-use common::ops::{eventually, query};
+use common::ops::{eventually, query, route_depth};
 use common::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
@@ -93,6 +93,9 @@ enum Cut {
     Freeze,
     /// Reset the relay's side (RST), as a carrier NAT or firewall does.
     Reset,
+    /// Swallow the broker's PUBACKs and pass everything else (PINGRESP too): a broker that
+    /// takes PUBLISHes and never answers them on a live link.
+    DropAcks,
 }
 
 /// A TCP proxy in front of the central broker that can freeze and reset the connections
@@ -151,6 +154,9 @@ async fn pipe(
 ) {
     let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
     let mut frozen = false;
+    let mut drop_acks = false;
+    // What the broker sent that is not a whole packet yet (only parsed while dropping acks).
+    let mut partial: Vec<u8> = Vec::new();
     loop {
         tokio::select! {
             n = client.read(&mut up) => match n {
@@ -158,12 +164,18 @@ async fn pipe(
                 _ => return,
             },
             n = server.read(&mut down), if !frozen => match n {
+                Ok(n) if n > 0 && drop_acks => {
+                    partial.extend_from_slice(&down[..n]);
+                    let pass = without_pubacks(&mut partial);
+                    if client.write_all(&pass).await.is_err() { return }
+                }
                 Ok(n) if n > 0 => if client.write_all(&down[..n]).await.is_err() { return },
                 _ => return,
             },
             cut = cuts.recv() => match cut {
                 Ok((Some(n), _)) if n != me => {}
                 Ok((_, Cut::Freeze)) => frozen = true,
+                Ok((_, Cut::DropAcks)) => drop_acks = true,
                 Ok((_, Cut::Reset)) | Err(_) => {
                     // Closing with a zero linger sends RST instead of FIN.
                     let _ = client.set_zero_linger();
@@ -172,6 +184,72 @@ async fn pipe(
             },
         }
     }
+}
+
+/// Takes the whole packets off the front of `buf` and returns them without the PUBACKs.
+fn without_pubacks(buf: &mut Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        // Fixed header: type and flags, then the remaining length (1 to 4 bytes).
+        let mut len = 0usize;
+        let mut header = None;
+        for i in 1..buf.len().min(5) {
+            len |= usize::from(buf[i] & 0x7f) << (7 * (i - 1));
+            if buf[i] & 0x80 == 0 {
+                header = Some(i + 1);
+                break;
+            }
+        }
+        let Some(header) = header else {
+            return out;
+        };
+        if buf.len() < header + len {
+            return out;
+        }
+        let packet: Vec<u8> = buf.drain(..header + len).collect();
+        if packet[0] >> 4 != 4 {
+            out.extend_from_slice(&packet);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_never_answers_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let proxy = ResetProxy::start(central.port).await;
+    let config = fault_config(
+        &format!("mqtt://127.0.0.1:{}", proxy.port),
+        "5s",
+        "connections = 1",
+        "",
+    );
+    let relay = Relay::start(dir.path(), &config).await;
+    eventually(QUIET, "relay connected through the proxy", || {
+        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    // The link stays alive (pings answered), but no PUBLISH is ever acknowledged on it.
+    proxy.cut_one(0, Cut::DropAcks);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.publish_acked("up/x", payloads("n", 5), None).await;
+    let socket = relay.dir.join("status.sock");
+    // A new connection sends them again, its PUBACKs come through, the store empties.
+    eventually(
+        Duration::from_secs(60),
+        "the unanswered messages acknowledged",
+        || {
+            let s = query(&socket, "status");
+            (route_depth(&s, "up:up/#") == 0 && proxy.connections.load(Ordering::SeqCst) >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        relay.log().contains("has not answered a PUBLISH"),
+        "the reconnect should say why"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,7 +48,7 @@ pub(super) struct Drain {
     pub(super) retry_at: HashMap<i64, Instant>,
     /// Rows written and waiting for their PUBACK, oldest first, each with its place in the
     /// order of writes on this connection.
-    pub(super) written: VecDeque<(u64, i64)>,
+    pub(super) written: VecDeque<(u64, i64, Instant)>,
     /// Writes of rows on this connection so far.
     pub(super) writes: u64,
     /// The place of the last-written row that the broker answered (see [`Drain::wrote`]).
@@ -124,7 +124,7 @@ impl Drain {
 
     /// Row `id` was written to the socket.
     pub(super) fn wrote(&mut self, id: i64) {
-        self.written.push_back((self.writes, id));
+        self.written.push_back((self.writes, id, Instant::now()));
         self.writes += 1;
     }
 
@@ -137,7 +137,7 @@ impl Drain {
         } else {
             self.written.iter().position(|w| w.1 == id)
         };
-        if let Some((place, _)) = pos.and_then(|p| self.written.remove(p)) {
+        if let Some((place, _, _)) = pos.and_then(|p| self.written.remove(p)) {
             self.answered_up_to = self.answered_up_to.max(Some(place));
         }
     }
@@ -145,7 +145,7 @@ impl Drain {
     /// The oldest row written and not answered, if nothing written after it was answered: the
     /// one a broker that processes in order was working on when it closed the connection.
     pub(super) fn close_suspect(&self) -> Option<i64> {
-        let &(place, id) = self.written.front()?;
+        let &(place, id, _) = self.written.front()?;
         (self.answered_up_to.map_or(true, |up_to| up_to < place)).then_some(id)
     }
 
@@ -153,8 +153,13 @@ impl Drain {
     pub(super) fn largest_unacknowledged(&self) -> Option<i64> {
         self.written
             .iter()
-            .max_by_key(|(_, id)| self.in_flight.get(id).copied().unwrap_or(0))
-            .map(|&(_, id)| id)
+            .max_by_key(|(_, id, _)| self.in_flight.get(id).copied().unwrap_or(0))
+            .map(|&(_, id, _)| id)
+    }
+
+    /// How long the oldest row written has waited for its answer.
+    pub(super) fn oldest_unanswered(&self) -> Option<Duration> {
+        self.written.front().map(|w| w.2.elapsed())
     }
 
     /// Rows a fetch must not return: in flight, expired meanwhile, waiting for a retry, or

@@ -430,6 +430,10 @@ impl Lane {
         // Checked on the liveness tick, so the threshold leaves one tick of room: a link that
         // dies right after a packet arrived is declared dead within 1.5 x keep-alive.
         let dead_after = (keep_alive + keep_alive / 2).saturating_sub(LIVENESS_TICK * 2);
+        // A live link whose broker never answers a PUBLISH it took: NATS does that when its
+        // JetStream write times out during a leader change, with no error and the connection
+        // up. Only a new connection gets the message sent again.
+        let answer_within = ack_deadline(keep_alive);
         let mut last_incoming = Instant::now();
         let mut liveness = tokio::time::interval(LIVENESS_TICK);
         let probe_every = self.config.probe_primary_every;
@@ -503,6 +507,14 @@ impl Lane {
                             "nothing received for {:.1}s (keep-alive {}s): link is dead",
                             last_incoming.elapsed().as_secs_f64(),
                             keep_alive.as_secs()
+                        )));
+                    }
+                    if let Some(waited) = drain.oldest_unanswered().filter(|w| *w > answer_within) {
+                        self.lost(drain);
+                        return Ended::Other(End::Failed(format!(
+                            "the broker has not answered a PUBLISH for {:.0}s while the link is \
+                             alive; reconnecting to send it again",
+                            waited.as_secs_f64()
                         )));
                     }
                 }
@@ -843,6 +855,13 @@ fn failures_after(failures: u32, lasted: Duration) -> u32 {
     } else {
         failures
     }
+}
+
+/// How long a written PUBLISH may wait for its PUBACK on a live link: three keep-alives
+/// (45 s by default), far beyond any broker's processing time and any queueing behind a window
+/// of large messages on a slow link.
+fn ack_deadline(keep_alive: Duration) -> Duration {
+    keep_alive * 3
 }
 
 /// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^failures)].
