@@ -193,9 +193,9 @@ fn without_pubacks(buf: &mut Vec<u8>) -> Vec<u8> {
         // Fixed header: type and flags, then the remaining length (1 to 4 bytes).
         let mut len = 0usize;
         let mut header = None;
-        for i in 1..buf.len().min(5) {
-            len |= usize::from(buf[i] & 0x7f) << (7 * (i - 1));
-            if buf[i] & 0x80 == 0 {
+        for (i, b) in buf.iter().enumerate().take(5).skip(1) {
+            len |= usize::from(b & 0x7f) << (7 * (i - 1));
+            if b & 0x80 == 0 {
                 header = Some(i + 1);
                 break;
             }
