@@ -5,7 +5,7 @@
 //! reloads the config (see `reload`). Shutdown on SIGTERM/SIGINT, in two steps: first the
 //! local broker stops accepting and closes its clients, publishing the wills of those still
 //! connected (they go through the store like any will), and the uplink, still running, gets up
-//! to [`FINAL_FLUSH`] to forward them; then every other task sees the shared signal, the
+//! to `FINAL_FLUSH` (2 s) to forward them; then every other task sees the shared signal, the
 //! uplink says goodbye to the central broker, and the store's writer finishes what was
 //! submitted before the process exits.
 

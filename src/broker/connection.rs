@@ -23,6 +23,13 @@
 //! keep-alive deadline (we are the ones not reading); the timer restarts when the window has
 //! room again.
 //!
+//! # Session takeover
+//! A connection's id is taken when its CONNECT arrives, before authentication, which may take
+//! long (argon2) and finish in any order. Under the shared lock a connection takes a session
+//! over only if no connection with a later CONNECT already holds it, and only if its own client
+//! has not closed the socket meanwhile: an iPad on flaky Wi-Fi that gave up on a CONNECT and
+//! reconnected at once must not lose its new connection to the abandoned one.
+//!
 //! # Refusing a PUBLISH in 3.1.1
 //! MQTT 3.1.1 has no negative PUBACK. When the ingest hook refuses a QoS 1/2 message from a
 //! 3.1.1 client, the broker withholds the acknowledgement and closes the connection: the client
