@@ -36,11 +36,11 @@ async fn bursts_larger_than_every_batch_lose_nothing_either_way() {
     // No in-flight limit at the central broker: it pushes a downlink burst as fast as it can,
     // and takes a window of 1,000 from the relay.
     let mut central = Central::start_with(dir.path(), 1000, "").await;
-    let relay = Relay::start(
-        dir.path(),
-        &relay_config(&central.url(), &store_section("")),
-    )
-    .await;
+    // The iPad's session queue holds the whole burst: what is measured is the uplink, not the
+    // local broker's limit for a slow subscriber (1,000 by default, counted when exceeded).
+    let config = relay_config(&central.url(), &store_section(""))
+        .replace("[local]\n", "[local]\nmax_queued_messages = 10000\n");
+    let relay = Relay::start(dir.path(), &config).await;
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
     ipad.subscribe("down/#").await;
     let mut probe = V5Client::connect(central.port, "probe", true).await;
@@ -60,6 +60,8 @@ async fn bursts_larger_than_every_batch_lose_nothing_either_way() {
     }
     let got = ipad.collect(3000, QUIET).await;
     let (order, dups) = sequence(&got, "d");
+    let local = &query(&relay.dir.join("status.sock"), "status")["status"]["local"];
+    assert_eq!(local["dropped_queue_full"], 0, "{local}");
     assert_eq!(
         order,
         (0..3000).collect::<Vec<u64>>(),
