@@ -188,6 +188,28 @@ async fn pipe(
     }
 }
 
+/// A relay whose uplink goes through `proxy`, with `uplink_extra` in `[uplink]`, once the
+/// proxy has carried `connections` connections.
+async fn relay_through(
+    dir: &std::path::Path,
+    proxy: &ResetProxy,
+    uplink_extra: &str,
+    connections: usize,
+) -> Relay {
+    let config = fault_config(
+        &format!("mqtt://127.0.0.1:{}", proxy.port),
+        "5s",
+        uplink_extra,
+        "",
+    );
+    let relay = Relay::start(dir, &config).await;
+    eventually(QUIET, "the relay connected through the proxy", || {
+        (proxy.connections.load(Ordering::SeqCst) >= connections).then_some(())
+    })
+    .await;
+    relay
+}
+
 /// Takes the whole packets off the front of `buf` and returns them without the PUBACKs.
 fn without_pubacks(buf: &mut Vec<u8>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -220,17 +242,7 @@ async fn a_publish_the_broker_never_answers_is_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(dir.path()).await;
     let proxy = ResetProxy::start(central.port).await;
-    let config = fault_config(
-        &format!("mqtt://127.0.0.1:{}", proxy.port),
-        "5s",
-        "connections = 1",
-        "",
-    );
-    let relay = Relay::start(dir.path(), &config).await;
-    eventually(QUIET, "relay connected through the proxy", || {
-        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
-    })
-    .await;
+    let relay = relay_through(dir.path(), &proxy, "connections = 1", 1).await;
     // The link stays alive (pings answered), but no PUBLISH is ever acknowledged on it.
     proxy.cut_one(0, Cut::DropAcks);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -262,17 +274,7 @@ async fn resets_with_messages_in_flight_dead_letter_nothing() {
     sink.subscribe("trains/T1/up/#").await;
     let proxy = ResetProxy::start(central.port).await;
     // One failed attempt is enough for a dead letter: any reset blamed on a message shows.
-    let config = fault_config(
-        &format!("mqtt://127.0.0.1:{}", proxy.port),
-        "5s",
-        "max_attempts = 1",
-        "",
-    );
-    let relay = Relay::start(dir.path(), &config).await;
-    eventually(QUIET, "relay connected through the proxy", || {
-        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
-    })
-    .await;
+    let relay = relay_through(dir.path(), &proxy, "max_attempts = 1", 1).await;
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
     let mut got = Vec::new();
     let rounds = 4;
@@ -330,12 +332,8 @@ async fn a_resend_carries_the_same_msg_id() {
     let mut sink = V5Client::connect(central.port, "control", false).await;
     sink.subscribe("trains/T1/up/#").await;
     let proxy = ResetProxy::start(central.port).await;
-    let config = fault_config(&format!("mqtt://127.0.0.1:{}", proxy.port), "5s", "", "");
-    let relay = Relay::start(dir.path(), &config).await;
-    eventually(QUIET, "relay connected through the proxy", || {
-        (proxy.connections.load(Ordering::SeqCst) >= 1).then_some(())
-    })
-    .await;
+    // Every connection up first (four by default), so all of them are frozen.
+    let relay = relay_through(dir.path(), &proxy, "", 4).await;
     let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
     let before = proxy.connections.load(Ordering::SeqCst);
     proxy.cut(Cut::Freeze);
@@ -473,17 +471,7 @@ async fn parallel_connections_keep_topic_order_and_outlive_a_dead_path() {
     let mut sink = V5Client::connect(central.port, "control", false).await;
     sink.subscribe("trains/T1/up/#").await;
     let proxy = ResetProxy::start(central.port).await;
-    let config = fault_config(
-        &format!("mqtt://127.0.0.1:{}", proxy.port),
-        "5s",
-        "connections = 4",
-        "",
-    );
-    let relay = Relay::start(dir.path(), &config).await;
-    eventually(QUIET, "four connections through the proxy", || {
-        (proxy.connections.load(Ordering::SeqCst) >= 4).then_some(())
-    })
-    .await;
+    let relay = relay_through(dir.path(), &proxy, "connections = 4", 4).await;
     let socket = relay.dir.join("status.sock");
     let connections = |relay_socket: &std::path::Path| {
         query(relay_socket, "status")["status"]["uplink"]["connections"].clone()

@@ -505,20 +505,23 @@ impl BrokerHandle {
         Ok(())
     }
 
+    /// Whether the broker can take `msg` from the relay: open, and a valid topic name.
+    fn injectable(&self, msg: &Message) -> Result<(), BrokerError> {
+        if self.shared.is_closed() {
+            return Err(BrokerError::Closed);
+        }
+        crate::topic::validate_name(&msg.topic).map_err(|e| BrokerError::InvalidTopic {
+            topic: msg.topic.clone(),
+            reason: e.to_string(),
+        })
+    }
+
     /// Publish as the relay itself (no ACL, no ingest hook). Routes to subscribers,
     /// stores/clears retained, queues for offline persistent sessions. Resolves once the
     /// durable part (retained row, persistent sessions' queued rows) is committed, so the
     /// caller can then acknowledge upstream.
     pub async fn inject(&self, msg: Message) -> Result<(), BrokerError> {
-        if self.shared.is_closed() {
-            return Err(BrokerError::Closed);
-        }
-        if let Err(e) = crate::topic::validate_name(&msg.topic) {
-            return Err(BrokerError::InvalidTopic {
-                topic: msg.topic,
-                reason: e.to_string(),
-            });
-        }
+        self.injectable(&msg)?;
         if let Some(commit) = self.shared.publish(msg, None) {
             commit.await.map_err(|_| StoreError::Closed)??;
         }
@@ -549,15 +552,7 @@ impl BrokerHandle {
     /// [`BrokerHandle::inject`] that commits `also` in the same transaction as the message's
     /// durable part (the downlink's route version next to the message it admits).
     pub async fn inject_with(&self, msg: Message, also: StoreWrite) -> Result<(), BrokerError> {
-        if self.shared.is_closed() {
-            return Err(BrokerError::Closed);
-        }
-        if let Err(e) = crate::topic::validate_name(&msg.topic) {
-            return Err(BrokerError::InvalidTopic {
-                topic: msg.topic,
-                reason: e.to_string(),
-            });
-        }
+        self.injectable(&msg)?;
         self.shared
             .publish_with(msg, also)
             .await
