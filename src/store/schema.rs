@@ -134,6 +134,10 @@ const MIGRATIONS: &[&str] = &[
         failed_wall   INTEGER NOT NULL
     );
     "#,
+    // 5: a dead letter keeps its conflation key, so re-queueing it restores it whole.
+    r#"
+    ALTER TABLE uplink_dead_letters ADD COLUMN conflate_key TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

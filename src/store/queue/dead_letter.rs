@@ -19,8 +19,9 @@ use super::{Queue, StoreError};
 use crate::clock::Stamp;
 
 /// The columns both tables share, in the same order.
+/// The conflation key comes along (schema migration 5), so a re-queued row still conflates.
 const COLUMNS: &str = "id, route, priority, topic, payload, qos, retain, props, accepted_wall, \
-                       accepted_boot, boot_id, deadline_wall, deadline_boot, size";
+                       accepted_boot, boot_id, deadline_wall, deadline_boot, size, conflate_key";
 
 /// A dead letter as listed for the status socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -280,6 +281,42 @@ mod tests {
             batch.iter().map(|e| (e.id, e.attempts)).collect::<Vec<_>>(),
             vec![(a, 0), (poison, 0), (c, 0)]
         );
+        drop(q);
+        drop(db);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_requeued_dead_letter_keeps_its_conflation_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Normal).unwrap();
+        let q = Queue::open(
+            db.clone(),
+            QueueConfig {
+                max_bytes: 1 << 20,
+                when_full: WhenFull::RejectNew,
+            },
+        )
+        .await
+        .unwrap();
+        let old = q
+            .enqueue_keyed(entry("t/pos"), Some("train-pos".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            q.record_failure(old, "refused".into(), 1).await.unwrap(),
+            Failure::DeadLettered
+        );
+        assert_eq!(q.requeue_dead_letters(None).await.unwrap(), 1);
+        // A newer value of the same key replaces the re-queued one, as before it failed.
+        let new = q
+            .enqueue_keyed(entry("t/pos"), Some("train-pos".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        let batch = q.next_batch(vec![], 10).await.unwrap();
+        assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), vec![new]);
         drop(q);
         drop(db);
         thread.join();
