@@ -106,6 +106,8 @@ struct Lane {
     partition: Partition,
     /// The first connection: presence and downlink.
     first: bool,
+    /// How its log lines name it: `uplink`, or `uplink {client_id}` when there are several.
+    label: String,
 }
 
 /// The relay's retained presence message (`online`, or `offline` when it leaves).
@@ -163,16 +165,21 @@ impl Uplink {
                 status: first.status.another(),
                 partition: Partition::new(n, count, &fifo_routes),
                 first: false,
+                label: String::new(),
             };
             // Its own session: `{client_id}-{n}`; no will (presence is the first one's).
             lane.options.client_id = format!("{}-{n}", first.options.client_id);
             lane.options.will = None;
+            lane.label = format!("uplink {}", lane.options.client_id);
             lane.status.set_client_id(&lane.options.client_id);
             lanes.push(lane);
         }
         let mut first = first;
         first.partition = Partition::new(0, count, &fifo_routes);
         first.status.set_client_id(&first.options.client_id);
+        if count > 1 {
+            first.label = format!("uplink {}", first.options.client_id);
+        }
         lanes.insert(0, first);
         Uplink { lanes }
     }
@@ -235,6 +242,7 @@ impl Lane {
             status,
             partition: Partition::new(0, 1, &[]),
             first: true,
+            label: "uplink".into(),
         }
     }
 
@@ -275,7 +283,8 @@ impl Lane {
                 End::Shutdown => break,
                 End::PrimaryBack => {
                     log::info!(
-                        "uplink: primary {} is reachable again; switching back from {}",
+                        "{}: primary {} is reachable again; switching back from {}",
+                        self.label,
                         self.endpoints[0].url,
                         endpoint.url
                     );
@@ -295,12 +304,13 @@ impl Lane {
             // Say a new failure once; repeat a persisting one only now and then, so a long
             // outage does not flood the journal.
             if last_reason.as_deref() != Some(reason.as_str()) {
-                log::warn!(endpoint = url.as_str(); "uplink {url}: {reason}; retrying");
+                log::warn!(endpoint = url.as_str(); "{} {url}: {reason}; retrying", self.label);
                 last_reason = Some(reason);
             } else if failures % 100 == 0 {
                 log::warn!(
                     endpoint = url.as_str();
-                    "uplink {url}: still failing after {failures} attempts: {reason}"
+                    "{} {url}: still failing after {failures} attempts: {reason}",
+                    self.label
                 );
             }
             self.status.heartbeat().expect_within(delay);
@@ -389,7 +399,8 @@ impl Lane {
         self.status.set(LinkState::Connected, None);
         log::info!(
             endpoint = endpoint.url.as_str();
-            "uplink {}: connected (session present: {session_present}, window {window}{})",
+            "{} {}: connected (session present: {session_present}, window {window}{})",
+            self.label,
             endpoint.url,
             match receive_maximum {
                 Some(rm) => format!(", broker's Receive Maximum {rm}"),
