@@ -99,6 +99,8 @@ impl Reloader {
                     ("conflate", differs(&a.conflate, &b.conflate)),
                     ("state", a.state != b.state),
                     ("snapshot_topics", a.snapshot_topics != b.snapshot_topics),
+                    // Which uplink connection carries what is fixed when they start.
+                    ("order", a.order != b.order),
                 ] {
                     if differ {
                         log::warn!(
