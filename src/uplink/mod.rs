@@ -1,16 +1,20 @@
-//! The uplink: the relay's one connection to the central broker.
+//! The uplink: the relay's connections to the central broker.
 //!
-//! It drains the store to the central broker and hands what the central broker sends to the
-//! downlink. The rules it keeps:
+//! `uplink.connections` parallel connections (see [`lanes`]) drain the store to the central
+//! broker, each its share; the first also hands what the central broker sends to the
+//! downlink. The rules each keeps:
 //! - a row leaves the store only when the central broker acknowledged it (v5: with a success
 //!   reason code); everything not acknowledged when a connection ends is sent again, oldest
 //!   first, on the next one (so it may arrive twice, never zero times);
 //! - an expired row is never sent, and a forwarded message carries its remaining expiry;
-//! - at most `inflight` messages (lowered to the broker's Receive Maximum) are unacknowledged
-//!   at once, and draining starts the moment a connection is up;
+//! - at most its window of messages is unacknowledged at once: the broker's Receive Maximum,
+//!   capped by `uplink.inflight` or [`DEFAULT_WINDOW`]; draining starts the moment a
+//!   connection is up;
 //! - a link is declared dead when nothing at all arrived from the broker for 1.5 × keep-alive
-//!   (rumqttc pings every keep-alive, so a live link always answers within that time), not
-//!   when TCP gives up minutes later;
+//!   (the link pings every keep-alive, so a live link always answers within that time), not
+//!   when TCP gives up minutes later; a PUBLISH left unanswered for three keep-alives on a
+//!   live link ends the connection too;
+//! - a message is blamed for a failure only on evidence (see [`Lane::blame`]);
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
 mod drain;
