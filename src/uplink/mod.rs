@@ -1,6 +1,6 @@
 //! The uplink: the relay's connections to the central broker.
 //!
-//! `uplink.connections` parallel connections (see [`lanes`]) drain the store to the central
+//! `uplink.connections` parallel connections (see `lanes`) drain the store to the central
 //! broker, each its share; the first also hands what the central broker sends to the
 //! downlink. The rules each keeps:
 //! - a row leaves the store only when the central broker acknowledged it (v5: with a success
@@ -14,7 +14,7 @@
 //!   (the link pings every keep-alive, so a live link always answers within that time), not
 //!   when TCP gives up minutes later; a PUBLISH left unanswered for three keep-alives on a
 //!   live link ends the connection too;
-//! - a message is blamed for a failure only on evidence (see [`Lane::blame`]);
+//! - a message is blamed for a failure only on evidence (see `Lane::blame`);
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
 mod drain;
