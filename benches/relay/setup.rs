@@ -76,7 +76,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
         let log = std::fs::File::create(log).expect("log file");
         let child = cmd
             .stdin(Stdio::null())
@@ -176,6 +176,18 @@ impl Central {
             dir,
             proc: None,
         }
+    }
+
+    /// Its process id (0 while stopped).
+    #[allow(dead_code)] // the fleet benchmark's, not the relay benchmark's
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, |p| p.pid())
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    #[allow(dead_code)] // the fleet benchmark's, not the relay benchmark's
+    pub fn memory_kib(&self) -> (u64, u64) {
+        self.proc.as_ref().map_or((0, 0), |p| p.memory_kib())
     }
 
     /// The receiver's address.
