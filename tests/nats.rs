@@ -67,6 +67,8 @@ impl Nats {
             .expect("cannot start nats-server");
         self.child = Some(child);
         wait_for_port(self.mqtt, Duration::from_secs(30)).await;
+        // The listener is up before JetStream can hold a persistent session.
+        wait_sessions(self.mqtt, "nats", Duration::from_secs(90)).await;
     }
 
     fn kill(&mut self) {

@@ -128,23 +128,7 @@ impl Cluster {
     /// Waits until node `i` takes a persistent MQTT session and a QoS 1 subscription: that
     /// needs the JetStream meta leader and the session streams, not just the listener.
     async fn wait_ready(&self, i: usize) {
-        let port = self.nodes[i].mqtt;
-        let deadline = Instant::now() + RECOVERY;
-        let mut attempt = 0;
-        while Instant::now() < deadline {
-            attempt += 1;
-            // A fresh client id each time: a half-created session of a failed attempt must
-            // not be what the next one waits on.
-            let id = format!("ready-{}-{attempt}", self.nodes[i].name);
-            if session_works(port, &id).await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!(
-            "{} serves no MQTT session after {RECOVERY:?}",
-            self.nodes[i].name
-        );
+        wait_sessions(self.nodes[i].mqtt, &self.nodes[i].name, RECOVERY).await;
     }
 
     fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
@@ -203,42 +187,6 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-/// One persistent-session connect + QoS 1 SUBSCRIBE, answered with a success within 5 s.
-async fn session_works(port: u16, id: &str) -> bool {
-    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(false);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
-    let probe = async {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
-                    if client
-                        .try_subscribe("trainrelay/probe", rumqttc::QoS::AtLeastOnce)
-                        .is_err()
-                    {
-                        return false;
-                    }
-                }
-                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(a))) => {
-                    return a
-                        .return_codes
-                        .iter()
-                        .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                }
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-    };
-    let ok = tokio::time::timeout(Duration::from_secs(5), probe)
-        .await
-        .unwrap_or(false);
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-    ok
 }
 
 /// What a control subscriber received: copies per sequence number, and how many copies

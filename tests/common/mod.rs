@@ -75,6 +75,59 @@ pub fn require_root_or_skip(test: &str) -> bool {
     )
 }
 
+/// One persistent-session connect + QoS 1 SUBSCRIBE, answered with a success within 5 s.
+pub async fn session_works(port: u16, id: &str) -> bool {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    let probe = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
+                    if client
+                        .try_subscribe("trainrelay/probe", rumqttc::QoS::AtLeastOnce)
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(a))) => {
+                    return a
+                        .return_codes
+                        .iter()
+                        .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    let ok = tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .unwrap_or(false);
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    ok
+}
+
+/// Waits until the broker on `port` takes a persistent MQTT session and a QoS 1 subscription
+/// (NATS needs its JetStream streams for that, well after its listener is up), panicking after
+/// `within`. A fresh client id each attempt: a half-created session of a failed one must not
+/// be what the next waits on.
+pub async fn wait_sessions(port: u16, name: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut attempt = 0;
+    while Instant::now() < deadline {
+        attempt += 1;
+        if session_works(port, &format!("ready-{name}-{attempt}")).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{name} serves no MQTT session after {within:?}");
+}
+
 /// A Mosquitto process playing the central broker, with persistence on.
 pub struct Central {
     pub port: u16,
