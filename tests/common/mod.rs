@@ -659,6 +659,7 @@ impl V5Client {
 }
 
 pub mod fresh;
+pub mod nats_core;
 pub mod netns;
 pub mod ops;
 pub mod security;
