@@ -1,6 +1,6 @@
 //! The configuration file (TOML) and the built-in defaults.
 //!
-//! Every key is documented in README.md ("Configuration reference"). Unknown keys are errors,
+//! Every key is documented in docs/configuration.md. Unknown keys are errors,
 //! not ignored: a typo in a train's config must not silently fall back to a default.
 
 use std::net::SocketAddr;

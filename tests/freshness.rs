@@ -297,9 +297,9 @@ async fn high_priority_overtakes_a_low_priority_backlog() {
         got.len(),
         bulk_after
     );
-    // README: a priority-0 message overtakes a backlog within about one in-flight window. What
-    // may still be ahead of it: the window in flight on its connection (the central broker's
-    // Receive Maximum, 100 in `Central`), one fill fetched before the alarm's commit was
+    // docs/guarantees.md: a priority-0 message overtakes a backlog within about one in-flight
+    // window. What may still be ahead of it: the window in flight on its connection (the
+    // central broker's Receive Maximum, 100 in `Central`), one fill fetched before the alarm's commit was
     // visible (another window), and rows acknowledged whose delete was not committed yet (they
     // count as waiting above; allowed one more window). A count, not a timing.
     const WINDOW: u64 = 100;

@@ -1,10 +1,10 @@
 //! Link fault tests: the central Mosquitto in a network namespace of the test's own, the relay
 //! in the root namespace, and the faults a train's uplink meets (tunnel, flapping coverage,
 //! poor cellular, crashes on either side). Each test asserts what arrives (nothing lost, order
-//! kept) and README's bound on duplicates: at most the in-flight window of every reconnect
-//! ([`duplicate_bound`]). Timings are asserted only where README states a deadline (dead-link
-//! detection, the netlink reconnect), with scheduling slack for a loaded 2-core machine; the
-//! other figures (drain rates, reconnect times) are printed as benchmark-style measurements.
+//! kept) and the bound on duplicates in docs/guarantees.md: at most the in-flight window of
+//! every reconnect ([`duplicate_bound`]). Timings are asserted only where docs/guarantees.md or
+//! docs/link-resilience.md states a deadline (dead-link detection, the netlink reconnect), with
+//! scheduling slack for a loaded 2-core machine; the other figures (drain rates, reconnect times) are printed as benchmark-style measurements.
 //!
 //! Needs root (network namespaces, iptables); without it each test says SKIPPED and passes, except under CI (`CI` set), where it fails.
 //! Run with `cargo test --test link_faults -- --nocapture` to see the figures.
@@ -99,7 +99,7 @@ async fn tunnel_loses_nothing_and_is_detected_within_keep_alive() {
         backlog as f64 / drain.as_secs_f64().max(0.001),
         t.duplicates
     );
-    // README: a dead link is noticed within 1.5 x keep-alive (nothing from the broker for
+    // docs/guarantees.md: a dead link is noticed within 1.5 x keep-alive (nothing from the broker for
     // that long; the last thing received came before the tunnel, so measured from the tunnel's
     // start this can only be shorter), plus the scheduling slack of a loaded machine.
     let deadline = ka.mul_f64(1.5) + SLACK;
@@ -511,7 +511,7 @@ async fn route_change_reconnects_without_waiting_for_keep_alive() {
         (reconnected - switched_at).as_secs_f64(),
         seen.tally(0).duplicates
     );
-    // README: the netlink watch debounces for 0.5 s and then reconnects at once (measured
+    // docs/link-resilience.md: the netlink watch debounces for 0.5 s and then reconnects at once (measured
     // 0.6 s); the new connection may first wait one backoff (at most `backoff_max`, 1 s). With
     // the slack of a loaded machine that is far below what keep-alive would take (90 s).
     let noticed_within = Duration::from_millis(500) + SLACK;

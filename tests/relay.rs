@@ -435,7 +435,7 @@ async fn store_full_policies_behave_as_documented() {
     }
 }
 
-/// README "Store full" for an MQTT 3.1.1 iPad, which cannot be refused: under `reject_new` the
+/// docs/guarantees.md "Store full" for an MQTT 3.1.1 iPad, which cannot be refused: under `reject_new` the
 /// relay withholds the PUBACK and closes the connection (seen on the wire with a raw client),
 /// and a real 3.1.1 client with a persistent session keeps the message and sends it again on
 /// every reconnect; once the central broker is back and the queue drained, the resend is

@@ -445,7 +445,7 @@ async fn secret_files_readable_by_everyone_are_refused() {
     );
 }
 
-/// README "Secret files": `uplink.password_file` readable by every user is refused at load,
+/// docs/security.md "Secret files": `uplink.password_file` readable by every user is refused at load,
 /// by `check-config` and by `run` alike (exit 2, naming the key and the file); once private it
 /// is accepted.
 #[test]

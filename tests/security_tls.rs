@@ -238,7 +238,7 @@ fn replace_file(from: &Path, to: &Path) {
     std::fs::rename(&tmp, to).unwrap();
 }
 
-/// README "TLS listener": on SIGHUP the daemon re-reads the listener's certificate and key;
+/// docs/security.md "TLS listener": on SIGHUP the daemon re-reads the listener's certificate and key;
 /// new connections get the new certificate, a connection made before keeps working, and a
 /// broken file on a later SIGHUP keeps the current certificate (logged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

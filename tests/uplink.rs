@@ -318,7 +318,7 @@ async fn resets_with_messages_in_flight_dead_letter_nothing() {
     );
 }
 
-/// README "At least once upstream": a message resent after a lost connection carries the same
+/// docs/guarantees.md "At least once upstream": a message resent after a lost connection carries the same
 /// `trainrelay-msg-id` as the copy the central broker already has, so it can be deduplicated.
 /// The central broker receives (and delivers) a batch while its PUBACKs are held back; the path
 /// then resets, the relay resends the unacknowledged batch, and every second copy has the id

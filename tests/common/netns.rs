@@ -636,7 +636,7 @@ pub fn connect_windows(log: &str) -> Vec<usize> {
         .collect()
 }
 
-/// The most duplicates the relay may cause, by README's claim: a duplicate is a resend of what
+/// The most duplicates the relay may cause, by the claim in docs/guarantees.md: a duplicate is a resend of what
 /// was in flight when a connection ended, and a connection never has more than its window in
 /// flight; so every connect after the first one of each connection (also the connects after a
 /// relay restart) may resend at most its window. Returns the sum of those windows.
@@ -644,7 +644,7 @@ pub fn duplicate_bound(log: &str) -> usize {
     connect_windows(log).iter().skip(CONNECTIONS).sum()
 }
 
-/// Asserts README's duplicate claim for `what`: at most [`duplicate_bound`] plus `extra`
+/// Asserts the duplicate claim of docs/guarantees.md for `what`: at most [`duplicate_bound`] plus `extra`
 /// (what the test's fault adds beyond the relay's resends, explained by the caller).
 pub fn assert_duplicates_bounded(t: &Tally, log: &str, extra: usize, what: &str) {
     let bound = duplicate_bound(log) + extra;
