@@ -2,12 +2,10 @@
 //! letters, `/`, `+` and `#` connect, publish and subscribe, and where an id goes into a topic
 //! (device topics, presence upstream) it is one level that no other id maps to.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{relay_config, store_section, Central, Relay, V4Client, V5Client};
+use trainrelay_testkit::{relay_config, store_section, Central, Relay, V4Client, V5Client};
 
 const QUIET: Duration = Duration::from_secs(10);
 

@@ -2,12 +2,14 @@
 //! suppression, conflation, priorities without starvation, per-iPad topics, and state over a
 //! 3.1.1 central broker. Real Mosquitto, the real binary, real SQLite files.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::fresh::{counters_line, publish, texts, user_property, wait_online, wall_ms};
-use common::{payloads, relay_config, sequence, store_section, Central, Relay, V5Client};
+use trainrelay_testkit::fresh::{
+    counters_line, publish, texts, user_property, wait_online, wall_ms,
+};
+use trainrelay_testkit::{
+    payloads, relay_config, sequence, store_section, Central, Relay, V5Client,
+};
 
 const QUIET: Duration = Duration::from_secs(15);
 

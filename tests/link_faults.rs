@@ -9,12 +9,10 @@
 //! Needs root (network namespaces, iptables); without it each test says SKIPPED and passes, except under CI (`CI` set), where it fails.
 //! Run with `cargo test --test link_faults -- --nocapture` to see the figures.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::netns::*;
-use common::*;
+use trainrelay_testkit::netns::*;
+use trainrelay_testkit::*;
 
 const KEEP_ALIVE_SECS: u64 = 5;
 /// What a deadline may overrun on the shared, loaded 2-core test machine: the relay's 0.2 s

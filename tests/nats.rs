@@ -2,15 +2,13 @@
 //! NATS 2.9 with JetStream and its MQTT listener (Debian `nats-server`), started per test on
 //! its own ports with a temp store, with the relay on `protocol = "3.1.1"`.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::netns::fault_config;
-use common::*;
+use trainrelay_testkit::netns::fault_config;
+use trainrelay_testkit::*;
 
 const QUIET: Duration = Duration::from_secs(20);
 

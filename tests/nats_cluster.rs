@@ -15,8 +15,6 @@
 //! redelivery NATS did not flag. The relay's share is at most its `duplicates_resent` counter
 //! (what it sent again after a lost connection), so unflagged copies beyond that are NATS's.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use common::nats_core;
-use common::netns::fault_config;
-use common::ops::{eventually, query};
-use common::*;
+use trainrelay_testkit::nats_core;
+use trainrelay_testkit::netns::fault_config;
+use trainrelay_testkit::ops::{eventually, query};
+use trainrelay_testkit::*;
 
 /// A node's MQTT ack wait: how long NATS waits for a subscriber's PUBACK before redelivering
 /// (default 30 s; shorter here so a redelivery is seen within the test).

@@ -2,14 +2,12 @@
 //! a real parser (Python's `prometheus_client`, the reference client library), and the
 //! `--output` file a node_exporter textfile collector reads, also when the daemon is gone.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::ops::*;
-use common::*;
+use trainrelay_testkit::ops::*;
+use trainrelay_testkit::*;
 
 /// Parses metrics text with prometheus_client's parser for `format`; returns every sample as
 /// `name{label="value",...}` (labels sorted) -> value.

@@ -3,15 +3,13 @@
 //! READY comes only once the local listener accepts, STATUS follows the uplink's state,
 //! WATCHDOG pings arrive, and the pings stop when a main loop hangs (debug-build test hook).
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::ops::*;
-use common::*;
+use trainrelay_testkit::ops::*;
+use trainrelay_testkit::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -2,47 +2,23 @@
 //! expires) and the log level; an invalid one is rejected naming the key, and the daemon keeps
 //! running on the old config.
 
-mod common;
-
 use std::time::Duration;
 
-use common::ops::*;
-use common::*;
 use nix::sys::signal::Signal;
+use trainrelay_testkit::ops::*;
+use trainrelay_testkit::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn config(ttl: &str, level: &str, extra_route: &str) -> String {
-    format!(
-        r#"
-train_id = "T1"
-
-[local]
-listen = "127.0.0.1:{{local_port}}"
-
-[uplink]
-url = "mqtt://127.0.0.1:9"
-backoff_min = "100ms"
-backoff_max = "1s"
-
-[store]
-path = "{{dir}}/store.db"
-sweep_interval = "200ms"
-
-[status]
-socket = "{{dir}}/status.sock"
-
-[log]
-level = "{level}"
-
-[[route]]
-direction = "up"
-local = "up/#"
-remote = "trains/T1/up/#"
-ttl = "{ttl}"
-{extra_route}
-"#
-    )
+    Config::new("mqtt://127.0.0.1:9")
+        .store("sweep_interval = \"200ms\"")
+        .set("log", "level", &format!("\"{level}\""))
+        .append(&format!(
+            "[[route]]\ndirection = \"up\"\nlocal = \"up/#\"\nremote = \"trains/T1/up/#\"\n\
+             ttl = \"{ttl}\"\n{extra_route}"
+        ))
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

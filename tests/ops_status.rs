@@ -2,13 +2,11 @@
 //! central broker is down and after it comes back, error replies for bad requests, the
 //! connection bound, and access control by peer credentials (a child running as `nobody`).
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::ops::*;
-use common::*;
+use trainrelay_testkit::ops::*;
+use trainrelay_testkit::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

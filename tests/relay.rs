@@ -1,12 +1,10 @@
 //! Relay acceptance tests: a real Mosquitto as the central broker, the real daemon, real
 //! clients. Each test asserts what arrives where.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use trainrelay_testkit::*;
 
 const QUIET: Duration = Duration::from_secs(15);
 
@@ -442,8 +440,8 @@ async fn store_full_policies_behave_as_documented() {
 /// accepted and delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_full_mqtt311_publisher_is_not_acknowledged_until_there_is_room() {
-    use common::security::{publish_packet, Raw};
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    use trainrelay_testkit::security::{publish_packet, Raw};
     let dir = tempfile::tempdir().unwrap();
     let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/up/#").await;
     let store = store_section("max_bytes = \"4KiB\"\nwhen_full = \"reject_new\"");

@@ -1,14 +1,12 @@
 //! Authentication and ACLs of the local broker, end to end: the real daemon, a real
 //! Mosquitto as the central broker, raw MQTT bytes for the iPads so every reason code is seen.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::security::{devices, secure_config, Raw};
-use common::{Central, Relay, V5Client};
+use trainrelay_testkit::security::{devices, secure_config, Raw};
+use trainrelay_testkit::{Central, Relay, V5Client};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -458,8 +456,8 @@ fn uplink_password_file_readable_by_everyone_is_refused() {
         &config,
         format!(
             "train_id = \"T1\"\n[local]\nlisten = \"127.0.0.1:{}\"\n[uplink]\nurl = \"mqtt://127.0.0.1:{}\"\nusername = \"T1\"\npassword_file = \"{}\"\n[store]\npath = \"{}\"\n[status]\nsocket = \"{}\"\n",
-            common::free_port(),
-            common::free_port(),
+            trainrelay_testkit::free_port(),
+            trainrelay_testkit::free_port(),
             secret.display(),
             dir.path().join("store.db").display(),
             dir.path().join("status.sock").display(),

@@ -3,13 +3,11 @@
 //! messages must keep reaching it. Attackers connect from other loopback addresses
 //! (127.0.0.2 and up), as a passenger device would from its own address.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::security::{devices, frame, publish_packet, secure_config, Raw};
-use common::{Central, Relay, V5Client};
 use rumqttc::v5::mqttbytes::QoS;
+use trainrelay_testkit::security::{devices, frame, publish_packet, secure_config, Raw};
+use trainrelay_testkit::{Central, Relay, V5Client};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -144,8 +142,11 @@ async fn relay_keeps_serving_under_hostile_input() {
     let central = Central::start(dir.path()).await;
     let pki = dir.path().join("pki");
     std::fs::create_dir_all(&pki).unwrap();
-    common::security::make_pki(&pki, &[]);
-    let (tls_port, ws_port) = (common::free_port(), common::free_port());
+    trainrelay_testkit::security::make_pki(&pki, &[]);
+    let (tls_port, ws_port) = (
+        trainrelay_testkit::free_port(),
+        trainrelay_testkit::free_port(),
+    );
     let local = format!(
         "allow_anonymous = true\nconnect_timeout = \"3s\"\nmax_publish_rate = 200\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{p}/server.pem\"\ntls_key = \"{p}/server.key\"\nws_listen = \"127.0.0.1:{ws_port}\"\n{}",
         devices(&[("ipad1", "pw-one", None)]),
@@ -207,7 +208,7 @@ async fn relay_keeps_serving_under_hostile_input() {
 
     w.during("slowloris CONNECT (one byte per second)", async move {
         let mut a = Raw::open_from([127, 0, 0, 4], port).await.unwrap();
-        let connect = common::security::connect_packet(true, "slow", None, None);
+        let connect = trainrelay_testkit::security::connect_packet(true, "slow", None, None);
         let started = Instant::now();
         for b in connect.iter().take(connect.len() - 1) {
             if a.send(&[*b]).await.is_err() {
@@ -361,7 +362,7 @@ async fn relay_keeps_serving_under_hostile_input() {
         );
         out += "; SUBACK instead of CONNECT: closed";
         let mut second = attacker([127, 0, 0, 6], port, "twice").await;
-        let c = common::security::connect_packet(true, "twice", None, None);
+        let c = trainrelay_testkit::security::connect_packet(true, "twice", None, None);
         let _ = second.send(&c).await;
         assert!(second.closed_within(T).await.0, "second CONNECT not closed");
         out += "; a second CONNECT: closed";

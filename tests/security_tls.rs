@@ -1,18 +1,18 @@
 //! The TLS listener: server certificate, client certificates (CN = device), passwords over
 //! TLS, and handshakes that never finish while others connect.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::security::{connect_packet, devices, make_pki, publish_packet, secure_config, Raw};
-use common::{free_port, Central, Relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
+use trainrelay_testkit::security::{
+    connect_packet, devices, make_pki, publish_packet, secure_config, Raw,
+};
+use trainrelay_testkit::{free_port, Central, Relay};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -123,7 +123,7 @@ async fn tls_listener_with_client_certificates() {
         p = pki.display()
     );
     let relay = Relay::start(dir.path(), &secure_config(&central.url(), &local, "")).await;
-    common::wait_for_port(tls_port, T).await;
+    trainrelay_testkit::wait_for_port(tls_port, T).await;
 
     // Sockets that never finish the handshake: one silent, one with half a ClientHello.
     let mut silent = Raw::open_from([127, 0, 0, 9], tls_port).await.unwrap();
@@ -243,8 +243,8 @@ fn replace_file(from: &Path, to: &Path) {
 /// broken file on a later SIGHUP keeps the current certificate (logged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_tls_certificate_for_new_connections() {
-    use common::ops::Daemon;
     use nix::sys::signal::Signal;
+    use trainrelay_testkit::ops::Daemon;
     let dir = tempfile::tempdir().unwrap();
     // Two independent PKIs: the certificate before and after the renewal. The client trusts
     // both CAs, so only the certificate it is shown tells them apart.
@@ -274,7 +274,7 @@ async fn sighup_reloads_the_tls_certificate_for_new_connections() {
         l = live.display()
     );
     let relay = Daemon::start(dir.path(), &config, &[]).await;
-    common::wait_for_port(tls_port, T).await;
+    trainrelay_testkit::wait_for_port(tls_port, T).await;
     let old_cert = certs(&old.join("server.pem")).remove(0);
     let new_cert = certs(&new.join("server.pem")).remove(0);
     assert_ne!(old_cert, new_cert);

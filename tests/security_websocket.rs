@@ -1,19 +1,17 @@
 //! MQTT over WebSocket: the same authentication, ACL and relaying as on TCP, and an upgrade
 //! that never comes does not hold up anyone else.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::security::{
-    connect_packet, devices, publish_packet, secure_config, subscribe_packet, Raw,
-};
-use common::{free_port, Central, Relay, V5Client};
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
+use trainrelay_testkit::security::{
+    connect_packet, devices, publish_packet, secure_config, subscribe_packet, Raw,
+};
+use trainrelay_testkit::{free_port, Central, Relay, V5Client};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -89,7 +87,7 @@ async fn mqtt_over_websocket() {
         devices(&[("webcab", "pw-web", None)])
     );
     let relay = Relay::start(dir.path(), &secure_config(&central.url(), &local, "")).await;
-    common::wait_for_port(ws_port, T).await;
+    trainrelay_testkit::wait_for_port(ws_port, T).await;
     let control = V5Client::connect(central.port, "control", true).await;
 
     // A socket that never upgrades, and one that sends half a request.

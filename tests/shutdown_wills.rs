@@ -1,11 +1,9 @@
 //! The relay stopping gracefully publishes the wills of the iPads still connected, and they
 //! are relayed upstream like any will: the real daemon, a real Mosquitto as the central broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{relay_config, store_section, Central, Relay, V5Client};
+use trainrelay_testkit::{relay_config, store_section, Central, Relay, V5Client};
 
 const T: Duration = Duration::from_secs(20);
 

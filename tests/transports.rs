@@ -1,18 +1,16 @@
 //! `mqtts://` (with mutual TLS) and `wss://` uplinks against a real Mosquitto with TLS and
 //! WebSocket-over-TLS listeners, using a CA, server and client certificates the test makes.
 
-mod common;
-
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };
+use trainrelay_testkit::*;
 
 /// A test PKI: CA, a server certificate for 127.0.0.1 and a client certificate.
 struct Pki {
@@ -118,33 +116,12 @@ impl Drop for TlsCentral {
 }
 
 fn config(url: &str, tls: &str) -> String {
-    format!(
-        r#"
-train_id = "T1"
-
-[local]
-listen = "127.0.0.1:{{local_port}}"
-
-[uplink]
-url = "{url}"
-keep_alive = "5s"
-connect_timeout = "5s"
-backoff_min = "100ms"
-backoff_max = "1s"
-{tls}
-
-[store]
-path = "{{dir}}/store.db"
-
-[status]
-socket = "{{dir}}/status.sock"
-
-[[route]]
-direction = "up"
-local = "up/#"
-remote = "trains/T1/up/#"
-"#
-    )
+    Config::new(url)
+        .set("uplink", "connect_timeout", "\"5s\"")
+        .lines("uplink", tls)
+        .store("")
+        .route("up", "up/#", "trains/T1/up/#")
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +173,7 @@ async fn mqtts_with_client_certificate_and_wss_deliver_and_a_wrong_ca_is_refused
     )
     .await;
 
-    let mut seen = common::netns::Collector::new(&["tls", "wss"]);
+    let mut seen = trainrelay_testkit::netns::Collector::new(&["tls", "wss"]);
     let mut ipad = V5Client::connect(mtls.local_port, "ipad-a", true).await;
     ipad.publish_acked("up/a", payloads("tls", 200), None).await;
     let mut ipad = V5Client::connect(wss.local_port, "ipad-b", true).await;

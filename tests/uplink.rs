@@ -2,20 +2,18 @@
 //! batch, resets that are the network's fault, a packet the broker cannot take, and the
 //! current state after every connect.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::netns::fault_config;
-use common::ops::{eventually, query, route_depth};
-use common::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+use trainrelay_testkit::netns::fault_config;
+use trainrelay_testkit::ops::{eventually, query, route_depth};
+use trainrelay_testkit::*;
 
 const QUIET: Duration = Duration::from_secs(20);
 
@@ -351,7 +349,7 @@ async fn a_resend_carries_the_same_msg_id() {
     let mut first: std::collections::HashMap<String, (String, usize)> = Default::default();
     for p in &got {
         let payload = String::from_utf8_lossy(&p.payload).to_string();
-        let id = common::fresh::user_property(p, MSG_ID)
+        let id = trainrelay_testkit::fresh::user_property(p, MSG_ID)
             .unwrap_or_else(|| panic!("{payload} has no {MSG_ID}"));
         let entry = first.entry(payload.clone()).or_insert((id.clone(), 0));
         assert_eq!(id, entry.0, "the resend of {payload} has another {MSG_ID}");

@@ -12,50 +12,28 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// Like `relay_config`, with `local` added to `[local]` and `extra` appended.
 pub fn secure_config(central_url: &str, local: &str, extra: &str) -> String {
-    format!(
-        r#"
-train_id = "T1"
+    crate::Config::new(central_url)
+        .lines("local", local)
+        .store("")
+        .standard_routes()
+        .append(extra)
+        .build()
+}
 
-[local]
-listen = "127.0.0.1:{{local_port}}"
-{local}
-
-[uplink]
-url = "{central_url}"
-keep_alive = "5s"
-backoff_min = "100ms"
-backoff_max = "1s"
-
-[store]
-path = "{{dir}}/store.db"
-
-[status]
-socket = "{{dir}}/status.sock"
-
-[[route]]
-direction = "up"
-local = "up/#"
-remote = "trains/T1/up/#"
-
-[[route]]
-direction = "down"
-remote = "trains/T1/down/#"
-local = "down/#"
-
-[[route]]
-direction = "down"
-remote = "fleet/broadcast/#"
-local = "fleet/broadcast/#"
-{extra}
-"#
-    )
+/// An argon2id PHC string for `password`, as `trainrelay passwd` writes them.
+fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .expect("argon2 hash")
+        .to_string()
 }
 
 /// `[[local.device]]` entries for (name, password, group).
 pub fn devices(list: &[(&str, &str, Option<&str>)]) -> String {
     let mut out = String::new();
     for (name, pw, group) in list {
-        let hash = trainrelay::auth::hash_password(pw.as_bytes()).expect("hash");
+        let hash = hash_password(pw);
         out.push_str(&format!(
             "\n[[local.device]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"
         ));

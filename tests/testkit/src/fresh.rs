@@ -5,7 +5,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 
-use super::V5Client;
+use crate::V5Client;
 
 /// Waits until the relay announced itself `online` at the central broker, i.e. its uplink is
 /// connected and subscribed.

@@ -20,7 +20,7 @@ impl Daemon {
     /// Writes `config` (`{local_port}` and `{dir}` substituted) and starts the daemon with
     /// `env`; does not wait for anything.
     pub fn spawn(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
-        let local_port = super::free_port();
+        let local_port = crate::free_port();
         let dir = dir.join("relay");
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("trainrelay.toml");
@@ -29,7 +29,7 @@ impl Daemon {
             .replace("{dir}", &dir.display().to_string());
         std::fs::write(&config_path, text).unwrap();
         let log = std::fs::File::create(dir.join("relay.log")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainrelay"));
+        let mut cmd = Command::new(crate::relay_binary());
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -55,7 +55,7 @@ impl Daemon {
     /// Like [`Daemon::spawn`], then waits until the status socket answers.
     pub async fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
         let d = Daemon::spawn(dir, config, env);
-        super::wait_for_port(d.local_port, Duration::from_secs(30)).await;
+        crate::wait_for_port(d.local_port, Duration::from_secs(30)).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !d.socket().exists() {
             assert!(Instant::now() < deadline, "no status socket after 30 s");
@@ -174,7 +174,7 @@ pub fn closed_by_peer(s: &mut UnixStream) -> bool {
 /// Runs `trainrelay status ARGS`, optionally as another user.
 pub fn status_cli(args: &[&str], uid: Option<u32>) -> Output {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainrelay"));
+    let mut cmd = Command::new(crate::relay_binary());
     cmd.arg("status").args(args).stdin(Stdio::null());
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid);

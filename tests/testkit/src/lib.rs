@@ -4,8 +4,6 @@
 //! Every test gets its own ports and temp dir; processes are killed on drop, so a failing
 //! test leaves nothing behind.
 
-#![allow(dead_code)]
-
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,6 +14,25 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
+
+pub use config::Config;
+
+/// The `trainrelay` binary under test: `TRAINRELAY_BIN`, else the one cargo built next to
+/// the running test (`target/<profile>/trainrelay`; cargo builds it for integration tests).
+pub fn relay_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TRAINRELAY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("path of the running test");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/trainrelay
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary outside a cargo target dir");
+    let bin = profile.join("trainrelay");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -263,7 +280,7 @@ impl Relay {
             .append(true)
             .open(self.dir.join("relay.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_trainrelay"))
+        let child = Command::new(relay_binary())
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -313,42 +330,13 @@ impl Drop for Relay {
     }
 }
 
-/// A config for the relay with one uplink route `up/#` -> `trains/T1/up/#` and the downlink
-/// routes of the defaults; `extra` is appended (more routes, or store settings).
+/// A config for the relay with [`Config::standard_routes`] (no `[store]`: `extra` may add one
+/// with [`store_section`], or more routes); see [`Config`] for the shared defaults.
 pub fn relay_config(central_url: &str, extra: &str) -> String {
-    format!(
-        r#"
-train_id = "T1"
-
-[local]
-listen = "127.0.0.1:{{local_port}}"
-
-[uplink]
-url = "{central_url}"
-keep_alive = "5s"
-backoff_min = "100ms"
-backoff_max = "1s"
-
-[status]
-socket = "{{dir}}/status.sock"
-
-[[route]]
-direction = "up"
-local = "up/#"
-remote = "trains/T1/up/#"
-
-[[route]]
-direction = "down"
-remote = "trains/T1/down/#"
-local = "down/#"
-
-[[route]]
-direction = "down"
-remote = "fleet/broadcast/#"
-local = "fleet/broadcast/#"
-{extra}
-"#
-    )
+    Config::new(central_url)
+        .standard_routes()
+        .append(extra)
+        .build()
 }
 
 /// Store section for `relay_config`'s `extra`.
@@ -658,6 +646,7 @@ impl V5Client {
     }
 }
 
+pub mod config;
 pub mod fresh;
 pub mod nats_core;
 pub mod netns;

@@ -21,7 +21,7 @@ use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::V5Client;
+use crate::V5Client;
 
 /// Port of the central's listener the relay uses (faults apply to it).
 pub const RELAY_PORT: u16 = 1883;
@@ -31,9 +31,9 @@ pub const CONTROL_PORT: u16 = 1884;
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// True when the tests can create namespaces; otherwise says why the test is skipped, or fails
-/// it under CI ([`super::require_root_or_skip`]).
+/// it under CI ([`crate::require_root_or_skip`]).
 pub fn can_fault(test: &str) -> bool {
-    super::require_root_or_skip(test)
+    crate::require_root_or_skip(test)
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -558,52 +558,24 @@ async fn pipe(
     tokio::join!(reader, writer);
 }
 
-/// Relay config for fault tests: one uplink route per `(local, remote)` in `routes`, with
-/// the given keep-alive and extra `[uplink]` lines.
+/// Relay config for fault tests: the given keep-alive, a 3 s connect timeout, `uplink_extra`
+/// lines in `[uplink]` and `store_extra` in `[store]`; routes `up/#` and `alerts/#` up,
+/// `trains/T1/down/#` down.
 pub fn fault_config(url: &str, keep_alive: &str, uplink_extra: &str, store_extra: &str) -> String {
-    format!(
-        r#"
-train_id = "T1"
-
-[local]
-listen = "127.0.0.1:{{local_port}}"
-
-[uplink]
-url = "{url}"
-keep_alive = "{keep_alive}"
-connect_timeout = "3s"
-backoff_min = "100ms"
-backoff_max = "1s"
-{uplink_extra}
-
-[store]
-path = "{{dir}}/store.db"
-{store_extra}
-
-[status]
-socket = "{{dir}}/status.sock"
-
-[[route]]
-direction = "up"
-local = "up/#"
-remote = "trains/T1/up/#"
-
-[[route]]
-direction = "up"
-local = "alerts/#"
-remote = "trains/T1/alerts/#"
-
-[[route]]
-direction = "down"
-remote = "trains/T1/down/#"
-local = "down/#"
-"#
-    )
+    crate::Config::new(url)
+        .set("uplink", "keep_alive", &format!("\"{keep_alive}\""))
+        .set("uplink", "connect_timeout", "\"3s\"")
+        .lines("uplink", uplink_extra)
+        .store(store_extra)
+        .route("up", "up/#", "trains/T1/up/#")
+        .route("up", "alerts/#", "trains/T1/alerts/#")
+        .route("down", "down/#", "trains/T1/down/#")
+        .build()
 }
 
 /// Polls the relay's log until `needle` appears after byte `from`; returns when.
 pub async fn wait_log(
-    relay: &super::Relay,
+    relay: &crate::Relay,
     from: usize,
     needle: &str,
     within: Duration,
