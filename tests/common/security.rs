@@ -55,7 +55,7 @@ local = "fleet/broadcast/#"
 pub fn devices(list: &[(&str, &str, Option<&str>)]) -> String {
     let mut out = String::new();
     for (name, pw, group) in list {
-        let hash = trainrelay::auth::hash_password(pw.as_bytes()).expect("hash");
+        let hash = trainrelay::password::hash_password(pw.as_bytes()).expect("hash");
         out.push_str(&format!(
             "\n[[local.device]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"
         ));
