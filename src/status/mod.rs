@@ -12,10 +12,10 @@
 //! payload is ever part of a report.
 
 pub mod client;
-pub mod detail;
+pub(crate) mod detail;
 pub mod metrics;
 pub mod protocol;
-pub mod server;
+pub(crate) mod server;
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the figures come from.
 #[derive(Clone)]
-pub struct Sources {
+pub(crate) struct Sources {
     pub train_id: String,
     pub endpoint: String,
     pub listen: String,
@@ -189,7 +189,7 @@ impl Sources {
 }
 
 /// The wire name of a link state.
-pub fn state_name(state: LinkState) -> &'static str {
+pub(crate) fn state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Connecting => "connecting",
         LinkState::Connected => "connected",
