@@ -234,7 +234,45 @@ fn crate_paths(code: &str) -> Vec<Vec<String>> {
     out
 }
 
-/// `super::x` and (in a `mod.rs`) `x::` for a declared child module `x`, as crate paths.
+/// The text of a `{...}` group that `rest` starts with, without its braces.
+fn group(rest: &str) -> &str {
+    let mut depth = 0;
+    for (k, c) in rest.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &rest[1..k];
+                }
+            }
+            _ => {}
+        }
+    }
+    &rest[1..]
+}
+
+/// The paths named by `rest` (what follows `prefix::` in the code), below `prefix`.
+fn follow(prefix: &[String], rest: &str, out: &mut Vec<Vec<String>>) {
+    if rest.starts_with('{') {
+        expand_group(prefix, group(rest), out);
+        return;
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(rest.len());
+    let mut path = prefix.to_vec();
+    path.extend(
+        rest[..end]
+            .split("::")
+            .filter(|s| !s.is_empty())
+            .map(String::from),
+    );
+    out.push(path);
+}
+
+/// `super::x` and (in a `mod.rs`) `self::x` or `x::` for a declared child module `x`, as
+/// crate paths.
 fn relative_paths(code: &str, module: &[String], children: &BTreeSet<String>) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let words: Vec<(usize, &str)> = code
@@ -254,26 +292,20 @@ fn relative_paths(code: &str, module: &[String], children: &BTreeSet<String>) ->
         if preceded_by_path {
             continue;
         }
-        if w == "super" && module.len() >= 2 {
-            let rest = &code[k + "super::".len()..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            let mut path = module[..module.len() - 1].to_vec();
-            path.push(rest[..end].to_string());
-            out.push(path);
-        } else if children.contains(w) || (w == "self" && !children.is_empty()) {
-            let mut path = module.to_vec();
-            if w == "self" {
-                let rest = &code[k + "self::".len()..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len());
-                path.push(rest[..end].to_string());
-            } else {
-                path.push(w.to_string());
+        let mut rest = &code[k + w.len() + 2..];
+        if w == "super" {
+            let mut up = 1;
+            while let Some(r) = rest.strip_prefix("super::") {
+                up += 1;
+                rest = r;
             }
-            out.push(path);
+            if module.len() > up {
+                follow(&module[..module.len() - up], rest, &mut out);
+            }
+        } else if w == "self" && !children.is_empty() {
+            follow(module, rest, &mut out);
+        } else if children.contains(w) {
+            follow(module, &code[k..], &mut out);
         }
     }
     out
@@ -381,5 +413,25 @@ fn the_reader_sees_every_form_of_use() {
         .into_iter()
         .map(String::from)
         .collect();
+    assert_eq!(found, expected);
+
+    let module = ["uplink".to_string(), "link".to_string()];
+    let found: BTreeSet<String> = relative_paths(
+        "use super::{wire::{self, X}, error::E};\nuse super::transport::Io;\n",
+        &module,
+        &BTreeSet::new(),
+    )
+    .into_iter()
+    .map(|p| p.join("::"))
+    .collect();
+    let expected: BTreeSet<String> = [
+        "uplink::wire",
+        "uplink::wire::X",
+        "uplink::error::E",
+        "uplink::transport::Io",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(found, expected);
 }
