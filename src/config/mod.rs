@@ -2,6 +2,12 @@
 //!
 //! Every key is documented in README.md ("Configuration reference"). Unknown keys are errors,
 //! not ignored: a typo in a train's config must not silently fall back to a default.
+//!
+//! Each section is a file of its own that checks its own keys (`[local]` in `local`, `[uplink]`
+//! in `uplink` over the uplink's own types, `[store]`, `[[route]]`, `[status]`, `[log]`); this
+//! file reads the whole, checks the sections in a fixed order, and puts the file's name on the
+//! first problem found. Checking builds nothing the daemon runs with, except that the uplink's
+//! TLS files are loaded the way the uplink will load them, so a bad one is a config error.
 
 mod local;
 mod logging;
