@@ -24,36 +24,13 @@
 
 use std::collections::HashMap;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 
 use crate::broker::{AuthVerdict, ClientInfo};
 use crate::config::Config;
 use crate::route::Routes;
 use crate::topic;
-
-pub use crate::broker::valid_device_name;
-
-/// Checks that `hash` is an argon2 PHC string.
-pub fn check_hash(hash: &str) -> Result<(), String> {
-    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC hash string: {e}"))?;
-    if !parsed.algorithm.as_str().starts_with("argon2") {
-        return Err(format!(
-            "algorithm '{}' is not argon2",
-            parsed.algorithm.as_str()
-        ));
-    }
-    Ok(())
-}
-
-/// Hashes a password with argon2id and a random salt (PHC string).
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
-    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    Argon2::default()
-        .hash_password(password, &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| format!("cannot hash the password: {e}"))
-}
 
 /// Which topics a client may publish to and which filters it may subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +247,8 @@ fn owns_client_id(device: &str, client_id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::valid_device_name;
+    use crate::password::hash_password;
 
     #[test]
     fn device_names() {
@@ -293,20 +272,6 @@ mod tests {
         assert!(acl.may_subscribe("#", "down/device/%23/y"));
         assert!(!acl.may_publish("+", "up/x/y"));
         assert!(acl.may_publish("Cab iPad 3", "up/Cab%20iPad%203/ack"));
-    }
-
-    #[test]
-    fn hash_and_verify() {
-        let h = hash_password(b"secret").expect("hash");
-        assert!(check_hash(&h).is_ok());
-        assert!(check_hash("plain").is_err());
-        let parsed = PasswordHash::new(&h).expect("parse");
-        assert!(Argon2::default()
-            .verify_password(b"secret", &parsed)
-            .is_ok());
-        assert!(Argon2::default()
-            .verify_password(b"secreT", &parsed)
-            .is_err());
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::auth::Auth;
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::Config;
 use crate::downlink::Downlink;
-use crate::freshness::{Freshness, FreshnessCounters};
+use crate::freshness::Freshness;
+use crate::heartbeat::Heartbeat;
 use crate::relay::RelayHooks;
 use crate::reload::Reloader;
 use crate::route::{Routes, SharedRoutes};
@@ -28,7 +29,7 @@ use crate::shutdown::{self, Shutdown};
 use crate::store::queue::{Queue, QueueConfig};
 use crate::store::Db;
 use crate::uplink::{StatusHandle, Uplink};
-use crate::watchdog::{self, Heartbeat, Watchdog};
+use crate::watchdog::{self, Watchdog};
 
 /// How long tasks get to finish after the shutdown signal.
 const GRACE: Duration = Duration::from_secs(5);
@@ -72,7 +73,7 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     let downlink = Downlink::new(routes.clone(), broker.handle()).with_freshness(freshness.clone());
     let report = (queue.clone(), freshness, downlink.clone());
     let broker_handle = broker.handle();
-    let endpoint = crate::status::redact_url(&config.uplink.url);
+    let endpoint = crate::uplink::endpoint::redact_url(&config.uplink.url);
     let sources = crate::status::Sources {
         train_id: config.train_id.clone(),
         endpoint: endpoint.clone(),
@@ -277,16 +278,18 @@ async fn sweep(queue: Queue, every: Duration, mut shutdown: Shutdown) {
 
 /// One line at shutdown with what the freshness rules removed, for the logs of a run.
 fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downlink) {
-    let c = FreshnessCounters::collect(freshness, queue, downlink);
+    let (up, down) = (freshness.suppressed_up(), freshness.suppressed_down());
+    let q = queue.counters();
+    let expired_down = downlink
+        .counters()
+        .expired
+        .load(std::sync::atomic::Ordering::Relaxed);
     log::info!(
-        "freshness counters: suppressed={} (uplink {}, downlink {}), conflated={}, expired={} (uplink {}, downlink {})",
-        c.suppressed_up + c.suppressed_down,
-        c.suppressed_up,
-        c.suppressed_down,
-        c.conflated,
-        c.expired_up + c.expired_down,
-        c.expired_up,
-        c.expired_down,
+        "freshness counters: suppressed={} (uplink {up}, downlink {down}), conflated={}, expired={} (uplink {}, downlink {expired_down})",
+        up + down,
+        q.conflated,
+        q.expired + expired_down,
+        q.expired,
     );
 }
 

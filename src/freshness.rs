@@ -228,39 +228,6 @@ pub struct Freshness {
     suppressed_down: AtomicU64,
 }
 
-/// What the freshness rules removed since start, for the status report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FreshnessCounters {
-    /// Outdated messages dropped at ingest (acknowledged to the iPad, not queued).
-    pub suppressed_up: u64,
-    /// Outdated messages from the central broker, acknowledged and not injected.
-    pub suppressed_down: u64,
-    /// Waiting uplink rows replaced by a newer one of the same key.
-    pub conflated: u64,
-    /// Uplink rows deleted because their deadline passed.
-    pub expired_up: u64,
-    /// Downlink messages that arrived already expired.
-    pub expired_down: u64,
-}
-
-impl FreshnessCounters {
-    /// Collects the counters from the pieces that own them.
-    pub fn collect(
-        freshness: &Freshness,
-        queue: &crate::store::queue::Queue,
-        downlink: &crate::downlink::Downlink,
-    ) -> FreshnessCounters {
-        let q = queue.counters();
-        FreshnessCounters {
-            suppressed_up: freshness.suppressed_up.load(Ordering::Relaxed),
-            suppressed_down: freshness.suppressed_down.load(Ordering::Relaxed),
-            conflated: q.conflated,
-            expired_up: q.expired,
-            expired_down: downlink.counters().expired.load(Ordering::Relaxed),
-        }
-    }
-}
-
 impl Freshness {
     /// Loads the versions kept by earlier runs.
     pub async fn load(db: Db) -> Result<Freshness, StoreError> {
@@ -358,14 +325,28 @@ impl Freshness {
                 Check::Fresh(admission) => return Some(admission),
                 Check::Outdated => return None,
                 Check::Wait(mut settled) => {
-                    // The sender lives as long as `self`.
-                    let _ = settled.changed().await;
+                    // The sender lives as long as `self`, so this cannot fail; were it to,
+                    // checking again still gives the answer once the commit settles.
+                    if settled.changed().await.is_err() {
+                        log::debug!("freshness: the commit watch closed; checking again");
+                    }
                 }
             }
         }
     }
 
+    /// Outdated messages dropped at ingest since start (acknowledged to the iPad, not queued).
+    pub fn suppressed_up(&self) -> u64 {
+        self.suppressed_up.load(Ordering::Relaxed)
+    }
+
+    /// Outdated messages from the central broker since start, acknowledged and not injected.
+    pub fn suppressed_down(&self) -> u64 {
+        self.suppressed_down.load(Ordering::Relaxed)
+    }
+
     /// Messages dropped as outdated since start, both directions.
+    #[cfg(test)]
     pub fn suppressed(&self) -> u64 {
         self.suppressed_up.load(Ordering::Relaxed) + self.suppressed_down.load(Ordering::Relaxed)
     }

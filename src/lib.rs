@@ -3,23 +3,29 @@
 //! Data flows one way per direction:
 //! local broker -> routes -> store -> uplink (to the central broker), and
 //! uplink -> routes -> local broker (to the cab iPads).
+//!
+//! Public are the modules the `trainrelay` command, the benches and the tests use; the rest
+//! are the daemon's insides.
 
-pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod daemon;
-pub mod downlink;
-pub mod freshness;
 pub mod logging;
 pub mod message;
-pub mod relay;
-pub mod reload;
-pub mod route;
+pub mod password;
 pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod topic;
-pub mod uplink;
-pub mod watchdog;
-pub mod ws_stream;
+
+mod auth;
+mod downlink;
+mod freshness;
+mod heartbeat;
+mod relay;
+mod reload;
+mod route;
+mod uplink;
+mod watchdog;
+mod ws_stream;

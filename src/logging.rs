@@ -17,6 +17,17 @@ use log::{LevelFilter, Log, Metadata, Record};
 /// The level when neither the config nor `RUST_LOG` gives one.
 pub const DEFAULT_LEVEL: &str = "info";
 
+/// Why a `RUST_LOG`-style filter is refused, naming the directive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("'{0}' is not a log level")]
+    Level(String),
+    #[error("'{level}' (for {target}) is not a log level")]
+    TargetLevel { target: String, level: String },
+    #[error("'{0}' names no target")]
+    NoTarget(String),
+}
+
 /// `RUST_LOG`-style directives: a default level and per-target (module prefix) levels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
@@ -29,7 +40,7 @@ impl Filter {
     /// Parses `"info,trainrelay::uplink=debug"`. A directive without `=` sets the default;
     /// `target=level` sets the level of that target and everything below it. Targets not
     /// mentioned fall back to the default (info when none is given).
-    pub fn parse(spec: &str) -> Result<Filter, String> {
+    pub fn parse(spec: &str) -> Result<Filter, FilterError> {
         let mut filter = Filter {
             default: LevelFilter::Info,
             targets: Vec::new(),
@@ -39,16 +50,17 @@ impl Filter {
                 None => {
                     filter.default = part
                         .parse()
-                        .map_err(|_| format!("'{part}' is not a log level"))?;
+                        .map_err(|_| FilterError::Level(part.to_string()))?;
                 }
                 Some((target, level)) => {
-                    let level: LevelFilter = level
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("'{level}' (for {target}) is not a log level"))?;
+                    let level: LevelFilter =
+                        level.trim().parse().map_err(|_| FilterError::TargetLevel {
+                            target: target.to_string(),
+                            level: level.to_string(),
+                        })?;
                     let target = target.trim();
                     if target.is_empty() {
-                        return Err(format!("'{part}' names no target"));
+                        return Err(FilterError::NoTarget(part.to_string()));
                     }
                     filter.targets.push((target.to_string(), level));
                 }
@@ -159,7 +171,9 @@ pub fn init_for(train_id: &str, level: &str) {
     }));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(max);
-        let _ = LOGGER.set(logger);
+        if LOGGER.set(logger).is_err() {
+            log::warn!("logging: a logger was installed twice; SIGHUP cannot change the level");
+        }
     }
 }
 

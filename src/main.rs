@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use trainrelay::config::Config;
+use trainrelay::config::{Config, ConfigError};
+use trainrelay::password::PasswordError;
 
 #[derive(Parser)]
 #[command(
@@ -99,9 +100,9 @@ fn main() -> ExitCode {
         },
         Command::Passwd => match read_password().and_then(|p| {
             if p.is_empty() {
-                return Err("the password is empty".into());
+                return Err(PasswdError::Empty);
             }
-            trainrelay::auth::hash_password(p.as_bytes())
+            Ok(trainrelay::password::hash_password(p.as_bytes())?)
         }) {
             Ok(hash) => {
                 println!("{hash}");
@@ -189,7 +190,10 @@ enum MetricsFormat {
 
 /// The status socket and the train id, from `--socket`, the config file or the defaults. A
 /// given `--socket` needs no readable config (a technician's own user may not read it).
-fn locate(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<(PathBuf, String), String> {
+fn locate(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+) -> Result<(PathBuf, String), ConfigError> {
     if let (Some(socket), None) = (&socket, &config) {
         let train_id = Config::load(std::path::Path::new(SYSTEM_CONFIG))
             .map_or_else(|_| "unknown".to_string(), |c| c.train_id);
@@ -200,7 +204,7 @@ fn locate(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<(PathBuf, 
         system.exists().then_some(system)
     });
     let config = match file {
-        Some(file) => Config::load(&file).map_err(|e| e.to_string())?,
+        Some(file) => Config::load(&file)?,
         None => Config::builtin(),
     };
     Ok((socket.unwrap_or(config.status.socket), config.train_id))
@@ -246,7 +250,11 @@ fn metrics(
     let tmp = path.with_extension("tmp");
     let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+        if let Err(rm) = std::fs::remove_file(&tmp) {
+            if rm.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("trainrelay status: cannot remove {}: {rm}", tmp.display());
+            }
+        }
         eprintln!("trainrelay status: cannot write {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
@@ -353,19 +361,33 @@ fn status(
     }
 }
 
+/// Why `trainrelay passwd` made no hash.
+#[derive(Debug, thiserror::Error)]
+enum PasswdError {
+    #[error("cannot read terminal settings: {0}")]
+    TerminalSettings(#[source] nix::Error),
+    #[error("cannot turn off echo: {0}")]
+    Echo(#[source] nix::Error),
+    #[error("cannot read the password: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the password is empty")]
+    Empty,
+    #[error(transparent)]
+    Hash(#[from] PasswordError),
+}
+
 /// One line of stdin without its line end; from a terminal, prompted and not echoed.
-fn read_password() -> Result<String, String> {
+fn read_password() -> Result<String, PasswdError> {
     use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
-    use std::io::{BufRead, IsTerminal, Write};
+    use std::io::{BufRead, IsTerminal};
     let stdin = std::io::stdin();
     let saved = if stdin.is_terminal() {
+        // Standard error is unbuffered: the prompt is out before echo goes off.
         eprint!("password: ");
-        let _ = std::io::stderr().flush();
-        let saved = tcgetattr(&stdin).map_err(|e| format!("cannot read terminal settings: {e}"))?;
+        let saved = tcgetattr(&stdin).map_err(PasswdError::TerminalSettings)?;
         let mut quiet = saved.clone();
         quiet.local_flags.remove(LocalFlags::ECHO);
-        tcsetattr(&stdin, SetArg::TCSANOW, &quiet)
-            .map_err(|e| format!("cannot turn off echo: {e}"))?;
+        tcsetattr(&stdin, SetArg::TCSANOW, &quiet).map_err(PasswdError::Echo)?;
         Some(saved)
     } else {
         None
@@ -373,9 +395,12 @@ fn read_password() -> Result<String, String> {
     let mut line = String::new();
     let read = stdin.lock().read_line(&mut line);
     if let Some(saved) = saved {
-        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
+        let restored = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
         eprintln!();
+        if let Err(e) = restored {
+            eprintln!("trainrelay passwd: cannot turn echo back on: {e} (run `stty echo`)");
+        }
     }
-    read.map_err(|e| format!("cannot read the password: {e}"))?;
+    read.map_err(PasswdError::Read)?;
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }

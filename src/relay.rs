@@ -266,13 +266,17 @@ impl Hooks for RelayHooks {
                     None => Ok(()),
                     Some(admission) => store(&queue, entry, conflate_key, admission).await,
                 };
-                let _ = verdict.send(answer);
+                if verdict.send(answer).is_err() {
+                    log::debug!("relay: the publisher left before its message was settled");
+                }
             });
         } else {
             // Submitted here, in arrival order, so the queue keeps the iPad's order.
             let committed = enqueue(&queue, entry, conflate_key, &admission);
             tokio::spawn(async move {
-                let _ = verdict.send(settle(committed.await, admission));
+                if verdict.send(settle(committed.await, admission)).is_err() {
+                    log::debug!("relay: the publisher left before its message was settled");
+                }
             });
         }
         Ingest::Pending(pending)

@@ -141,11 +141,6 @@ impl Routes {
     pub fn up_local_filters(&self) -> Vec<String> {
         self.up.iter().map(|r| r.from.clone()).collect()
     }
-
-    /// Every route, uplink first.
-    pub fn all(&self) -> impl Iterator<Item = &Route> {
-        self.up.iter().chain(self.down.iter())
-    }
 }
 
 /// The routes in effect, replaceable at runtime (SIGHUP applies new TTLs and priorities).

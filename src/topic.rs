@@ -137,11 +137,6 @@ pub fn covers(outer: &str, inner: &str) -> bool {
     }
 }
 
-/// True if the filter contains a wildcard.
-pub fn has_wildcard(filter: &str) -> bool {
-    filter.contains(['+', '#'])
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -405,7 +405,7 @@ async fn ipads_may_not_speak_for_the_control_centre() {
 async fn secret_files_readable_by_everyone_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cred = dir.path().join("devices.toml");
-    let hash = trainrelay::auth::hash_password(b"pw").unwrap();
+    let hash = trainrelay::password::hash_password(b"pw").unwrap();
     std::fs::write(
         &cred,
         format!("[[device]]\nname = \"ipad1\"\npassword_hash = \"{hash}\"\n"),
@@ -530,6 +530,6 @@ fn passwd_prints_a_hash_that_verifies() {
     let hash = String::from_utf8(out.stdout).unwrap();
     let hash = hash.trim();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
-    assert!(trainrelay::auth::check_hash(hash).is_ok());
+    assert!(trainrelay::password::check_hash(hash).is_ok());
     assert!(!hash.contains("correct horse"));
 }

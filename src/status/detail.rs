@@ -22,6 +22,7 @@ use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::{NewEntry, Queue};
+use crate::store::StoreError;
 
 /// Route name of the health document in the queue and in status figures.
 pub const ROUTE: &str = "status";
@@ -96,7 +97,7 @@ impl Detail {
         }
     }
 
-    async fn enqueue(&self, queue: &Queue) -> Result<i64, String> {
+    async fn enqueue(&self, queue: &Queue) -> Result<i64, StoreError> {
         let s = self.sources.status().await;
         let now = Stamp::now();
         let doc = serde_json::json!({
@@ -128,8 +129,8 @@ impl Detail {
         };
         match queue.enqueue(entry).await {
             Ok(Ok(id)) => Ok(id),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the store is closed".into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Closed),
         }
     }
 }

@@ -20,16 +20,6 @@ pub enum Format {
     OpenMetrics,
 }
 
-impl Format {
-    /// The `Content-Type` a scraper expects for this format.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
-            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Gauge,

@@ -12,10 +12,10 @@
 //! payload is ever part of a report.
 
 pub mod client;
-pub mod detail;
+pub(crate) mod detail;
 pub mod metrics;
 pub mod protocol;
-pub mod server;
+pub(crate) mod server;
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the figures come from.
 #[derive(Clone)]
-pub struct Sources {
+pub(crate) struct Sources {
     pub train_id: String,
     pub endpoint: String,
     pub listen: String,
@@ -86,11 +86,6 @@ impl Sources {
             }
         };
         let q = self.queue.counters();
-        let fresh = crate::freshness::FreshnessCounters::collect(
-            &self.freshness,
-            &self.queue,
-            &self.downlink,
-        );
         let b = self.broker.stats();
         let d = self.downlink.counters();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -144,8 +139,8 @@ impl Sources {
                 duplicates_resent: link.resent,
                 dead_lettered: link.dead_lettered,
                 conflated: q.conflated,
-                suppressed_up: fresh.suppressed_up,
-                suppressed_down: fresh.suppressed_down,
+                suppressed_up: self.freshness.suppressed_up(),
+                suppressed_down: self.freshness.suppressed_down(),
                 unchanged_down: load(&d.unchanged),
             },
             local: LocalReport {
@@ -194,34 +189,12 @@ impl Sources {
 }
 
 /// The wire name of a link state.
-pub fn state_name(state: LinkState) -> &'static str {
+pub(crate) fn state_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Connecting => "connecting",
         LinkState::Connected => "connected",
         LinkState::Draining => "draining",
         LinkState::BackingOff => "backing_off",
         LinkState::Stopped => "stopped",
-    }
-}
-
-/// `url` without user info (`mqtt://user:secret@host` -> `mqtt://host`), for reports and logs.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://{host}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_lose_their_secrets() {
-        assert_eq!(redact_url("mqtt://u:p@h:1884"), "mqtt://h:1884");
-        assert_eq!(redact_url("mqtt://h:1884"), "mqtt://h:1884");
     }
 }

@@ -38,9 +38,20 @@ pub enum Query {
     Requeue,
 }
 
+/// Why a request line is refused; the text is the reply's error message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("protocol version {0} not supported; this daemon speaks version {VERSION}")]
+    Version(u64),
+    #[error(
+        "malformed request ({0}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients, reconnect, dead_letters or requeue"
+    )]
+    Malformed(String),
+}
+
 /// Reads one request line: the request, or the error message for the reply, naming what is
 /// wrong (and, for another protocol version, the version this daemon speaks).
-pub fn parse_request(text: &str) -> Result<Request, String> {
+pub fn parse_request(text: &str) -> Result<Request, RequestError> {
     let request: Request = match serde_json::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -49,20 +60,13 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
                 .ok()
                 .and_then(|v| v.get("v").and_then(|v| v.as_u64()));
             return Err(match v {
-                Some(v) if v != u64::from(VERSION) => format!(
-                    "protocol version {v} not supported; this daemon speaks version {VERSION}"
-                ),
-                _ => format!(
-                    "malformed request ({e}); expected e.g. {{\"v\":{VERSION},\"query\":\"status\"}} with query status, clients, reconnect, dead_letters or requeue"
-                ),
+                Some(v) if v != u64::from(VERSION) => RequestError::Version(v),
+                _ => RequestError::Malformed(e.to_string()),
             });
         }
     };
     if request.v != VERSION {
-        return Err(format!(
-            "protocol version {} not supported; this daemon speaks version {VERSION}",
-            request.v
-        ));
+        return Err(RequestError::Version(u64::from(request.v)));
     }
     Ok(request)
 }

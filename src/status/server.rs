@@ -48,6 +48,21 @@ pub enum StatusSocketError {
     NoGroup(String),
 }
 
+/// Why a peer is refused; the text is the reply's error message.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(
+        "permission denied: uid {uid} is not root, the daemon's user or a member of group '{group}'"
+    )]
+    NotInGroup { uid: Uid, group: String },
+    #[error(
+        "permission denied: uid {0} is not root or the daemon's user (set status.group to admit a group)"
+    )]
+    NotAllowed(Uid),
+    #[error("permission denied: cannot read peer credentials: {0}")]
+    NoCredentials(#[source] io::Error),
+}
+
 /// Who may ask.
 #[derive(Debug, Clone)]
 struct Access {
@@ -57,7 +72,7 @@ struct Access {
 
 impl Access {
     /// `Err(reason)` for a peer that is not root, the daemon's user, or in the group.
-    fn check(&self, uid: u32, gid: u32) -> Result<(), String> {
+    fn check(&self, uid: u32, gid: u32) -> Result<(), Refusal> {
         let uid = Uid::from_raw(uid);
         if uid.is_root() || uid == self.own_uid {
             return Ok(());
@@ -75,13 +90,12 @@ impl Access {
             if member {
                 return Ok(());
             }
-            return Err(format!(
-                "permission denied: uid {uid} is not root, the daemon's user or a member of group '{name}'"
-            ));
+            return Err(Refusal::NotInGroup {
+                uid,
+                group: name.clone(),
+            });
         }
-        Err(format!(
-            "permission denied: uid {uid} is not root or the daemon's user (set status.group to admit a group)"
-        ))
+        Err(Refusal::NotAllowed(uid))
     }
 }
 
@@ -158,9 +172,11 @@ impl StatusServer {
             };
             let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
                 // Best effort, never waits: the peer may not be reading.
-                let _ = stream.try_write(&line(&Response::error(format!(
+                if let Err(e) = stream.try_write(&line(&Response::error(format!(
                     "busy: {MAX_CONNECTIONS} status connections are open; try again"
-                ))));
+                )))) {
+                    log::debug!("status socket: cannot tell a peer it is busy: {e}");
+                }
                 continue;
             };
             let sources = Arc::clone(&self.sources);
@@ -171,7 +187,14 @@ impl StatusServer {
                 serve(stream, &sources, &access, shutdown).await;
             });
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!(
+                    "status socket {}: cannot remove it: {e}",
+                    self.path.display()
+                );
+            }
+        }
     }
 }
 
@@ -218,13 +241,11 @@ async fn serve(stream: UnixStream, sources: &Sources, access: &Access, mut shutd
     let (read, mut write) = stream.into_split();
     let verdict = match cred {
         Ok(c) => access.check(c.uid(), c.gid()),
-        Err(e) => Err(format!(
-            "permission denied: cannot read peer credentials: {e}"
-        )),
+        Err(e) => Err(Refusal::NoCredentials(e)),
     };
     if let Err(reason) = verdict {
         log::warn!("status socket: refused a peer: {reason}");
-        send(&mut write, &Response::error(reason)).await;
+        send(&mut write, &Response::error(reason.to_string())).await;
         return;
     }
     let mut reader = BufReader::new(read);
@@ -273,7 +294,7 @@ async fn serve(stream: UnixStream, sources: &Sources, access: &Access, mut shutd
 async fn answer(text: &str, sources: &Sources) -> Response {
     let request = match parse_request(text) {
         Ok(r) => r,
-        Err(refusal) => return Response::error(refusal),
+        Err(refusal) => return Response::error(refusal.to_string()),
     };
     match request.query {
         Query::Status => Response {
@@ -324,12 +345,16 @@ mod tests {
         };
         assert!(a.check(0, 0).is_ok());
         assert!(a.check(1234, 99).is_ok());
-        assert!(a.check(65534, 65534).unwrap_err().contains("uid 65534"));
+        assert!(a
+            .check(65534, 65534)
+            .unwrap_err()
+            .to_string()
+            .contains("uid 65534"));
         let a = Access {
             own_uid: Uid::from_raw(1234),
             group: Some(("ops".into(), Gid::from_raw(4321))),
         };
         assert!(a.check(777, 4321).is_ok());
-        assert!(a.check(777, 1).unwrap_err().contains("'ops'"));
+        assert!(a.check(777, 1).unwrap_err().to_string().contains("'ops'"));
     }
 }

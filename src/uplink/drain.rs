@@ -238,7 +238,7 @@ impl Drain {
     }
 
     /// Collects the deletes committed so far; the first failure is the connection's end.
-    pub(super) fn settle_acks(&mut self) -> Result<(), String> {
+    pub(super) fn settle_acks(&mut self) -> Result<(), StoreError> {
         while let Some((_, front)) = self.acks.front_mut() {
             match front.try_recv() {
                 Ok(Ok(())) => {
@@ -248,14 +248,9 @@ impl Drain {
                         }
                     }
                 }
-                Ok(Err(e)) => return Err(format!("cannot delete acknowledged rows: {e}")),
+                Ok(Err(e)) => return Err(e),
                 Err(oneshot::error::TryRecvError::Empty) => break,
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Err(format!(
-                        "cannot delete acknowledged rows: {}",
-                        StoreError::Closed
-                    ))
-                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(StoreError::Closed),
             }
         }
         Ok(())

@@ -27,6 +27,17 @@ impl Scheme {
     }
 }
 
+/// Why an endpoint URL is refused; each names the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("'{0}' must start with mqtt://, mqtts://, ws:// or wss://")]
+    Scheme(String),
+    #[error("'{0}': only ws:// and wss:// URLs take a path")]
+    Path(String),
+    #[error("'{0}' must look like scheme://host[:port]")]
+    Malformed(String),
+}
+
 /// One central-broker endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -41,7 +52,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Parses `scheme://host[:port][/path]`; a path is allowed only for WebSocket URLs.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
+    pub fn parse(url: &str) -> Result<Endpoint, EndpointError> {
         let (scheme, rest, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
             (Scheme::Mqtt, r, 1883)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
@@ -51,18 +62,16 @@ impl Endpoint {
         } else if let Some(r) = url.strip_prefix("wss://") {
             (Scheme::Wss, r, 443)
         } else {
-            return Err(format!(
-                "'{url}' must start with mqtt://, mqtts://, ws:// or wss://"
-            ));
+            return Err(EndpointError::Scheme(url.to_string()));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
         if !scheme.is_websocket() && path != "/" {
-            return Err(format!("'{url}': only ws:// and wss:// URLs take a path"));
+            return Err(EndpointError::Path(url.to_string()));
         }
-        let bad = || format!("'{url}' must look like scheme://host[:port]");
+        let bad = || EndpointError::Malformed(url.to_string());
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(bad)?;
             match after.strip_prefix(':') {
@@ -97,6 +106,17 @@ impl Endpoint {
             tokio::time::timeout(within, tokio::net::TcpStream::connect(target)).await,
             Ok(Ok(_))
         )
+    }
+}
+
+/// `url` without user info (`mqtt://user:secret@host` -> `mqtt://host`), for reports and logs.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -151,5 +171,11 @@ mod tests {
             e.contains("uplink.endpoints") && e.contains("ftp://x"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(redact_url("mqtt://u:p@h:1884"), "mqtt://h:1884");
+        assert_eq!(redact_url("mqtt://h:1884"), "mqtt://h:1884");
     }
 }

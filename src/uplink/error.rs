@@ -3,12 +3,16 @@
 
 use std::io;
 
+use super::tls::TlsError;
+use crate::broker::BrokerError;
+use crate::store::StoreError;
+
 /// How a link failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Opening the stream (TCP, proxy, TLS, WebSocket) failed.
     #[error("{0}")]
-    Connect(String),
+    Connect(#[from] ConnectError),
     /// The broker answered CONNECT with a refusal.
     #[error("{0}")]
     Refused(String),
@@ -35,6 +39,94 @@ pub enum LinkError {
     /// The uplink's side of the link went away (dropped, or its request queue is full).
     #[error("{0}")]
     Local(&'static str),
+}
+
+/// Why the stream to the central broker could not be opened, naming the proxy, host or URL
+/// that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection to the broker.
+    #[error("I/O: {0}")]
+    Io(#[source] io::Error),
+    /// The TCP connection to the proxy, or the CONNECT exchange over it.
+    #[error("proxy {proxy}: {source}")]
+    ProxyIo {
+        proxy: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("proxy {proxy}: response head longer than {limit} bytes")]
+    ProxyHeadTooLong { proxy: String, limit: usize },
+    /// The proxy answered CONNECT with something other than 200.
+    #[error("proxy {proxy} refused CONNECT {target}: {status}")]
+    ProxyRefused {
+        proxy: String,
+        target: String,
+        status: String,
+    },
+    #[error("TLS: '{host}' is not a valid server name: {source}")]
+    ServerName {
+        host: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The TLS handshake.
+    #[error("TLS: {0}")]
+    Tls(#[source] io::Error),
+    #[error("WebSocket: {url}: {source}")]
+    WebSocketUrl {
+        url: String,
+        #[source]
+        source: Box<WsError>,
+    },
+    /// The WebSocket handshake.
+    #[error("WebSocket: {0}")]
+    WebSocket(#[source] Box<WsError>),
+}
+
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// Why the uplink ended a connection, or never had one, as its status and log say it.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("TLS setup: {0}")]
+    TlsSetup(#[from] TlsError),
+    /// The first thing from the broker was not its CONNACK (the event, as debug output).
+    #[error("expected CONNACK, got {0}")]
+    NoConnack(String),
+    #[error("connect failed: {0}")]
+    Connect(#[source] LinkError),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connection lost: {0}")]
+    Lost(#[source] LinkError),
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[source] LinkError),
+    #[error("cannot publish presence: {0}")]
+    Presence(#[source] LinkError),
+    /// Acknowledging a downlink message to the broker.
+    #[error("{0}")]
+    Ack(#[source] LinkError),
+    #[error("cannot read the store: {0}")]
+    OpenStore(#[source] StoreError),
+    /// Fetching the next rows to send.
+    #[error("{0}")]
+    FetchRows(#[source] StoreError),
+    #[error("cannot delete acknowledged rows: {0}")]
+    DeleteAcked(#[source] StoreError),
+    /// The link reported a write the uplink never asked for.
+    #[error("publish {0} sent that was never requested")]
+    UnrequestedSend(u16),
+    #[error("downlink: {0}")]
+    Downlink(#[source] BrokerError),
+    #[error("nothing received for {silent_s:.1}s (keep-alive {keep_alive_s}s): link is dead")]
+    Dead { silent_s: f64, keep_alive_s: u64 },
+    #[error(
+        "the broker has not answered a PUBLISH for {waited_s:.0}s while the link is alive; reconnecting to send it again"
+    )]
+    Unanswered { waited_s: f64 },
+    #[error("reconnect requested")]
+    ReconnectRequested,
 }
 
 /// v5 DISCONNECT reason: Packet too large.

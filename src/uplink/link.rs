@@ -10,84 +10,18 @@
 //! only source of truth.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::error::LinkError;
-use super::transport::{self, Io};
+use super::transport::{self, Io, LinkOptions};
 pub use super::wire::OutPublish;
 use super::wire::{self, ConnectSpec, Incoming};
-use crate::config::Protocol;
 use crate::message::{Message, QoS};
-
-/// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.
-#[derive(Debug, Clone, Default)]
-pub enum LinkTransport {
-    #[default]
-    Tcp,
-    Tls(Arc<rustls::ClientConfig>),
-    Ws(String),
-    Wss(String, Arc<rustls::ClientConfig>),
-}
-
-/// How to reach and greet the central broker.
-#[derive(Debug, Clone)]
-pub struct LinkOptions {
-    pub host: String,
-    pub port: u16,
-    pub transport: LinkTransport,
-    pub client_id: String,
-    pub protocol: Protocol,
-    pub keep_alive: Duration,
-    pub connect_timeout: Duration,
-    pub session_expiry: Duration,
-    pub inflight: u16,
-    pub max_packet_size: u32,
-    pub credentials: Option<(String, String)>,
-    /// Last Will: topic and payload, retained, QoS 1.
-    pub will: Option<(String, Bytes)>,
-    /// An HTTP proxy to tunnel through (CONNECT), for networks that only let a proxy out.
-    pub proxy: Option<HttpProxy>,
-}
-
-/// `http://[user:password@]host:port`, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpProxy {
-    pub host: String,
-    pub port: u16,
-    pub credentials: Option<(String, String)>,
-}
-
-impl HttpProxy {
-    /// Parses `http://[user:password@]host[:port]` (port 3128 by default).
-    pub fn parse(url: &str) -> Option<HttpProxy> {
-        let rest = url.strip_prefix("http://")?.trim_end_matches('/');
-        let (credentials, hostport) = match rest.rsplit_once('@') {
-            Some((userinfo, hostport)) => {
-                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                (Some((user.to_string(), pass.to_string())), hostport)
-            }
-            None => (None, rest),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse().ok()?),
-            None => (hostport, 3128),
-        };
-        if host.is_empty() || host.contains('/') {
-            return None;
-        }
-        Some(HttpProxy {
-            host: host.to_string(),
-            port,
-            credentials,
-        })
-    }
-}
 
 /// What happened on the connection.
 #[derive(Debug)]
@@ -169,7 +103,13 @@ impl Link {
         let options = o.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = connection(options, rx, &tx).await {
-                let _ = tx.send(vec![Err(e)]).await;
+                if let Err(unsent) = tx.send(vec![Err(e)]).await {
+                    // The link was dropped: nobody waits for the reason any more.
+                    log::debug!(
+                        "uplink: connection ended after its link was dropped: {:?}",
+                        unsent.0
+                    );
+                }
             }
         });
         Link {
@@ -241,7 +181,9 @@ impl Link {
 
     /// Asks for a clean DISCONNECT.
     pub fn disconnect(&self) {
-        let _ = self.request(Request::Disconnect);
+        if let Err(e) = self.request(Request::Disconnect) {
+            log::debug!("uplink: cannot ask for a clean DISCONNECT: {e}");
+        }
     }
 }
 
@@ -282,7 +224,7 @@ async fn connection(
     events: &EventTx,
 ) -> Result<(), LinkError> {
     let protocol = o.protocol;
-    let mut stream = transport::open(&o).await.map_err(LinkError::Connect)?;
+    let mut stream = transport::open(&o).await?;
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     wire::connect(
@@ -396,7 +338,9 @@ async fn connection(
                     events.send(batch).await.map_err(|_| ended())?;
                 }
                 if disconnect {
-                    let _ = stream.shutdown().await;
+                    if let Err(e) = stream.shutdown().await {
+                        log::debug!("uplink: closing the stream after DISCONNECT: {e}");
+                    }
                     return Ok(());
                 }
             }
@@ -463,28 +407,4 @@ fn incoming(packet: Incoming, ids: &mut PacketIds) -> Result<LinkEvent, LinkErro
             )))
         }
     })
-}
-
-#[cfg(test)]
-mod proxy_tests {
-    use super::HttpProxy;
-
-    #[test]
-    fn proxy_urls() {
-        assert_eq!(
-            HttpProxy::parse("http://proxy:8080"),
-            Some(HttpProxy {
-                host: "proxy".into(),
-                port: 8080,
-                credentials: None
-            })
-        );
-        assert_eq!(
-            HttpProxy::parse("http://u:p@proxy").map(|p| (p.port, p.credentials)),
-            Some((3128, Some(("u".into(), "p".into()))))
-        );
-        assert_eq!(HttpProxy::parse("socks5://proxy:1080"), None);
-        assert_eq!(HttpProxy::parse("http://:1"), None);
-        assert_eq!(HttpProxy::parse("http://proxy:x"), None);
-    }
 }

@@ -17,6 +17,7 @@
 //! - a message is blamed for a failure only on evidence (see `Lane::blame`);
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
+pub mod config;
 mod drain;
 pub mod endpoint;
 mod error;
@@ -26,7 +27,7 @@ pub mod netwatch;
 mod status;
 mod throttle;
 pub mod tls;
-mod transport;
+pub(crate) mod transport;
 mod wire;
 
 use std::time::{Duration, Instant};
@@ -34,18 +35,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::clock::{self, Stamp};
-use crate::config::UplinkConfig;
 use crate::downlink::Downlink;
 use crate::message::{Properties, QoS};
 use crate::shutdown::Shutdown;
 use crate::store::queue::dead_letter::Failure;
 use crate::store::queue::{Drainer, Entry, Queue};
+use config::UplinkConfig;
 use drain::{Drain, Tag};
 use endpoint::Endpoint;
 pub use error::LinkError;
+use error::UplinkError;
 use lanes::Partition;
-use link::{Link, LinkEvent, LinkOptions, LinkTransport, OutPublish};
-pub use status::{LinkState, LinkStatus, StatusHandle};
+use link::{Link, LinkEvent, OutPublish};
+pub use status::{LinkState, StatusHandle};
+use transport::{LinkOptions, LinkTransport};
 
 /// How often the uplink checks that the link is alive (and beats its watchdog heartbeat).
 const LIVENESS_TICK: Duration = Duration::from_millis(200);
@@ -63,29 +66,6 @@ pub const DEFAULT_WINDOW: u16 = 1024;
 /// Most link events handled in one go before the acknowledged rows are deleted and the window
 /// refilled (bounds how long other branches of the loop wait).
 const MAX_BURST: usize = 256;
-
-/// Parses `mqtt://host:port` (port defaults to 1883).
-pub fn parse_url(url: &str) -> Option<(String, u16)> {
-    let rest = url.strip_prefix("mqtt://")?;
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') {
-        return None;
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        match after.strip_prefix(':') {
-            Some(port) => (host, port.parse().ok()?),
-            None if after.is_empty() => (host, 1883),
-            None => return None,
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse().ok()?),
-            None => (rest, 1883),
-        }
-    };
-    (!host.is_empty()).then(|| (host.to_string(), port))
-}
 
 /// The uplink: `uplink.connections` parallel connections to the central broker, each
 /// draining its share of the store (see [`lanes`]).
@@ -137,7 +117,7 @@ enum Ended {
 /// Why a connection ended.
 enum End {
     Shutdown,
-    Failed(String),
+    Failed(UplinkError),
     /// The primary endpoint is reachable again: go back to it now.
     PrimaryBack,
 }
@@ -228,13 +208,15 @@ impl Lane {
             client_id: config.client_id.clone(),
             protocol: config.protocol,
             keep_alive: config.keep_alive,
-            connect_timeout: config.connect_timeout,
             session_expiry: config.session_expiry,
             inflight: config.inflight.unwrap_or(DEFAULT_WINDOW),
             max_packet_size: u32::try_from(config.max_packet_size.as_u64()).unwrap_or(u32::MAX),
             credentials,
             will: Some((config.status_topic.clone(), Bytes::from_static(b"offline"))),
-            proxy: config.proxy.as_deref().and_then(link::HttpProxy::parse),
+            proxy: config
+                .proxy
+                .as_deref()
+                .and_then(transport::HttpProxy::parse),
         };
         Lane {
             options,
@@ -296,7 +278,7 @@ impl Lane {
                     failures = 0;
                     continue;
                 }
-                End::Failed(reason) => reason,
+                End::Failed(reason) => reason.to_string(),
             };
             failures = failures_after(failures, started.elapsed());
             let url = endpoint.url.clone();
@@ -347,7 +329,7 @@ impl Lane {
                 drain.submit_acks(&self.queue);
                 self.lost(drain);
                 *close_head = self.blame(drain, &e, close_head.take()).await;
-                End::Failed(format!("connection lost: {e}"))
+                End::Failed(UplinkError::Lost(e))
             }
             Ended::Other(end) => {
                 *close_head = None;
@@ -367,7 +349,15 @@ impl Lane {
     ) -> Ended {
         // A reconnect asked for while no connection was up (the netlink watch racing a state
         // change) is void now: clear it, or it would cut this connection short.
-        let _ = tokio::time::timeout(Duration::ZERO, self.status.reconnect_requested()).await;
+        if tokio::time::timeout(Duration::ZERO, self.status.reconnect_requested())
+            .await
+            .is_ok()
+        {
+            log::debug!(
+                "{}: dropped a reconnect request from before the connection",
+                self.label
+            );
+        }
         let mut options = self.options.clone();
         options.host = endpoint.host.clone();
         options.port = endpoint.port;
@@ -388,10 +378,12 @@ impl Lane {
                 max_packet_size,
             })) => (session_present, receive_maximum, max_packet_size),
             Ok(Ok(other)) => {
-                return Ended::NotConnected(End::Failed(format!("expected CONNACK, got {other:?}")))
+                return Ended::NotConnected(End::Failed(UplinkError::NoConnack(format!(
+                    "{other:?}"
+                ))))
             }
-            Ok(Err(e)) => return Ended::NotConnected(End::Failed(format!("connect failed: {e}"))),
-            Err(_) => return Ended::NotConnected(End::Failed("connect timed out".into())),
+            Ok(Err(e)) => return Ended::NotConnected(End::Failed(UplinkError::Connect(e))),
+            Err(_) => return Ended::NotConnected(End::Failed(UplinkError::ConnectTimeout)),
         };
         let window = usize::from(window_for(receive_maximum, self.config.inflight));
         let max_packet = broker_max_packet
@@ -418,7 +410,7 @@ impl Lane {
         // What is not newer than the local state is dropped on the way in (unchanged retained
         // messages, and the version rules of the routes that have them).
         if let Err(e) = link.subscribe(&self.down_filters) {
-            return Ended::Other(End::Failed(format!("cannot subscribe: {e}")));
+            return Ended::Other(End::Failed(UplinkError::Subscribe(e)));
         }
 
         let mut drainer = match self.queue.drainer() {
@@ -429,13 +421,13 @@ impl Lane {
                     partition.takes(route, topic, key)
                 }))
             }
-            Err(e) => return Ended::Other(End::Failed(format!("cannot read the store: {e}"))),
+            Err(e) => return Ended::Other(End::Failed(UplinkError::OpenStore(e))),
         };
         drain.throttle =
             throttle::Throttle::new(self.config.max_bytes_per_second.map(|b| b.as_u64()));
         if self.first {
             if let Err(e) = link.publish(presence(&self.config.status_topic, "online")) {
-                return Ended::Other(End::Failed(format!("cannot publish presence: {e}")));
+                return Ended::Other(End::Failed(UplinkError::Presence(e)));
             }
             drain.queued.push_back(Tag::Presence);
             drain.presence_in_flight = true;
@@ -460,7 +452,7 @@ impl Lane {
         loop {
             if let Err(e) = drain.settle_acks() {
                 self.lost(drain);
-                return Ended::Other(End::Failed(e));
+                return Ended::Other(End::Failed(UplinkError::DeleteAcked(e)));
             }
             self.status.set_window(window, drain.publishes_in_flight());
             if more && drain.publishes_in_flight() < window {
@@ -512,30 +504,27 @@ impl Lane {
                 Ok(()) = commits.changed() => more = true,
                 _ = liveness.tick() => {
                     drain.submit_acks(&self.queue);
-                    crate::watchdog::beat_or_hang(self.status.heartbeat()).await;
+                    crate::heartbeat::beat_or_hang(self.status.heartbeat()).await;
                     if drain.retry_due() {
                         more = true;
                     }
                     if last_incoming.elapsed() > dead_after {
                         self.lost(drain);
-                        return Ended::Other(End::Failed(format!(
-                            "nothing received for {:.1}s (keep-alive {}s): link is dead",
-                            last_incoming.elapsed().as_secs_f64(),
-                            keep_alive.as_secs()
-                        )));
+                        return Ended::Other(End::Failed(UplinkError::Dead {
+                            silent_s: last_incoming.elapsed().as_secs_f64(),
+                            keep_alive_s: keep_alive.as_secs(),
+                        }));
                     }
                     if let Some(waited) = drain.oldest_unanswered().filter(|w| *w > answer_within) {
                         self.lost(drain);
-                        return Ended::Other(End::Failed(format!(
-                            "the broker has not answered a PUBLISH for {:.0}s while the link is \
-                             alive; reconnecting to send it again",
-                            waited.as_secs_f64()
-                        )));
+                        return Ended::Other(End::Failed(UplinkError::Unanswered {
+                            waited_s: waited.as_secs_f64(),
+                        }));
                     }
                 }
                 _ = self.status.reconnect_requested() => {
                     self.lost(drain);
-                    return Ended::Other(End::Failed("reconnect requested".into()));
+                    return Ended::Other(End::Failed(UplinkError::ReconnectRequested));
                 }
                 _ = probe.tick(), if on_fallback && probing.is_none() => {
                     // In a task of its own: a blackholed primary takes the whole connect
@@ -577,7 +566,7 @@ impl Lane {
         drain: &mut Drain,
         window: usize,
         max_packet: usize,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, UplinkError> {
         if let Some(t) = drain.throttle.as_mut() {
             if !t.ready(Instant::now()) {
                 // Over the bandwidth cap: the liveness tick tries again.
@@ -587,7 +576,7 @@ impl Lane {
         let want = window.saturating_sub(drain.publishes_in_flight());
         let batch = drain
             .next_rows(drainer, self.queue.rewinds(), want)
-            .map_err(|e| e.to_string())?;
+            .map_err(UplinkError::FetchRows)?;
         let out_of_order = batch.out_of_order;
         let batch = batch.entries;
         let got = batch.len();
@@ -667,11 +656,11 @@ impl Lane {
         drain: &mut Drain,
         ev: LinkEvent,
         more: &mut bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), UplinkError> {
         match ev {
             LinkEvent::Sent { pkid } => {
                 let Some(tag) = drain.queued.pop_front() else {
-                    return Err(format!("publish {pkid} sent that was never requested"));
+                    return Err(UplinkError::UnrequestedSend(pkid));
                 };
                 if pkid == 0 {
                     // QoS 0: done once written.
@@ -716,8 +705,8 @@ impl Lane {
                 self.downlink
                     .deliver(*message)
                     .await
-                    .map_err(|e| format!("downlink: {e}"))?;
-                link.ack(token).map_err(|e| e.to_string())?;
+                    .map_err(UplinkError::Downlink)?;
+                link.ack(token).map_err(UplinkError::Ack)?;
             }
             LinkEvent::Connected { .. } | LinkEvent::Other => {}
         }
@@ -726,9 +715,9 @@ impl Lane {
 
     /// The transport for `endpoint`; TLS settings are read at every connect, so a renewed
     /// certificate is picked up without a restart.
-    fn transport(&self, endpoint: &Endpoint) -> Result<LinkTransport, String> {
+    fn transport(&self, endpoint: &Endpoint) -> Result<LinkTransport, UplinkError> {
         use endpoint::Scheme;
-        let tls = || tls::client_config(&self.config).map_err(|e| format!("TLS setup: {e}"));
+        let tls = || tls::client_config(&self.config).map_err(UplinkError::TlsSetup);
         let host = if endpoint.host.contains(':') {
             format!("[{}]", endpoint.host)
         } else {
@@ -828,7 +817,7 @@ impl Lane {
                 .publish(presence(&self.config.status_topic, "offline"))
                 .is_ok()
         {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let acked = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Ok(ev) = link.next_event().await {
                     if matches!(ev, LinkEvent::Acked { .. }) {
                         break;
@@ -836,9 +825,25 @@ impl Lane {
                 }
             })
             .await;
+            if acked.is_err() {
+                log::debug!(
+                    "{}: the offline presence was not acknowledged within 1s",
+                    self.label
+                );
+            }
         }
         link.disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(300), link.next_event()).await;
+        // Gives the connection task a moment to write the DISCONNECT; whatever comes back
+        // (the broker closing, or nothing) ends the link either way.
+        if tokio::time::timeout(Duration::from_millis(300), link.next_event())
+            .await
+            .is_err()
+        {
+            log::debug!(
+                "{}: the broker did not close within 300ms of DISCONNECT",
+                self.label
+            );
+        }
     }
 }
 
@@ -891,16 +896,6 @@ fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        assert_eq!(parse_url("mqtt://h:1884"), Some(("h".into(), 1884)));
-        assert_eq!(parse_url("mqtt://h"), Some(("h".into(), 1883)));
-        assert_eq!(parse_url("mqtt://[::1]:1884"), Some(("::1".into(), 1884)));
-        assert_eq!(parse_url("mqtt://h:x"), None);
-        assert_eq!(parse_url("http://h:1"), None);
-        assert_eq!(parse_url("mqtt://"), None);
-    }
 
     #[test]
     fn window_follows_the_broker_within_the_cap() {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use crate::clock::Stamp;
-use crate::watchdog::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
 /// Where the uplink is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -258,7 +258,7 @@ impl StatusHandle {
             since_ms: inner.since_ms,
             last_error: inner.last_error.clone(),
             // Shown on the status socket and in systemd's STATUS=: never with user info.
-            endpoint: inner.endpoint.as_deref().map(crate::status::redact_url),
+            endpoint: inner.endpoint.as_deref().map(super::endpoint::redact_url),
             link_since_ms: inner.link_since_ms,
             connects: self.lane.connects.load(Ordering::Relaxed),
             forwarded: self.totals.forwarded.load(Ordering::Relaxed),
@@ -280,7 +280,7 @@ impl StatusHandle {
                         .unwrap_or_else(|p| p.into_inner())
                         .clone(),
                     state: inner.state,
-                    endpoint: inner.endpoint.as_deref().map(crate::status::redact_url),
+                    endpoint: inner.endpoint.as_deref().map(super::endpoint::redact_url),
                     last_error: inner.last_error.clone(),
                     connects: lane.connects.load(Ordering::Relaxed),
                     window: lane.window.load(Ordering::Relaxed),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::UplinkConfig;
+use super::config::UplinkConfig;
 
 /// A TLS setup problem, naming the config key and the file.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,9 @@ pub fn client_config(c: &UplinkConfig) -> Result<Arc<ClientConfig>, TlsError> {
         let found = rustls_native_certs::load_native_certs();
         for cert in found.certs {
             // A broken entry in the system store must not stop the others.
-            let _ = roots.add(cert);
+            if let Err(e) = roots.add(cert) {
+                log::debug!("uplink: skipping an unusable system root certificate: {e}");
+            }
         }
     }
     if roots.is_empty() {

@@ -2,8 +2,10 @@
 //! then TLS and/or WebSocket as the endpoint's scheme asks.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -11,8 +13,72 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::link::{HttpProxy, LinkOptions, LinkTransport};
+use super::config::Protocol;
+use super::error::ConnectError;
 use crate::ws_stream::WsIo;
+
+/// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.
+#[derive(Debug, Clone, Default)]
+pub enum LinkTransport {
+    #[default]
+    Tcp,
+    Tls(Arc<rustls::ClientConfig>),
+    Ws(String),
+    Wss(String, Arc<rustls::ClientConfig>),
+}
+
+/// How to reach and greet the central broker.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    pub host: String,
+    pub port: u16,
+    pub transport: LinkTransport,
+    pub client_id: String,
+    pub protocol: Protocol,
+    pub keep_alive: Duration,
+    pub session_expiry: Duration,
+    pub inflight: u16,
+    pub max_packet_size: u32,
+    pub credentials: Option<(String, String)>,
+    /// Last Will: topic and payload, retained, QoS 1.
+    pub will: Option<(String, Bytes)>,
+    /// An HTTP proxy to tunnel through (CONNECT), for networks that only let a proxy out.
+    pub proxy: Option<HttpProxy>,
+}
+
+/// `http://[user:password@]host:port`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+impl HttpProxy {
+    /// Parses `http://[user:password@]host[:port]` (port 3128 by default).
+    pub fn parse(url: &str) -> Option<HttpProxy> {
+        let rest = url.strip_prefix("http://")?.trim_end_matches('/');
+        let (credentials, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => {
+                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((user.to_string(), pass.to_string())), hostport)
+            }
+            None => (None, rest),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (hostport, 3128),
+        };
+        if host.is_empty() || host.contains('/') {
+            return None;
+        }
+        Some(HttpProxy {
+            host: host.to_string(),
+            port,
+            credentials,
+        })
+    }
+}
 
 /// Any of the streams below.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -22,11 +88,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 const MAX_PROXY_HEAD: usize = 8 * 1024;
 
 /// Opens the stream `o` describes, ready for CONNECT.
-pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, String> {
+pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, ConnectError> {
     let tcp = match &o.proxy {
         None => TcpStream::connect((o.host.as_str(), o.port))
             .await
-            .map_err(|e| format!("I/O: {e}"))?,
+            .map_err(ConnectError::Io)?,
         Some(proxy) => through_proxy(proxy, &o.host, o.port).await?,
     };
     tune(&tcp, o.keep_alive);
@@ -60,19 +126,25 @@ async fn tls<S: Io>(
     config: &std::sync::Arc<rustls::ClientConfig>,
     host: &str,
     stream: S,
-) -> Result<tokio_rustls::client::TlsStream<S>, String> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("TLS: '{host}' is not a valid server name: {e}"))?;
+) -> Result<tokio_rustls::client::TlsStream<S>, ConnectError> {
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|source| ConnectError::ServerName {
+            host: host.to_string(),
+            source,
+        })?;
     tokio_rustls::TlsConnector::from(config.clone())
         .connect(name, stream)
         .await
-        .map_err(|e| format!("TLS: {e}"))
+        .map_err(ConnectError::Tls)
 }
 
-async fn websocket<S: Io>(url: &str, stream: S, max_message: u32) -> Result<WsIo<S>, String> {
+async fn websocket<S: Io>(url: &str, stream: S, max_message: u32) -> Result<WsIo<S>, ConnectError> {
     let mut request = url
         .into_client_request()
-        .map_err(|e| format!("WebSocket: {url}: {e}"))?;
+        .map_err(|e| ConnectError::WebSocketUrl {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
@@ -81,13 +153,21 @@ async fn websocket<S: Io>(url: &str, stream: S, max_message: u32) -> Result<WsIo
     config.max_frame_size = Some(max_message as usize);
     let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
-        .map_err(|e| format!("WebSocket: {e}"))?;
+        .map_err(|e| ConnectError::WebSocket(Box::new(e)))?;
     Ok(WsIo::new(ws))
 }
 
 /// A tunnel through an HTTP proxy (RFC 9110 CONNECT), Basic credentials if configured.
-async fn through_proxy(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpStream, String> {
-    let fail = |e: io::Error| format!("proxy {}:{}: {e}", proxy.host, proxy.port);
+async fn through_proxy(
+    proxy: &HttpProxy,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, ConnectError> {
+    let name = format!("{}:{}", proxy.host, proxy.port);
+    let fail = |source: io::Error| ConnectError::ProxyIo {
+        proxy: name.clone(),
+        source,
+    };
     let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
         .await
         .map_err(fail)?;
@@ -107,10 +187,10 @@ async fn through_proxy(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpSt
     let mut head = Vec::with_capacity(256);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_PROXY_HEAD {
-            return Err(format!(
-                "proxy {}:{}: response head longer than {MAX_PROXY_HEAD} bytes",
-                proxy.host, proxy.port
-            ));
+            return Err(ConnectError::ProxyHeadTooLong {
+                proxy: name,
+                limit: MAX_PROXY_HEAD,
+            });
         }
         let byte = tcp.read_u8().await.map_err(fail)?;
         head.push(byte);
@@ -119,10 +199,11 @@ async fn through_proxy(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpSt
     let status = status.lines().next().unwrap_or("");
     let code = status.split_whitespace().nth(1);
     if !status.starts_with("HTTP/1.") || code != Some("200") {
-        return Err(format!(
-            "proxy {}:{} refused CONNECT {target}: {status}",
-            proxy.host, proxy.port
-        ));
+        return Err(ConnectError::ProxyRefused {
+            proxy: name,
+            target,
+            status: status.to_string(),
+        });
     }
     Ok(tcp)
 }
@@ -151,7 +232,7 @@ fn base64(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::base64;
+    use super::{base64, HttpProxy};
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {
@@ -166,5 +247,24 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), encoded);
         }
+    }
+
+    #[test]
+    fn proxy_urls() {
+        assert_eq!(
+            HttpProxy::parse("http://proxy:8080"),
+            Some(HttpProxy {
+                host: "proxy".into(),
+                port: 8080,
+                credentials: None
+            })
+        );
+        assert_eq!(
+            HttpProxy::parse("http://u:p@proxy").map(|p| (p.port, p.credentials)),
+            Some((3128, Some(("u".into(), "p".into()))))
+        );
+        assert_eq!(HttpProxy::parse("socks5://proxy:1080"), None);
+        assert_eq!(HttpProxy::parse("http://:1"), None);
+        assert_eq!(HttpProxy::parse("http://proxy:x"), None);
     }
 }
