@@ -354,6 +354,10 @@ impl NatsCluster {
     fn spawn(&mut self, i: usize) {
         let mut cmd = std::process::Command::new("nats-server");
         cmd.arg("-c").arg(&self.confs[i]);
+        // NATS may write stray files (consumer metadata) into its working directory.
+        if let Some(node) = self.confs[i].parent() {
+            cmd.current_dir(node);
+        }
         let log = self.dir.join(format!("n{}.log", i + 1));
         self.procs[i] = Some(Proc::spawn(&format!("nats n{}", i + 1), cmd, &log));
     }
@@ -437,9 +441,14 @@ impl CentralSide {
 }
 
 /// Uplink connects logged by the relays at or after `since`: how many, the most in one
-/// second, and the seconds from `since` to the last one.
-fn reconnects(trains: &[Train], since: std::time::SystemTime) -> (usize, usize, f64) {
+/// second, the seconds from `since` to the last one, and why connections ended (the relays
+/// log a reason when it differs from the connection's previous one), most frequent first.
+fn reconnects(
+    trains: &[Train],
+    since: std::time::SystemTime,
+) -> (usize, usize, f64, Vec<(String, usize)>) {
     let mut per_second: HashMap<u64, usize> = HashMap::new();
+    let mut reasons: HashMap<String, usize> = HashMap::new();
     let mut last = 0.0f64;
     let from = since
         .duration_since(std::time::UNIX_EPOCH)
@@ -447,10 +456,12 @@ fn reconnects(trains: &[Train], since: std::time::SystemTime) -> (usize, usize, 
         .as_secs();
     for t in trains {
         let log = std::fs::read_to_string(&t.log).unwrap_or_default();
-        for line in log
-            .lines()
-            .filter(|l| l.contains(": connected (session present"))
-        {
+        for line in log.lines() {
+            let connect = line.contains(": connected (session present");
+            let lost = line.contains("; retrying");
+            if !connect && !lost {
+                continue;
+            }
             // "[2026-12-07T00:34:11Z INFO  trainrelay::uplink] ..."
             let Some(stamp) = line.strip_prefix('[').and_then(|l| l.split(' ').next()) else {
                 continue;
@@ -462,15 +473,29 @@ fn reconnects(trains: &[Train], since: std::time::SystemTime) -> (usize, usize, 
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
-            if at >= from {
+            if at < from {
+                continue;
+            }
+            if connect {
                 *per_second.entry(at).or_default() += 1;
                 last = last.max((at - from) as f64);
+            } else {
+                // "... uplink trainrelay-F0001-2 mqtt://127.0.0.1:1234: <reason>; retrying"
+                let reason = line
+                    .split_once("mqtt://")
+                    .and_then(|(_, rest)| rest.split_once(": "))
+                    .map_or("?", |(_, r)| r.trim_end_matches("; retrying"));
+                let reason: String = reason.chars().take(60).collect();
+                *reasons.entry(reason).or_default() += 1;
             }
         }
     }
     let total = per_second.values().sum();
     let peak = per_second.values().copied().max().unwrap_or(0);
-    (total, peak, last)
+    let mut reasons: Vec<(String, usize)> = reasons.into_iter().collect();
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.1));
+    reasons.truncate(3);
+    (total, peak, last, reasons)
 }
 
 /// CPU seconds (user + system) of `pid` so far.
@@ -553,8 +578,8 @@ async fn main() {
         }
     };
     let (c, all, lost) = recovery(&trains, &got, Duration::from_secs(180)).await;
-    let (total, peak, spread) = reconnects(&trains, since);
-    println!("  {what}: all relays connected after {c:.1} s, everything acknowledged delivered after {all:.1} s ({lost} missing); {total} connects over {spread:.0} s, at most {peak} in one second");
+    let (total, peak, spread, why) = reconnects(&trains, since);
+    println!("  {what}: all relays connected after {c:.1} s, everything acknowledged delivered after {all:.1} s ({lost} missing); {total} connects over {spread:.0} s, at most {peak} in one second; connections ended: {why:?}");
 
     // A fleet-wide tunnel: the central side goes silent (no RST), then comes back.
     central.signal_all(nix::sys::signal::Signal::SIGSTOP);
@@ -562,9 +587,9 @@ async fn main() {
     let since = std::time::SystemTime::now();
     central.signal_all(nix::sys::signal::Signal::SIGCONT);
     let (c, all, lost) = recovery(&trains, &got, Duration::from_secs(300)).await;
-    let (total, peak, spread) = reconnects(&trains, since);
+    let (total, peak, spread, why) = reconnects(&trains, since);
     println!(
-        "  {}-s tunnel for the whole fleet: all relays connected after {c:.1} s, backlog delivered after {all:.1} s ({lost} missing); {total} connects over {spread:.0} s, at most {peak} in one second",
+        "  {}-s tunnel for the whole fleet: all relays connected after {c:.1} s, backlog delivered after {all:.1} s ({lost} missing); {total} connects over {spread:.0} s, at most {peak} in one second; connections ended: {why:?}",
         tunnel.as_secs()
     );
 

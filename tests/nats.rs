@@ -58,6 +58,8 @@ impl Nats {
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(self.dir.join("nats.conf"))
+            // NATS may write stray files (consumer metadata) into its working directory.
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -124,6 +124,8 @@ impl Cluster {
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(node.dir.join("nats.conf"))
+            // NATS may write stray files (consumer metadata) into its working directory.
+            .current_dir(&node.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
