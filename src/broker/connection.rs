@@ -25,7 +25,7 @@
 //!
 //! # Session takeover
 //! A connection's id is taken when its CONNECT arrives, before authentication, which may take
-//! long (argon2) and finish in any order. Under the shared lock a connection takes a session
+//! long (argon2) and finish in any order. Under the state's lock a connection takes a session
 //! over only if no connection with a later CONNECT already holds it, and only if its own client
 //! has not closed the socket meanwhile: an iPad on flaky Wi-Fi that gave up on a CONNECT and
 //! reconnected at once must not lose its new connection to the abandoned one.
@@ -55,9 +55,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use super::codec::{self, ConnectPacket, DecodeError, InPublish, Inbound, OutPublish, Outbound};
-use super::persist::Op;
-use super::router::Shared;
-use super::session::{ConnLink, Inflight, OutState, Session};
+use super::session::{ConnLink, Inflight, OutState};
+use super::state::{Attach, BrokerState, NotSent};
 use super::subscriptions::Subscription;
 use super::{AuthVerdict, BrokerEvent, ClientInfo, ConnectRequest, Ingest, Protocol, RejectReason};
 use crate::clock::{self, Stamp};
@@ -84,7 +83,7 @@ pub const HELD_READ_AHEAD: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
-enum End {
+enum ConnectionEnd {
     /// DISCONNECT with reason 0x00: the will is discarded.
     Normal,
     /// DISCONNECT 0x04 (or any other reason from the client): the will is published.
@@ -97,14 +96,14 @@ enum End {
     Shutdown,
 }
 
-impl End {
+impl ConnectionEnd {
     fn describe(&self) -> String {
         match self {
-            End::Normal => "normal disconnect".into(),
-            End::ClientWithWill(r) => format!("client disconnected with reason {r:#04x}"),
-            End::Abnormal(s) => s.clone(),
-            End::TakenOver => "session taken over".into(),
-            End::Shutdown => "server shutting down".into(),
+            ConnectionEnd::Normal => "normal disconnect".into(),
+            ConnectionEnd::ClientWithWill(r) => format!("client disconnected with reason {r:#04x}"),
+            ConnectionEnd::Abnormal(s) => s.clone(),
+            ConnectionEnd::TakenOver => "session taken over".into(),
+            ConnectionEnd::Shutdown => "server shutting down".into(),
         }
     }
 }
@@ -164,7 +163,7 @@ impl Io {
 pub async fn serve(
     io: Io,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    state: Arc<BrokerState>,
     shutdown: Shutdown,
     refuse: bool,
 ) {
@@ -174,8 +173,8 @@ pub async fn serve(
         rbuf: BytesMut::with_capacity(1024),
         cert_identity: io.cert_identity,
     };
-    let timeout = shared.config.connect_timeout;
-    let max = shared.config.max_packet_size;
+    let timeout = state.config().connect_timeout;
+    let max = state.config().max_packet_size;
     let mut stop = shutdown.clone();
     let read = tokio::select! {
         r = tokio::time::timeout(timeout, pre.read_connect(max)) => r,
@@ -184,15 +183,16 @@ pub async fn serve(
     let connect = match read {
         Err(_) => {
             log::info!("local broker: {peer} sent no complete CONNECT within {timeout:?}; closing");
-            shared.lock().stats.refused_connections += 1;
+            state.count(|s| s.refused_connections += 1);
             return;
         }
         Ok(Err(e)) => {
             log::info!("local broker: {peer}: refused CONNECT: {e}");
             {
-                let mut st = shared.lock();
-                st.stats.refused_connections += 1;
-                st.stats.protocol_errors += u64::from(!matches!(e, PreError::Closed));
+                state.count(|s| {
+                    s.refused_connections += 1;
+                    s.protocol_errors += u64::from(!matches!(e, PreError::Closed));
+                });
             }
             pre.refuse_bytes(&e).await;
             return;
@@ -202,19 +202,14 @@ pub async fn serve(
     // At the limit, a client that reconnects while its old connection still holds a slot (an
     // iPad back from a Wi-Fi dropout before its keep-alive ran out) is let in: the takeover
     // frees that slot at once.
-    let takeover = refuse
-        && shared
-            .lock()
-            .sessions
-            .get(&connect.client_id)
-            .is_some_and(|s| s.conn.is_some());
-    if (refuse && !takeover) || shared.is_closed() {
+    let takeover = refuse && state.is_connected(&connect.client_id);
+    if (refuse && !takeover) || state.is_closed() {
         log::warn!(
             "local broker: refusing '{}' from {peer}: at the limit of {} connections",
             connect.client_id,
-            shared.config.max_connections
+            state.config().max_connections
         );
-        shared.lock().stats.refused_connections += 1;
+        state.count(|s| s.refused_connections += 1);
         let code = match connect.protocol {
             Protocol::V311 => 3,
             Protocol::V5 => 0x89,
@@ -222,7 +217,7 @@ pub async fn serve(
         pre.connack_refusal(connect.protocol, code).await;
         return;
     }
-    let Some(mut conn) = Conn::accept(pre, connect, peer, shared.clone()).await else {
+    let Some(mut conn) = Conn::accept(pre, connect, peer, state.clone()).await else {
         return;
     };
     let end = conn.run(shutdown).await;
@@ -233,16 +228,19 @@ pub async fn serve(
 /// Runs the authentication hook on the blocking pool (password hashing is slow on purpose),
 /// at most `AUTH_SLOTS` at a time.
 async fn authenticate(
-    shared: &Arc<Shared>,
+    state: &Arc<BrokerState>,
     client_id: &str,
     c: &ConnectPacket,
     cert_identity: Option<String>,
     peer: SocketAddr,
 ) -> AuthVerdict {
-    let Ok(_slot) = Arc::clone(&shared.auth_slots).acquire_owned().await else {
+    let Ok(_slot) = Arc::clone(&state.admission().auth_slots)
+        .acquire_owned()
+        .await
+    else {
         return AuthVerdict::NotAuthorized;
     };
-    let hooks = Arc::clone(&shared.hooks);
+    let hooks = Arc::clone(state.hooks());
     let client_id = client_id.to_string();
     let username = c.username.clone();
     let password = c.password.clone();
@@ -375,7 +373,7 @@ async fn closed_meanwhile(reader: &mut Reader, rbuf: &mut BytesMut) -> bool {
 }
 
 struct Conn {
-    shared: Arc<Shared>,
+    state: Arc<BrokerState>,
     reader: Reader,
     writer: Writer,
     rbuf: BytesMut,
@@ -411,7 +409,7 @@ impl Conn {
         mut pre: PreConnect,
         c: ConnectPacket,
         peer: SocketAddr,
-        shared: Arc<Shared>,
+        state: Arc<BrokerState>,
     ) -> Option<Conn> {
         let protocol = c.protocol;
         let refuse = |v311: u8, v5: u8| match protocol {
@@ -423,7 +421,7 @@ impl Conn {
         if client_id.is_empty() {
             if protocol == Protocol::V311 && !c.clean_start {
                 log::info!("local broker: {peer}: empty client id with clean session 0; refused");
-                shared.lock().stats.refused_connections += 1;
+                state.count(|s| s.refused_connections += 1);
                 pre.connack_refusal(protocol, 0x02).await;
                 return None;
             }
@@ -438,16 +436,17 @@ impl Conn {
                 client_id.chars().take(80).collect::<String>()
             );
             {
-                let mut st = shared.lock();
-                st.stats.refused_connections += 1;
-                st.stats.bad_client_ids += 1;
+                state.count(|s| {
+                    s.refused_connections += 1;
+                    s.bad_client_ids += 1;
+                });
             }
             pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
             return None;
         }
         // Connections are numbered in the order their CONNECTs arrived; authentication runs
         // in between, for however long it takes, and must not reorder takeovers.
-        let conn_id = shared.lock().new_conn_id();
+        let conn_id = state.new_conn_id();
         if let Some(w) = &c.will {
             if let Err(e) = topic::validate_name(&w.topic) {
                 log::info!(
@@ -455,9 +454,10 @@ impl Conn {
                     w.topic
                 );
                 {
-                    let mut st = shared.lock();
-                    st.stats.refused_connections += 1;
-                    st.stats.protocol_errors += 1;
+                    state.count(|s| {
+                        s.refused_connections += 1;
+                        s.protocol_errors += 1;
+                    });
                 }
                 if protocol == Protocol::V5 {
                     pre.connack_refusal(protocol, 0x90).await;
@@ -467,26 +467,25 @@ impl Conn {
         }
         if let Some(method) = &c.auth_method {
             log::info!("local broker: '{client_id}' from {peer} asks for authentication method '{method}', which is not offered");
-            shared.lock().stats.refused_connections += 1;
+            state.count(|s| s.refused_connections += 1);
             pre.connack_refusal(protocol, 0x8C).await;
             return None;
         }
-        let verdict = authenticate(&shared, &client_id, &c, pre.cert_identity.clone(), peer).await;
+        let verdict = authenticate(&state, &client_id, &c, pre.cert_identity.clone(), peer).await;
         if verdict == AuthVerdict::Allow {
-            shared.failures.succeed(peer.ip());
+            state.admission().failures.succeed(peer.ip());
         } else if verdict == AuthVerdict::ClientIdNotAllowed {
             // The password was right: not a guess, so no delay and no failure counted.
             log::info!(
                 "local broker: '{client_id}' from {peer}: the client id is not one user {:?} may use (its name, '{{name}}-...', or with any_client_id any id no other device owns); refused",
                 c.username.as_deref().or(pre.cert_identity.as_deref()).unwrap_or("")
             );
-            let mut st = shared.lock();
-            st.stats.bad_client_ids += 1;
+            state.count(|s| s.bad_client_ids += 1);
         } else {
             // Slow down guessing: the delay grows with each failure from this address. It is
             // spent in this connection's task, so nobody else waits.
-            let delay = shared.failures.fail(peer.ip());
-            shared.lock().stats.auth_failures += 1;
+            let delay = state.admission().failures.fail(peer.ip());
+            state.count(|s| s.auth_failures += 1);
             log::info!(
                 "local broker: '{client_id}' from {peer}: authentication failed ({verdict:?}); answering in {delay:?}"
             );
@@ -508,18 +507,18 @@ impl Conn {
         let code = code.or_else(|| {
             c.will
                 .as_ref()
-                .filter(|w| !shared.hooks.may_publish(&info, &w.topic))
+                .filter(|w| !state.hooks().may_publish(&info, &w.topic))
                 .map(|_| refuse(0x05, 0x87))
         });
         if let Some(code) = code {
             log::info!("local broker: '{client_id}' from {peer} refused with CONNACK {code:#04x}");
-            shared.lock().stats.refused_connections += 1;
+            state.count(|s| s.refused_connections += 1);
             pre.connack_refusal(protocol, code).await;
             return None;
         }
 
         let max_expiry =
-            u32::try_from(shared.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+            u32::try_from(state.config().max_session_expiry.as_secs()).unwrap_or(u32::MAX);
         // A 3.1.1 persistent session has no expiry in the protocol; we end it after
         // max_session_expiry so sessions of iPads that never come back do not pile up.
         let expiry = match protocol {
@@ -536,105 +535,38 @@ impl Conn {
         // connection.
         if closed_meanwhile(&mut pre.reader, &mut pre.rbuf).await {
             log::info!("local broker: '{client_id}' from {peer} closed the connection before CONNACK; its CONNECT is dropped");
-            shared.lock().stats.refused_connections += 1;
+            state.count(|s| s.refused_connections += 1);
             return None;
         }
         let notify = Arc::new(Notify::new());
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
-        let mut old_will = None;
-        let attached = {
-            let mut st = shared.lock();
-            // A connection whose CONNECT came later already holds the session: it wins.
-            let newer_attached = st
-                .sessions
-                .get(&client_id)
-                .and_then(|s| s.conn.as_ref())
-                .is_some_and(|link| link.conn_id > conn_id);
-            if newer_attached {
-                st.stats.refused_connections += 1;
-                None
-            } else {
-                let mut ops = Vec::new();
-                let mut existed = false;
-                if let Some(s) = st.sessions.get_mut(&client_id) {
-                    existed = true;
-                    if let Some(old) = s.conn.take() {
-                        // The old connection ends without DISCONNECT: its will is due unless a will
-                        // delay is running into a session that continues (MQTT 5 §3.1.3.2.2).
-                        if let Some(w) = s.will.take() {
-                            if w.delay == 0 || c.clean_start {
-                                old_will = Some((old.info.clone(), w));
-                            }
-                        }
-                        log::info!("local broker: '{client_id}' connected again from {peer}; closing its old connection");
-                        let _ = old.kick.send(0x8E);
-                    }
-                    if let Some(cancel) = s.will_cancel.take() {
-                        let _ = cancel.send(());
-                    }
-                }
-                if existed && c.clean_start {
-                    st.remove_session(&client_id, &mut ops);
-                    existed = false;
-                }
-                let s = st
-                    .sessions
-                    .entry(client_id.clone())
-                    .or_insert_with(|| Session::new(client_id.clone(), expiry));
-                let was_persistent = existed && s.persistent();
-                s.expiry_secs = expiry;
-                if s.persistent() {
-                    ops.push(Op::UpsertSession {
-                        client_id: client_id.clone(),
-                        expiry_secs: expiry,
-                    });
-                    if !was_persistent {
-                        for sub in s.subs.iter() {
-                            ops.push(Op::UpsertSub {
-                                client_id: client_id.clone(),
-                                sub: sub.clone(),
-                            });
-                        }
-                    }
-                } else if was_persistent {
-                    ops.push(Op::DeleteSession {
-                        client_id: client_id.clone(),
-                    });
-                    s.queue.iter_mut().for_each(|d| d.seq = None);
-                    s.inflight.iter_mut().for_each(|f| f.delivery.seq = None);
-                }
-                s.will = c.will.clone();
-                s.expires_at = None;
-                s.conn = Some(ConnLink {
-                    conn_id,
-                    info: info.clone(),
-                    notify: Arc::clone(&notify),
-                    kick: kick_tx,
-                    connected_since_ms: Stamp::now().wall_ms,
-                    out_window: out_window.clamp(1, 65535),
-                });
-                st.stats.connections += 1;
-                let _ = shared.submit(ops);
-                Some((conn_id, existed))
-            }
-        };
-        let Some((conn_id, session_present)) = attached else {
+        let attached = state.attach(Attach {
+            link: ConnLink {
+                conn_id,
+                info: info.clone(),
+                notify: Arc::clone(&notify),
+                kick: kick_tx,
+                connected_since_ms: Stamp::now().wall_ms,
+                out_window: out_window.clamp(1, 65535),
+            },
+            clean_start: c.clean_start,
+            expiry_secs: expiry,
+            will: c.will.clone(),
+        });
+        let Some(session_present) = attached else {
             // No CONNACK: the client has a newer connection, which owns the session.
             log::info!("local broker: '{client_id}' from {peer}: a connection with a newer CONNECT for this client id holds the session; closing this one without CONNACK");
             linger(&mut pre.reader, &mut pre.writer).await;
             return None;
         };
 
-        if let Some((old_info, w)) = old_will {
-            shared.fire_will(old_info, w);
-        }
         let props =
             (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
                 session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
-                receive_max: Some(shared.config.receive_maximum),
+                receive_max: Some(state.config().receive_maximum),
                 max_qos: None,
                 retain_available: None,
-                max_packet_size: Some(shared.config.max_packet_size),
+                max_packet_size: Some(state.config().max_packet_size),
                 assigned_client_identifier: assigned,
                 topic_alias_max: Some(TOPIC_ALIAS_MAX),
                 reason_string: None,
@@ -651,9 +583,9 @@ impl Conn {
         let out_max = c
             .max_packet_size
             .unwrap_or(u32::MAX)
-            .min(shared.config.max_packet_size.max(1024));
+            .min(state.config().max_packet_size.max(1024));
         let mut conn = Conn {
-            shared: Arc::clone(&shared),
+            state: Arc::clone(&state),
             reader: pre.reader,
             writer: pre.writer,
             rbuf: pre.rbuf,
@@ -670,8 +602,8 @@ impl Conn {
             notify,
             kick_rx,
             connect_expiry: expiry,
-            bucket: (shared.config.max_publish_rate > 0)
-                .then(|| super::limits::TokenBucket::new(shared.config.max_publish_rate)),
+            bucket: (state.config().max_publish_rate > 0)
+                .then(|| super::limits::TokenBucket::new(state.config().max_publish_rate)),
             held: false,
             exceeded_counted: false,
             out_aliases: HashMap::new(),
@@ -692,10 +624,12 @@ impl Conn {
             props: Box::new(props),
         });
         if conn.write_out().await.is_err() {
-            conn.finish(End::Abnormal("CONNACK could not be written".into()));
+            conn.finish(ConnectionEnd::Abnormal(
+                "CONNACK could not be written".into(),
+            ));
             return None;
         }
-        shared.hooks.on_event(BrokerEvent::Connected(info));
+        state.hooks().on_event(BrokerEvent::Connected(info));
         Some(conn)
     }
 
@@ -708,7 +642,7 @@ impl Conn {
         }
     }
 
-    async fn write_out(&mut self) -> Result<(), End> {
+    async fn write_out(&mut self) -> Result<(), ConnectionEnd> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -724,27 +658,27 @@ impl Conn {
                 self.wbuf.clear();
                 Ok(())
             }
-            Ok(Err(e)) => Err(End::Abnormal(format!("write failed: {e}"))),
-            Err(_) => Err(End::Abnormal(format!(
+            Ok(Err(e)) => Err(ConnectionEnd::Abnormal(format!("write failed: {e}"))),
+            Err(_) => Err(ConnectionEnd::Abnormal(format!(
                 "client did not read for {WRITE_TIMEOUT:?}"
             ))),
         }
     }
 
     /// Sends a v5 DISCONNECT (3.1.1 has none) and counts a protocol error.
-    async fn protocol_error(&mut self, reason: u8, what: String) -> End {
+    async fn protocol_error(&mut self, reason: u8, what: String) -> ConnectionEnd {
         log::warn!(
             "local broker: '{}' ({}): {what}; disconnecting",
             self.info.client_id,
             self.info.peer
         );
-        self.shared.lock().stats.protocol_errors += 1;
+        self.state.count(|s| s.protocol_errors += 1);
         self.queue(Outbound::Disconnect { reason });
         let _ = self.write_out().await;
-        End::Abnormal(what)
+        ConnectionEnd::Abnormal(what)
     }
 
-    async fn run(&mut self, mut shutdown: Shutdown) -> End {
+    async fn run(&mut self, mut shutdown: Shutdown) -> ConnectionEnd {
         if let Err(end) = self.resend_inflight().await {
             return end;
         }
@@ -788,15 +722,17 @@ impl Conn {
                 Ev::Kick(reason) => {
                     self.queue(Outbound::Disconnect { reason });
                     let _ = self.write_out().await;
-                    return End::TakenOver;
+                    return ConnectionEnd::TakenOver;
                 }
                 Ev::Shutdown => {
                     self.queue(Outbound::Disconnect { reason: 0x8B });
                     let _ = self.write_out().await;
-                    return End::Shutdown;
+                    return ConnectionEnd::Shutdown;
                 }
-                Ev::Read(Ok(0)) => Err(End::Abnormal("connection closed by the client".into())),
-                Ev::Read(Err(e)) => Err(End::Abnormal(format!("read failed: {e}"))),
+                Ev::Read(Ok(0)) => Err(ConnectionEnd::Abnormal(
+                    "connection closed by the client".into(),
+                )),
+                Ev::Read(Err(e)) => Err(ConnectionEnd::Abnormal(format!("read failed: {e}"))),
                 Ev::Read(Ok(_)) => {
                     self.last_recv = Instant::now();
                     Ok(())
@@ -834,7 +770,7 @@ impl Conn {
     /// Resolves known verdicts and decodes what the buffer holds, as long as either frees
     /// room for the other: packets held back while the window was full are decoded as soon
     /// as verdicts make room, without waiting for the socket to wake us.
-    async fn process_buffered(&mut self) -> Result<(), End> {
+    async fn process_buffered(&mut self) -> Result<(), ConnectionEnd> {
         loop {
             self.drain_verdicts().await?;
             let before = self.rbuf.len();
@@ -848,7 +784,7 @@ impl Conn {
         }
     }
 
-    async fn read_packets(&mut self) -> Result<(), End> {
+    async fn read_packets(&mut self) -> Result<(), ConnectionEnd> {
         loop {
             // Window full: PUBLISHes wait in the buffer (see the module doc).
             if self.inbound_full() {
@@ -860,7 +796,7 @@ impl Conn {
             match codec::decode(
                 &mut self.rbuf,
                 self.protocol,
-                self.shared.config.max_packet_size,
+                self.state.config().max_packet_size,
             ) {
                 Ok(Some(p)) => self.handle(p).await?,
                 Ok(None) => return Ok(()),
@@ -872,8 +808,8 @@ impl Conn {
     /// With the window full: serves the acknowledgements and pings that follow the held
     /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
     /// DISCONNECT, ...). True if one was served (the window may have room again).
-    async fn serve_past_held(&mut self) -> Result<bool, End> {
-        let max = self.shared.config.max_packet_size;
+    async fn serve_past_held(&mut self) -> Result<bool, ConnectionEnd> {
+        let max = self.state.config().max_packet_size;
         let mut off = 0;
         loop {
             let frame = match self
@@ -893,12 +829,12 @@ impl Conn {
                     if byte1 & 0x06 != 0 && self.protocol == Protocol::V5 && !self.exceeded_counted
                     {
                         self.exceeded_counted = true;
-                        self.shared.lock().stats.receive_maximum_exceeded += 1;
+                        self.state.count(|s| s.receive_maximum_exceeded += 1);
                         log::info!(
                             "local broker: '{}' ({}) sends more than our Receive Maximum of {} unacknowledged QoS 1/2 PUBLISHes; holding them back",
                             self.info.client_id,
                             self.info.peer,
-                            self.shared.config.receive_maximum
+                            self.state.config().receive_maximum
                         );
                     }
                     off += len;
@@ -923,77 +859,37 @@ impl Conn {
 
     /// True when the client has as many QoS 1/2 PUBLISHes unacknowledged as we allow.
     fn inbound_full(&self) -> bool {
-        let awaiting_rel = {
-            let st = self.shared.lock();
-            st.sessions
-                .get(&self.info.client_id)
-                .map_or(0, |s| s.incoming_qos2.len())
-        };
+        let awaiting_rel = self.state.awaiting_release(&self.info.client_id);
         let in_flight = self
             .pending
             .iter()
             .filter(|q| q.qos != QoS::AtMostOnce)
             .count()
             + awaiting_rel;
-        in_flight >= usize::from(self.shared.config.receive_maximum)
+        in_flight >= usize::from(self.state.config().receive_maximum)
     }
 
-    async fn handle(&mut self, p: Inbound) -> Result<(), End> {
+    async fn handle(&mut self, p: Inbound) -> Result<(), ConnectionEnd> {
         match p {
             Inbound::Publish(p) => self.on_publish(p).await,
             Inbound::PubAck(pkid) => {
-                self.complete_outgoing(pkid, OutState::Puback);
+                self.state
+                    .acknowledged(&self.info.client_id, pkid, OutState::Puback);
                 Ok(())
             }
             Inbound::PubRec { pkid, failed } => {
-                let mut release = true;
-                let mut st = self.shared.lock();
-                let mut ops = Vec::new();
-                if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                    if let Some(pos) = s
-                        .inflight
-                        .iter()
-                        .position(|f| f.pkid == pkid && f.state == OutState::Pubrec)
-                    {
-                        if failed {
-                            if let Some(f) = s.inflight.remove(pos) {
-                                ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                            }
-                            release = false;
-                        } else if let Some(f) = s.inflight.get_mut(pos) {
-                            f.state = OutState::Pubcomp;
-                            ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
-                        }
-                    }
-                }
-                let _ = self.shared.submit(ops);
-                drop(st);
-                if release {
+                if self.state.received(&self.info.client_id, pkid, failed) {
                     self.queue(Outbound::PubRel { pkid });
                 }
                 Ok(())
             }
             Inbound::PubComp(pkid) => {
-                self.complete_outgoing(pkid, OutState::Pubcomp);
+                self.state
+                    .acknowledged(&self.info.client_id, pkid, OutState::Pubcomp);
                 Ok(())
             }
             Inbound::PubRel(pkid) => {
-                let found = {
-                    let mut st = self.shared.lock();
-                    let mut ops = Vec::new();
-                    let mut found = false;
-                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        found = s.incoming_qos2.remove(&pkid);
-                        if found && s.persistent() {
-                            ops.push(Op::DeleteIncoming {
-                                client_id: self.info.client_id.clone(),
-                                pkid,
-                            });
-                        }
-                    }
-                    let _ = self.shared.submit(ops);
-                    found
-                };
+                let found = self.state.release(&self.info.client_id, pkid);
                 self.queue(Outbound::PubComp {
                     pkid,
                     reason: if found { 0 } else { 0x92 },
@@ -1006,27 +902,7 @@ impl Conn {
                 sub_id,
             } => self.on_subscribe(pkid, filters, sub_id).await,
             Inbound::Unsubscribe { pkid, filters } => {
-                let mut codes = Vec::with_capacity(filters.len());
-                {
-                    let mut st = self.shared.lock();
-                    let mut ops = Vec::new();
-                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        for f in filters {
-                            if s.subs.remove(&f) {
-                                codes.push(0);
-                                if s.persistent() {
-                                    ops.push(Op::DeleteSub {
-                                        client_id: self.info.client_id.clone(),
-                                        filter: f,
-                                    });
-                                }
-                            } else {
-                                codes.push(0x11);
-                            }
-                        }
-                    }
-                    let _ = self.shared.submit(ops);
-                }
+                let codes = self.state.unsubscribe(&self.info.client_id, filters);
                 self.queue(Outbound::UnsubAck { pkid, codes });
                 Ok(())
             }
@@ -1048,33 +924,14 @@ impl Conn {
                             )
                             .await);
                     }
-                    let max = u32::try_from(self.shared.config.max_session_expiry.as_secs())
-                        .unwrap_or(u32::MAX);
-                    let e = e.min(max);
-                    let mut st = self.shared.lock();
-                    let mut ops = Vec::new();
-                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        let was = s.persistent();
-                        s.expiry_secs = e;
-                        if s.persistent() {
-                            ops.push(Op::UpsertSession {
-                                client_id: self.info.client_id.clone(),
-                                expiry_secs: e,
-                            });
-                        } else if was {
-                            ops.push(Op::DeleteSession {
-                                client_id: self.info.client_id.clone(),
-                            });
-                        }
-                    }
-                    let _ = self.shared.submit(ops);
+                    self.state.set_expiry(&self.info.client_id, e);
                 }
                 // Messages sent before DISCONNECT are still owed their delivery.
                 self.settle_pending().await?;
                 Err(if reason == 0 {
-                    End::Normal
+                    ConnectionEnd::Normal
                 } else {
-                    End::ClientWithWill(reason)
+                    ConnectionEnd::ClientWithWill(reason)
                 })
             }
             Inbound::Auth => Err(self
@@ -1089,37 +946,19 @@ impl Conn {
         }
     }
 
-    fn complete_outgoing(&mut self, pkid: u16, expected: OutState) {
-        let mut st = self.shared.lock();
-        let mut ops = Vec::new();
-        if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-            if let Some(pos) = s
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.state == expected)
-            {
-                if let Some(f) = s.inflight.remove(pos) {
-                    ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                }
-                s.conn.iter().for_each(|c| c.notify.notify_one());
-            }
-        }
-        let _ = self.shared.submit(ops);
-    }
-
-    async fn on_publish(&mut self, p: InPublish) -> Result<(), End> {
+    async fn on_publish(&mut self, p: InPublish) -> Result<(), ConnectionEnd> {
         if let Some(bucket) = &mut self.bucket {
             if !bucket.take() {
-                let rate = self.shared.config.max_publish_rate;
+                let rate = self.state.config().max_publish_rate;
                 log::warn!(
                     "local broker: '{}' ({}) sent more than {rate} PUBLISH per second; disconnecting",
                     self.info.client_id,
                     self.info.peer
                 );
-                self.shared.lock().stats.rate_limited += 1;
+                self.state.count(|s| s.rate_limited += 1);
                 self.queue(Outbound::Disconnect { reason: 0x96 });
                 let _ = self.write_out().await;
-                return Err(End::Abnormal(format!(
+                return Err(ConnectionEnd::Abnormal(format!(
                     "more than {rate} PUBLISH per second"
                 )));
             }
@@ -1155,12 +994,7 @@ impl Conn {
                 .await);
         }
         if p.qos == QoS::ExactlyOnce {
-            let duplicate = {
-                let st = self.shared.lock();
-                st.sessions
-                    .get(&self.info.client_id)
-                    .is_some_and(|s| s.incoming_qos2.contains(&p.pkid))
-            };
+            let duplicate = self.state.is_awaiting_release(&self.info.client_id, p.pkid);
             if duplicate {
                 // Already accepted and PUBREC'd: acknowledge again, deliver nothing.
                 self.queue(Outbound::PubRec {
@@ -1190,16 +1024,16 @@ impl Conn {
                 .map(|s| accepted.plus(Duration::from_secs(u64::from(s)))),
         };
         let mut unrouted = false;
-        let (verdict, acl_denied) = if !self.shared.hooks.may_publish(&self.info, &msg.topic) {
+        let (verdict, acl_denied) = if !self.state.hooks().may_publish(&self.info, &msg.topic) {
             log::info!(
                 "local broker: '{}' may not publish to '{}'; dropped",
                 self.info.client_id,
                 msg.topic
             );
-            self.shared.lock().stats.denied_publish += 1;
+            self.state.count(|s| s.denied_publish += 1);
             (Verdict::Ready(Err(RejectReason::NotAuthorized)), true)
         } else {
-            let v = match self.shared.hooks.ingest(&self.info, &msg) {
+            let v = match self.state.hooks().ingest(&self.info, &msg) {
                 Ingest::Accept => Verdict::Ready(Ok(())),
                 Ingest::Unrouted => {
                     unrouted = true;
@@ -1223,7 +1057,7 @@ impl Conn {
 
     /// Waits (bounded) for every outstanding verdict and resolves them in order; used when the
     /// client ends the connection normally right after publishing.
-    async fn settle_pending(&mut self) -> Result<(), End> {
+    async fn settle_pending(&mut self) -> Result<(), ConnectionEnd> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             self.drain_verdicts().await?;
@@ -1249,7 +1083,7 @@ impl Conn {
     }
 
     /// Resolves verdicts at the head of the FIFO, in order, as far as they are known.
-    async fn drain_verdicts(&mut self) -> Result<(), End> {
+    async fn drain_verdicts(&mut self) -> Result<(), ConnectionEnd> {
         loop {
             let Some(front) = self.pending.front_mut() else {
                 return Ok(());
@@ -1271,13 +1105,14 @@ impl Conn {
         }
     }
 
-    async fn resolve(&mut self, p: PendingIn, result: Result<(), RejectReason>) -> Result<(), End> {
+    async fn resolve(
+        &mut self,
+        p: PendingIn,
+        result: Result<(), RejectReason>,
+    ) -> Result<(), ConnectionEnd> {
         let code = match result {
             Ok(()) => {
-                self.shared.lock().stats.messages_in += 1;
-                let (_, reached) = self
-                    .shared
-                    .publish_reaching(p.msg, Some(&self.info.client_id));
+                let reached = self.state.publish_from(&self.info.client_id, p.msg);
                 if p.unrouted && reached == 0 && self.protocol == Protocol::V5 {
                     0x10
                 } else {
@@ -1294,7 +1129,7 @@ impl Conn {
                         "local broker: relay refused a message from 3.1.1 client '{}' ({r:?}); closing without PUBACK so it redelivers",
                         self.info.client_id
                     );
-                    return Err(End::Abnormal(format!(
+                    return Err(ConnectionEnd::Abnormal(format!(
                         "ingest refused a QoS {} message ({r:?})",
                         p.qos as u8
                     )));
@@ -1315,17 +1150,7 @@ impl Conn {
             }),
             QoS::ExactlyOnce => {
                 if code < 0x80 {
-                    let mut st = self.shared.lock();
-                    let mut ops = Vec::new();
-                    if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                        if s.incoming_qos2.insert(p.pkid) && s.persistent() {
-                            ops.push(Op::InsertIncoming {
-                                client_id: self.info.client_id.clone(),
-                                pkid: p.pkid,
-                            });
-                        }
-                    }
-                    let _ = self.shared.submit(ops);
+                    self.state.await_release(&self.info.client_id, p.pkid);
                 }
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
@@ -1341,7 +1166,7 @@ impl Conn {
         pkid: u16,
         filters: Vec<codec::SubRequest>,
         sub_id: Option<usize>,
-    ) -> Result<(), End> {
+    ) -> Result<(), ConnectionEnd> {
         let v5 = self.protocol == Protocol::V5;
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
@@ -1363,79 +1188,33 @@ impl Conn {
                 codes.push(0x8F);
                 continue;
             }
-            if !self.shared.hooks.may_subscribe(&self.info, inner) {
-                self.shared.lock().stats.denied_subscribe += 1;
+            if !self.state.hooks().may_subscribe(&self.info, inner) {
+                self.state.count(|s| s.denied_subscribe += 1);
                 codes.push(if v5 { 0x87 } else { 0x80 });
                 continue;
             }
             codes.push(f.qos as u8);
             accepted.push((codes.len() - 1, f));
         }
-        let now = Stamp::now();
-        {
-            let mut st = self.shared.lock();
-            let mut ops = Vec::new();
-            let mut retained = Vec::new();
-            let limit = self.shared.config.max_subscriptions;
-            if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                for (idx, f) in accepted {
-                    if !s.subs.contains(&f.filter) && s.subs.len() >= limit {
-                        if let Some(c) = codes.get_mut(idx) {
-                            *c = if v5 { 0x97 } else { 0x80 };
-                        }
-                        continue;
-                    }
-                    let sub = Subscription {
-                        filter: f.filter.clone(),
-                        qos: f.qos,
-                        no_local: f.no_local,
-                        retain_as_published: f.retain_as_published,
-                        retain_handling: f.retain_handling,
-                        id: sub_id,
-                    };
-                    let is_new = s.subs.insert(sub.clone());
-                    if s.persistent() {
-                        ops.push(Op::UpsertSub {
-                            client_id: self.info.client_id.clone(),
-                            sub: sub.clone(),
-                        });
-                    }
-                    // No retained messages on a shared subscription (MQTT 5 §4.8.2).
-                    let shared = super::subscriptions::is_shared(&f.filter);
-                    if !shared && (f.retain_handling == 0 || (f.retain_handling == 1 && is_new)) {
-                        retained.push(sub);
-                    }
-                }
+        let (idx, subs): (Vec<usize>, Vec<Subscription>) = accepted
+            .into_iter()
+            .map(|(idx, f)| {
+                let sub = Subscription {
+                    filter: f.filter,
+                    qos: f.qos,
+                    no_local: f.no_local,
+                    retain_as_published: f.retain_as_published,
+                    retain_handling: f.retain_handling,
+                    id: sub_id,
+                };
+                (idx, sub)
+            })
+            .unzip();
+        let refused = self.state.subscribe(&self.info.client_id, subs);
+        for (idx, refused) in idx.into_iter().zip(refused) {
+            if let Some(c) = codes.get_mut(idx).filter(|_| refused) {
+                *c = if v5 { 0x97 } else { 0x80 };
             }
-            let mut deliveries = Vec::new();
-            for sub in retained {
-                for m in st.retained.matching(&sub.filter, &now) {
-                    if !self
-                        .shared
-                        .hooks
-                        .may_receive(&self.info.client_id, &m.topic)
-                    {
-                        continue;
-                    }
-                    deliveries.push(super::session::Delivery {
-                        shared: None,
-                        qos: m.qos.min(sub.qos),
-                        msg: m,
-                        retain: true,
-                        sub_ids: sub.id.into_iter().collect(),
-                        seq: None,
-                    });
-                }
-            }
-            for d in deliveries {
-                st.enqueue(
-                    &self.info.client_id,
-                    d,
-                    self.shared.config.max_queued_messages,
-                    &mut ops,
-                );
-            }
-            let _ = self.shared.submit(ops);
         }
         // SUBACK first: the retained messages queued above are written after it.
         self.queue(Outbound::SubAck { pkid, codes });
@@ -1443,34 +1222,17 @@ impl Conn {
     }
 
     /// After a session resumes, sends again what the client has not acknowledged.
-    async fn resend_inflight(&mut self) -> Result<(), End> {
+    async fn resend_inflight(&mut self) -> Result<(), ConnectionEnd> {
         let now = Stamp::now();
-        let packets = {
-            let mut st = self.shared.lock();
-            let mut ops = Vec::new();
-            let mut packets = Vec::new();
-            let mut expired = 0;
-            if let Some(s) = st.sessions.get_mut(&self.info.client_id) {
-                s.inflight.retain(|f| {
-                    if f.state != OutState::Pubcomp && f.delivery.msg.is_expired(&now) {
-                        expired += 1;
-                        ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                        false
-                    } else {
-                        true
-                    }
-                });
-                for f in &s.inflight {
-                    packets.push(match f.state {
-                        OutState::Pubcomp => Outbound::PubRel { pkid: f.pkid },
-                        _ => Outbound::Publish(out_publish(f, true, &now)),
-                    });
-                }
-            }
-            st.stats.dropped_expired += expired;
-            let _ = self.shared.submit(ops);
-            packets
-        };
+        let packets: Vec<Outbound> = self
+            .state
+            .in_flight(&self.info.client_id)
+            .iter()
+            .map(|f| match f.state {
+                OutState::Pubcomp => Outbound::PubRel { pkid: f.pkid },
+                _ => Outbound::Publish(out_publish(f, true, &now)),
+            })
+            .collect();
         for p in packets {
             self.queue(p);
         }
@@ -1478,170 +1240,66 @@ impl Conn {
     }
 
     /// Moves messages from the session queue into the in-flight window and writes them.
-    async fn flush_queue(&mut self) -> Result<(), End> {
+    async fn flush_queue(&mut self) -> Result<(), ConnectionEnd> {
         let now = Stamp::now();
-        {
-            let mut guard = self.shared.lock();
-            let st = &mut *guard;
-            let mut ops = Vec::new();
-            let Some(s) = st.sessions.get_mut(&self.info.client_id) else {
-                return Ok(());
-            };
-            let Some(link) = s.conn.as_ref().filter(|c| c.conn_id == self.conn_id) else {
-                return Ok(());
-            };
-            let window = link.out_window;
-            let mut sent = 0usize;
-            while let Some(front_qos) = s.queue.front().map(|d| d.qos) {
-                if front_qos != QoS::AtMostOnce && s.inflight.len() >= window {
-                    break;
-                }
-                if sent >= FLUSH_BATCH {
-                    self.notify.notify_one();
-                    break;
-                }
-                let Some(d) = s.queue.pop_front() else {
-                    break;
-                };
-                if d.msg.is_expired(&now) {
-                    st.stats.dropped_expired += 1;
-                    ops.extend(d.seq.map(|seq| Op::DeleteMsg { seq }));
-                    continue;
-                }
-                let pkid = if d.qos == QoS::AtMostOnce {
-                    0
-                } else {
-                    match s.next_pkid() {
-                        Some(id) => id,
-                        None => {
-                            s.queue.push_front(d);
-                            break;
-                        }
-                    }
-                };
-                let f = Inflight {
-                    pkid,
-                    state: if d.qos == QoS::ExactlyOnce {
-                        OutState::Pubrec
-                    } else {
-                        OutState::Puback
-                    },
-                    delivery: d,
-                };
-                let mut publish = out_publish(&f, false, &now);
+        let protocol = self.protocol;
+        let out_max = self.out_max;
+        let out_alias_max = self.out_alias_max;
+        let out_aliases = &mut self.out_aliases;
+        let wbuf = &mut self.wbuf;
+        self.state
+            .send_queued(&self.info.client_id, self.conn_id, FLUSH_BATCH, |f| {
+                let mut publish = out_publish(f, false, &now);
                 // Topic alias: a known topic is sent as its alias alone; a new one gets the
                 // next free alias, remembered once the packet is encoded.
                 let mut new_alias = None;
-                if let Some(&a) = self.out_aliases.get(&publish.topic) {
+                if let Some(&a) = out_aliases.get(&publish.topic) {
                     publish.topic_alias = Some(a);
                     publish.topic.clear();
-                } else if let Ok(n) = u16::try_from(self.out_aliases.len() + 1) {
-                    if n <= self.out_alias_max {
+                } else if let Ok(n) = u16::try_from(out_aliases.len() + 1) {
+                    if n <= out_alias_max {
                         publish.topic_alias = Some(n);
                         new_alias = Some((publish.topic.clone(), n));
                     }
                 }
                 let packet = Outbound::Publish(publish);
-                match codec::encode(&packet, self.protocol, &mut self.wbuf, self.out_max) {
+                match codec::encode(&packet, protocol, wbuf, out_max) {
                     Ok(()) => {
                         if let Some((t, n)) = new_alias {
-                            self.out_aliases.insert(t, n);
+                            out_aliases.insert(t, n);
                         }
-                        sent += 1;
-                        st.stats.messages_out += 1;
-                        if f.delivery.qos != QoS::AtMostOnce {
-                            s.inflight.push_back(f);
-                        }
+                        Ok(())
                     }
-                    Err(e) => {
-                        log::warn!(
-                            "local broker: message on '{}' not sent to '{}': {e} (client maximum packet size {})",
-                            f.delivery.msg.topic,
-                            self.info.client_id,
-                            self.out_max
-                        );
-                        st.stats.dropped_too_large += 1;
-                        ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                    }
+                    Err(e) => Err(NotSent(format!(
+                        "{e} (client maximum packet size {out_max})"
+                    ))),
                 }
-            }
-            let _ = self.shared.submit(ops);
-        }
+            });
         self.write_out().await
     }
 
     /// Detaches from the session: schedules or fires the will, starts the session's expiry.
-    fn finish(&mut self, end: End) {
+    fn finish(&mut self, end: ConnectionEnd) {
         let reason = end.describe();
         // The server closing the connection publishes the will (MQTT 5 §3.1.2.5), at shutdown
         // too; a will delay cannot run past our own end, so it is published at once then.
-        let shutting_down = matches!(end, End::Shutdown);
+        let shutting_down = matches!(end, ConnectionEnd::Shutdown);
         let publish_will = matches!(
             end,
-            End::ClientWithWill(_) | End::Abnormal(_) | End::Shutdown
+            ConnectionEnd::ClientWithWill(_) | ConnectionEnd::Abnormal(_) | ConnectionEnd::Shutdown
         );
-        let mut fire_now = None;
-        {
-            let mut st = self.shared.lock();
-            let mut ops = Vec::new();
-            let cid = self.info.client_id.clone();
-            let mine = st
-                .sessions
-                .get(&cid)
-                .and_then(|s| s.conn.as_ref())
-                .is_some_and(|c| c.conn_id == self.conn_id);
-            if mine {
-                // Unacknowledged messages of shared subscriptions go to another member.
-                st.reassign_shared(
-                    self.shared.hooks.as_ref(),
-                    &cid,
-                    self.shared.config.max_queued_messages,
-                    &mut ops,
-                );
-                let mut remove = false;
-                if let Some(s) = st.sessions.get_mut(&cid) {
-                    s.conn = None;
-                    let will = s.will.take();
-                    if s.expiry_secs == 0 {
-                        remove = true;
-                    } else {
-                        s.expires_at =
-                            Some(Stamp::now().plus(Duration::from_secs(u64::from(s.expiry_secs))));
-                        if s.persistent() {
-                            ops.push(Op::SessionDisconnected {
-                                client_id: cid.clone(),
-                                wall_ms: Stamp::now().wall_ms,
-                            });
-                        }
-                    }
-                    if let Some(w) = will.filter(|_| publish_will) {
-                        let delay = w.delay.min(s.expiry_secs);
-                        if delay == 0 || shutting_down {
-                            fire_now = Some(w);
-                        } else {
-                            s.will_cancel = Some(self.shared.schedule_will(
-                                self.info.clone(),
-                                w,
-                                Duration::from_secs(u64::from(delay)),
-                            ));
-                        }
-                    }
-                }
-                if remove {
-                    st.remove_session(&cid, &mut ops);
-                }
-            }
-            let _ = self.shared.submit(ops);
-        }
+        let fire_now = self
+            .state
+            .detach(&self.info, self.conn_id, publish_will, shutting_down);
         log::info!(
             "local broker: '{}' ({}) disconnected: {reason}",
             self.info.client_id,
             self.info.peer
         );
         if let Some(w) = fire_now {
-            self.shared.fire_will(self.info.clone(), w);
+            self.state.fire_will(self.info.clone(), w);
         }
-        self.shared.hooks.on_event(BrokerEvent::Disconnected {
+        self.state.hooks().on_event(BrokerEvent::Disconnected {
             client: self.info.clone(),
             reason,
         });
