@@ -13,6 +13,7 @@ pub mod downlink;
 pub mod freshness;
 pub mod logging;
 pub mod message;
+pub mod mqtt;
 pub mod relay;
 pub mod reload;
 pub mod route;

@@ -89,11 +89,7 @@ impl Default for BrokerConfig {
 }
 
 /// MQTT protocol version of a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    V311,
-    V5,
-}
+pub use crate::mqtt::Protocol;
 
 /// Who a connected client is.
 #[derive(Debug, Clone)]

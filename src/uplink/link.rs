@@ -22,8 +22,8 @@ use super::error::LinkError;
 use super::transport::{self, Io};
 pub use super::wire::OutPublish;
 use super::wire::{self, ConnectSpec, Incoming};
-use crate::config::Protocol;
 use crate::message::{Message, QoS};
+use crate::mqtt::Protocol;
 
 /// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.
 #[derive(Debug, Clone, Default)]

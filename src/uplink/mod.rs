@@ -226,7 +226,7 @@ impl Lane {
             port: endpoints[0].port,
             transport: LinkTransport::Tcp,
             client_id: config.client_id.clone(),
-            protocol: config.protocol,
+            protocol: config.protocol.into(),
             keep_alive: config.keep_alive,
             connect_timeout: config.connect_timeout,
             session_expiry: config.session_expiry,
