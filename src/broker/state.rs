@@ -1198,3 +1198,32 @@ fn describe(ops: &[Op]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_is_described_by_kind_count_and_client() {
+        let ops = vec![
+            Op::UpsertSession {
+                client_id: "ipad-1".into(),
+                expiry_secs: 60,
+            },
+            Op::InsertIncoming {
+                client_id: "ipad-1".into(),
+                pkid: 7,
+            },
+            Op::DeleteMsg { seq: 1 },
+            Op::DeleteMsg { seq: 2 },
+            Op::DeleteRetained {
+                topic: "cab/door".into(),
+            },
+        ];
+        assert_eq!(
+            describe(&ops),
+            "QoS 2 packet id awaiting PUBREL from 'ipad-1', 2 × removal of a delivered or \
+             dropped message, removal of the retained message on 'cab/door', session of 'ipad-1'"
+        );
+    }
+}

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::{linger, Conn, ConnectionEnd, Reader, Writer, TOPIC_ALIAS_MAX, WRITE_TIMEOUT};
 use crate::broker::codec::{self, ConnectPacket, DecodeError, Outbound};
+use crate::broker::limits;
 use crate::broker::session::ConnLink;
 use crate::broker::state::{Attach, BrokerState};
 use crate::broker::{AuthVerdict, BrokerEvent, ClientInfo, ConnectRequest, Protocol};
@@ -190,7 +191,7 @@ impl Conn {
                 assigned = Some(client_id.clone());
             }
         }
-        if let Some(why) = crate::broker::limits::client_id_problem(&client_id) {
+        if let Some(why) = limits::client_id_problem(&client_id) {
             log::info!(
                 "local broker: {peer}: client id {:?} {why}; refused",
                 client_id.chars().take(80).collect::<String>()
@@ -363,7 +364,7 @@ impl Conn {
             kick_rx,
             connect_expiry: expiry,
             bucket: (state.config().max_publish_rate > 0)
-                .then(|| crate::broker::limits::TokenBucket::new(state.config().max_publish_rate)),
+                .then(|| limits::TokenBucket::new(state.config().max_publish_rate)),
             held: false,
             exceeded_counted: false,
             out_aliases: HashMap::new(),

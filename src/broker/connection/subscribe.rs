@@ -5,7 +5,7 @@
 
 use super::{Conn, ConnectionEnd};
 use crate::broker::codec::{self, Outbound};
-use crate::broker::subscriptions::Subscription;
+use crate::broker::subscriptions::{is_shared, shared_parts, Subscription};
 use crate::broker::Protocol;
 use crate::topic;
 
@@ -21,8 +21,8 @@ impl Conn {
         let mut accepted = Vec::new();
         for f in filters {
             // `$share/{group}/{filter}`: the ACL and the validity rules apply to the filter.
-            let shared = crate::broker::subscriptions::is_shared(&f.filter);
-            let inner = match crate::broker::subscriptions::shared_parts(&f.filter) {
+            let shared = is_shared(&f.filter);
+            let inner = match shared_parts(&f.filter) {
                 Some((_, inner)) => inner,
                 None if shared => "",
                 None => f.filter.as_str(),
