@@ -23,6 +23,7 @@ mod auth;
 mod downlink;
 mod freshness;
 mod heartbeat;
+mod mqtt;
 mod relay;
 mod reload;
 mod route;

@@ -8,8 +8,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 /// Addresses remembered by the failure table; beyond it the stalest entry is forgotten.
 pub const MAX_TRACKED: usize = 4096;
@@ -49,6 +52,35 @@ pub fn valid_device_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// `authenticate` calls running at once.
+const AUTH_SLOTS: usize = 2;
+
+/// What every connection consults before it is let in: the open sockets, per address too,
+/// the failed logins, and the slots for running the authentication hook. Each part
+/// synchronises itself; none of it is session state.
+pub struct Admission {
+    /// Sockets open, including those that have not sent CONNECT yet.
+    pub open_sockets: AtomicUsize,
+    /// Open sockets per source address (`max_connections_per_address`).
+    pub addresses: AddressCounts,
+    /// Authentication failures per source address, for delaying refusals.
+    pub failures: FailureThrottle,
+    /// Bounds concurrent `authenticate` calls: password hashing is slow and memory-hungry on
+    /// purpose, so a burst of logins must not occupy every thread or megabytes each.
+    pub auth_slots: Arc<Semaphore>,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            open_sockets: AtomicUsize::new(0),
+            addresses: AddressCounts::default(),
+            failures: FailureThrottle::default(),
+            auth_slots: Arc::new(Semaphore::new(AUTH_SLOTS)),
+        }
+    }
 }
 
 /// Open sockets per source address.

@@ -13,20 +13,21 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::connection::{self, Io};
-use super::router::Shared;
+use super::state::BrokerState;
 use super::{tls, websocket};
 use crate::shutdown::Shutdown;
 
 const REFUSAL_SLOTS: usize = 16;
 
 /// Decrements the open-socket counts when a connection task ends, however it ends.
-struct SocketGuard(Arc<Shared>, Option<std::net::IpAddr>);
+struct SocketGuard(Arc<BrokerState>, Option<std::net::IpAddr>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        self.0.open_sockets.fetch_sub(1, Ordering::SeqCst);
+        let admission = self.0.admission();
+        admission.open_sockets.fetch_sub(1, Ordering::SeqCst);
         if let Some(ip) = self.1 {
-            self.0.addresses.remove(ip);
+            admission.addresses.remove(ip);
         }
     }
 }
@@ -45,25 +46,30 @@ pub fn admit(
     stream: TcpStream,
     peer: SocketAddr,
     transport: Transport,
-    shared: &Arc<Shared>,
+    state: &Arc<BrokerState>,
     shutdown: &Shutdown,
     tasks: &mut JoinSet<()>,
 ) {
-    let open = shared.open_sockets.fetch_add(1, Ordering::SeqCst) + 1;
-    let mut guard = SocketGuard(Arc::clone(shared), None);
-    let per_address = shared.config.max_connections_per_address;
-    if !shared.addresses.try_add(peer.ip(), per_address) {
+    let open = state
+        .admission()
+        .open_sockets
+        .fetch_add(1, Ordering::SeqCst)
+        + 1;
+    let mut guard = SocketGuard(Arc::clone(state), None);
+    let per_address = state.config().max_connections_per_address;
+    if !state.admission().addresses.try_add(peer.ip(), per_address) {
         log::warn!(
             "local broker: {} already holds {per_address} sockets; closing {peer} at once",
             peer.ip()
         );
-        let mut st = shared.lock();
-        st.stats.refused_connections += 1;
-        st.stats.refused_per_address += 1;
+        state.count(|s| {
+            s.refused_connections += 1;
+            s.refused_per_address += 1;
+        });
         return;
     }
     guard.1 = Some(peer.ip());
-    let max = shared.config.max_connections;
+    let max = state.config().max_connections;
     if open > max + REFUSAL_SLOTS {
         // A flood of sockets must not become a flood of log lines.
         static SAID: crate::logging::Throttle =
@@ -71,13 +77,13 @@ pub fn admit(
         if let Some(held) = SAID.allow() {
             log::warn!("local broker: {open} sockets open (limit {max}); closing {peer} at once ({held} more closed since the last report)");
         }
-        shared.lock().stats.refused_connections += 1;
+        state.count(|s| s.refused_connections += 1);
         drop(stream);
         drop(guard);
         return;
     }
     let refuse = open > max;
-    let shared = Arc::clone(shared);
+    let state = Arc::clone(state);
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let _guard = guard;
@@ -85,7 +91,7 @@ pub fn admit(
             Transport::Plain => Io::tcp(stream),
             Transport::Tls(acceptor) => {
                 let _ = stream.set_nodelay(true);
-                let timeout = shared.config.connect_timeout;
+                let timeout = state.config().connect_timeout;
                 let mut stop = shutdown.clone();
                 let handshake = tokio::select! {
                     r = tokio::time::timeout(timeout, acceptor.accept(stream)) => r,
@@ -103,21 +109,21 @@ pub fn admit(
                     }
                     Ok(Err(e)) => {
                         log::info!("local broker: {peer}: TLS handshake failed: {e}");
-                        shared.lock().stats.refused_connections += 1;
+                        state.count(|s| s.refused_connections += 1);
                         return;
                     }
                     Err(_) => {
                         log::info!(
                             "local broker: {peer}: TLS handshake not finished within {timeout:?}; closing"
                         );
-                        shared.lock().stats.refused_connections += 1;
+                        state.count(|s| s.refused_connections += 1);
                         return;
                     }
                 }
             }
             Transport::WebSocket => {
-                let timeout = shared.config.connect_timeout;
-                let max = shared.config.max_packet_size as usize + 16;
+                let timeout = state.config().connect_timeout;
+                let max = state.config().max_packet_size as usize + 16;
                 let mut stop = shutdown.clone();
                 let upgrade = tokio::select! {
                     r = tokio::time::timeout(timeout, websocket::accept(stream, max)) => r,
@@ -127,19 +133,19 @@ pub fn admit(
                     Ok(Ok(ws)) => Io::new(ws, None),
                     Ok(Err(e)) => {
                         log::info!("local broker: {peer}: WebSocket upgrade failed: {e}");
-                        shared.lock().stats.refused_connections += 1;
+                        state.count(|s| s.refused_connections += 1);
                         return;
                     }
                     Err(_) => {
                         log::info!(
                             "local broker: {peer}: WebSocket upgrade not finished within {timeout:?}; closing"
                         );
-                        shared.lock().stats.refused_connections += 1;
+                        state.count(|s| s.refused_connections += 1);
                         return;
                     }
                 }
             }
         };
-        connection::serve(io, peer, shared, shutdown, refuse).await;
+        connection::serve(io, peer, state, shutdown, refuse).await;
     });
 }

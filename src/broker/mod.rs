@@ -7,8 +7,8 @@
 //! - [`Broker::run`]: serve until the shutdown signal, then close cleanly.
 //!
 //! Inside, one task per connection ([`connection`]) owns the socket and the protocol state of
-//! that connection; everything shared (sessions, retained messages, counters) is in
-//! [`router::Shared`] behind one short-held lock; durable state goes to the store through
+//! that connection; everything shared (sessions, retained messages, counters) is owned by
+//! [`state::BrokerState`], whose methods alone change it; durable state goes to the store through
 //! [`persist`] (sessions with an expiry, their subscriptions and QoS 1/2 messages, retained
 //! messages), so a restart of the daemon resumes them.
 
@@ -18,14 +18,13 @@ mod limits;
 mod listener;
 mod persist;
 mod retained;
-mod router;
 mod session;
+mod state;
 mod subscriptions;
 pub mod tls;
 mod websocket;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use tokio::task::JoinSet;
 use crate::message::Message;
 use crate::shutdown::Shutdown;
 use crate::store::{Db, StoreError, StoreWrite};
-use router::Shared;
+use state::BrokerState;
 
 /// Limits and settings of the local broker.
 #[derive(Debug, Clone)]
@@ -90,11 +89,7 @@ impl Default for BrokerConfig {
 }
 
 /// MQTT protocol version of a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    V311,
-    V5,
-}
+pub use crate::mqtt::Protocol;
 
 /// Who a connected client is.
 #[derive(Debug, Clone)]
@@ -281,13 +276,13 @@ pub struct Broker {
     /// The TLS listener and its files.
     tls: Option<(TcpListener, Arc<tls::TlsFiles>)>,
     ws: Option<TcpListener>,
-    shared: Arc<Shared>,
+    state: Arc<BrokerState>,
 }
 
 /// Cheap handle for the rest of the daemon: inject messages, read status, reload TLS files.
 #[derive(Clone)]
 pub struct BrokerHandle {
-    shared: Arc<Shared>,
+    state: Arc<BrokerState>,
     tls: Option<Arc<tls::TlsFiles>>,
 }
 
@@ -298,11 +293,7 @@ impl Broker {
         db: Db,
         hooks: Arc<dyn Hooks>,
     ) -> Result<Broker, BrokerError> {
-        let loaded = db.run(persist::load).await?;
-        let (shared, ops) = Shared::new(config.clone(), db, hooks, loaded);
-        if let Some(commit) = shared.submit(ops) {
-            commit.await.map_err(|_| StoreError::Closed)??;
-        }
+        let state = BrokerState::load(config.clone(), db, hooks).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -352,7 +343,7 @@ impl Broker {
             local_addr,
             tls,
             ws,
-            shared: Arc::new(shared),
+            state: Arc::new(state),
         })
     }
 
@@ -360,14 +351,9 @@ impl Broker {
         self.local_addr
     }
 
-    /// Address of the TLS listener, if any.
-    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
-        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
-    }
-
     pub fn handle(&self) -> BrokerHandle {
         BrokerHandle {
-            shared: Arc::clone(&self.shared),
+            state: Arc::clone(&self.state),
             tls: self.tls.as_ref().map(|(_, f)| Arc::clone(f)),
         }
     }
@@ -386,7 +372,7 @@ impl Broker {
                 _ = shutdown.recv() => break,
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        listener::admit(stream, peer, listener::Transport::Plain, &self.shared, &shutdown, &mut tasks);
+                        listener::admit(stream, peer, listener::Transport::Plain, &self.state, &shutdown, &mut tasks);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning,
@@ -401,7 +387,7 @@ impl Broker {
                 },
                 r = accept_tls(&self.tls) => match r {
                     Ok((stream, peer, acceptor)) => {
-                        listener::admit(stream, peer, listener::Transport::Tls(acceptor), &self.shared, &shutdown, &mut tasks);
+                        listener::admit(stream, peer, listener::Transport::Tls(acceptor), &self.state, &shutdown, &mut tasks);
                     }
                     Err(e) => {
                         log::warn!("local broker: TLS accept failed: {e}");
@@ -410,19 +396,19 @@ impl Broker {
                 },
                 r = accept_ws(&self.ws) => match r {
                     Ok((stream, peer)) => {
-                        listener::admit(stream, peer, listener::Transport::WebSocket, &self.shared, &shutdown, &mut tasks);
+                        listener::admit(stream, peer, listener::Transport::WebSocket, &self.state, &shutdown, &mut tasks);
                     }
                     Err(e) => {
                         log::warn!("local broker: WebSocket accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                _ = sweep.tick() => self.shared.sweep(),
+                _ = sweep.tick() => self.state.sweep(),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         log::info!("local broker: shutting down");
-        self.shared.closed.store(true, Ordering::SeqCst);
+        self.state.close();
         drop(self.listener);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while tasks.join_next().await.is_some() {}
@@ -435,15 +421,15 @@ impl Broker {
         }
         // The wills of the clients just closed: their ingest (the relay's store commit) is
         // waited for, so they are kept and relayed like any other will.
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.wills_settled())
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.state.wills_settled())
             .await
             .is_err()
         {
             log::warn!("local broker: wills still awaiting the relay's verdict at shutdown; they may be lost");
         }
-        self.shared.sweep();
-        // An empty job: its commit means every earlier write of the broker is on disk.
-        self.shared.db.run(|_| Ok(())).await?;
+        self.state.sweep();
+        // Every earlier write of the broker on disk.
+        self.state.flush().await?;
         Ok(())
     }
 }
@@ -507,7 +493,7 @@ impl BrokerHandle {
 
     /// Whether the broker can take `msg` from the relay: open, and a valid topic name.
     fn injectable(&self, msg: &Message) -> Result<(), BrokerError> {
-        if self.shared.is_closed() {
+        if self.state.is_closed() {
             return Err(BrokerError::Closed);
         }
         crate::topic::validate_name(&msg.topic).map_err(|e| BrokerError::InvalidTopic {
@@ -522,7 +508,7 @@ impl BrokerHandle {
     /// caller can then acknowledge upstream.
     pub async fn inject(&self, msg: Message) -> Result<(), BrokerError> {
         self.injectable(&msg)?;
-        if let Some(commit) = self.shared.publish(msg, None) {
+        if let Some(commit) = self.state.publish(msg) {
             commit.await.map_err(|_| StoreError::Closed)??;
         }
         Ok(())
@@ -532,28 +518,14 @@ impl BrokerHandle {
     /// payload is retained there and lives at least as long. The retained snapshot that the
     /// uplink asks for on every connect mostly repeats what the iPads already have.
     pub fn repeats_retained(&self, topic: &str, msg: &Message) -> bool {
-        let st = self.shared.lock();
-        let Some(held) = st.retained.get(topic) else {
-            return false;
-        };
-        let now = crate::clock::Stamp::now();
-        let lives_as_long = match (held.deadline, msg.deadline) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            // A second of slack: the central broker forwards expiry in whole seconds.
-            (Some(h), Some(m)) => {
-                h.remaining(&now).unwrap_or_default() + std::time::Duration::from_secs(1)
-                    >= m.remaining(&now).unwrap_or_default()
-            }
-        };
-        held.payload == msg.payload && !held.is_expired(&now) && lives_as_long
+        self.state.repeats_retained(topic, msg)
     }
 
     /// [`BrokerHandle::inject`] that commits `also` in the same transaction as the message's
     /// durable part (the downlink's route version next to the message it admits).
     pub async fn inject_with(&self, msg: Message, also: StoreWrite) -> Result<(), BrokerError> {
         self.injectable(&msg)?;
-        self.shared
+        self.state
             .publish_with(msg, also)
             .await
             .map_err(|_| StoreError::Closed)??;
@@ -562,25 +534,10 @@ impl BrokerHandle {
 
     /// Connected clients.
     pub fn clients(&self) -> Vec<ClientSummary> {
-        let st = self.shared.lock();
-        let mut out: Vec<ClientSummary> = st
-            .sessions
-            .values()
-            .filter_map(|s| {
-                s.conn.as_ref().map(|c| ClientSummary {
-                    client_id: s.client_id.clone(),
-                    peer: c.info.peer,
-                    protocol: c.info.protocol,
-                    connected_since_ms: c.connected_since_ms,
-                    subscriptions: s.subs.len(),
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        out
+        self.state.clients()
     }
 
     pub fn stats(&self) -> BrokerStats {
-        self.shared.lock().stats.clone()
+        self.state.stats()
     }
 }

@@ -7,14 +7,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-/// MQTT version spoken to the central broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Protocol {
-    #[serde(rename = "5")]
-    V5,
-    #[serde(rename = "3.1.1")]
-    V311,
-}
+/// MQTT version spoken to the central broker (`protocol = "5"` or `"3.1.1"`).
+pub use crate::mqtt::Protocol;
 
 /// `[uplink]`: the connection to the central broker.
 #[derive(Debug, Clone, Deserialize)]

@@ -13,8 +13,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::config::Protocol;
 use super::error::ConnectError;
+use crate::mqtt::Protocol;
 use crate::ws_stream::WsIo;
 
 /// How the bytes travel; for WebSocket, the full `ws(s)://host:port/path` URL.

@@ -8,8 +8,8 @@ use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::{self as m5, v5};
 
 use crate::clock::Stamp;
-use crate::config::Protocol;
 use crate::message::{Message, Properties, QoS};
+use crate::mqtt::{self, Protocol};
 
 /// What CONNECT carries.
 pub struct ConnectSpec<'a> {
@@ -65,19 +65,13 @@ pub enum Incoming {
     Unexpected(&'static str),
 }
 
+// QoS 2 is never used upstream: it goes out as QoS 1.
 fn v4_qos(q: QoS) -> m4::QoS {
-    match q {
-        QoS::AtMostOnce => m4::QoS::AtMostOnce,
-        // QoS 2 is never used upstream.
-        _ => m4::QoS::AtLeastOnce,
-    }
+    mqtt::qos_to_v4(q.min(QoS::AtLeastOnce))
 }
 
 fn v5_qos(q: QoS) -> m5::QoS {
-    match q {
-        QoS::AtMostOnce => m5::QoS::AtMostOnce,
-        _ => m5::QoS::AtLeastOnce,
-    }
+    mqtt::qos_to_v5(q.min(QoS::AtLeastOnce))
 }
 
 fn secs_u16(d: Duration) -> u16 {
@@ -137,17 +131,7 @@ fn v4_publish(pkid: u16, m: &OutPublish) -> v4::Publish {
 }
 
 fn v5_publish(pkid: u16, m: &OutPublish) -> v5::Publish {
-    let p = &m.properties;
-    let props = v5::PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: m.expiry_secs,
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone(),
-        user_properties: p.user_properties.clone(),
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type.clone(),
-    };
+    let props = mqtt::publish_properties(&m.properties, m.expiry_secs, None, Vec::new());
     let mut publish = v5::Publish::new(
         m.topic.as_str(),
         v5_qos(m.qos),
@@ -281,11 +265,7 @@ fn from_v4(p: v4::Packet) -> Incoming {
             refused: None,
         },
         v4::Packet::Publish(p) => {
-            let qos = match p.qos {
-                m4::QoS::AtMostOnce => QoS::AtMostOnce,
-                m4::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                m4::QoS::ExactlyOnce => QoS::ExactlyOnce,
-            };
+            let qos = mqtt::qos_from_v4(p.qos);
             Incoming::Publish {
                 pkid: p.pkid,
                 message: Box::new(Message {
@@ -333,11 +313,7 @@ fn from_v5(p: v5::Packet) -> Incoming {
             },
         },
         v5::Packet::Publish(p) => {
-            let qos = match p.qos {
-                m5::QoS::AtMostOnce => QoS::AtMostOnce,
-                m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                m5::QoS::ExactlyOnce => QoS::ExactlyOnce,
-            };
+            let qos = mqtt::qos_from_v5(p.qos);
             let accepted = Stamp::now();
             let props = p.properties.unwrap_or_default();
             let deadline = props
@@ -350,13 +326,7 @@ fn from_v5(p: v5::Packet) -> Incoming {
                     payload: p.payload,
                     qos,
                     retain: p.retain,
-                    properties: Properties {
-                        payload_format_indicator: props.payload_format_indicator,
-                        content_type: props.content_type,
-                        response_topic: props.response_topic,
-                        correlation_data: props.correlation_data,
-                        user_properties: props.user_properties,
-                    },
+                    properties: mqtt::properties_from_v5(props),
                     accepted,
                     deadline,
                 }),
@@ -387,12 +357,8 @@ mod tests {
     //! the uplink reads.
     use super::*;
     use crate::broker::codec::{self, Inbound, Outbound};
-    use crate::broker::Protocol as BrokerProtocol;
 
-    const BOTH: [(Protocol, BrokerProtocol); 2] = [
-        (Protocol::V311, BrokerProtocol::V311),
-        (Protocol::V5, BrokerProtocol::V5),
-    ];
+    const BOTH: [Protocol; 2] = [Protocol::V311, Protocol::V5];
 
     #[test]
     fn connect_keeps_the_session_and_carries_will_and_credentials() {
@@ -401,7 +367,7 @@ mod tests {
             "trains/T1/status".to_string(),
             Bytes::from_static(b"offline"),
         );
-        for (ours, theirs) in BOTH {
+        for protocol in BOTH {
             let mut buf = BytesMut::new();
             let spec = ConnectSpec {
                 client_id: "trainrelay-T1",
@@ -411,8 +377,8 @@ mod tests {
                 credentials: Some(&credentials),
                 will: Some(&will),
             };
-            connect(ours, &spec, &mut buf).unwrap();
-            let c = codec::decode_connect(&mut buf, theirs, 1 << 20)
+            connect(protocol, &spec, &mut buf).unwrap();
+            let c = codec::decode_connect(&mut buf, protocol, 1 << 20)
                 .unwrap()
                 .expect("a whole CONNECT");
             assert_eq!(c.client_id, "trainrelay-T1");
@@ -427,7 +393,7 @@ mod tests {
             );
             assert!(w.retain);
             assert_eq!(w.qos, QoS::AtLeastOnce);
-            if ours == Protocol::V5 {
+            if protocol == Protocol::V5 {
                 assert_eq!(c.session_expiry, 86_400);
                 assert_eq!(c.max_packet_size, Some(1 << 20));
             }
@@ -436,7 +402,7 @@ mod tests {
 
     #[test]
     fn publish_carries_remaining_expiry_and_user_properties_on_v5() {
-        for (ours, theirs) in BOTH {
+        for protocol in BOTH {
             let m = OutPublish {
                 topic: "trains/T1/up/x".into(),
                 payload: Bytes::from_static(b"hello"),
@@ -449,11 +415,13 @@ mod tests {
                 expiry_secs: Some(42),
             };
             let mut buf = BytesMut::new();
-            publish(ours, 9, &m, &mut buf);
+            publish(protocol, 9, &m, &mut buf);
             // Half a packet is not a packet yet.
             let mut half = BytesMut::from(&buf[..buf.len() / 2]);
-            assert!(codec::decode(&mut half, theirs, 1 << 20).unwrap().is_none());
-            let Some(Inbound::Publish(p)) = codec::decode(&mut buf, theirs, 1 << 20).unwrap()
+            assert!(codec::decode(&mut half, protocol, 1 << 20)
+                .unwrap()
+                .is_none());
+            let Some(Inbound::Publish(p)) = codec::decode(&mut buf, protocol, 1 << 20).unwrap()
             else {
                 panic!("expected a PUBLISH");
             };
@@ -462,7 +430,7 @@ mod tests {
                 ("trains/T1/up/x", &b"hello"[..])
             );
             assert_eq!((p.pkid, p.qos, p.retain), (9, QoS::AtLeastOnce, true));
-            if ours == Protocol::V5 {
+            if protocol == Protocol::V5 {
                 assert_eq!(p.expiry, Some(42));
                 assert_eq!(
                     p.properties.user_properties,
@@ -476,7 +444,7 @@ mod tests {
 
     #[test]
     fn publish_size_is_the_encoded_size_with_properties() {
-        for (ours, _) in BOTH {
+        for protocol in BOTH {
             let m = OutPublish {
                 topic: "trains/T1/up/x".into(),
                 payload: Bytes::from(vec![7u8; 300]),
@@ -490,37 +458,37 @@ mod tests {
                 expiry_secs: Some(42),
             };
             let mut buf = BytesMut::new();
-            publish(ours, 9, &m, &mut buf);
-            assert_eq!(publish_size(ours, &m), buf.len(), "{ours:?}");
+            publish(protocol, 9, &m, &mut buf);
+            assert_eq!(publish_size(protocol, &m), buf.len(), "{protocol:?}");
         }
     }
 
     #[test]
     fn acks_from_the_broker_say_whether_it_took_the_message() {
-        for (ours, theirs) in BOTH {
+        for protocol in BOTH {
             let mut buf = BytesMut::new();
             for (pkid, reason) in [(1, 0x00), (2, 0x10), (3, 0x97)] {
                 let ack = Outbound::PubAck { pkid, reason };
-                codec::encode(&ack, theirs, &mut buf, 1 << 20).unwrap();
+                codec::encode(&ack, protocol, &mut buf, 1 << 20).unwrap();
             }
             let mut got = Vec::new();
-            while let Some(p) = decode(ours, &mut buf, 1 << 20).unwrap() {
+            while let Some(p) = decode(protocol, &mut buf, 1 << 20).unwrap() {
                 let Incoming::PubAck { pkid, refused } = p else {
                     panic!("expected PUBACK, got {p:?}");
                 };
                 got.push((pkid, refused.is_some()));
             }
             // 0x10 (no matching subscribers) is a success; 3.1.1 has no reason codes.
-            let refused_3 = ours == Protocol::V5;
+            let refused_3 = protocol == Protocol::V5;
             assert_eq!(got, vec![(1, false), (2, false), (3, refused_3)]);
         }
     }
 
     #[test]
     fn garbage_from_the_broker_is_an_error_not_a_panic() {
-        for (ours, _) in BOTH {
+        for protocol in BOTH {
             let mut buf = BytesMut::from(&[0xF0u8, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..]);
-            assert!(decode(ours, &mut buf, 1 << 20).is_err());
+            assert!(decode(protocol, &mut buf, 1 << 20).is_err());
         }
     }
 }

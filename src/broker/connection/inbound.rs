@@ -1,0 +1,204 @@
+//! Reading the client's packets: decode what the buffer holds and dispatch each packet
+//! (PUBLISH to [`super::publish`], (UN)SUBSCRIBE to [`super::subscribe`], acknowledgements of
+//! our messages to the session, PINGREQ, DISCONNECT).
+//!
+//! # Backpressure instead of disconnects
+//! The FIFO of pending verdicts ([`super::publish`]) plus the QoS 2 messages awaiting PUBREL
+//! is bounded by our Receive Maximum. When it is full, the connection stops decoding
+//! PUBLISHes: they stay in the read buffer, and once that holds [`super::HELD_READ_AHEAD`]
+//! bytes the socket is not read at all, so TCP slows the client down. Decoding resumes, in order, as verdicts free the window. This serves MQTT 3.1.1
+//! clients (which know no Receive Maximum) and v5 clients that ignore ours (paho-mqtt for
+//! Python does) alike; a v5 client that exceeds it is counted (`receive_maximum_exceeded`),
+//! not disconnected with 0x93, which the spec allows but does not require: a disconnected
+//! client would only resend its whole window. While held back, the packets that cannot wait
+//! behind the held PUBLISHes (PUBACK, PUBREC, PUBREL, PUBCOMP, PINGREQ) are still taken out
+//! of the buffer and served, so the client's acknowledgements of our messages, the PUBRELs
+//! that free the window, and its pings do not starve. A held-back connection has no
+//! keep-alive deadline (we are the ones not reading); the timer restarts when the window has
+//! room again.
+
+use super::{Conn, ConnectionEnd};
+use crate::broker::codec::{self, Inbound, Outbound};
+use crate::broker::session::OutState;
+use crate::broker::Protocol;
+use crate::message::QoS;
+
+impl Conn {
+    /// Resolves known verdicts and decodes what the buffer holds, as long as either frees
+    /// room for the other: packets held back while the window was full are decoded as soon
+    /// as verdicts make room, without waiting for the socket to wake us.
+    pub(super) async fn process_buffered(&mut self) -> Result<(), ConnectionEnd> {
+        loop {
+            self.drain_verdicts().await?;
+            let before = self.rbuf.len();
+            if before == 0 {
+                return Ok(());
+            }
+            self.read_packets().await?;
+            if self.rbuf.len() == before {
+                return Ok(());
+            }
+        }
+    }
+
+    pub(super) async fn read_packets(&mut self) -> Result<(), ConnectionEnd> {
+        loop {
+            // Window full: PUBLISHes wait in the buffer (see the module doc).
+            if self.inbound_full() {
+                if !self.serve_past_held().await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            match codec::decode(
+                &mut self.rbuf,
+                self.protocol,
+                self.state.config().max_packet_size,
+            ) {
+                Ok(Some(p)) => self.handle(p).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+            }
+        }
+    }
+
+    /// With the window full: serves the acknowledgements and pings that follow the held
+    /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
+    /// DISCONNECT, ...). True if one was served (the window may have room again).
+    pub(super) async fn serve_past_held(&mut self) -> Result<bool, ConnectionEnd> {
+        let max = self.state.config().max_packet_size;
+        let mut off = 0;
+        loop {
+            let frame = match self
+                .rbuf
+                .get(off..)
+                .map(|rest| codec::peek_frame(rest, max))
+            {
+                Some(Ok(Some(f))) => f,
+                Some(Ok(None)) | None => return Ok(false),
+                Some(Err(e)) => {
+                    return Err(self.protocol_error(e.reason_code(), e.to_string()).await)
+                }
+            };
+            let (byte1, len) = frame;
+            match byte1 >> 4 {
+                3 => {
+                    if byte1 & 0x06 != 0 && self.protocol == Protocol::V5 && !self.exceeded_counted
+                    {
+                        self.exceeded_counted = true;
+                        self.state.count(|s| s.receive_maximum_exceeded += 1);
+                        log::info!(
+                            "local broker: '{}' ({}) sends more than our Receive Maximum of {} unacknowledged QoS 1/2 PUBLISHes; holding them back",
+                            self.info.client_id,
+                            self.info.peer,
+                            self.state.config().receive_maximum
+                        );
+                    }
+                    off += len;
+                }
+                4..=7 | 12 => {
+                    let mut tail = self.rbuf.split_off(off);
+                    let decoded = codec::decode(&mut tail, self.protocol, max);
+                    self.rbuf.unsplit(tail);
+                    return match decoded {
+                        Ok(Some(p)) => {
+                            self.handle(p).await?;
+                            Ok(true)
+                        }
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(self.protocol_error(e.reason_code(), e.to_string()).await),
+                    };
+                }
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    /// True when the client has as many QoS 1/2 PUBLISHes unacknowledged as we allow.
+    pub(super) fn inbound_full(&self) -> bool {
+        let awaiting_rel = self.state.awaiting_release(&self.info.client_id);
+        let in_flight = self
+            .pending
+            .iter()
+            .filter(|q| q.qos != QoS::AtMostOnce)
+            .count()
+            + awaiting_rel;
+        in_flight >= usize::from(self.state.config().receive_maximum)
+    }
+
+    pub(super) async fn handle(&mut self, p: Inbound) -> Result<(), ConnectionEnd> {
+        match p {
+            Inbound::Publish(p) => self.on_publish(p).await,
+            Inbound::PubAck(pkid) => {
+                self.state
+                    .acknowledged(&self.info.client_id, pkid, OutState::Puback);
+                Ok(())
+            }
+            Inbound::PubRec { pkid, failed } => {
+                if self.state.received(&self.info.client_id, pkid, failed) {
+                    self.queue(Outbound::PubRel { pkid });
+                }
+                Ok(())
+            }
+            Inbound::PubComp(pkid) => {
+                self.state
+                    .acknowledged(&self.info.client_id, pkid, OutState::Pubcomp);
+                Ok(())
+            }
+            Inbound::PubRel(pkid) => {
+                let found = self.state.release(&self.info.client_id, pkid);
+                self.queue(Outbound::PubComp {
+                    pkid,
+                    reason: if found { 0 } else { 0x92 },
+                });
+                Ok(())
+            }
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                sub_id,
+            } => self.on_subscribe(pkid, filters, sub_id).await,
+            Inbound::Unsubscribe { pkid, filters } => {
+                self.on_unsubscribe(pkid, filters);
+                Ok(())
+            }
+            Inbound::PingReq => {
+                self.queue(Outbound::PingResp);
+                Ok(())
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(e) = session_expiry {
+                    if self.connect_expiry == 0 && e != 0 {
+                        return Err(self
+                            .protocol_error(
+                                0x82,
+                                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0"
+                                    .into(),
+                            )
+                            .await);
+                    }
+                    self.state.set_expiry(&self.info.client_id, e);
+                }
+                // Messages sent before DISCONNECT are still owed their delivery.
+                self.settle_pending().await?;
+                Err(if reason == 0 {
+                    ConnectionEnd::Normal
+                } else {
+                    ConnectionEnd::ClientWithWill(reason)
+                })
+            }
+            Inbound::Auth => Err(self
+                .protocol_error(0x82, "AUTH without an authentication method".into())
+                .await),
+            Inbound::ServerOnly(what) => Err(self
+                .protocol_error(
+                    0x82,
+                    format!("client sent {what}, which only a server may send"),
+                )
+                .await),
+        }
+    }
+}
