@@ -143,7 +143,7 @@ pub struct NewEntry {
 /// A queued message, as read back for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Row id: what [`Queue::ack`] and [`Queue::record_attempt`] take.
+    /// Row id: what [`Queue::ack`] and [`Queue::record_failure`] take.
     pub id: i64,
     /// `"{epoch}-{id}"`, stable across restarts of the same store.
     pub msg_id: String,
@@ -300,10 +300,17 @@ impl Shared {
     }
 
     fn removed(&self, t: Totals) {
+        // Saturating: a total never wraps below zero, whatever a resync raced with.
         let sub = |a: &AtomicU64, n: u64| {
-            let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_sub(n))
-            });
+            let mut current = a.load(Ordering::Acquire);
+            while let Err(actual) = a.compare_exchange_weak(
+                current,
+                current.saturating_sub(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                current = actual;
+            }
         };
         sub(&self.rows, t.rows);
         sub(&self.bytes, t.bytes);
@@ -645,21 +652,6 @@ impl Queue {
                 Ok(())
             },
         )
-    }
-
-    /// Records a failed delivery attempt (e.g. refused by the broker) for the given rows.
-    pub async fn record_attempt(&self, ids: Vec<i64>) -> Result<(), StoreError> {
-        self.db
-            .run(move |conn| {
-                let mut st = conn.prepare_cached(
-                    "UPDATE uplink_queue SET attempts = attempts + 1 WHERE id = ?1",
-                )?;
-                for id in ids {
-                    st.execute([id])?;
-                }
-                Ok(())
-            })
-            .await
     }
 
     /// Deletes every expired row; returns how many.
@@ -1810,7 +1802,11 @@ mod tests {
         let size = entry_size(&msg("t", 5, at(0), None));
         put(&q, 0, msg("t", 5, at(0), None)).await.unwrap();
         put(&q, 0, msg("t", 5, at(0), None)).await.unwrap();
-        q.record_attempt(vec![2, 2, 77]).await.unwrap();
+        for id in [2, 2, 77] {
+            q.record_failure(id, "refused".into(), u32::MAX)
+                .await
+                .unwrap();
+        }
         q.ack(vec![1, 1, 77, -3]).await.unwrap();
         q.ack(vec![1]).await.unwrap();
         assert_eq!(q.counters().acked, 1);

@@ -162,7 +162,14 @@ pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"
         ))
         .map_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
+            if !conn.is_autocommit() {
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    log::error!(
+                        "store {}: rollback of migration {version} failed: {e}",
+                        path.display()
+                    );
+                }
+            }
             StoreError::Open {
                 path: path.to_path_buf(),
                 source: e,
