@@ -18,6 +18,7 @@
 //! - The schema is versioned with `PRAGMA user_version`; [`schema`] holds the migrations from the
 //!   first release on. A store written by a newer version is refused, not guessed at.
 
+pub mod props;
 pub mod queue;
 pub mod schema;
 

@@ -87,7 +87,7 @@ impl Queue {
                      WHERE id = ?1"
                 ))?
                 .execute(params![id, reason, Stamp::now().wall_ms])?;
-                let gone = super::delete_ids(conn, &[id])?;
+                let gone = super::delete::delete_ids(conn, &[id])?;
                 shared.removed(gone);
                 Ok(Failure::DeadLettered)
             },
