@@ -1,8 +1,10 @@
 //! The one storage format of MQTT v5 [`Properties`] in the store.
 //!
 //! # Contract
-//! - The `props` columns of the uplink queue and its dead letters (`uplink_queue`,
-//!   `uplink_dead_letters`) hold this encoding.
+//! - Every `props` column of the database holds this encoding: the uplink queue and its dead
+//!   letters (`uplink_queue`, `uplink_dead_letters`) and the local broker's persistent session
+//!   messages and retained messages (`broker_session_messages`, `broker_retained`; schema
+//!   migration 6 converted their former JSON text).
 //! - No properties are stored as `NULL`, never as an empty encoding: [`encode`] returns `None`
 //!   for [`Properties::default`].
 //! - [`decode`] is the exact inverse of [`encode`] and is strict: an unknown version or flag,
