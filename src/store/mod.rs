@@ -61,6 +61,13 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store: {table} row {id} is damaged: {source}")]
+    Row {
+        table: &'static str,
+        id: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("store commit failed: {0}")]
     Commit(String),
     #[error("cannot start the store's {thread} thread: {source}")]
