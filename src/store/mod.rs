@@ -17,6 +17,7 @@
 //!   back the last few batches (which were already acknowledged).
 //! - The schema is versioned with `PRAGMA user_version`; [`schema`] holds the migrations from the
 //!   first release on. A store written by a newer version is refused, not guessed at.
+//! - MQTT v5 properties have one encoding in every table that keeps them ([`props`]).
 
 pub mod props;
 pub mod queue;

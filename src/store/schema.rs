@@ -6,7 +6,7 @@
 //!   function; either runs in one `BEGIN IMMEDIATE` transaction together with the bump of
 //!   `PRAGMA user_version`, so a store is always at exactly one version, never half migrated.
 //! - A failed migration rolls back and the store is refused ([`StoreError::Open`]); a store with
-//!   a version newer than [`current_version`] is refused ([`StoreError::TooNew`]).
+//!   a version newer than this build knows is refused ([`StoreError::TooNew`]).
 //! - A Rust migration keeps its own frozen copy of whatever old format it reads
 //!   ([`props_json`] for migration 6), so later changes elsewhere cannot alter it.
 
@@ -166,7 +166,7 @@ const MIGRATIONS: &[Migration] = &[
 ];
 
 /// The schema version this build writes.
-pub fn current_version() -> i64 {
+fn current_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
