@@ -329,10 +329,13 @@ async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull, starvati
             }
             Action::RecordAttempt { mask } => {
                 let ids = pick(&in_flight, mask);
-                real.queue
-                    .record_attempt(ids.clone())
-                    .await
-                    .expect("record_attempt");
+                // Failures counted without a limit: the row stays queued.
+                for id in &ids {
+                    real.queue
+                        .record_failure(*id, "refused".into(), u32::MAX)
+                        .await
+                        .expect("record_failure");
+                }
                 for id in ids {
                     if let Some(r) = model.rows.get_mut(&id) {
                         r.attempts += 1;

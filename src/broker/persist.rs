@@ -14,13 +14,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::session::Delivery;
 use super::subscriptions::Subscription;
 use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};
-use crate::store::StoreError;
+use crate::store::{props, StoreError};
 
 /// One change to the broker's rows.
 #[derive(Debug)]
@@ -151,7 +152,7 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
                         d.qos as u8,
                         m.retain,
                         d.retain,
-                        props_to_json(&m.properties),
+                        props::encode(&m.properties),
                         serde_json::to_string(&d.sub_ids).unwrap_or_else(|_| "[]".into()),
                         m.accepted.wall_ms,
                         m.accepted.boot_ms,
@@ -194,7 +195,7 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
                         m.topic,
                         m.payload.as_ref(),
                         m.qos as u8,
-                        props_to_json(&m.properties),
+                        props::encode(&m.properties),
                         m.accepted.wall_ms,
                         m.accepted.boot_ms,
                         m.accepted.boot_id,
@@ -214,37 +215,14 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn props_to_json(p: &Properties) -> Option<String> {
-    if *p == Properties::default() {
-        return None;
-    }
-    let v = serde_json::json!({
-        "pfi": p.payload_format_indicator,
-        "ct": p.content_type,
-        "rt": p.response_topic,
-        "cd": p.correlation_data.as_ref().map(|b| b.to_vec()),
-        "up": p.user_properties,
-    });
-    Some(v.to_string())
-}
-
-fn props_from_json(s: Option<String>) -> Properties {
-    let Some(s) = s else {
-        return Properties::default();
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) else {
-        return Properties::default();
-    };
-    Properties {
-        payload_format_indicator: v["pfi"].as_u64().and_then(|n| u8::try_from(n).ok()),
-        content_type: v["ct"].as_str().map(str::to_string),
-        response_topic: v["rt"].as_str().map(str::to_string),
-        correlation_data: serde_json::from_value::<Option<Vec<u8>>>(v["cd"].clone())
-            .ok()
-            .flatten()
-            .map(Bytes::from),
-        user_properties: serde_json::from_value(v["up"].clone()).unwrap_or_default(),
-    }
+/// The `props` column of a broker row, in the store's one encoding ([`props`]). Damage is
+/// logged with the table and row and read as no properties: the message itself is still
+/// delivered.
+fn props_of(v: ValueRef<'_>, table: &str, row: &dyn std::fmt::Display) -> Properties {
+    props::from_column(v).unwrap_or_else(|e| {
+        log::error!("store: {table} row {row}: {e}; loading the message without its properties");
+        Properties::default()
+    })
 }
 
 fn qos_of(n: i64) -> QoS {
@@ -338,7 +316,11 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
                 payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
                 qos: qos_of(r.get(3)?),
                 retain: r.get(5)?,
-                properties: props_from_json(r.get(7)?),
+                properties: props_of(
+                    r.get_ref(7)?,
+                    "broker_session_messages",
+                    &format_args!("seq {}", r.get::<_, i64>(0)?),
+                ),
                 accepted: stamp(r.get(9)?, r.get(10)?, boot_id),
                 deadline,
             };
@@ -369,16 +351,18 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     )?;
     let rows = st.query_map([], |r| {
         let boot_id: i64 = r.get(6)?;
+        let topic: String = r.get(0)?;
         let deadline = match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?) {
             (Some(w), Some(b)) => Some(stamp(w, b, boot_id)),
             _ => None,
         };
+        let properties = props_of(r.get_ref(3)?, "broker_retained", &format_args!("{topic:?}"));
         Ok(Message {
-            topic: r.get(0)?,
+            topic,
             payload: Bytes::from(r.get::<_, Vec<u8>>(1)?),
             qos: qos_of(r.get(2)?),
             retain: true,
-            properties: props_from_json(r.get(3)?),
+            properties,
             accepted: stamp(r.get(4)?, r.get(5)?, boot_id),
             deadline,
         })

@@ -17,7 +17,9 @@
 //!   back the last few batches (which were already acknowledged).
 //! - The schema is versioned with `PRAGMA user_version`; [`schema`] holds the migrations from the
 //!   first release on. A store written by a newer version is refused, not guessed at.
+//! - MQTT v5 properties have one encoding in every table that keeps them ([`props`]).
 
+pub mod props;
 pub mod queue;
 pub mod schema;
 
@@ -60,8 +62,21 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store: {table} row {id} is damaged: {source}")]
+    Row {
+        table: &'static str,
+        id: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("store commit failed: {0}")]
     Commit(String),
+    #[error("cannot start the store's {thread} thread: {source}")]
+    Spawn {
+        thread: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store is full")]
     Full,
     #[error("store is closed")]
@@ -118,8 +133,7 @@ impl Db {
         let read_conn = open_reader(path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let (reads, mut read_rx) = mpsc::unbounded_channel::<ReadJob>();
-        let spawn_failed =
-            |what, e| StoreError::Commit(format!("cannot start the store's {what} thread: {e}"));
+        let spawn_failed = |thread, source| StoreError::Spawn { thread, source };
         let reader = thread::Builder::new()
             .name("store-reader".into())
             .spawn(move || reader_loop(read_conn, &mut read_rx))
@@ -136,11 +150,6 @@ impl Db {
             },
             DbThread { writer, reader },
         ))
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `f` in the writer's next transaction and answers once that is committed.
@@ -185,12 +194,20 @@ impl Db {
                     Some(e) => Err(StoreError::Commit(e.to_string())),
                     None => result,
                 };
-                let _ = reply.send(then(result));
+                if let Err(unanswered) = reply.send(then(result)) {
+                    answer_dropped("job", unanswered);
+                }
             });
             (ok, done)
         });
-        // If the writer is gone the reply sender is dropped and the caller sees Closed.
-        let _ = self.tx.send(job);
+        // If the writer is gone the job, and with it the reply sender, is dropped and the
+        // caller sees Closed.
+        if self.tx.send(job).is_err() {
+            log::debug!(
+                "store {}: writer has stopped; job refused",
+                self.path.display()
+            );
+        }
         answer
     }
 
@@ -211,30 +228,38 @@ impl Db {
     {
         let (reply, answer) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn| {
-            let _ = reply.send(f(conn));
+            if let Err(unanswered) = reply.send(f(conn)) {
+                answer_dropped("read", unanswered);
+            }
         });
-        // If the reader is gone the reply sender is dropped and the caller sees Closed.
-        let _ = self.reads.send(job);
+        // If the reader is gone the job, and with it the reply sender, is dropped and the
+        // caller sees Closed.
+        if self.reads.send(job).is_err() {
+            log::debug!(
+                "store {}: reader has stopped; read refused",
+                self.path.display()
+            );
+        }
         answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Runs `f` and blocks the calling thread for the answer. Not for use on an async task.
-    pub fn run_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        self.submit(f)
-            .blocking_recv()
-            .map_err(|_| StoreError::Closed)?
     }
 }
 
 impl DbThread {
     /// Waits for the writer and the reader to finish. Every [`Db`] handle must be dropped first.
     pub fn join(self) {
-        let _ = self.reader.join();
-        let _ = self.writer.join();
+        for (name, thread) in [("reader", self.reader), ("writer", self.writer)] {
+            if thread.join().is_err() {
+                log::error!("store: the {name} thread panicked");
+            }
+        }
+    }
+}
+
+/// A job's or read's answer that nobody waits for any more: the caller may drop the receiver
+/// ([`Db::submit`]). Nothing is lost but the answer; an error in it is worth a debug line.
+fn answer_dropped<T>(what: &str, unanswered: Result<T, StoreError>) {
+    if let Err(e) = unanswered {
+        log::debug!("store: a {what} failed and nobody waited for its answer: {e}");
     }
 }
 
@@ -341,7 +366,9 @@ fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
         }
         // Cached statements: parsing these anew for every job cost more than most jobs.
         let step = |sql: &str| {
-            let _ = conn.prepare_cached(sql).and_then(|mut st| st.execute([]));
+            if let Err(e) = conn.prepare_cached(sql).and_then(|mut st| st.execute([])) {
+                log::error!("store {}: {sql} failed: {e}", conn.path().unwrap_or("?"));
+            }
         };
         for job in batch.drain(..) {
             step("SAVEPOINT job");
@@ -355,15 +382,23 @@ fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
         match conn.execute_batch("COMMIT") {
             Ok(()) => completions.into_iter().for_each(|done| done(None)),
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
+                let path = conn.path().unwrap_or("?");
+                log::error!("store {path}: commit failed: {e}");
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    log::error!("store {path}: rollback after the failed commit failed: {e}");
+                }
                 let err = StoreError::Commit(e.to_string());
-                log::error!("store {}: commit failed: {e}", conn.path().unwrap_or("?"));
                 completions.into_iter().for_each(|done| done(Some(&err)));
             }
         }
     }
     // All handles dropped: checkpoint so the next start opens a compact database.
-    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        log::warn!(
+            "store {}: checkpoint at close failed ({e}); the next start replays the WAL",
+            conn.path().unwrap_or("?")
+        );
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,14 @@
 //! Schema migrations. Each entry moves the store from version `index` to `index + 1`; entries
 //! are never edited once released, only appended.
+//!
+//! # Contract
+//! - A migration is SQL or, when rows must be rewritten in a way SQL cannot express, a Rust
+//!   function; either runs in one `BEGIN IMMEDIATE` transaction together with the bump of
+//!   `PRAGMA user_version`, so a store is always at exactly one version, never half migrated.
+//! - A failed migration rolls back and the store is refused ([`StoreError::Open`]); a store with
+//!   a version newer than this build knows is refused ([`StoreError::TooNew`]).
+//! - A Rust migration keeps its own frozen copy of whatever old format it reads
+//!   ([`props_json`] for migration 6), so later changes elsewhere cannot alter it.
 
 use std::path::Path;
 
@@ -7,10 +16,21 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
+mod props_json;
+
+/// One step of the schema.
+enum Migration {
+    Sql(&'static str),
+    /// Runs inside the migration's transaction.
+    Rust(fn(&Connection) -> rusqlite::Result<()>),
+}
+
+use Migration::{Rust, Sql};
+
 /// The migrations, in order. The schema version of a store is the number applied.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: core tables: store identity and the uplink queue.
-    r#"
+    Sql(r#"
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -40,10 +60,10 @@ const MIGRATIONS: &[&str] = &[
         WHERE deadline_boot IS NOT NULL;
     CREATE INDEX uplink_queue_deadline_wall ON uplink_queue(deadline_wall)
         WHERE deadline_wall IS NOT NULL;
-    "#,
+    "#),
     // 2: local broker: persistent iPad sessions, their subscriptions and queued messages, and
     // retained messages.
-    r#"
+    Sql(r#"
     CREATE TABLE broker_sessions (
         client_id         TEXT PRIMARY KEY,
         expiry_secs       INTEGER NOT NULL,
@@ -94,10 +114,10 @@ const MIGRATIONS: &[&str] = &[
         deadline_wall INTEGER,
         deadline_boot INTEGER
     );
-    "#,
+    "#),
     // 3: freshness: the conflation key of a queued row (NULL: never conflated), and the
     // newest version seen per (route, key) for dropping outdated messages across restarts.
-    r#"
+    Sql(r#"
     ALTER TABLE uplink_queue ADD COLUMN conflate_key TEXT;
     CREATE INDEX uplink_queue_conflate ON uplink_queue(route, conflate_key)
         WHERE conflate_key IS NOT NULL;
@@ -108,12 +128,12 @@ const MIGRATIONS: &[&str] = &[
         updated_wall INTEGER NOT NULL,
         PRIMARY KEY (route, key)
     );
-    "#,
+    "#),
     // 4: dead letters: uplink rows the central broker would not take after
     // `uplink.max_attempts` tries, kept out of the queue so the rows behind them flow. Same
     // columns as `uplink_queue` (the id is the original row id, so a re-queued row keeps its
     // place and its message id), plus why and when it was given up.
-    r#"
+    Sql(r#"
     CREATE TABLE uplink_dead_letters (
         id            INTEGER PRIMARY KEY,
         route         TEXT    NOT NULL,
@@ -133,15 +153,20 @@ const MIGRATIONS: &[&str] = &[
         reason        TEXT    NOT NULL,
         failed_wall   INTEGER NOT NULL
     );
-    "#,
+    "#),
     // 5: a dead letter keeps its conflation key, so re-queueing it restores it whole.
-    r#"
+    Sql(r#"
     ALTER TABLE uplink_dead_letters ADD COLUMN conflate_key TEXT;
-    "#,
+    "#),
+    // 6: the broker's properties (`broker_session_messages.props`, `broker_retained.props`) from
+    // JSON text to the binary encoding the uplink queue uses (`crate::store::props`), so the
+    // store has one format of them. The columns keep their declared TEXT type: SQLite stores a
+    // blob as a blob whatever the column's affinity.
+    Rust(props_json::to_binary),
 ];
 
 /// The schema version this build writes.
-pub fn current_version() -> i64 {
+fn current_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
@@ -156,16 +181,29 @@ pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             known,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let version = i as i64 + 1;
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"
-        ))
-        .map_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
+        let applied = match migration {
+            Sql(sql) => conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"
+            )),
+            Rust(rewrite) => conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
+                rewrite(conn)?;
+                conn.execute_batch(&format!("PRAGMA user_version = {version}; COMMIT;"))
+            }),
+        };
+        applied.map_err(|source| {
+            if !conn.is_autocommit() {
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    log::error!(
+                        "store {}: rollback of migration {version} failed: {e}",
+                        path.display()
+                    );
+                }
+            }
             StoreError::Open {
                 path: path.to_path_buf(),
-                source: e,
+                source,
             }
         })?;
         log::info!(

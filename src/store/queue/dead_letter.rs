@@ -87,7 +87,7 @@ impl Queue {
                      WHERE id = ?1"
                 ))?
                 .execute(params![id, reason, Stamp::now().wall_ms])?;
-                let gone = super::delete_ids(conn, &[id])?;
+                let gone = super::delete::delete_ids(conn, &[id])?;
                 shared.removed(gone);
                 Ok(Failure::DeadLettered)
             },
@@ -108,25 +108,36 @@ impl Queue {
                     "SELECT id, route, topic, size, attempts, reason, failed_wall \
                      FROM uplink_dead_letters ORDER BY id LIMIT ?1",
                 )?;
-                let rows = st.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                let mut rows = st.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+                let mut letters = Vec::new();
+                while let Some(r) = rows.next()? {
                     let id: i64 = r.get(0)?;
-                    Ok(DeadLetter {
+                    let letter = (|| {
+                        Ok(DeadLetter {
+                            id,
+                            msg_id: format!("{epoch}-{id}"),
+                            route: r.get(1)?,
+                            topic: r.get(2)?,
+                            size: r.get::<_, i64>(3)?.max(0) as u64,
+                            attempts: u32::try_from(r.get::<_, i64>(4)?.max(0)).unwrap_or(u32::MAX),
+                            reason: r.get(5)?,
+                            failed_wall_ms: r.get(6)?,
+                        })
+                    })()
+                    .map_err(|source| StoreError::Row {
+                        table: "uplink_dead_letters",
                         id,
-                        msg_id: format!("{epoch}-{id}"),
-                        route: r.get(1)?,
-                        topic: r.get(2)?,
-                        size: r.get::<_, i64>(3)?.max(0) as u64,
-                        attempts: u32::try_from(r.get::<_, i64>(4)?.max(0)).unwrap_or(u32::MAX),
-                        reason: r.get(5)?,
-                        failed_wall_ms: r.get(6)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                        source,
+                    })?;
+                    letters.push(letter);
+                }
+                Ok(letters)
             })
             .await
     }
 
-    /// How many dead letters the store keeps.
+    /// How many dead letters the store keeps (the status socket lists them instead).
+    #[cfg(test)]
     pub async fn dead_letter_count(&self) -> Result<u64, StoreError> {
         self.db
             .run(|conn| {
@@ -317,6 +328,41 @@ mod tests {
             .unwrap();
         let batch = q.next_batch(vec![], 10).await.unwrap();
         assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), vec![new]);
+        drop(q);
+        drop(db);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_dead_letter_is_an_error_naming_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Normal).unwrap();
+        let q = Queue::open(
+            db.clone(),
+            QueueConfig {
+                max_bytes: 1 << 20,
+                when_full: WhenFull::RejectNew,
+            },
+        )
+        .await
+        .unwrap();
+        let id = q.enqueue(entry("t/a")).await.unwrap().unwrap();
+        q.record_failure(id, "refused".into(), 1).await.unwrap();
+        db.run(move |c| {
+            c.execute(
+                "UPDATE uplink_dead_letters SET route = x'ff' WHERE id = ?1",
+                [id],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        match q.dead_letters(10).await {
+            Err(StoreError::Row { table, id: row, .. }) => {
+                assert_eq!((table, row), ("uplink_dead_letters", id));
+            }
+            other => panic!("expected a Row error, got {other:?}"),
+        }
         drop(q);
         drop(db);
         thread.join();

@@ -1,0 +1,162 @@
+//! Rows leaving the queue on purpose: acknowledgements ([`Queue::ack`]), expiry
+//! ([`Queue::sweep_expired`]) and the expired or undecodable rows a scan met.
+//!
+//! # Contract
+//! - Each delete is one writer job; what it really deleted (counted in the same transaction)
+//!   is subtracted from the totals at once and added to the counters (`acked`, `expired`,
+//!   `corrupt`) only after the commit.
+//! - Ids that are gone already are ignored, so a late or repeated ack is harmless.
+//! - A set of ids is deleted with two statements (the ids bound as one `rarray` parameter),
+//!   whatever its size.
+//! - The expiry test is [`EXPIRED`], answered from the two deadline indexes.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rusqlite::types::Value;
+use rusqlite::{named_params, Connection};
+use tokio::sync::oneshot;
+
+use super::scan::Found;
+use super::totals::size_value;
+use super::{Queue, StoreError, Totals};
+use crate::clock::Stamp;
+
+/// The expiry test of the queue's contract (see [`super`], Expiry), with named parameters `:cur_boot`, `:now_boot`,
+/// `:now_wall`. `NULL` (never expires) when the row has no deadline.
+pub(super) const EXPIRED: &str = "((boot_id = :cur_boot AND deadline_boot <= :now_boot) OR \
+                       (boot_id != :cur_boot AND deadline_wall <= :now_wall))";
+
+impl Queue {
+    /// Deletes the expired and unreadable rows a fetch met, and counts what was really deleted.
+    pub(super) async fn delete_found(&self, found: Found) -> Result<(), StoreError> {
+        self.submit_delete_found(found)
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) fn submit_delete_found(
+        &self,
+        found: Found,
+    ) -> oneshot::Receiver<Result<(), StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.db.submit_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let expired = delete_ids(conn, &found.expired)?;
+                let bad = delete_ids(conn, &found.bad)?;
+                shared.removed(expired);
+                shared.removed(bad);
+                Ok((expired.rows, bad.rows))
+            },
+            move |result| {
+                after.settle(&result);
+                let (expired, bad) = result?;
+                after.expired.fetch_add(expired, Ordering::Relaxed);
+                after.corrupt.fetch_add(bad, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+    }
+
+    /// Deletes acknowledged rows; ids that are gone already are ignored.
+    pub async fn ack(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        self.ack_submit(ids).await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Queue::ack`] without waiting for the commit; the answer comes after it. Until then
+    /// [`Queue::next_batch`] may still return the rows, so the caller keeps them excluded.
+    /// The uplink uses it so that draining does not stop for one commit per PUBACK.
+    pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.db.submit_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let gone = delete_ids(conn, &ids)?;
+                shared.removed(gone);
+                Ok(gone.rows)
+            },
+            move |result| {
+                after.settle(&result);
+                after.acked.fetch_add(result?, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+    }
+
+    /// Deletes every expired row; returns how many.
+    pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
+        self.sweep_expired_at(Stamp::now()).await
+    }
+
+    /// [`Queue::sweep_expired`] with an explicit "now" (for tests and simulations).
+    pub async fn sweep_expired_at(&self, now: Stamp) -> Result<u64, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        self.run_then(
+            move |conn| {
+                shared.sync_totals(conn)?;
+                let args = named_params! {
+                    ":cur_boot": now.boot_id,
+                    ":now_boot": now.boot_ms,
+                    ":now_wall": now.wall_ms,
+                };
+                // Counted first and deleted in the same transaction: the same rows.
+                let (rows, bytes): (i64, i64) = conn
+                    .prepare_cached(&format!(
+                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE {EXPIRED}"
+                    ))?
+                    .query_row(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut deleted = 0;
+                if rows > 0 {
+                    deleted = conn
+                        .prepare_cached(&format!("DELETE FROM uplink_queue WHERE {EXPIRED}"))?
+                        .execute(args)?;
+                    if deleted as i64 != rows {
+                        // Cannot happen within one transaction; if it does, trust the table.
+                        shared.resync.store(true, Ordering::Release);
+                    }
+                }
+                let gone = Totals {
+                    rows: deleted as u64,
+                    bytes: bytes.max(0) as u64,
+                };
+                shared.removed(gone);
+                Ok(gone.rows)
+            },
+            move |result| {
+                after.settle(&result);
+                let n = result?;
+                after.expired.fetch_add(n, Ordering::Relaxed);
+                Ok(n)
+            },
+        )
+        .await
+    }
+}
+
+/// Deletes the rows with these ids; returns what was really deleted. Two statements for the
+/// whole set (an id array bound as a table), counted before the delete in the same
+/// transaction.
+pub(super) fn delete_ids(conn: &Connection, ids: &[i64]) -> Result<Totals, StoreError> {
+    if ids.is_empty() {
+        return Ok(Totals::default());
+    }
+    let array = Rc::new(ids.iter().copied().map(Value::from).collect::<Vec<Value>>());
+    let (rows, bytes): (i64, u64) = conn
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE id IN rarray(?1)",
+        )?
+        .query_row([&array], |r| Ok((r.get(0)?, size_value(r.get_ref(1)?))))?;
+    if rows > 0 {
+        conn.prepare_cached("DELETE FROM uplink_queue WHERE id IN rarray(?1)")?
+            .execute([&array])?;
+    }
+    Ok(Totals {
+        rows: rows.max(0) as u64,
+        bytes,
+    })
+}

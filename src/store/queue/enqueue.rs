@@ -1,0 +1,201 @@
+//! Appending to the queue: [`Queue::enqueue`] and its variants.
+//!
+//! # Contract
+//! - One job on the store's writer thread per entry: the optional companion write, the
+//!   conflation delete, the `max_bytes` policy (refuse, or delete the oldest rows by id) and
+//!   the insert commit together or not at all; the answer comes after the commit.
+//! - Ids grow with the order of submission (`AUTOINCREMENT`), never reused.
+//! - The in-memory totals change only once the job can no longer fail, by the rows the
+//!   statements really deleted (`RETURNING size`) and inserted; counters only after the commit.
+//! - A row's logical size is [`entry_size`]: topic + payload + encoded properties +
+//!   [`ROW_OVERHEAD`], stored in its `size` column so totals never re-encode.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rusqlite::{params, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::totals::size_value;
+use super::{NewEntry, Queue, QueueConfig, StoreError, Totals, WhenFull, LOWEST_PRIORITY};
+use crate::message::Message;
+use crate::store::{props, StoreWrite};
+
+/// Bytes charged per row on top of topic, payload and properties: the fixed columns (about a
+/// dozen integers), SQLite's record header, the `(priority, id)` index entry, and a short route
+/// name. An allowance, not a measurement: `max_bytes` bounds logical bytes, not the file size.
+pub const ROW_OVERHEAD: u64 = 96;
+
+impl Queue {
+    /// Appends in submission order; the answer comes after the commit. Full + `RejectNew` →
+    /// `Err(StoreError::Full)` and nothing stored; full + `DropOldest` → the oldest rows (by id)
+    /// are deleted until it fits, each counted as `dropped_full`. A single entry larger than
+    /// `max_bytes` is refused with `Full` under both policies.
+    ///
+    /// Synchronous so the broker's ingest hook can call it; the receiver may be dropped.
+    pub fn enqueue(&self, e: NewEntry) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_keyed(e, None)
+    }
+
+    /// [`Queue::enqueue`] with conflation: with `Some(key)`, every waiting row of the same
+    /// route and key is deleted in the same transaction as the insert (counted as
+    /// `conflated`), so only the newest survives. A deleted row may be in flight: its ack is
+    /// then ignored like any ack of a missing id, and the central broker may get both.
+    pub fn enqueue_keyed(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+    ) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_with(e, conflate_key, None)
+    }
+
+    /// [`Queue::enqueue_keyed`] that also runs `also` in the same job: it commits with the row
+    /// or, if the row is refused (full) or the commit fails, not at all.
+    pub fn enqueue_with(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+        also: Option<StoreWrite>,
+    ) -> oneshot::Receiver<Result<i64, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let after = Arc::clone(&self.shared);
+        let props = props::encode(&e.message.properties);
+        let size = size_of_parts(&e.message, props.as_deref());
+        let priority = e.priority.min(LOWEST_PRIORITY);
+        self.db.submit_then(
+            move |conn| {
+                if let Some(also) = also {
+                    also(conn)?;
+                }
+                shared.sync_totals(conn)?;
+                let QueueConfig {
+                    max_bytes,
+                    when_full,
+                } = shared.config;
+                if size > max_bytes {
+                    return Err(StoreError::Full);
+                }
+                let mut replaced = Totals::default();
+                if let Some(key) = &conflate_key {
+                    let mut older = conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2 \
+                         RETURNING size",
+                    )?;
+                    let mut rows = older.query(params![e.route, key])?;
+                    while let Some(r) = rows.next()? {
+                        replaced.rows += 1;
+                        replaced.bytes += size_value(r.get_ref(0)?);
+                    }
+                }
+                let mut dropped = Totals::default();
+                // Totals change only once the job cannot fail any more (it may roll back).
+                let current = shared
+                    .bytes
+                    .load(Ordering::Acquire)
+                    .saturating_sub(replaced.bytes);
+                if current.saturating_add(size) > max_bytes {
+                    if when_full == WhenFull::RejectNew {
+                        return Err(StoreError::Full);
+                    }
+                    let mut oldest = conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE id = (SELECT MIN(id) FROM uplink_queue) \
+                         RETURNING size",
+                    )?;
+                    while current.saturating_sub(dropped.bytes).saturating_add(size) > max_bytes {
+                        let gone: Option<u64> = oldest
+                            .query_row([], |r| Ok(size_value(r.get_ref(0)?)))
+                            .optional()?;
+                        match gone {
+                            Some(bytes) => {
+                                dropped.rows += 1;
+                                dropped.bytes += bytes;
+                            }
+                            None => {
+                                // Empty, yet the totals said otherwise: trust the table.
+                                shared.resync.store(true, Ordering::Release);
+                                break;
+                            }
+                        }
+                    }
+                }
+                shared.may_have(priority);
+                let m = &e.message;
+                let (deadline_wall, deadline_boot) = deadline_columns(m);
+                conn.prepare_cached(
+                    "INSERT INTO uplink_queue (route, priority, topic, payload, qos, retain, \
+                     props, accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, \
+                     size, conflate_key) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )?
+                .execute(params![
+                    e.route,
+                    priority,
+                    m.topic,
+                    &m.payload[..],
+                    m.qos as u8,
+                    m.retain,
+                    props,
+                    m.accepted.wall_ms,
+                    m.accepted.boot_ms,
+                    m.accepted.boot_id,
+                    deadline_wall,
+                    deadline_boot,
+                    i64::try_from(size).unwrap_or(i64::MAX),
+                    conflate_key,
+                ])?;
+                let id = conn.last_insert_rowid();
+                shared.removed(dropped);
+                shared.removed(replaced);
+                shared.added(1, size);
+                Ok((id, dropped.rows, replaced.rows))
+            },
+            move |result| {
+                after.settle(&result);
+                match result {
+                    Ok((id, dropped, replaced)) => {
+                        after.accepted.fetch_add(1, Ordering::Relaxed);
+                        after.conflated.fetch_add(replaced, Ordering::Relaxed);
+                        after.dropped_full.fetch_add(dropped, Ordering::Relaxed);
+                        if dropped > 0 {
+                            log::debug!("uplink queue full: dropped the {dropped} oldest entries");
+                        }
+                        after.commits.send_modify(|n| *n += 1);
+                        Ok(id)
+                    }
+                    Err(StoreError::Full) => {
+                        after.rejected_full.fetch_add(1, Ordering::Relaxed);
+                        Err(StoreError::Full)
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        )
+    }
+}
+
+/// The logical size of a message in the queue, as charged against `max_bytes`: topic + payload
+/// + encoded properties + [`ROW_OVERHEAD`].
+pub fn entry_size(message: &Message) -> u64 {
+    size_of_parts(message, props::encode(&message.properties).as_deref())
+}
+
+fn size_of_parts(message: &Message, props: Option<&[u8]>) -> u64 {
+    (message.topic.len() + message.payload.len() + props.map_or(0, <[u8]>::len)) as u64
+        + ROW_OVERHEAD
+}
+
+/// Deadline columns, in the boot the message was accepted in. A deadline stamped in another
+/// boot than the acceptance (not produced by this relay) is rebased by the wall clock.
+fn deadline_columns(m: &Message) -> (Option<i64>, Option<i64>) {
+    match m.deadline {
+        None => (None, None),
+        Some(d) if d.boot_id == m.accepted.boot_id => (Some(d.wall_ms), Some(d.boot_ms)),
+        Some(d) => {
+            let ahead = d.wall_ms.saturating_sub(m.accepted.wall_ms);
+            (
+                Some(d.wall_ms),
+                Some(m.accepted.boot_ms.saturating_add(ahead)),
+            )
+        }
+    }
+}
