@@ -1,14 +1,12 @@
 //! A full inbound window slows a client down (we stop reading); it never disconnects it.
 
-mod broker_common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use broker_common::*;
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubRel};
 use tokio::io::AsyncWriteExt;
+use trainrelay_testkit::broker::*;
 
 /// 200 QoS 1 PUBLISHes in one write from a v5 client, with our Receive Maximum at 64: all are
 /// acknowledged, none is refused, and the connection stays up.

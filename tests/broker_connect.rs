@@ -1,10 +1,7 @@
 //! CONNECT handling, session expiry, topic aliases, events, and slow consumers.
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::{
     Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, LastWill, Login, Packet, PublishProperties,
@@ -12,6 +9,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use trainrelay::broker::BrokerEvent;
+use trainrelay_testkit::broker::*;
 
 fn connect(id: &str, clean: bool, expiry: Option<u32>) -> Connect {
     Connect {

@@ -1,11 +1,9 @@
 //! Publish/subscribe round trips across protocol versions and QoS levels.
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use trainrelay_testkit::broker::*;
 
 #[tokio::test]
 async fn v311_round_trip_at_qos_0_1_2() {

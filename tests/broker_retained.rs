@@ -1,11 +1,9 @@
 //! Retained messages, their expiry, and the v5 subscription options that touch them.
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties, RetainForwardRule};
+use trainrelay_testkit::broker::*;
 
 #[tokio::test]
 async fn retained_is_set_cleared_by_empty_retained_and_not_by_empty_plain_publish() {

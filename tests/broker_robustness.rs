@@ -1,10 +1,7 @@
 //! Flow control, the ingest pipeline, limits, and hostile or broken input.
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::{
     Connect, ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, PubRel,
     SubscribeReasonCode,
@@ -12,6 +9,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use trainrelay::broker::RejectReason;
+use trainrelay_testkit::broker::*;
 
 fn sub_packet(pkid: u16, filters: Vec<rumqttc::v5::mqttbytes::v5::Filter>) -> Packet {
     Packet::Subscribe(rumqttc::v5::mqttbytes::v5::Subscribe {

@@ -1,13 +1,11 @@
 //! Sessions: persistence across reconnects and restarts, clean start, takeover, wills.
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::{
     Connect, ConnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet,
 };
+use trainrelay_testkit::broker::*;
 
 #[tokio::test]
 async fn persistent_v311_session_receives_qos1_messages_missed_while_away() {

@@ -1,13 +1,11 @@
 //! Shared subscriptions (`$share/{group}/{filter}`, MQTT 5 §4.8.2, also from 3.1.1 clients),
 //! and request / response properties between two v5 clients.
 
-mod broker_common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use broker_common::*;
 use rumqttc::v5::mqttbytes::v5::Packet;
+use trainrelay_testkit::broker::*;
 
 #[tokio::test]
 async fn each_message_goes_to_one_member_round_robin() {

@@ -2,14 +2,12 @@
 //! that is already closed (an iPad on flaky Wi-Fi sends CONNECT, loses the socket before the
 //! CONNACK and reconnects at once with the same client id).
 
-mod broker_common;
-
 use std::time::Duration;
 
-use broker_common::*;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use trainrelay_testkit::broker::*;
 
 fn connect_bytes(id: &str, user: &str, v5: bool) -> Vec<u8> {
     let mut b = BytesMut::new();

@@ -646,6 +646,7 @@ impl V5Client {
     }
 }
 
+pub mod broker;
 pub mod config;
 pub mod fresh;
 pub mod nats_core;

@@ -1,6 +1,5 @@
 //! Shared helpers for the broker tests: an in-process broker on 127.0.0.1:0 with a fresh
 //! store, recording hooks, rumqttc clients, and a raw client for byte-level tests.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
