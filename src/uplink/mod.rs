@@ -884,10 +884,14 @@ fn ack_deadline(keep_alive: Duration) -> Duration {
     keep_alive * 3
 }
 
-/// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^failures)].
+/// Exponential backoff with full jitter: uniform in [min, min(max, min × 2^(failures + 1))].
+/// Even the first retry is jittered (over [min, 2 × min]): when a central node dies, every
+/// connection of the fleet on it loses its link in the same instant, and a fixed first delay
+/// would bring them all back in the same instant too.
 fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_add(1).min(20);
     let cap = min
-        .saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX))
+        .saturating_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX))
         .min(max);
     let span = cap.saturating_sub(min).as_millis() as u64;
     min + Duration::from_millis(fastrand::u64(0..=span))
@@ -946,7 +950,8 @@ mod tests {
         assert_eq!(failures_after(12, STABLE_AFTER), 0);
         assert_eq!(failures_after(12, Duration::from_secs(3600)), 0);
         for _ in 0..100 {
-            assert_eq!(backoff(min, max, failures_after(12, STABLE_AFTER)), min);
+            let first = backoff(min, max, failures_after(12, STABLE_AFTER));
+            assert!(first >= min && first <= min * 2, "{first:?}");
         }
         // Without the reset, 12 failures would allow waits up to `backoff_max`.
         assert!((0..1000).any(|_| backoff(min, max, 12) > Duration::from_secs(1)));
@@ -959,6 +964,16 @@ mod tests {
             let d = backoff(min, max, failures);
             assert!(d >= min && d <= max, "{d:?}");
         }
-        assert!(backoff(min, max, 0) <= Duration::from_millis(500));
+        assert!(backoff(min, max, 0) <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn even_the_first_retry_is_spread() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        let firsts: Vec<Duration> = (0..1000).map(|_| backoff(min, max, 0)).collect();
+        assert!(firsts.iter().all(|d| *d >= min && *d <= min * 2));
+        // 1,000 draws from [0.5 s, 1 s] land in both halves.
+        assert!(firsts.iter().any(|d| *d < Duration::from_millis(700)));
+        assert!(firsts.iter().any(|d| *d > Duration::from_millis(800)));
     }
 }
