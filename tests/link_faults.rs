@@ -33,25 +33,20 @@ fn assert_all(t: &Tally, n: u64, what: &str) {
     );
 }
 
-async fn connected(relay: &Relay, from: usize) -> Instant {
-    wait_log(relay, from, "connected (session", Duration::from_secs(60))
-        .await
-        .expect("relay did not connect to the central broker")
-}
-
 fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_loses_nothing_and_is_detected_within_keep_alive() {
-    if !can_fault("tunnel") {
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("tunnel", 1, "", "trains/T1/up/#").await
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let central = NsCentral::start(dir.path(), 1).await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    };
     let relay = Relay::start(
         dir.path(),
         &fault_config(&central.url(0), &format!("{KEEP_ALIVE_SECS}s"), "", ""),
@@ -110,13 +105,14 @@ async fn tunnel_loses_nothing_and_is_detected_within_keep_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_link_loses_nothing_and_keeps_order() {
-    if !can_fault("flapping") {
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("flapping", 1, "", "trains/T1/#").await
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let central = NsCentral::start(dir.path(), 1).await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/#").await;
+    };
     let relay = Relay::start(
         dir.path(),
         &fault_config(&central.url(0), &format!("{KEEP_ALIVE_SECS}s"), "", ""),
@@ -161,13 +157,14 @@ async fn flapping_link_loses_nothing_and_keeps_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poor_cellular_delivers_everything() {
-    if !can_fault("poor cellular") {
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("poor cellular", 1, "", "trains/T1/up/#").await
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let central = NsCentral::start(dir.path(), 1).await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    };
     central.ns.random_loss(0.03);
     let proxy = DelayProxy::start(
         (central.ns.paths[0].ns_addr, RELAY_PORT).into(),
@@ -222,14 +219,15 @@ async fn draining(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn central_sigkill_while_draining_loses_nothing_acknowledged() {
-    if !can_fault("central SIGKILL") {
-        return;
-    }
     const N: u64 = 4000;
-    let dir = tempfile::tempdir().unwrap();
-    let mut central = NsCentral::start(dir.path(), 1).await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    let Some(Rig {
+        dir,
+        mut central,
+        mut control,
+    }) = Rig::start("central SIGKILL", 1, "", "trains/T1/up/#").await
+    else {
+        return;
+    };
     central.ns.blackhole(true);
     let relay = Relay::start(
         dir.path(),
@@ -265,14 +263,15 @@ async fn central_sigkill_while_draining_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sigkill_while_draining_loses_nothing_acknowledged() {
-    if !can_fault("relay SIGKILL") {
-        return;
-    }
     const N: u64 = 4000;
-    let dir = tempfile::tempdir().unwrap();
-    let central = NsCentral::start(dir.path(), 1).await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("relay SIGKILL", 1, "", "trains/T1/up/#").await
+    else {
+        return;
+    };
     central.ns.blackhole(true);
     let mut relay = Relay::start(
         dir.path(),
@@ -312,15 +311,22 @@ async fn relay_sigkill_while_draining_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_message_becomes_a_dead_letter_and_the_queue_flows() {
-    if !can_fault("poison message") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     // The central broker announces a 2000-byte maximum packet size; a larger message can never
     // be sent to it.
-    let central = NsCentral::start_with(dir.path(), 1, "max_packet_size 2000").await;
-    let mut control = central.control(0, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start(
+        "poison message",
+        1,
+        "max_packet_size 2000",
+        "trains/T1/up/#",
+    )
+    .await
+    else {
+        return;
+    };
     let relay = Relay::start(
         dir.path(),
         &fault_config(&central.url(0), "5s", "max_attempts = 2", ""),
@@ -389,15 +395,16 @@ async fn poison_message_becomes_a_dead_letter_and_the_queue_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interface_switch_fails_over_and_returns_to_the_primary() {
-    if !can_fault("interface switch") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     // Path 0 is the primary (depot WLAN), path 1 the fallback (cellular); the control client
     // watches over the fallback path, which stays up.
-    let central = NsCentral::start(dir.path(), 2).await;
-    let mut control = central.control(1, "control").await;
-    control.subscribe("trains/T1/up/#").await;
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("interface switch", 2, "", "trains/T1/up/#").await
+    else {
+        return;
+    };
     let (primary, fallback) = (central.url(0), central.url(1));
     let config = fault_config(&primary, "5s", "probe_primary_every = \"2s\"", "").replace(
         &format!("url = \"{primary}\""),
@@ -466,15 +473,16 @@ async fn interface_switch_fails_over_and_returns_to_the_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_change_reconnects_without_waiting_for_keep_alive() {
-    if !can_fault("route change") {
+    let Some(Rig {
+        dir,
+        central,
+        mut control,
+    }) = Rig::start("route change", 2, "", "trains/T1/up/#").await
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let central = NsCentral::start(dir.path(), 2).await;
+    };
     let svc = central.ns.add_service_addr();
     central.ns.route_service(svc, &central.ns.paths[0]);
-    let mut control = central.control(1, "control").await;
-    control.subscribe("trains/T1/up/#").await;
     // A long keep-alive: only the netlink watch can make the switch quick.
     let relay = Relay::start(
         dir.path(),

@@ -238,8 +238,7 @@ async fn connection(
             will: o.will.as_ref(),
         },
         &mut out,
-    )
-    .map_err(LinkError::Protocol)?;
+    )?;
     write(&mut stream, &mut out).await?;
     let connack = loop {
         if let Some(p) =

@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::{self as m5, v5};
 
+use super::error::LinkError;
 use crate::clock::Stamp;
 use crate::message::{Message, Properties, QoS};
 use crate::mqtt::{self, Protocol};
@@ -79,7 +80,12 @@ fn secs_u16(d: Duration) -> u16 {
 }
 
 /// CONNECT with a kept session (clean session / clean start off) and a retained QoS 1 will.
-pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> Result<(), String> {
+/// Fails only for what the codec cannot encode (a client id, will or login over 64 KiB).
+pub fn connect(
+    protocol: Protocol,
+    c: &ConnectSpec<'_>,
+    out: &mut BytesMut,
+) -> Result<(), LinkError> {
     match protocol {
         Protocol::V311 => {
             let mut p = v4::Connect::new(c.client_id);
@@ -93,7 +99,7 @@ pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> R
             });
             p.write(out)
                 .map(drop)
-                .map_err(|e| format!("CONNECT: {e:?}"))
+                .map_err(|e| LinkError::Protocol(format!("CONNECT: {e}")))
         }
         Protocol::V5 => {
             let props = v5::ConnectProperties {
@@ -118,7 +124,7 @@ pub fn connect(protocol: Protocol, c: &ConnectSpec<'_>, out: &mut BytesMut) -> R
             v5::Packet::Connect(p, will, login)
                 .write(out, None)
                 .map(drop)
-                .map_err(|e| format!("CONNECT: {e:?}"))
+                .map_err(|e| LinkError::Protocol(format!("CONNECT: {e}")))
         }
     }
 }

@@ -8,7 +8,9 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
 use super::frame::peek_header;
-use super::{malformed, map_codec_error, ConnectPacket, DecodeError, Protocol, WillSpec};
+use super::{
+    from_v4_error, from_v5_error, malformed, ConnectPacket, DecodeError, Protocol, WillSpec,
+};
 use crate::message::Properties;
 use crate::mqtt;
 
@@ -115,7 +117,7 @@ pub fn decode_connect(
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),
-            Err(e) => Err(map_codec_error(e.to_string())),
+            Err(e) => Err(from_v4_error(e)),
         },
         Protocol::V5 => match v5::Packet::read(buf, Some(max_size)) {
             Ok(v5::Packet::Connect(c, will, login)) => {
@@ -170,7 +172,7 @@ pub fn decode_connect(
                 }))
             }
             Ok(_) => Err(DecodeError::Protocol("expected CONNECT".into())),
-            Err(e) => Err(map_codec_error(e.to_string())),
+            Err(e) => Err(from_v5_error(e)),
         },
     }
 }

@@ -213,16 +213,31 @@ pub(super) fn malformed(s: impl Into<String>) -> DecodeError {
     DecodeError::Malformed(s.into())
 }
 
-pub(super) fn map_codec_error(e: String) -> DecodeError {
-    if e.contains("not UTF-8") {
-        DecodeError::Malformed(format!("string is not valid UTF-8 ({e})"))
-    } else if e.contains("Packet id Zero") {
-        DecodeError::Malformed("packet identifier 0".into())
-    } else if e.contains("atleast one filter") {
-        DecodeError::Protocol("SUBSCRIBE/UNSUBSCRIBE without a topic filter".into())
-    } else {
-        DecodeError::Malformed(e)
+/// What the 3.1.1 codec refused, as the broker reports it.
+pub(super) fn from_v4_error(e: rumqttc::mqttbytes::Error) -> DecodeError {
+    use rumqttc::mqttbytes::Error as E;
+    match e {
+        E::TopicNotUtf8 => malformed("string is not valid UTF-8 (topic)"),
+        E::PacketIdZero => malformed("packet identifier 0"),
+        E::EmptySubscription => no_filter(),
+        e => DecodeError::Malformed(e.to_string()),
     }
+}
+
+/// What the MQTT 5 codec refused, as the broker reports it.
+pub(super) fn from_v5_error(e: rumqttc::v5::mqttbytes::Error) -> DecodeError {
+    use rumqttc::v5::mqttbytes::Error as E;
+    match e {
+        E::TopicNotUtf8 => malformed("string is not valid UTF-8 (topic)"),
+        E::PayloadNotUtf8(e) => malformed(format!("string is not valid UTF-8 ({e})")),
+        E::PacketIdZero => malformed("packet identifier 0"),
+        E::EmptySubscription => no_filter(),
+        e => DecodeError::Malformed(e.to_string()),
+    }
+}
+
+fn no_filter() -> DecodeError {
+    DecodeError::Protocol("SUBSCRIBE/UNSUBSCRIBE without a topic filter".into())
 }
 
 pub(super) fn nonzero(pkid: u16) -> Result<u16, DecodeError> {
@@ -316,15 +331,8 @@ pub fn encode(
     buf: &mut BytesMut,
     max_size: u32,
 ) -> Result<(), EncodeError> {
-    let map = |e: String| {
-        if e.contains("greater than") {
-            EncodeError::TooLarge
-        } else {
-            EncodeError::Other(e)
-        }
-    };
     match protocol {
-        Protocol::V311 => v4::encode(packet, buf, max_size).map_err(map),
-        Protocol::V5 => v5::encode(packet, buf, max_size).map_err(map),
+        Protocol::V311 => v4::encode(packet, buf, max_size),
+        Protocol::V5 => v5::encode(packet, buf, max_size),
     }
 }

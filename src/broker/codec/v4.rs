@@ -5,25 +5,33 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
 
-use super::{map_codec_error, nonzero, DecodeError, InPublish, Inbound, Outbound, SubRequest};
+use super::{
+    from_v4_error, nonzero, DecodeError, EncodeError, InPublish, Inbound, Outbound, SubRequest,
+};
 use crate::message::Properties;
 use crate::mqtt;
 
 /// Reads the complete packet at the start of `buf` (its frame is already checked).
 pub(super) fn decode(buf: &mut BytesMut, max_size: u32) -> Result<Inbound, DecodeError> {
-    let packet =
-        v4::Packet::read(buf, max_size as usize).map_err(|e| map_codec_error(e.to_string()))?;
+    let packet = v4::Packet::read(buf, max_size as usize).map_err(from_v4_error)?;
     from_v4(packet)
 }
 
 /// Writes `packet`; the error is the codec's (a packet over `max_size` among them).
-pub(super) fn encode(packet: &Outbound, buf: &mut BytesMut, max_size: u32) -> Result<(), String> {
+pub(super) fn encode(
+    packet: &Outbound,
+    buf: &mut BytesMut,
+    max_size: u32,
+) -> Result<(), EncodeError> {
     let Some(p) = to_v4(packet) else {
         return Ok(());
     };
     p.write(buf, max_size as usize)
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            rumqttc::mqttbytes::Error::OutgoingPacketTooLarge { .. } => EncodeError::TooLarge,
+            e => EncodeError::Other(e.to_string()),
+        })
 }
 
 fn from_v4(p: v4::Packet) -> Result<Inbound, DecodeError> {

@@ -6,19 +6,23 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5;
 
 use super::{
-    malformed, map_codec_error, nonzero, DecodeError, InPublish, Inbound, Outbound, SubRequest,
+    from_v5_error, malformed, nonzero, DecodeError, EncodeError, InPublish, Inbound, Outbound,
+    SubRequest,
 };
 use crate::mqtt;
 
 /// Reads the complete packet at the start of `buf` (its frame is already checked).
 pub(super) fn decode(buf: &mut BytesMut, max_size: u32) -> Result<Inbound, DecodeError> {
-    let packet =
-        v5::Packet::read(buf, Some(max_size)).map_err(|e| map_codec_error(e.to_string()))?;
+    let packet = v5::Packet::read(buf, Some(max_size)).map_err(from_v5_error)?;
     from_v5(packet)
 }
 
 /// Writes `packet`; the error is the codec's (a packet over `max_size` among them).
-pub(super) fn encode(packet: &Outbound, buf: &mut BytesMut, max_size: u32) -> Result<(), String> {
+pub(super) fn encode(
+    packet: &Outbound,
+    buf: &mut BytesMut,
+    max_size: u32,
+) -> Result<(), EncodeError> {
     if let Outbound::Disconnect { reason } = packet {
         // rumqttc declares a remaining length of 1 but writes 2 bytes for a DISCONNECT with a
         // reason code and no properties; write it here instead.
@@ -28,7 +32,10 @@ pub(super) fn encode(packet: &Outbound, buf: &mut BytesMut, max_size: u32) -> Re
     to_v5(packet)
         .write(buf, Some(max_size))
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            rumqttc::v5::mqttbytes::Error::OutgoingPacketTooLarge { .. } => EncodeError::TooLarge,
+            e => EncodeError::Other(e.to_string()),
+        })
 }
 
 fn from_v5(p: v5::Packet) -> Result<Inbound, DecodeError> {

@@ -558,6 +558,41 @@ async fn pipe(
     tokio::join!(reader, writer);
 }
 
+/// What every fault test starts from: a temp dir of its own, the central Mosquitto in a
+/// network namespace of its own reached over `paths` veth paths, and a control client on the
+/// last path (which the tests leave up) subscribed to what the test watches.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub central: NsCentral,
+    pub control: V5Client,
+}
+
+impl Rig {
+    /// `None` (the test passes as SKIPPED) when this is no root and no CI: see [`can_fault`].
+    /// `central_conf`: more lines for the central's mosquitto.conf ("" for none).
+    pub async fn start(test: &str, paths: usize, central_conf: &str, watch: &str) -> Option<Rig> {
+        if !can_fault(test) {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let central = NsCentral::start_with(dir.path(), paths, central_conf).await;
+        let control = central.control(paths - 1, "control").await;
+        control.subscribe(watch).await;
+        Some(Rig {
+            dir,
+            central,
+            control,
+        })
+    }
+}
+
+/// Waits until the relay logs an uplink connect after byte `from` of its log; returns when.
+pub async fn connected(relay: &crate::Relay, from: usize) -> Instant {
+    wait_log(relay, from, "connected (session", Duration::from_secs(60))
+        .await
+        .expect("relay did not connect to the central broker")
+}
+
 /// Relay config for fault tests: the given keep-alive, a 3 s connect timeout, `uplink_extra`
 /// lines in `[uplink]` and `store_extra` in `[store]`; routes `up/#` and `alerts/#` up,
 /// `trains/T1/down/#` down.
