@@ -765,7 +765,7 @@ impl Lane {
     /// Weighs how a link ended against the messages it carried. Returns the row to remember
     /// as the head of this close, for the next connection's end to compare with.
     ///
-    /// A message is blamed (counts a failed attempt, see [`Uplink::failed`]) only on evidence:
+    /// A message is blamed (counts a failed attempt, see [`Lane::failed`]) only on evidence:
     /// - a DISCONNECT with reason 0x95 (packet too large): the largest message written and not
     ///   acknowledged (the size check before sending keeps this from happening unless the
     ///   broker takes less than it announced);

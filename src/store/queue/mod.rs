@@ -49,7 +49,7 @@
 //!
 //! A message's deadline is fixed when it is accepted (see [`crate::clock`]). Each row keeps the
 //! deadline as both boot-clock and wall-clock milliseconds plus the boot it was accepted in, and
-//! the expiry test is [`Stamp::is_past`] written in SQL:
+//! the expiry test is [`crate::clock::Stamp::is_past`] written in SQL:
 //!
 //! ```sql
 //! (boot_id = :cur_boot AND deadline_boot <= :now_boot) OR

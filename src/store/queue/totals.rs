@@ -29,7 +29,7 @@ pub struct Totals {
 pub struct CounterSnapshot {
     /// Entries committed by [`Queue::enqueue`].
     pub accepted: u64,
-    /// Rows deleted to make room under [`WhenFull::DropOldest`].
+    /// Rows deleted to make room under [`super::WhenFull::DropOldest`].
     pub dropped_full: u64,
     /// Entries refused because the queue was full (or the entry alone exceeds `max_bytes`).
     pub rejected_full: u64,
