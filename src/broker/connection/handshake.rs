@@ -34,7 +34,7 @@ const V311_WINDOW: usize = 32;
 /// Runs the authentication hook on the blocking pool (password hashing is slow on purpose),
 /// at most `AUTH_SLOTS` at a time.
 async fn authenticate(
-    state: &Arc<BrokerState>,
+    state: &BrokerState,
     client_id: &str,
     c: &ConnectPacket,
     cert_identity: Option<String>,
@@ -164,6 +164,187 @@ async fn closed_meanwhile(reader: &mut Reader, rbuf: &mut BytesMut) -> bool {
     )
 }
 
+/// The CONNACK code for a refusal in the client's protocol version.
+fn refusal(protocol: Protocol, v311: u8, v5: u8) -> u8 {
+    match protocol {
+        Protocol::V311 => v311,
+        Protocol::V5 => v5,
+    }
+}
+
+/// The client id the session goes by, and the one to announce if the broker assigned it
+/// (v5); `None` once refused (CONNACK sent).
+async fn admit_client_id(
+    pre: &mut PreConnect,
+    c: &ConnectPacket,
+    peer: SocketAddr,
+    state: &BrokerState,
+) -> Option<(String, Option<String>)> {
+    let protocol = c.protocol;
+    let mut client_id = c.client_id.clone();
+    let mut assigned = None;
+    if client_id.is_empty() {
+        if protocol == Protocol::V311 && !c.clean_start {
+            log::info!("local broker: {peer}: empty client id with clean session 0; refused");
+            state.count(|s| s.refused_connections += 1);
+            pre.connack_refusal(protocol, 0x02).await;
+            return None;
+        }
+        client_id = format!("trainrelay-{:016x}", fastrand::u64(..));
+        if protocol == Protocol::V5 {
+            assigned = Some(client_id.clone());
+        }
+    }
+    if let Some(why) = limits::client_id_problem(&client_id) {
+        log::info!(
+            "local broker: {peer}: client id {:?} {why}; refused",
+            client_id.chars().take(80).collect::<String>()
+        );
+        state.count(|s| {
+            s.refused_connections += 1;
+            s.bad_client_ids += 1;
+        });
+        pre.connack_refusal(protocol, refusal(protocol, 0x02, 0x85))
+            .await;
+        return None;
+    }
+    Some((client_id, assigned))
+}
+
+/// Refuses what no login can make acceptable: a will topic that is not a valid topic name,
+/// an authentication method the broker does not offer. `None` once refused.
+async fn check_connect(
+    pre: &mut PreConnect,
+    c: &ConnectPacket,
+    client_id: &str,
+    peer: SocketAddr,
+    state: &BrokerState,
+) -> Option<()> {
+    let protocol = c.protocol;
+    if let Some(w) = &c.will {
+        if let Err(e) = topic::validate_name(&w.topic) {
+            log::info!(
+                "local broker: '{client_id}' from {peer}: will topic '{}' {e}",
+                w.topic
+            );
+            state.count(|s| {
+                s.refused_connections += 1;
+                s.protocol_errors += 1;
+            });
+            if protocol == Protocol::V5 {
+                pre.connack_refusal(protocol, 0x90).await;
+            }
+            return None;
+        }
+    }
+    if let Some(method) = &c.auth_method {
+        log::info!("local broker: '{client_id}' from {peer} asks for authentication method '{method}', which is not offered");
+        state.count(|s| s.refused_connections += 1);
+        pre.connack_refusal(protocol, 0x8C).await;
+        return None;
+    }
+    Some(())
+}
+
+/// Runs the authentication hook (failures slowed down per address) and the will's ACL; the
+/// client as the hooks will know it, or `None` once refused.
+async fn authorize(
+    pre: &mut PreConnect,
+    c: &ConnectPacket,
+    client_id: &str,
+    peer: SocketAddr,
+    state: &BrokerState,
+) -> Option<ClientInfo> {
+    let protocol = c.protocol;
+    let verdict = authenticate(state, client_id, c, pre.cert_identity.clone(), peer).await;
+    if verdict == AuthVerdict::Allow {
+        state.admission().failures.succeed(peer.ip());
+    } else if verdict == AuthVerdict::ClientIdNotAllowed {
+        // The password was right: not a guess, so no delay and no failure counted.
+        log::info!(
+            "local broker: '{client_id}' from {peer}: the client id is not one user {:?} may use (its name, '{{name}}-...', or with any_client_id any id no other device owns); refused",
+            c.username.as_deref().or(pre.cert_identity.as_deref()).unwrap_or("")
+        );
+        state.count(|s| s.bad_client_ids += 1);
+    } else {
+        // Slow down guessing: the delay grows with each failure from this address. It is
+        // spent in this connection's task, so nobody else waits.
+        let delay = state.admission().failures.fail(peer.ip());
+        state.count(|s| s.auth_failures += 1);
+        log::info!(
+            "local broker: '{client_id}' from {peer}: authentication failed ({verdict:?}); answering in {delay:?}"
+        );
+        tokio::time::sleep(delay).await;
+    }
+    let info = ClientInfo {
+        client_id: client_id.to_string(),
+        // A client without a username is known by its certificate, if any.
+        username: c.username.clone().or_else(|| pre.cert_identity.clone()),
+        peer,
+        protocol,
+    };
+    let code = match verdict {
+        AuthVerdict::Allow => None,
+        AuthVerdict::BadCredentials => Some(refusal(protocol, 0x04, 0x86)),
+        AuthVerdict::NotAuthorized => Some(refusal(protocol, 0x05, 0x87)),
+        AuthVerdict::ClientIdNotAllowed => Some(refusal(protocol, 0x02, 0x85)),
+    };
+    let code = code.or_else(|| {
+        c.will
+            .as_ref()
+            .filter(|w| !state.hooks().may_publish(&info, &w.topic))
+            .map(|_| refusal(protocol, 0x05, 0x87))
+    });
+    if let Some(code) = code {
+        log::info!("local broker: '{client_id}' from {peer} refused with CONNACK {code:#04x}");
+        state.count(|s| s.refused_connections += 1);
+        pre.connack_refusal(protocol, code).await;
+        return None;
+    }
+    Some(info)
+}
+
+/// The session's expiry as granted: a 3.1.1 persistent session has no expiry in the
+/// protocol, so it ends after `max_session_expiry` (sessions of iPads that never come back
+/// do not pile up); a v5 client's request is capped by it.
+fn granted_expiry(c: &ConnectPacket, max_session_expiry: Duration) -> u32 {
+    let max = u32::try_from(max_session_expiry.as_secs()).unwrap_or(u32::MAX);
+    match c.protocol {
+        Protocol::V311 if c.clean_start => 0,
+        Protocol::V311 => max,
+        Protocol::V5 => c.session_expiry.min(max),
+    }
+}
+
+/// What the broker tells a v5 client in CONNACK: its limits, the expiry it granted (when not
+/// the one asked for) and an assigned client id.
+fn connack_properties(
+    c: &ConnectPacket,
+    expiry: u32,
+    assigned: Option<String>,
+    state: &BrokerState,
+) -> Option<rumqttc::v5::mqttbytes::v5::ConnAckProperties> {
+    (c.protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
+        session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
+        receive_max: Some(state.config().receive_maximum),
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: Some(state.config().max_packet_size),
+        assigned_client_identifier: assigned,
+        topic_alias_max: Some(TOPIC_ALIAS_MAX),
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: Some(1),
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    })
+}
+
 impl Conn {
     /// Validates CONNECT, attaches the session, and sends CONNACK. `None` if refused.
     pub(super) async fn accept(
@@ -173,120 +354,13 @@ impl Conn {
         state: Arc<BrokerState>,
     ) -> Option<Conn> {
         let protocol = c.protocol;
-        let refuse = |v311: u8, v5: u8| match protocol {
-            Protocol::V311 => v311,
-            Protocol::V5 => v5,
-        };
-        let mut client_id = c.client_id.clone();
-        let mut assigned = None;
-        if client_id.is_empty() {
-            if protocol == Protocol::V311 && !c.clean_start {
-                log::info!("local broker: {peer}: empty client id with clean session 0; refused");
-                state.count(|s| s.refused_connections += 1);
-                pre.connack_refusal(protocol, 0x02).await;
-                return None;
-            }
-            client_id = format!("trainrelay-{:016x}", fastrand::u64(..));
-            if protocol == Protocol::V5 {
-                assigned = Some(client_id.clone());
-            }
-        }
-        if let Some(why) = limits::client_id_problem(&client_id) {
-            log::info!(
-                "local broker: {peer}: client id {:?} {why}; refused",
-                client_id.chars().take(80).collect::<String>()
-            );
-            {
-                state.count(|s| {
-                    s.refused_connections += 1;
-                    s.bad_client_ids += 1;
-                });
-            }
-            pre.connack_refusal(protocol, refuse(0x02, 0x85)).await;
-            return None;
-        }
+        let (client_id, assigned) = admit_client_id(&mut pre, &c, peer, &state).await?;
         // Connections are numbered in the order their CONNECTs arrived; authentication runs
         // in between, for however long it takes, and must not reorder takeovers.
         let conn_id = state.new_conn_id();
-        if let Some(w) = &c.will {
-            if let Err(e) = topic::validate_name(&w.topic) {
-                log::info!(
-                    "local broker: '{client_id}' from {peer}: will topic '{}' {e}",
-                    w.topic
-                );
-                {
-                    state.count(|s| {
-                        s.refused_connections += 1;
-                        s.protocol_errors += 1;
-                    });
-                }
-                if protocol == Protocol::V5 {
-                    pre.connack_refusal(protocol, 0x90).await;
-                }
-                return None;
-            }
-        }
-        if let Some(method) = &c.auth_method {
-            log::info!("local broker: '{client_id}' from {peer} asks for authentication method '{method}', which is not offered");
-            state.count(|s| s.refused_connections += 1);
-            pre.connack_refusal(protocol, 0x8C).await;
-            return None;
-        }
-        let verdict = authenticate(&state, &client_id, &c, pre.cert_identity.clone(), peer).await;
-        if verdict == AuthVerdict::Allow {
-            state.admission().failures.succeed(peer.ip());
-        } else if verdict == AuthVerdict::ClientIdNotAllowed {
-            // The password was right: not a guess, so no delay and no failure counted.
-            log::info!(
-                "local broker: '{client_id}' from {peer}: the client id is not one user {:?} may use (its name, '{{name}}-...', or with any_client_id any id no other device owns); refused",
-                c.username.as_deref().or(pre.cert_identity.as_deref()).unwrap_or("")
-            );
-            state.count(|s| s.bad_client_ids += 1);
-        } else {
-            // Slow down guessing: the delay grows with each failure from this address. It is
-            // spent in this connection's task, so nobody else waits.
-            let delay = state.admission().failures.fail(peer.ip());
-            state.count(|s| s.auth_failures += 1);
-            log::info!(
-                "local broker: '{client_id}' from {peer}: authentication failed ({verdict:?}); answering in {delay:?}"
-            );
-            tokio::time::sleep(delay).await;
-        }
-        let info = ClientInfo {
-            client_id: client_id.clone(),
-            // A client without a username is known by its certificate, if any.
-            username: c.username.clone().or_else(|| pre.cert_identity.clone()),
-            peer,
-            protocol,
-        };
-        let code = match verdict {
-            AuthVerdict::Allow => None,
-            AuthVerdict::BadCredentials => Some(refuse(0x04, 0x86)),
-            AuthVerdict::NotAuthorized => Some(refuse(0x05, 0x87)),
-            AuthVerdict::ClientIdNotAllowed => Some(refuse(0x02, 0x85)),
-        };
-        let code = code.or_else(|| {
-            c.will
-                .as_ref()
-                .filter(|w| !state.hooks().may_publish(&info, &w.topic))
-                .map(|_| refuse(0x05, 0x87))
-        });
-        if let Some(code) = code {
-            log::info!("local broker: '{client_id}' from {peer} refused with CONNACK {code:#04x}");
-            state.count(|s| s.refused_connections += 1);
-            pre.connack_refusal(protocol, code).await;
-            return None;
-        }
-
-        let max_expiry =
-            u32::try_from(state.config().max_session_expiry.as_secs()).unwrap_or(u32::MAX);
-        // A 3.1.1 persistent session has no expiry in the protocol; we end it after
-        // max_session_expiry so sessions of iPads that never come back do not pile up.
-        let expiry = match protocol {
-            Protocol::V311 if c.clean_start => 0,
-            Protocol::V311 => max_expiry,
-            Protocol::V5 => c.session_expiry.min(max_expiry),
-        };
+        check_connect(&mut pre, &c, &client_id, peer, &state).await?;
+        let info = authorize(&mut pre, &c, &client_id, peer, &state).await?;
+        let expiry = granted_expiry(&c, state.config().max_session_expiry);
         let out_window = match protocol {
             Protocol::V311 => V311_WINDOW,
             Protocol::V5 => usize::from(c.receive_maximum),
@@ -321,26 +395,7 @@ impl Conn {
             return None;
         };
 
-        let props =
-            (protocol == Protocol::V5).then(|| rumqttc::v5::mqttbytes::v5::ConnAckProperties {
-                session_expiry_interval: (expiry != c.session_expiry).then_some(expiry),
-                receive_max: Some(state.config().receive_maximum),
-                max_qos: None,
-                retain_available: None,
-                max_packet_size: Some(state.config().max_packet_size),
-                assigned_client_identifier: assigned,
-                topic_alias_max: Some(TOPIC_ALIAS_MAX),
-                reason_string: None,
-                user_properties: Vec::new(),
-                wildcard_subscription_available: None,
-                subscription_identifiers_available: None,
-                shared_subscription_available: Some(1),
-                server_keep_alive: None,
-                response_information: None,
-                server_reference: None,
-                authentication_method: None,
-                authentication_data: None,
-            });
+        let props = connack_properties(&c, expiry, assigned, &state);
         let out_max = c
             .max_packet_size
             .unwrap_or(u32::MAX)
