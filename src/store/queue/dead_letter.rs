@@ -206,10 +206,10 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::super::{NewEntry, QueueConfig, WhenFull};
+    use super::super::tests::{close, config, open};
+    use super::super::{NewEntry, WhenFull};
     use super::*;
     use crate::message::{Message, Properties, QoS};
-    use crate::store::{Db, Synchronous};
 
     fn entry(topic: &str) -> NewEntry {
         let accepted = Stamp::now();
@@ -231,17 +231,11 @@ mod tests {
     #[tokio::test]
     async fn failures_move_a_row_aside_and_requeue_brings_it_back_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let (db, thread) = Db::open(&path, Synchronous::Normal).unwrap();
-        let q = Queue::open(
-            db.clone(),
-            QueueConfig {
-                max_bytes: 1 << 20,
-                when_full: WhenFull::RejectNew,
-            },
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
         )
-        .await
-        .unwrap();
+        .await;
         let a = q.enqueue(entry("t/a")).await.unwrap().unwrap();
         let poison = q.enqueue(entry("t/poison")).await.unwrap().unwrap();
         let c = q.enqueue(entry("t/c")).await.unwrap().unwrap();
@@ -292,24 +286,17 @@ mod tests {
             batch.iter().map(|e| (e.id, e.attempts)).collect::<Vec<_>>(),
             vec![(a, 0), (poison, 0), (c, 0)]
         );
-        drop(q);
-        drop(db);
-        thread.join();
+        close(q, db, thread);
     }
 
     #[tokio::test]
     async fn a_requeued_dead_letter_keeps_its_conflation_key() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Normal).unwrap();
-        let q = Queue::open(
-            db.clone(),
-            QueueConfig {
-                max_bytes: 1 << 20,
-                when_full: WhenFull::RejectNew,
-            },
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
         )
-        .await
-        .unwrap();
+        .await;
         let old = q
             .enqueue_keyed(entry("t/pos"), Some("train-pos".into()))
             .await
@@ -328,24 +315,17 @@ mod tests {
             .unwrap();
         let batch = q.next_batch(vec![], 10).await.unwrap();
         assert_eq!(batch.iter().map(|e| e.id).collect::<Vec<_>>(), vec![new]);
-        drop(q);
-        drop(db);
-        thread.join();
+        close(q, db, thread);
     }
 
     #[tokio::test]
     async fn a_damaged_dead_letter_is_an_error_naming_its_row() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Normal).unwrap();
-        let q = Queue::open(
-            db.clone(),
-            QueueConfig {
-                max_bytes: 1 << 20,
-                when_full: WhenFull::RejectNew,
-            },
+        let (q, db, thread) = open(
+            &dir.path().join("s.db"),
+            config(1 << 20, WhenFull::RejectNew),
         )
-        .await
-        .unwrap();
+        .await;
         let id = q.enqueue(entry("t/a")).await.unwrap().unwrap();
         q.record_failure(id, "refused".into(), 1).await.unwrap();
         db.run(move |c| {
@@ -363,8 +343,6 @@ mod tests {
             }
             other => panic!("expected a Row error, got {other:?}"),
         }
-        drop(q);
-        drop(db);
-        thread.join();
+        close(q, db, thread);
     }
 }

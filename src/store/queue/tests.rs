@@ -42,20 +42,20 @@ fn new_entry(route: &str, priority: u8, message: Message) -> NewEntry {
     }
 }
 
-fn config(max_bytes: u64, when_full: WhenFull) -> QueueConfig {
+pub(super) fn config(max_bytes: u64, when_full: WhenFull) -> QueueConfig {
     QueueConfig {
         max_bytes,
         when_full,
     }
 }
 
-async fn open(path: &Path, config: QueueConfig) -> (Queue, Db, DbThread) {
+pub(super) async fn open(path: &Path, config: QueueConfig) -> (Queue, Db, DbThread) {
     let (db, thread) = Db::open(path, Synchronous::Normal).unwrap();
     let q = Queue::open(db.clone(), config).await.unwrap();
     (q, db, thread)
 }
 
-fn close(q: Queue, db: Db, thread: DbThread) {
+pub(super) fn close(q: Queue, db: Db, thread: DbThread) {
     drop(q);
     drop(db);
     thread.join();
