@@ -26,7 +26,7 @@ use crate::relay::RelayHooks;
 use crate::reload::Reloader;
 use crate::route::{Routes, SharedRoutes};
 use crate::shutdown::{self, Shutdown};
-use crate::store::queue::{Queue, QueueConfig};
+use crate::store::queue::{Queue, QueueConfig, Shares};
 use crate::store::Db;
 use crate::uplink::{StatusHandle, Uplink};
 use crate::watchdog::{self, Watchdog};
@@ -48,16 +48,17 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
     let (db, db_thread) = Db::open(&config.store.path, config.store.synchronous)?;
-    let queue = Queue::open(
+    let routes = SharedRoutes::new(Routes::from_config(&config));
+    let queue = Queue::open_shared(
         db.clone(),
         QueueConfig {
             max_bytes: config.store.max_bytes.as_u64(),
             when_full: config.store.when_full,
         },
+        Shares::new(config.uplink.connections, routes.load().fifo_up_routes()),
     )
     .await?;
     queue.set_starvation_every(config.store.starvation_every);
-    let routes = SharedRoutes::new(Routes::from_config(&config));
     let freshness = Arc::new(Freshness::load(db.clone()).await?);
     let hooks = Arc::new(
         RelayHooks::new(routes.clone(), queue.clone(), &config.train_id)
@@ -93,7 +94,6 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         queue.clone(),
         downlink,
         routes.load().down_filters(),
-        routes.load().fifo_up_routes(),
         status.clone(),
     );
     log::info!(

@@ -163,6 +163,18 @@ const MIGRATIONS: &[Migration] = &[
     // store has one format of them. The columns keep their declared TEXT type: SQLite stores a
     // blob as a blob whatever the column's affinity.
     Rust(props_json::to_binary),
+    // 7: shares: the uplink connection a queued row travels on, and the hash of its order key
+    // (topic, or route for FIFO routes); see `queue::share`. The delivery-order index becomes
+    // per share, so a connection's fetch never steps over another connection's rows; the
+    // order-key index finds the share of a key's waiting rows. `Queue::open` assigns the
+    // existing rows (no assignment signature in `meta` yet).
+    Sql(r#"
+    ALTER TABLE uplink_queue ADD COLUMN share INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE uplink_queue ADD COLUMN order_key INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX uplink_queue_order;
+    CREATE INDEX uplink_queue_share_order ON uplink_queue(share, priority, id);
+    CREATE INDEX uplink_queue_order_key ON uplink_queue(order_key);
+    "#),
 ];
 
 /// The schema version this build writes.

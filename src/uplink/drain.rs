@@ -2,8 +2,8 @@
 //! for their delete, skipped or waiting for a retry, and where the next fetch resumes.
 //!
 //! A row is handed out by [`Drain::next_rows`] only if this connection has no other claim on
-//! it and its [`Drainer`] takes it (each parallel connection has its own share of the rows,
-//! see `lanes`), so no row is ever in flight twice. It leaves the store only through
+//! it and it is in its [`Drainer`]'s share (each parallel connection drains its own share of
+//! the queue, see [`crate::store::queue::share`]), so no row is ever in flight twice. It leaves the store only through
 //! [`Drain::acked`] (the broker's PUBACK) and the delete that follows; a row that was in flight
 //! when a connection ends is fetched again by the next one (at least once, never zero times).
 
@@ -260,8 +260,7 @@ impl Drain {
 #[cfg(test)]
 mod model {
     //! Model-based test of the production drain path: the real store (SQLite in a temp dir),
-    //! N connections each with its own [`Drainer`] (filtered to its share, as `lanes` makes
-    //! it) and its own [`Drain`], driven by random sequences of enqueues (plain and
+    //! N connections each with its own [`Drainer`] of its share and its own [`Drain`], driven by random sequences of enqueues (plain and
     //! conflating), fills, acknowledgements, connection losses and crashes, and compared with
     //! a trivially correct model: what was committed and what the broker acknowledged.
     //!
@@ -278,9 +277,8 @@ mod model {
     use super::*;
     use crate::clock::Stamp;
     use crate::message::{Message, Properties, QoS};
-    use crate::store::queue::{NewEntry, QueueConfig, WhenFull};
+    use crate::store::queue::{NewEntry, QueueConfig, Shares, WhenFull};
     use crate::store::{Db, DbThread, Synchronous};
-    use crate::uplink::lanes::Partition;
 
     const LANES: usize = 3;
     const TOPICS: u8 = 6;
@@ -336,25 +334,20 @@ mod model {
 
     async fn start(path: &std::path::Path) -> Relay {
         let (db, thread) = Db::open(path, Synchronous::Normal).expect("store");
-        let queue = Queue::open(
+        let queue = Queue::open_shared(
             db.clone(),
             QueueConfig {
                 max_bytes: 1 << 30,
                 when_full: WhenFull::RejectNew,
             },
+            Shares::new(LANES, Vec::new()),
         )
         .await
         .expect("queue");
         let lanes = (0..LANES)
-            .map(|n| {
-                let p = Partition::new(n, LANES, &[]);
-                Lane {
-                    drainer: queue
-                        .drainer()
-                        .expect("drainer")
-                        .with_filter(Box::new(move |r, t, k| p.takes(r, t, k))),
-                    drain: Drain::default(),
-                }
+            .map(|n| Lane {
+                drainer: queue.drainer(n).expect("drainer"),
+                drain: Drain::default(),
             })
             .collect();
         Relay {

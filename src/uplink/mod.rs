@@ -1,7 +1,8 @@
 //! The uplink: the relay's connections to the central broker.
 //!
-//! `uplink.connections` parallel connections (see `lanes`) drain the store to the central
-//! broker, each its share; the first also hands what the central broker sends to the
+//! `uplink.connections` parallel connections drain the store to the central broker, each its
+//! share of the queue (see [`crate::store::queue::share`]: one topic, or one FIFO route, is
+//! carried by one connection at a time, in order); the first also hands what the central broker sends to the
 //! downlink. The rules each keeps:
 //! - a row leaves the store only when the central broker acknowledged it (v5: with a success
 //!   reason code); everything not acknowledged when a connection ends is sent again, oldest
@@ -21,7 +22,6 @@ pub mod config;
 mod drain;
 pub mod endpoint;
 mod error;
-mod lanes;
 pub mod link;
 pub mod netwatch;
 mod status;
@@ -45,7 +45,6 @@ use drain::{Drain, Tag};
 use endpoint::Endpoint;
 pub use error::LinkError;
 use error::UplinkError;
-use lanes::Partition;
 use link::{Link, LinkEvent, OutPublish};
 pub use status::{LinkState, StatusHandle};
 use transport::{LinkOptions, LinkTransport};
@@ -68,7 +67,7 @@ pub const DEFAULT_WINDOW: u16 = 1024;
 const MAX_BURST: usize = 256;
 
 /// The uplink: `uplink.connections` parallel connections to the central broker, each
-/// draining its share of the store (see [`lanes`]).
+/// draining its share of the store.
 pub struct Uplink {
     lanes: Vec<Lane>,
 }
@@ -86,8 +85,9 @@ struct Lane {
     /// Empty but on the first connection.
     down_filters: Vec<(String, u8)>,
     status: StatusHandle,
-    /// The rows this connection takes.
-    partition: Partition,
+    /// The share of the queue this connection drains (the queue is split into
+    /// `uplink.connections` shares).
+    share: usize,
     /// The first connection: presence and downlink.
     first: bool,
     /// How its log lines name it: `uplink`, or `uplink {client_id}` when there are several.
@@ -123,19 +123,18 @@ enum End {
 }
 
 impl Uplink {
-    /// The connections of `config`; `status` becomes the first one's, the others' are added
-    /// to it (so their heartbeats and states are reported). `fifo_routes`: uplink routes that
-    /// keep their order across topics (`order = "route"`).
+    /// The connections of `config`, one per share of `queue` (opened with
+    /// `uplink.connections` shares); `status` becomes the first one's, the others' are added
+    /// to it (so their heartbeats and states are reported).
     pub fn new(
         config: &UplinkConfig,
         credentials: Option<(String, String)>,
         queue: Queue,
         downlink: Downlink,
         down_filters: Vec<(String, u8)>,
-        fifo_routes: Vec<String>,
         status: StatusHandle,
     ) -> Uplink {
-        let count = config.connections.max(1);
+        let count = queue.share_count().max(1);
         let first = Lane::new(config, credentials, queue, downlink, down_filters, status);
         let mut lanes = Vec::with_capacity(count);
         for n in 1..count {
@@ -147,7 +146,7 @@ impl Uplink {
                 downlink: first.downlink.clone(),
                 down_filters: Vec::new(),
                 status: first.status.another(),
-                partition: Partition::new(n, count, &fifo_routes),
+                share: n,
                 first: false,
                 label: String::new(),
             };
@@ -159,7 +158,6 @@ impl Uplink {
             lanes.push(lane);
         }
         let mut first = first;
-        first.partition = Partition::new(0, count, &fifo_routes);
         first.status.set_client_id(&first.options.client_id);
         if count > 1 {
             first.label = format!("uplink {}", first.options.client_id);
@@ -226,7 +224,7 @@ impl Lane {
             downlink,
             down_filters,
             status,
-            partition: Partition::new(0, 1, &[]),
+            share: 0,
             first: true,
             label: "uplink".into(),
         }
@@ -239,7 +237,7 @@ impl Lane {
         let mut close_head: Option<i64> = None;
         let mut last_reason: Option<String> = None;
         let mut current = 0usize;
-        let mut commits = self.queue.commits();
+        let mut commits = self.queue.commits(self.share);
         let watcher = tokio::spawn(netwatch::watch(self.status.clone(), self.endpoints.clone()));
         loop {
             if shutdown.is_shutdown() {
@@ -413,14 +411,8 @@ impl Lane {
             return Ended::Other(End::Failed(UplinkError::Subscribe(e)));
         }
 
-        let mut drainer = match self.queue.drainer() {
-            Ok(d) if self.partition.is_whole() => d,
-            Ok(d) => {
-                let partition = self.partition.clone();
-                d.with_filter(Box::new(move |route, topic, key| {
-                    partition.takes(route, topic, key)
-                }))
-            }
+        let mut drainer = match self.queue.drainer(self.share) {
+            Ok(d) => d,
             Err(e) => return Ended::Other(End::Failed(UplinkError::OpenStore(e))),
         };
         drain.throttle =

@@ -87,7 +87,7 @@ impl Queue {
                      WHERE id = ?1"
                 ))?
                 .execute(params![id, reason, Stamp::now().wall_ms])?;
-                let gone = super::delete::delete_ids(conn, &[id])?;
+                let gone = super::delete::delete_ids(conn, &shared, &[id])?;
                 shared.removed(gone);
                 Ok(Failure::DeadLettered)
             },
@@ -168,17 +168,37 @@ impl Queue {
                 };
                 let mut moved = 0u64;
                 let mut bytes = 0u64;
+                let mut topic_of = conn
+                    .prepare_cached("SELECT route, topic FROM uplink_dead_letters WHERE id = ?1")?;
                 let mut copy = conn.prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO uplink_queue ({COLUMNS}, attempts) \
-                     SELECT {COLUMNS}, 0 FROM uplink_dead_letters WHERE id = ?1 RETURNING size"
+                    "INSERT OR IGNORE INTO uplink_queue ({COLUMNS}, attempts, share, order_key) \
+                     SELECT {COLUMNS}, 0, ?2, ?3 FROM uplink_dead_letters WHERE id = ?1 \
+                     RETURNING size"
                 ))?;
                 let mut delete =
                     conn.prepare_cached("DELETE FROM uplink_dead_letters WHERE id = ?1")?;
                 for id in ids {
-                    let size: Option<i64> = copy.query_row([id], |r| r.get(0)).optional()?;
+                    // Rejoins its key's share (or the least loaded one), like a new row.
+                    let Some((route, topic)) = topic_of
+                        .query_row([id], |r| {
+                            Ok((
+                                r.get::<_, String>(0).unwrap_or_default(),
+                                r.get::<_, String>(1).unwrap_or_default(),
+                            ))
+                        })
+                        .optional()?
+                    else {
+                        continue;
+                    };
+                    let key = shared.shares.order_key(&route, &topic);
+                    let share = shared.share_for(conn, key)?;
+                    let size: Option<i64> = copy
+                        .query_row(params![id, share, key], |r| r.get(0))
+                        .optional()?;
                     if let Some(size) = size {
                         moved += 1;
                         bytes += size.max(0) as u64;
+                        shared.share_added(share, 1);
                         delete.execute([id])?;
                     }
                 }
@@ -191,7 +211,7 @@ impl Queue {
                     after.rewinds.fetch_add(1, Ordering::AcqRel);
                     // Whatever priorities they had may hold rows now.
                     after.priorities.fetch_or(u16::MAX, Ordering::AcqRel);
-                    after.commits.send_modify(|n| *n += 1);
+                    after.notify(None);
                 }
                 result
             },

@@ -19,7 +19,8 @@ use rusqlite::{named_params, Connection};
 use tokio::sync::oneshot;
 
 use super::scan::Found;
-use super::totals::size_value;
+use super::share::removed_per_share;
+use super::totals::{share_value, size_value, Shared};
 use super::{Queue, StoreError, Totals};
 use crate::clock::Stamp;
 
@@ -45,8 +46,8 @@ impl Queue {
         self.db.submit_then(
             move |conn| {
                 shared.sync_totals(conn)?;
-                let expired = delete_ids(conn, &found.expired)?;
-                let bad = delete_ids(conn, &found.bad)?;
+                let expired = delete_ids(conn, &shared, &found.expired)?;
+                let bad = delete_ids(conn, &shared, &found.bad)?;
                 shared.removed(expired);
                 shared.removed(bad);
                 Ok((expired.rows, bad.rows))
@@ -75,7 +76,7 @@ impl Queue {
         self.db.submit_then(
             move |conn| {
                 shared.sync_totals(conn)?;
-                let gone = delete_ids(conn, &ids)?;
+                let gone = delete_ids(conn, &shared, &ids)?;
                 shared.removed(gone);
                 Ok(gone.rows)
             },
@@ -105,26 +106,24 @@ impl Queue {
                     ":now_wall": now.wall_ms,
                 };
                 // Counted first and deleted in the same transaction: the same rows.
-                let (rows, bytes): (i64, i64) = conn
-                    .prepare_cached(&format!(
-                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE {EXPIRED}"
-                    ))?
-                    .query_row(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let (rows, bytes, per_share) =
+                    count_per_share(conn, &format!("FROM uplink_queue WHERE {EXPIRED}"), args)?;
                 let mut deleted = 0;
                 if rows > 0 {
                     deleted = conn
                         .prepare_cached(&format!("DELETE FROM uplink_queue WHERE {EXPIRED}"))?
                         .execute(args)?;
-                    if deleted as i64 != rows {
+                    if deleted as u64 != rows {
                         // Cannot happen within one transaction; if it does, trust the table.
                         shared.resync.store(true, Ordering::Release);
                     }
                 }
                 let gone = Totals {
                     rows: deleted as u64,
-                    bytes: bytes.max(0) as u64,
+                    bytes,
                 };
                 shared.removed(gone);
+                removed_per_share(&shared, &per_share);
                 Ok(gone.rows)
             },
             move |result| {
@@ -141,22 +140,46 @@ impl Queue {
 /// Deletes the rows with these ids; returns what was really deleted. Two statements for the
 /// whole set (an id array bound as a table), counted before the delete in the same
 /// transaction.
-pub(super) fn delete_ids(conn: &Connection, ids: &[i64]) -> Result<Totals, StoreError> {
+/// The rows per share are taken off `shared`'s counts at once (they only steer the choice of
+/// a share for new keys).
+pub(super) fn delete_ids(
+    conn: &Connection,
+    shared: &Shared,
+    ids: &[i64],
+) -> Result<Totals, StoreError> {
     if ids.is_empty() {
         return Ok(Totals::default());
     }
     let array = Rc::new(ids.iter().copied().map(Value::from).collect::<Vec<Value>>());
-    let (rows, bytes): (i64, u64) = conn
-        .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uplink_queue WHERE id IN rarray(?1)",
-        )?
-        .query_row([&array], |r| Ok((r.get(0)?, size_value(r.get_ref(1)?))))?;
+    let (rows, bytes, per_share) =
+        count_per_share(conn, "FROM uplink_queue WHERE id IN rarray(?1)", [&array])?;
     if rows > 0 {
         conn.prepare_cached("DELETE FROM uplink_queue WHERE id IN rarray(?1)")?
             .execute([&array])?;
     }
-    Ok(Totals {
-        rows: rows.max(0) as u64,
-        bytes,
-    })
+    removed_per_share(shared, &per_share);
+    Ok(Totals { rows, bytes })
+}
+
+/// Rows, logical bytes, and `(share, rows)` pairs.
+type Counted = (u64, u64, Vec<(u16, u64)>);
+
+/// Rows, logical bytes and rows per share of `SELECT ... {from_where}`.
+fn count_per_share<P: rusqlite::Params>(
+    conn: &Connection,
+    from_where: &str,
+    args: P,
+) -> Result<Counted, StoreError> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT share, COUNT(*), COALESCE(SUM(size), 0) {from_where} GROUP BY share"
+    ))?;
+    let mut rows = st.query(args)?;
+    let (mut total, mut bytes, mut per_share) = (0u64, 0u64, Vec::new());
+    while let Some(r) = rows.next()? {
+        let n = r.get::<_, i64>(1)?.max(0) as u64;
+        total += n;
+        bytes += size_value(r.get_ref(2)?);
+        per_share.push((share_value(r.get_ref(0)?), n));
+    }
+    Ok((total, bytes, per_share))
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use rusqlite::{params, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::totals::size_value;
+use super::share::removed_per_share;
+use super::totals::{share_value, size_value};
 use super::{NewEntry, Queue, QueueConfig, StoreError, Totals, WhenFull, LOWEST_PRIORITY};
 use crate::message::Message;
 use crate::store::{props, StoreWrite};
@@ -62,6 +63,7 @@ impl Queue {
         let props = props::encode(&e.message.properties);
         let size = size_of_parts(&e.message, props.as_deref());
         let priority = e.priority.min(LOWEST_PRIORITY);
+        let order_key = self.shared.shares.order_key(&e.route, &e.message.topic);
         self.db.submit_then(
             move |conn| {
                 if let Some(also) = also {
@@ -75,16 +77,21 @@ impl Queue {
                 if size > max_bytes {
                     return Err(StoreError::Full);
                 }
+                // Before the conflation delete: a replaced row in flight keeps its key on its
+                // connection (see `share`).
+                let share = shared.share_for(conn, order_key)?;
                 let mut replaced = Totals::default();
+                let mut gone_from: Vec<(u16, u64)> = Vec::new();
                 if let Some(key) = &conflate_key {
                     let mut older = conn.prepare_cached(
                         "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2 \
-                         RETURNING size",
+                         RETURNING size, share",
                     )?;
                     let mut rows = older.query(params![e.route, key])?;
                     while let Some(r) = rows.next()? {
                         replaced.rows += 1;
                         replaced.bytes += size_value(r.get_ref(0)?);
+                        gone_from.push((share_value(r.get_ref(1)?), 1));
                     }
                 }
                 let mut dropped = Totals::default();
@@ -99,16 +106,19 @@ impl Queue {
                     }
                     let mut oldest = conn.prepare_cached(
                         "DELETE FROM uplink_queue WHERE id = (SELECT MIN(id) FROM uplink_queue) \
-                         RETURNING size",
+                         RETURNING size, share",
                     )?;
                     while current.saturating_sub(dropped.bytes).saturating_add(size) > max_bytes {
-                        let gone: Option<u64> = oldest
-                            .query_row([], |r| Ok(size_value(r.get_ref(0)?)))
+                        let gone: Option<(u64, u16)> = oldest
+                            .query_row([], |r| {
+                                Ok((size_value(r.get_ref(0)?), share_value(r.get_ref(1)?)))
+                            })
                             .optional()?;
                         match gone {
-                            Some(bytes) => {
+                            Some((bytes, from)) => {
                                 dropped.rows += 1;
                                 dropped.bytes += bytes;
+                                gone_from.push((from, 1));
                             }
                             None => {
                                 // Empty, yet the totals said otherwise: trust the table.
@@ -124,8 +134,9 @@ impl Queue {
                 conn.prepare_cached(
                     "INSERT INTO uplink_queue (route, priority, topic, payload, qos, retain, \
                      props, accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, \
-                     size, conflate_key) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     size, conflate_key, share, order_key) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                     ?16)",
                 )?
                 .execute(params![
                     e.route,
@@ -142,24 +153,28 @@ impl Queue {
                     deadline_boot,
                     i64::try_from(size).unwrap_or(i64::MAX),
                     conflate_key,
+                    share,
+                    order_key,
                 ])?;
                 let id = conn.last_insert_rowid();
                 shared.removed(dropped);
                 shared.removed(replaced);
+                removed_per_share(&shared, &gone_from);
                 shared.added(1, size);
-                Ok((id, dropped.rows, replaced.rows))
+                shared.share_added(share, 1);
+                Ok((id, dropped.rows, replaced.rows, share))
             },
             move |result| {
                 after.settle(&result);
                 match result {
-                    Ok((id, dropped, replaced)) => {
+                    Ok((id, dropped, replaced, share)) => {
                         after.accepted.fetch_add(1, Ordering::Relaxed);
                         after.conflated.fetch_add(replaced, Ordering::Relaxed);
                         after.dropped_full.fetch_add(dropped, Ordering::Relaxed);
                         if dropped > 0 {
                             log::debug!("uplink queue full: dropped the {dropped} oldest entries");
                         }
-                        after.commits.send_modify(|n| *n += 1);
+                        after.notify(Some(share));
                         Ok(id)
                     }
                     Err(StoreError::Full) => {

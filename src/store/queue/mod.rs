@@ -14,8 +14,9 @@
 //!   the same route and conflation key ([`Queue::enqueue_keyed`], `conflated`). Nothing else
 //!   deletes rows, so a message that is never acknowledged is retried until it expires, is
 //!   pushed out or is superseded.
-//! - **Delivery order** is `(priority, id)`: priority 0 first, then 1, ... 9; within a priority,
-//!   the order of acceptance. Ids come from an `AUTOINCREMENT` key, so they grow strictly with
+//! - **Delivery order** is `(priority, id)` within each share (one share per uplink
+//!   connection, see [`share`]): priority 0 first, then 1, ... 9; within a priority, the order
+//!   of acceptance. Ids come from an `AUTOINCREMENT` key, so they grow strictly with
 //!   the order of submission to [`Queue::enqueue`] and are never reused, even after the newest
 //!   row was deleted or the daemon restarted. One exception keeps low priorities from starving:
 //!   every `starvation_every`-th [`Queue::next_batch`] call (see
@@ -39,7 +40,7 @@
 //!   sees them; if a batch fails to commit they are re-read from SQL before the next job.
 //!   Counters (`accepted`, `acked`, ...) are only advanced once the change is committed.
 //! - **Bounded memory.** Nothing loads the whole queue: [`Queue::next_batch`] steps a cursor
-//!   over the `(priority, id)` index and stops after `limit` entries, sweeping and stats run as
+//!   over the `(share, priority, id)` index and stops after `limit` entries, sweeping and stats run as
 //!   SQL aggregates/deletes. Memory is bounded by the batch, never by the backlog.
 //! - **Never panics on disk data.** Every column is checked when a row is read; a row that
 //!   cannot be decoded (bad UTF-8, unknown QoS, damaged properties, half a deadline) is deleted,
@@ -71,12 +72,14 @@
 //! versioned binary encoding, see [`crate::store::props`]), `accepted_wall`, `accepted_boot`, `boot_id`,
 //! `deadline_wall`, `deadline_boot` (both `NULL` for "never"), `size` (the row's
 //! [`entry_size`], so totals can be kept without re-encoding), `attempts` (failed deliveries).
-//! Indexes: `(priority, id)` for delivery order; `(boot_id, deadline_boot)` and
+//! Indexes: `(priority, id)` for delivery order (per share since migration 7); `(boot_id, deadline_boot)` and
 //! `(deadline_wall)`, partial on non-`NULL` deadlines, so the sweep's expiry test is two index
 //! range scans rather than a table scan. Table `meta` holds the key `uplink_epoch`.
 //! Migration 3 adds `conflate_key` (`NULL`: never conflated) with an index on
 //! `(route, conflate_key)`, partial on non-`NULL` keys, so replacing a key's waiting row is an
-//! index lookup.
+//! index lookup. Migration 7 adds `share` (the uplink connection that carries the row) and
+//! `order_key` (the hash of the topic, or of the route for FIFO routes), replaces the
+//! delivery-order index by `(share, priority, id)` and indexes `order_key`; see [`share`].
 //!
 //! # Files
 //!
@@ -88,6 +91,7 @@
 //! - `totals.rs`: the in-memory totals and counters shared by all clones.
 //! - `stats.rs`: aggregates for status (depth per route, oldest entry).
 //! - `dead_letter.rs`: rows the central broker would not take.
+//! - `share.rs`: which uplink connection carries a row.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64};
 use std::sync::Arc;
@@ -102,13 +106,15 @@ mod delete;
 mod enqueue;
 mod row;
 mod scan;
+pub mod share;
 mod stats;
 #[cfg(test)]
 mod tests;
 mod totals;
 
 pub use enqueue::{entry_size, ROW_OVERHEAD};
-pub use scan::{Batch, Cursor, Drainer, RowFilter, TakesRow};
+pub use scan::{Batch, Cursor, Drainer};
+pub use share::{Shares, MAX_SHARES};
 pub use stats::{QueueStats, RouteStats};
 pub use totals::{CounterSnapshot, Totals};
 
@@ -176,12 +182,35 @@ impl Queue {
     /// Loads totals (rows, bytes) and the store's identity (a random epoch kept in `meta`, drawn
     /// on first use), used in message ids.
     pub async fn open(db: Db, config: QueueConfig) -> Result<Queue, StoreError> {
-        let (epoch, totals, priorities) = db
-            .run(|conn| {
+        Queue::open_shared(db, config, Shares::default()).await
+    }
+
+    /// [`Queue::open`] split into `shares`, one per uplink connection (see [`share`]). Rows
+    /// assigned under another split are assigned again first.
+    pub async fn open_shared(
+        db: Db,
+        config: QueueConfig,
+        shares: Shares,
+    ) -> Result<Queue, StoreError> {
+        let rule = shares.clone();
+        let (epoch, totals, priorities, reassigned) = db
+            .run(move |conn| {
                 let epoch = load_or_create_epoch(conn)?;
-                Ok((epoch, load_totals(conn)?, load_priorities(conn)?))
+                let reassigned = share::reassign_if_changed(conn, &rule)?;
+                Ok((
+                    epoch,
+                    load_totals(conn)?,
+                    load_priorities(conn)?,
+                    reassigned,
+                ))
             })
             .await?;
+        if reassigned > 0 {
+            log::info!(
+                "uplink queue: {reassigned} waiting messages assigned to {} connection(s)",
+                shares.count
+            );
+        }
         if totals.bytes > config.max_bytes {
             log::warn!(
                 "uplink queue holds {} bytes, more than max_bytes {}; {}",
@@ -193,7 +222,7 @@ impl Queue {
                 }
             );
         }
-        Ok(Queue {
+        let queue = Queue {
             db,
             shared: Arc::new(Shared {
                 config,
@@ -212,9 +241,18 @@ impl Queue {
                 fills: AtomicU64::new(0),
                 rewinds: AtomicU64::new(0),
                 priorities: AtomicU16::new(priorities),
-                commits: watch::channel(0).0,
+                commits: (0..shares.count).map(|_| watch::channel(0).0).collect(),
+                shares,
+                share_rows: (0..MAX_SHARES).map(|_| AtomicU64::new(0)).collect(),
+                last_pick: AtomicU32::new(0),
             }),
-        })
+        };
+        let shared = Arc::clone(&queue.shared);
+        queue
+            .db
+            .run(move |conn| shared.load_share_rows(conn))
+            .await?;
+        Ok(queue)
     }
 
     /// The store's identity, the first part of every `msg_id`.
@@ -227,11 +265,21 @@ impl Queue {
         format!("{}-{id}", self.shared.epoch)
     }
 
-    /// Tells of commits that added rows: `changed()` resolves once there was one since the
-    /// receiver last looked, so a commit between two waits is not lost. Every task that drains
-    /// the queue (one per uplink connection) has a receiver of its own.
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.shared.commits.subscribe()
+    /// Tells of commits that added rows to `share`: `changed()` resolves once there was one
+    /// since the receiver last looked, so a commit between two waits is not lost. The task
+    /// that drains a share (one per uplink connection) has a receiver of its own; a commit
+    /// wakes only the task of the share it touched.
+    pub fn commits(&self, share: usize) -> watch::Receiver<u64> {
+        match self.shared.commits.get(share) {
+            Some(tx) => tx.subscribe(),
+            // No such share: a receiver that never changes.
+            None => watch::channel(0).1,
+        }
+    }
+
+    /// How many shares the queue is split into (see [`share`]).
+    pub fn share_count(&self) -> usize {
+        self.shared.shares.count
     }
 
     async fn run_then<T, U, F, G>(&self, f: F, then: G) -> Result<U, StoreError>

@@ -3,10 +3,12 @@
 //! # Contract
 //! - Reads only: a scan runs on a read connection and sees the last commit; it never waits for
 //!   the writer and never sees a change that may still roll back.
-//! - Delivery order is `(priority, id)`, as index range scans that stop after `limit` entries:
-//!   memory is bounded by the batch, never by the backlog. Every `starvation_every`-th fill
-//!   (see [`Queue::set_starvation_every`]) first takes the oldest deliverable row of the lowest
-//!   waiting priority and marks it [`Batch::out_of_order`].
+//! - Delivery order is `(priority, id)` within a share, as range scans of the
+//!   `(share, priority, id)` index that stop after `limit` entries: memory is bounded by the
+//!   batch, never by the backlog, and a [`Drainer`] never looks at another share's rows. Every
+//!   `starvation_every`-th fill of a drainer (see [`Queue::set_starvation_every`]) first takes
+//!   the oldest deliverable row of the lowest waiting priority and marks it
+//!   [`Batch::out_of_order`].
 //! - Excluded (in-flight) ids are skipped; with a [`Cursor`] the rows of its priority up to its
 //!   id are not even looked at.
 //! - Expired and undecodable rows are never returned: the ones met (at most
@@ -89,25 +91,48 @@ impl Queue {
         now: Stamp,
     ) -> Result<Vec<Entry>, StoreError> {
         let shared = Arc::clone(&self.shared);
-        let (batch, found) = self
+        let (entries, found) = self
             .db
             .read(move |conn| {
                 let exclude: HashSet<i64> = exclude.into_iter().collect();
-                scan(
-                    conn,
-                    &shared,
-                    None,
-                    &|id| exclude.contains(&id),
-                    None,
-                    limit,
-                    &now,
-                )
+                let fill = match limit {
+                    0 => 0,
+                    _ => shared.fills.fetch_add(1, Ordering::AcqRel) + 1,
+                };
+                let mut all = Vec::new();
+                let mut found = Found::default();
+                let mut visited = 0;
+                for share in 0..shared.shares.count as u16 {
+                    let (batch, f) = scan(
+                        conn,
+                        &shared,
+                        Scope {
+                            share,
+                            cursor: None,
+                            fill,
+                        },
+                        &|id| exclude.contains(&id),
+                        limit,
+                        &now,
+                        &mut visited,
+                    )?;
+                    all.extend(batch.entries);
+                    found.expired.extend(f.expired);
+                    found.bad.extend(f.bad);
+                }
+                // One share's rows come in delivery order; several are merged (used with one
+                // share outside tests).
+                if shared.shares.count > 1 {
+                    all.sort_by_key(|e| (e.priority, e.id));
+                    all.truncate(limit);
+                }
+                Ok((all, found))
             })
             .await?;
         if !found.is_empty() {
             self.delete_found(found).await?;
         }
-        Ok(batch.entries)
+        Ok(entries)
     }
 
     /// How many times rows were put back under their old ids (re-queued dead letters): a
@@ -116,17 +141,20 @@ impl Queue {
         self.shared.rewinds.load(Ordering::Acquire)
     }
 
-    /// A fetcher for the one task that drains the queue; see [`Drainer`].
-    pub fn drainer(&self) -> Result<Drainer, StoreError> {
+    /// A fetcher for the one task that drains `share`; see [`Drainer`].
+    pub fn drainer(&self, share: usize) -> Result<Drainer, StoreError> {
         Ok(Drainer {
             conn: self.db.open_reader()?,
             queue: self.clone(),
-            filter: None,
+            share: u16::try_from(share).unwrap_or(u16::MAX),
+            fills: 0,
+            visited: 0,
         })
     }
 
-    /// Sets the anti-starvation rule of [`Queue::next_batch`]: every `every`-th call (with a
-    /// non-zero limit) since [`Queue::open`], the first entry returned is the oldest deliverable
+    /// Sets the anti-starvation rule of [`Queue::next_batch`] and of every [`Drainer`]: every
+    /// `every`-th call (with a non-zero limit) since [`Queue::open`] (since its creation, for a
+    /// drainer), the first entry returned is the oldest deliverable
     /// row of the *lowest* waiting priority (highest number), then the batch goes on in normal
     /// order. So a priority-9 backlog still moves at one row per `every` fills while priority
     /// 0 traffic keeps coming. 0 turns the rule off (strict priority order).
@@ -155,7 +183,8 @@ impl Found {
     }
 }
 
-/// Fetches for the one task that drains the queue, on a read connection of its own.
+/// Fetches for the one task that drains a share of the queue (one uplink connection), on a
+/// read connection of its own.
 ///
 /// A fetch runs on the caller's thread: it reads a few dozen rows through an index (tens of
 /// microseconds), where a hop to a store thread and back costs more than the read itself and
@@ -164,23 +193,19 @@ impl Found {
 pub struct Drainer {
     conn: Connection,
     queue: Queue,
-    /// Which rows this drainer takes (route, topic, conflation key): one of several parallel
-    /// uplink connections takes only its share. `None`: every row.
-    filter: Option<RowFilter>,
+    /// The share it drains (see [`super::share`]).
+    share: u16,
+    /// Fetches with a non-zero limit so far (for the anti-starvation pick).
+    fills: u64,
+    /// Rows looked at by all fetches so far.
+    visited: u64,
 }
 
-/// Decides from a row's route, topic and conflation key whether a drainer takes it.
-pub type TakesRow = dyn Fn(&str, &str, Option<&str>) -> bool + Send + Sync;
-
-/// A [`Drainer`]'s share of the rows.
-pub type RowFilter = Box<TakesRow>;
-
 impl Drainer {
-    /// Takes only the rows `filter` accepts (the others are neither returned nor looked at
-    /// further: their own drainer deals with them).
-    pub fn with_filter(mut self, filter: RowFilter) -> Drainer {
-        self.filter = Some(filter);
-        self
+    /// How many rows this drainer's fetches have looked at in all: a drainer whose share is
+    /// empty looks at none, however long the other shares' backlogs.
+    pub fn rows_visited(&self) -> u64 {
+        self.visited
     }
 
     /// [`Queue::next_batch`] resuming after `cursor`: rows in `cursor`'s priority at or below
@@ -195,15 +220,22 @@ impl Drainer {
         limit: usize,
     ) -> Result<Batch, StoreError> {
         let now = Stamp::now();
-        let filter = self.filter.as_deref();
+        if limit > 0 {
+            self.fills += 1;
+        }
+        let scope = Scope {
+            share: self.share,
+            cursor,
+            fill: self.fills,
+        };
         let (batch, found) = scan(
             &self.conn,
             &self.queue.shared,
-            cursor,
+            scope,
             exclude,
-            filter,
             limit,
             &now,
+            &mut self.visited,
         )?;
         if !found.is_empty() {
             // Until the delete commits these rows are met (and skipped) again; the answer
@@ -214,35 +246,54 @@ impl Drainer {
     }
 }
 
-/// The fetch of [`Queue::next_batch`] and [`Drainer::next_batch`] on a read connection.
+/// Which rows one [`scan`] reads.
+struct Scope {
+    share: u16,
+    /// Where the drainer resumes, if it has a cursor.
+    cursor: Option<Cursor>,
+    /// The number of this fetch (for the anti-starvation pick).
+    fill: u64,
+}
+
+/// The fetch of [`Queue::next_batch`] and [`Drainer::next_batch`] on a read connection, within
+/// one share; adds the rows it looked at to `visited`.
 fn scan(
     conn: &Connection,
     shared: &Shared,
-    cursor: Option<Cursor>,
+    scope: Scope,
     exclude: &dyn Fn(i64) -> bool,
-    filter: Option<&TakesRow>,
     limit: usize,
     now: &Stamp,
+    visited: &mut u64,
 ) -> Result<(Batch, Found), StoreError> {
+    let Scope {
+        share,
+        cursor,
+        fill,
+    } = scope;
     let mut out = Vec::with_capacity(limit.min(1024));
     let mut found = Found::default();
     let mut out_of_order = None;
     // Rows the anti-starvation pick already looked at; the main scan skips them.
     let mut seen: HashSet<i64> = HashSet::new();
     if limit > 0 {
-        let fill = shared.fills.fetch_add(1, Ordering::AcqRel) + 1;
         let every = u64::from(shared.starvation_every.load(Ordering::Acquire));
         if every > 0 && fill % every == 0 {
             let mut st = conn.prepare_cached(&SCAN_SQL.oldest_of_priority)?;
             'levels: for priority in (0..=LOWEST_PRIORITY).rev() {
+                if !shared.any_in(priority..=priority) {
+                    continue;
+                }
                 let mut rows = st.query(params![
                     now.boot_id,
                     now.boot_ms,
                     now.wall_ms,
+                    i64::from(share),
                     i64::from(priority)
                 ])?;
                 while let Some(row) = rows.next()? {
-                    match visit(row, exclude, filter, &shared.epoch, &mut found)? {
+                    *visited += 1;
+                    match visit(row, exclude, &shared.epoch, &mut found)? {
                         Visit::Skip => {}
                         Visit::Gone(id) => {
                             seen.insert(id);
@@ -281,20 +332,28 @@ fn scan(
         }
         let mut st = conn.prepare_cached(sql)?;
         // Numbered parameters in a fixed order; each statement has only the first few.
-        for (i, value) in [now.boot_id, now.boot_ms, now.wall_ms, p, id]
-            .into_iter()
-            .enumerate()
-            .take(st.parameter_count())
+        for (i, value) in [
+            now.boot_id,
+            now.boot_ms,
+            now.wall_ms,
+            i64::from(share),
+            p,
+            id,
+        ]
+        .into_iter()
+        .enumerate()
+        .take(st.parameter_count())
         {
             st.raw_bind_parameter(i + 1, value)?;
         }
         let mut rows = st.raw_query();
         while let Some(row) = rows.next()? {
+            *visited += 1;
             let id: i64 = row.get(0)?;
             if seen.contains(&id) {
                 continue;
             }
-            if let Visit::Take(entry) = visit(row, exclude, filter, &shared.epoch, &mut found)? {
+            if let Visit::Take(entry) = visit(row, exclude, &shared.epoch, &mut found)? {
                 out.push(*entry);
                 if out.len() >= limit {
                     break 'scans;
@@ -311,32 +370,32 @@ fn scan(
 
 /// The statements of [`scan`], built once.
 struct ScanSql {
-    /// Everything, in delivery order.
+    /// Share ?4, in delivery order.
     all: String,
-    /// Priorities below ?4 (more urgent), in delivery order.
+    /// Share ?4, priorities below ?5 (more urgent), in delivery order.
     more_urgent: String,
-    /// Priority ?4 after id ?5.
+    /// Share ?4, priority ?5 after id ?6.
     after: String,
-    /// Priorities above ?4 (less urgent), in delivery order.
+    /// Share ?4, priorities above ?5 (less urgent), in delivery order.
     less_urgent: String,
-    /// Priority ?4, oldest first (the anti-starvation pick).
+    /// Share ?4, priority ?5, oldest first (the anti-starvation pick).
     oldest_of_priority: String,
 }
 
 static SCAN_SQL: std::sync::LazyLock<ScanSql> = std::sync::LazyLock::new(|| {
-    // `scan` binds by position: ?1 ?2 ?3 the clock (as named in COLUMNS), ?4 the cursor's
-    // priority, ?5 its id.
+    // `scan` binds by position: ?1 ?2 ?3 the clock (as named in COLUMNS), ?4 the share, ?5
+    // the cursor's priority, ?6 its id.
     let columns = COLUMNS
         .replace(":cur_boot", "?1")
         .replace(":now_boot", "?2")
         .replace(":now_wall", "?3");
     let select = format!("SELECT {columns} FROM uplink_queue");
     ScanSql {
-        all: format!("{select} ORDER BY priority, id"),
-        more_urgent: format!("{select} WHERE priority < ?4 ORDER BY priority, id"),
-        after: format!("{select} WHERE priority = ?4 AND id > ?5 ORDER BY id"),
-        less_urgent: format!("{select} WHERE priority > ?4 ORDER BY priority, id"),
-        oldest_of_priority: format!("{select} WHERE priority = ?4 ORDER BY id"),
+        all: format!("{select} WHERE share = ?4 ORDER BY priority, id"),
+        more_urgent: format!("{select} WHERE share = ?4 AND priority < ?5 ORDER BY priority, id"),
+        after: format!("{select} WHERE share = ?4 AND priority = ?5 AND id > ?6 ORDER BY id"),
+        less_urgent: format!("{select} WHERE share = ?4 AND priority > ?5 ORDER BY priority, id"),
+        oldest_of_priority: format!("{select} WHERE share = ?4 AND priority = ?5 ORDER BY id"),
     }
 });
 
@@ -354,25 +413,12 @@ enum Visit {
 fn visit(
     row: &Row<'_>,
     exclude: &dyn Fn(i64) -> bool,
-    filter: Option<&TakesRow>,
     epoch: &str,
     found: &mut Found,
 ) -> Result<Visit, StoreError> {
     let id: i64 = row.get(0)?;
     if exclude(id) {
         return Ok(Visit::Skip);
-    }
-    if let Some(takes) = filter {
-        // Borrowed from the row, no copy: most rows of a shared queue are another
-        // drainer's.
-        let text = |i: usize| match row.get_ref(i) {
-            Ok(ValueRef::Text(t)) => std::str::from_utf8(t).ok(),
-            _ => None,
-        };
-        let (route, topic) = (text(2).unwrap_or(""), text(4).unwrap_or(""));
-        if !takes(route, topic, text(15)) {
-            return Ok(Visit::Skip);
-        }
     }
     if !matches!(row.get_ref(1)?, ValueRef::Integer(0)) {
         if found.expired.len() < MAX_SKIPPED_PER_BATCH {

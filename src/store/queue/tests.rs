@@ -104,7 +104,7 @@ async fn drainer_resumes_after_its_cursor_and_still_sees_more_urgent_rows() {
     for _ in 0..5 {
         put(&q, 5, msg("t", 1, at(0), None)).await.unwrap();
     }
-    let mut d = q.drainer().unwrap();
+    let mut d = q.drainer(0).unwrap();
     let none = |_| false;
     let first = d.next_batch(None, &none, 2).unwrap();
     assert_eq!(ids(&first.entries), vec![1, 2]);
@@ -144,7 +144,7 @@ async fn drainer_deletes_expired_rows_it_meets() {
     put(&q, 3, msg("t", 1, now, Some(1))).await.unwrap();
     put(&q, 3, msg("t", 1, now, None)).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let mut d = q.drainer().unwrap();
+    let mut d = q.drainer(0).unwrap();
     let batch = d.next_batch(None, &|_| false, 10).unwrap();
     assert_eq!(ids(&batch.entries), vec![2]);
     // The delete goes to the writer without waiting; a job behind it sees it done.
@@ -510,7 +510,7 @@ async fn stats_per_route_and_notification_on_commit() {
     )
     .await;
     assert_eq!(q.stats().await.unwrap(), QueueStats::default());
-    let mut commits = q.commits();
+    let mut commits = q.commits(0);
     let (a, b) = (msg("t", 1, at(5), None), msg("t", 2, at(3), None));
     q.enqueue(new_entry("b", 0, b.clone()))
         .await

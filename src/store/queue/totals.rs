@@ -15,6 +15,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 use tokio::sync::watch;
 
+use super::share::Shares;
 use super::{Queue, QueueConfig, StoreError, LOWEST_PRIORITY};
 
 /// Row count and logical bytes of the queue.
@@ -69,8 +70,15 @@ pub(super) struct Shared {
     /// open, so a fetch skips the index ranges of priorities never used (most trains use one
     /// or two).
     pub(super) priorities: AtomicU16,
-    /// Bumped after every commit that added rows; each drain task watches it.
-    pub(super) commits: watch::Sender<u64>,
+    /// Per share (see `share`): bumped after every commit that added rows to it; the drain
+    /// task of that share watches it.
+    pub(super) commits: Vec<watch::Sender<u64>>,
+    /// How the queue is split between the uplink connections.
+    pub(super) shares: Shares,
+    /// Rows per share, [`MAX_SHARES`] slots; kept like the totals (re-read on a resync).
+    pub(super) share_rows: Vec<AtomicU64>,
+    /// The share a new key joined last (ties of the least-loaded choice go round).
+    pub(super) last_pick: AtomicU32,
 }
 
 impl Shared {
@@ -81,6 +89,10 @@ impl Shared {
                 Ok(t) => {
                     self.rows.store(t.rows, Ordering::Release);
                     self.bytes.store(t.bytes, Ordering::Release);
+                    if let Err(e) = self.load_share_rows(conn) {
+                        self.resync.store(true, Ordering::Release);
+                        return Err(e);
+                    }
                 }
                 Err(e) => {
                     self.resync.store(true, Ordering::Release);
@@ -186,6 +198,14 @@ pub(super) fn size_value(v: ValueRef<'_>) -> u64 {
     match v {
         ValueRef::Integer(n) => n.max(0) as u64,
         ValueRef::Real(f) if f > 0.0 => f as u64,
+        _ => 0,
+    }
+}
+
+/// The `share` column; anything unreadable counts as share 0 (the scan reports damaged rows).
+pub(super) fn share_value(v: ValueRef<'_>) -> u16 {
+    match v {
+        ValueRef::Integer(n) => u16::try_from(n).unwrap_or(0),
         _ => 0,
     }
 }
