@@ -51,6 +51,9 @@ pub(super) struct Drain {
     pub(super) written: VecDeque<(u64, i64, Instant)>,
     /// Writes of rows on this connection so far.
     pub(super) writes: u64,
+    /// The oldest row written and not answered, and when it is known to have left the socket
+    /// (see [`Drain::unanswered_for`]).
+    pub(super) front_left: Option<(i64, Instant)>,
     /// The place of the last-written row that the broker answered (see [`Drain::wrote`]).
     pub(super) answered_up_to: Option<u64>,
     /// The bandwidth cap, if one is configured.
@@ -157,9 +160,23 @@ impl Drain {
             .map(|&(_, id, _)| id)
     }
 
-    /// How long the oldest row written has waited for its answer.
-    pub(super) fn oldest_unanswered(&self) -> Option<Duration> {
-        self.written.front().map(|w| w.2.elapsed())
+    /// How long the oldest row written and not answered has waited for its answer since it
+    /// left the socket, as far as the link tells: `sending` is whether bytes were waiting to
+    /// leave at the link's last look, `idle_for` how long none have. A row is known to have
+    /// left once the link was seen with nothing waiting after the row was written; until then
+    /// it may still be on its way over a slow stretch, and its wait does not count.
+    pub(super) fn unanswered_for(&mut self, sending: bool, idle_for: Duration) -> Option<Duration> {
+        let &(_, id, written) = self.written.front()?;
+        let now = Instant::now();
+        if self.front_left.map_or(true, |(front, _)| front != id) {
+            self.front_left = None;
+            if !sending {
+                let idle_since = now.checked_sub(idle_for).unwrap_or(written);
+                self.front_left = Some((id, written.max(idle_since)));
+            }
+        }
+        self.front_left
+            .map(|(_, left)| now.saturating_duration_since(left))
     }
 
     /// Rows a fetch must not return: in flight, expired meanwhile, waiting for a retry, or

@@ -1,19 +1,23 @@
 //! One connection to the central broker, with the protocol version hidden.
 //!
-//! A connection task owns the socket: it writes every request waiting in one batch (one
+//! A connection task owns the socket: it encodes every request waiting into one batch (one
 //! system call for a whole refill of the in-flight window, where a write per PUBLISH would cap
-//! the drain rate), reads whatever arrived, assigns packet ids, pings every keep-alive, and
-//! reports normalised [`LinkEvent`]s on a channel. The uplink sends requests with non-blocking
+//! the drain rate), writes while it goes on reading whatever arrives (so PUBACKs and PINGRESPs
+//! are read during a long write on a slow stretch), assigns packet ids, pings every
+//! keep-alive, watches what the broker's TCP acknowledged of our bytes (see [`Link::silent_for`]),
+//! and reports normalised [`LinkEvent`]s on a channel. The uplink sends requests with non-blocking
 //! calls. A `Link` lives for one connection only: on any error it is dropped (which aborts the
 //! task and closes the socket) and a fresh one is made, so no client-side state — in
 //! particular no replay of unacknowledged publishes — outlives a connection. The store is the
 //! only source of truth.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -45,13 +49,6 @@ pub enum LinkEvent {
     Other,
 }
 
-impl LinkEvent {
-    /// Whether the event is a packet from the broker (as opposed to one of our own writes).
-    pub fn is_incoming(&self) -> bool {
-        !matches!(self, LinkEvent::Sent { .. })
-    }
-}
-
 /// What [`Link::ack`] needs to acknowledge a received message.
 #[derive(Debug)]
 pub enum AckToken {
@@ -68,11 +65,15 @@ enum Request {
     Disconnect,
 }
 
-/// Most requests written in one go.
+/// Most requests encoded in one go.
 const MAX_WRITE_BATCH: usize = 1024;
 
-/// A batch is written once it holds this many bytes.
-const MAX_WRITE_BYTES: usize = 256 * 1024;
+/// Requests are taken only while less than this is encoded and not yet written: a PINGREQ or
+/// a PUBACK waits behind at most about this much (and the kernel's `TCP_NOTSENT_LOWAT`).
+const MAX_WRITE_BYTES: usize = 64 * 1024;
+
+/// How often the connection task reads its socket's meter (see [`SendMeter`]).
+const METER_TICK: Duration = Duration::from_millis(200);
 
 /// Events travel in batches: everything one socket read or one write produced, so the uplink
 /// handles a burst of PUBACKs together and refills the window once.
@@ -85,6 +86,49 @@ pub struct Link {
     /// The rest of the batch received last.
     pending: std::collections::VecDeque<Result<LinkEvent, LinkError>>,
     task: JoinHandle<()>,
+    health: Arc<Health>,
+}
+
+/// Signs of life of a connection, kept by its task, read by the uplink.
+struct Health {
+    start: Instant,
+    /// Milliseconds after `start` of the last sign of life (see [`Link::silent_for`]).
+    progress_ms: AtomicU64,
+    /// Milliseconds after `start` when bytes were last seen waiting to leave.
+    busy_ms: AtomicU64,
+    /// Bytes were waiting to leave at the last look.
+    sending: AtomicBool,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            start: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+            busy_ms: AtomicU64::new(0),
+            sending: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn progress(&self) {
+        self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// What the last look found: bytes waiting to leave or not.
+    fn looked(&self, sending: bool) {
+        if sending {
+            self.busy_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        self.sending.store(sending, Ordering::Relaxed);
+    }
+
+    fn since(&self, at: &AtomicU64) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(at.load(Ordering::Relaxed)))
+    }
 }
 
 impl Drop for Link {
@@ -101,8 +145,10 @@ impl Link {
         let (requests, rx) = mpsc::channel(usize::from(o.inflight) + 1024);
         let (tx, events) = mpsc::channel(64);
         let options = o.clone();
+        let health = Arc::new(Health::new());
+        let watched = Arc::clone(&health);
         let task = tokio::spawn(async move {
-            if let Err(e) = connection(options, rx, &tx).await {
+            if let Err(e) = connection(options, rx, &tx, &watched).await {
                 if let Err(unsent) = tx.send(vec![Err(e)]).await {
                     // The link was dropped: nobody waits for the reason any more.
                     log::debug!(
@@ -117,7 +163,28 @@ impl Link {
             events,
             pending: std::collections::VecDeque::new(),
             task,
+            health,
         }
+    }
+
+    /// How long the link has shown no sign of life: no bytes from the broker, and none of
+    /// ours acknowledged by its TCP. A live link answers the PINGREQ sent every keep-alive,
+    /// and a slow one keeps acknowledging the bytes of a long write.
+    pub fn silent_for(&self) -> Duration {
+        self.health.since(&self.health.progress_ms)
+    }
+
+    /// How long nothing has waited to leave: neither encoded requests nor bytes in the
+    /// socket's send queue. A PUBLISH the broker has not answered is only overdue once it
+    /// left; until then it may still be on its way over a slow stretch.
+    pub fn idle_for(&self) -> Duration {
+        self.health.since(&self.health.busy_ms)
+    }
+
+    /// Whether bytes were waiting to leave at the connection task's last look (every
+    /// [`METER_TICK`]).
+    pub fn sending(&self) -> bool {
+        self.health.sending.load(Ordering::Relaxed)
     }
 
     /// The next event; `Err` ends the connection.
@@ -222,9 +289,10 @@ async fn connection(
     o: LinkOptions,
     mut requests: mpsc::Receiver<Request>,
     events: &EventTx,
+    health: &Health,
 ) -> Result<(), LinkError> {
     let protocol = o.protocol;
-    let mut stream = transport::open(&o).await?;
+    let (mut stream, meter) = transport::open(&o).await?;
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     wire::connect(
@@ -277,7 +345,15 @@ async fn connection(
     // within that time (the uplink's dead-link test counts on it).
     let keep_alive = o.keep_alive.max(Duration::from_secs(1));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-    let mut sent: Vec<u16> = Vec::new();
+    let mut metering = tokio::time::interval(METER_TICK);
+    metering.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked_before = 0u64;
+    // Reading and writing go on side by side: PUBACKs and PINGRESPs are read while a large
+    // batch, or one large message on a slow stretch, is still being written.
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut flush = false;
+    let mut closing = false;
+    health.progress();
     loop {
         // Everything that arrived, as one batch; on an error, what came before it first.
         let mut batch = Vec::new();
@@ -301,20 +377,42 @@ async fn connection(
         if let Some(e) = failed {
             return Err(e);
         }
+        if closing && out.is_empty() && !flush {
+            if let Err(e) = wr.shutdown().await {
+                log::debug!("uplink: closing the stream after DISCONNECT: {e}");
+            }
+            return Ok(());
+        }
         tokio::select! {
-            req = requests.recv() => {
+            r = rd.read_buf(&mut inbuf) => match r {
+                Ok(0) => return Err(LinkError::Closed),
+                Ok(_) => health.progress(),
+                Err(e) => return Err(LinkError::io(e)),
+            },
+            w = push(&mut wr, &out), if !out.is_empty() || flush => {
+                match w.map_err(LinkError::io)? {
+                    Some(n) => {
+                        let _ = out.split_to(n);
+                        flush = out.is_empty();
+                    }
+                    None => flush = false,
+                }
+            }
+            req = requests.recv(), if !closing && out.len() < MAX_WRITE_BYTES => {
                 let Some(first) = req else {
                     return Ok(());
                 };
+                // Every request already waiting, up to one batch, encoded together: one write
+                // for a whole refill of the window.
+                let mut sent = Vec::new();
                 let mut next = Some(first);
-                let mut disconnect = false;
                 let mut count = 0;
                 while let Some(req) = next.take() {
                     match req {
                         Request::Publish(p) => {
                             let pkid = if p.qos == QoS::AtMostOnce { 0 } else { ids.take()? };
                             wire::publish(protocol, pkid, &p, &mut out);
-                            sent.push(pkid);
+                            sent.push(Ok(LinkEvent::Sent { pkid }));
                         }
                         Request::Subscribe(filters) => {
                             wire::subscribe(protocol, ids.take()?, &filters, &mut out);
@@ -322,7 +420,7 @@ async fn connection(
                         Request::Ack(pkid) => wire::puback(protocol, pkid, &mut out),
                         Request::Disconnect => {
                             wire::disconnect(protocol, &mut out);
-                            disconnect = true;
+                            closing = true;
                             break;
                         }
                     }
@@ -331,24 +429,40 @@ async fn connection(
                         next = requests.try_recv().ok();
                     }
                 }
-                write(&mut stream, &mut out).await?;
                 if !sent.is_empty() {
-                    let batch = sent.drain(..).map(|pkid| Ok(LinkEvent::Sent { pkid })).collect();
-                    events.send(batch).await.map_err(|_| ended())?;
-                }
-                if disconnect {
-                    if let Err(e) = stream.shutdown().await {
-                        log::debug!("uplink: closing the stream after DISCONNECT: {e}");
-                    }
-                    return Ok(());
+                    events.send(sent).await.map_err(|_| ended())?;
                 }
             }
-            r = read(&mut stream, &mut inbuf) => r?,
-            _ = ping.tick() => {
-                wire::pingreq(protocol, &mut out);
-                write(&mut stream, &mut out).await?;
+            _ = ping.tick() => wire::pingreq(protocol, &mut out),
+            _ = metering.tick() => {
+                // Bytes the broker's TCP acknowledged prove the link alive as much as a packet
+                // from the broker does; bytes still waiting to leave put off the PUBACK
+                // deadline (see `Link::idle_for`).
+                let queued = match meter.read() {
+                    Some((written, queued)) => {
+                        let acked = written - queued;
+                        if acked > acked_before {
+                            acked_before = acked;
+                            health.progress();
+                        }
+                        queued
+                    }
+                    None => 0,
+                };
+                health.looked(queued > 0 || !out.is_empty());
             }
         }
+    }
+}
+
+/// One step of getting `out` onto the wire: writes what the socket takes (`Some(bytes)`), or
+/// once all is written flushes what a TLS or WebSocket layer still holds (`None`). Either
+/// may be cancelled and called again.
+async fn push<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<Option<usize>> {
+    if out.is_empty() {
+        wr.flush().await.map(|()| None)
+    } else {
+        wr.write(out).await.map(Some)
     }
 }
 

@@ -11,10 +11,11 @@
 //! - at most its window of messages is unacknowledged at once: the broker's Receive Maximum,
 //!   capped by `uplink.inflight` or [`DEFAULT_WINDOW`]; draining starts the moment a
 //!   connection is up;
-//! - a link is declared dead when nothing at all arrived from the broker for 1.5 × keep-alive
-//!   (the link pings every keep-alive, so a live link always answers within that time), not
-//!   when TCP gives up minutes later; a PUBLISH left unanswered for three keep-alives on a
-//!   live link ends the connection too;
+//! - a link is declared dead when for 1.5 × keep-alive nothing at all arrived from the broker
+//!   and its TCP acknowledged none of our bytes (the link pings every keep-alive, so a live
+//!   link always answers within that time, and a slow one acknowledges the bytes of a long
+//!   write as they go), not when TCP gives up minutes later; a PUBLISH left unanswered for
+//!   three keep-alives after it left the socket, on a live link, ends the connection too;
 //! - a message is blamed for a failure only on evidence (see `Lane::blame`);
 //! - reconnects back off exponentially with full jitter, reset after a stable connection.
 
@@ -433,7 +434,6 @@ impl Lane {
         // JetStream write times out during a leader change, with no error and the connection
         // up. Only a new connection gets the message sent again.
         let answer_within = ack_deadline(keep_alive);
-        let mut last_incoming = Instant::now();
         let mut liveness = tokio::time::interval(LIVENESS_TICK);
         let probe_every = self.config.probe_primary_every;
         let mut probe =
@@ -463,12 +463,6 @@ impl Lane {
                     let mut ev = ev;
                     let mut handled = 0;
                     loop {
-                        // Only what the broker sent proves the link alive: rumqttc reports our
-                        // own writes too, and those succeed into a dead link until the socket
-                        // buffer fills.
-                        if matches!(&ev, Ok(e) if e.is_incoming()) {
-                            last_incoming = Instant::now();
-                        }
                         match ev {
                             Ok(ev) => {
                                 if let Err(e) = self.on_event(&link, drain, ev, &mut more).await {
@@ -500,14 +494,23 @@ impl Lane {
                     if drain.retry_due() {
                         more = true;
                     }
-                    if last_incoming.elapsed() > dead_after {
+                    // Bytes from the broker, or ours acknowledged by its TCP, prove the link
+                    // alive; our own writes do not (they succeed into a dead link until the
+                    // socket buffer fills).
+                    let silent = link.silent_for();
+                    if silent > dead_after {
                         self.lost(drain);
                         return Ended::Other(End::Failed(UplinkError::Dead {
-                            silent_s: last_incoming.elapsed().as_secs_f64(),
+                            silent_s: silent.as_secs_f64(),
                             keep_alive_s: keep_alive.as_secs(),
                         }));
                     }
-                    if let Some(waited) = drain.oldest_unanswered().filter(|w| *w > answer_within) {
+                    // Counted from when the message left: behind a long write on a slow
+                    // stretch it is still on its way.
+                    let unanswered = drain
+                        .unanswered_for(link.sending(), link.idle_for())
+                        .filter(|w| *w > answer_within);
+                    if let Some(waited) = unanswered {
                         self.lost(drain);
                         return Ended::Other(End::Failed(UplinkError::Unanswered {
                             waited_s: waited.as_secs_f64(),

@@ -2,12 +2,16 @@
 //! then TLS and/or WebSocket as the endpoint's scheme asks.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -87,8 +91,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Largest HTTP response head accepted from a proxy.
 const MAX_PROXY_HEAD: usize = 8 * 1024;
 
-/// Opens the stream `o` describes, ready for CONNECT.
-pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, ConnectError> {
+/// Opens the stream `o` describes, ready for CONNECT, with the meter of its TCP socket.
+pub async fn open(o: &LinkOptions) -> Result<(Box<dyn Io>, SendMeter), ConnectError> {
     let tcp = match &o.proxy {
         None => TcpStream::connect((o.host.as_str(), o.port))
             .await
@@ -96,7 +100,8 @@ pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, ConnectError> {
         Some(proxy) => through_proxy(proxy, &o.host, o.port).await?,
     };
     tune(&tcp, o.keep_alive);
-    Ok(match &o.transport {
+    let (tcp, meter) = Metered::new(tcp);
+    let stream: Box<dyn Io> = match &o.transport {
         LinkTransport::Tcp => Box::new(tcp),
         LinkTransport::Tls(config) => Box::new(tls(config, &o.host, tcp).await?),
         LinkTransport::Ws(url) => Box::new(websocket(url, tcp, o.max_packet_size).await?),
@@ -104,15 +109,117 @@ pub async fn open(o: &LinkOptions) -> Result<Box<dyn Io>, ConnectError> {
             let tls = tls(config, &o.host, tcp).await?;
             Box::new(websocket(url, tls, o.max_packet_size).await?)
         }
-    })
+    };
+    Ok((stream, meter))
 }
 
-/// No Nagle delay (the connection task writes whole batches), and the kernel gives up on data
-/// unacknowledged for 1.5 × keep-alive, the same deadline the uplink keeps: a tunnel that
-/// swallows packets then fails the socket instead of leaving writes queued for minutes.
+/// Most bytes the kernel holds for the socket that it has not sent yet
+/// (`TCP_NOTSENT_LOWAT`). What waits beyond this waits in the connection task, where a
+/// PINGREQ or PUBACK is queued behind at most one batch instead of behind megabytes of a
+/// send buffer the kernel grew for a fast link: on a 256 kbit/s stretch a full default buffer
+/// takes minutes to leave. 64 KiB keep a 2 MB/s link busy across 30 ms of scheduling delay.
+const NOTSENT_LOWAT: u32 = 64 * 1024;
+
+/// The TCP socket under whatever layers (TLS, WebSocket) the transport adds, counting the
+/// bytes written to it, so that [`SendMeter`] can tell what the peer's TCP acknowledged.
+struct Metered {
+    tcp: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl Metered {
+    fn new(tcp: TcpStream) -> (Metered, SendMeter) {
+        let written = Arc::new(AtomicU64::new(0));
+        let meter = SendMeter {
+            fd: tcp.as_raw_fd(),
+            written: Arc::clone(&written),
+        };
+        (Metered { tcp, written }, meter)
+    }
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// What the central broker's TCP has acknowledged of what the connection wrote: proof that the
+/// link carries bytes even while no MQTT packet comes back (a large message on a slow
+/// stretch), and the bytes still on their way.
+///
+/// Read only by the connection task that owns the stream: the socket it names is open for as
+/// long as that stream lives.
+pub struct SendMeter {
+    fd: RawFd,
+    written: Arc<AtomicU64>,
+}
+
+impl SendMeter {
+    /// Bytes written to the socket so far, and of those the ones not acknowledged yet by the
+    /// peer (sent or not: `TIOCOUTQ`). `None` if the kernel does not say.
+    pub fn read(&self) -> Option<(u64, u64)> {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer, which points to a live local
+        // of that type. An fd that is no longer this socket makes the call fail or report
+        // another socket's queue, never touch other memory.
+        let rc = unsafe { libc::ioctl(self.fd, libc::TIOCOUTQ, &mut queued) };
+        let written = self.written.load(Ordering::Relaxed);
+        (rc == 0).then(|| (written, (queued.max(0) as u64).min(written)))
+    }
+}
+
+/// No Nagle delay (the connection task writes whole batches), at most [`NOTSENT_LOWAT`] bytes
+/// unsent in the kernel, and the kernel gives up on data unacknowledged for 1.5 × keep-alive,
+/// the same deadline the uplink keeps: a tunnel that swallows packets then fails the socket
+/// instead of leaving writes queued for minutes.
 fn tune(tcp: &TcpStream, keep_alive: Duration) {
     if let Err(e) = tcp.set_nodelay(true) {
         log::debug!("uplink: cannot set TCP_NODELAY: {e}");
+    }
+    let lowat: libc::c_int = NOTSENT_LOWAT as libc::c_int;
+    // SAFETY: the option value is one int read through a pointer to a live local of that type
+    // with its exact size; the fd is the open socket `tcp` borrows.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::addr_of!(lowat).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "uplink: cannot set TCP_NOTSENT_LOWAT: {}",
+            io::Error::last_os_error()
+        );
     }
     let timeout_ms = u32::try_from((keep_alive + keep_alive / 2).as_millis()).unwrap_or(u32::MAX);
     if let Err(e) =
