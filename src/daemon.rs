@@ -317,6 +317,7 @@ fn broker_config(config: &Config) -> BrokerConfig {
         max_connections: l.max_connections,
         max_packet_size: u32::try_from(l.max_packet_size.as_u64()).unwrap_or(u32::MAX),
         receive_maximum: l.receive_maximum,
+        max_uncommitted_bytes: usize::try_from(l.max_uncommitted.as_u64()).unwrap_or(usize::MAX),
         max_queued_messages: l.max_queued_messages,
         max_subscriptions: l.max_subscriptions,
         max_session_expiry: l.max_session_expiry,

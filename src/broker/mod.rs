@@ -49,6 +49,10 @@ pub struct BrokerConfig {
     pub max_packet_size: u32,
     /// In-flight QoS 1/2 PUBLISHes a client may have towards the broker (v5 Receive Maximum).
     pub receive_maximum: u16,
+    /// Bytes of one connection's messages awaiting the ingest verdict (the store's commit)
+    /// beyond which the connection takes no further PUBLISH until verdicts come (backpressure).
+    /// At least one message is always taken, whatever its size.
+    pub max_uncommitted_bytes: usize,
     /// Messages kept per session for a client that is offline or slow; beyond it the oldest
     /// QoS 0 message, then the oldest message, is dropped and counted.
     pub max_queued_messages: usize,
@@ -75,7 +79,8 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 64,
             max_packet_size: 1024 * 1024,
-            receive_maximum: 64,
+            receive_maximum: 1024,
+            max_uncommitted_bytes: 1024 * 1024,
             max_queued_messages: 1000,
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
@@ -257,9 +262,12 @@ pub struct BrokerStats {
     pub refused_per_address: u64,
     /// Clients disconnected for exceeding `max_publish_rate`.
     pub rate_limited: u64,
-    /// v5 connections that sent more QoS 1/2 PUBLISHes than our Receive Maximum allows (each
-    /// counted once); they are slowed down by backpressure, not disconnected.
+    /// v5 connections disconnected (0x93) for sending more unacknowledged QoS 1/2 PUBLISHes
+    /// than our Receive Maximum allows.
     pub receive_maximum_exceeded: u64,
+    /// Times a connection stopped taking PUBLISHes because its messages awaiting the store
+    /// reached `max_uncommitted_bytes` (backpressure; the store is behind).
+    pub held_back: u64,
 }
 
 pub use limits::{client_id_problem, valid_device_name, MAX_CLIENT_ID};
