@@ -131,6 +131,53 @@ async fn held_connection_completes_qos2_behind_held_publishes() {
     }
 }
 
+/// A SUBSCRIBE read behind held PUBLISHes is in effect at once: a message another client
+/// publishes while this one is still held back reaches it.
+#[tokio::test]
+async fn subscribe_behind_held_publishes_is_in_effect_once_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.max_uncommitted_bytes = 1;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    let mut a = Raw5::simple(b.addr, "talker", 0).await;
+    let mut c = Raw5::simple(b.addr, "listener", 0).await;
+    // The listener's own message waits for the store; the next one is parked behind it.
+    b.hooks.set_mode(IngestMode::Hold);
+    c.send(pub5("up/own", b"1", 1, 1, None)).await;
+    eventually("the listener's message pending", || b.hooks.held() == 1).await;
+    b.hooks.set_mode(IngestMode::Accept);
+    let mut bytes = BytesMut::new();
+    pub5("up/own", b"2", 1, 2, None)
+        .write(&mut bytes, None)
+        .unwrap();
+    let mut subscribe = rumqttc::v5::mqttbytes::v5::Subscribe::new(filter("news/#", 1), None);
+    subscribe.pkid = 3;
+    Packet::Subscribe(subscribe)
+        .write(&mut bytes, None)
+        .unwrap();
+    Packet::PingReq(PingReq).write(&mut bytes, None).unwrap();
+    c.stream.write_all(&bytes).await.unwrap();
+    // SUBACK, then PINGRESP: the SUBSCRIBE was read and served while held back.
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(s)) if s.pkid == 3));
+    assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
+    assert_eq!(b.hooks.held(), 1, "still held back");
+    a.send(pub5("news/x", b"hello", 1, 1, None)).await;
+    assert!(matches!(a.recv().await, Some(Packet::PubAck(p)) if p.pkid == 1));
+    b.hooks.release(Ok(()));
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match c.recv().await {
+            Some(Packet::PubAck(p)) => got.push(format!("ack{}", p.pkid)),
+            Some(Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], b"hello");
+                got.push("news".into());
+            }
+            other => panic!("got {other:?} after {got:?}"),
+        }
+    }
+    assert!(got.contains(&"news".to_string()), "{got:?}");
+}
+
 /// QoS 2 messages that await their PUBREL hold nothing back: 1,100 of them (more than the
 /// old window, their PUBRELs far behind in the stream) are all received and completed.
 #[tokio::test]

@@ -11,8 +11,11 @@
 //! QoS 2 message that awaits its PUBREL is committed already and holds nothing back, so no
 //! packet of the client's is needed to go on. This serves MQTT 3.1.1 and v5 clients alike.
 //! While held back, the packets that cannot wait behind the held PUBLISHes (PUBACK, PUBREC,
-//! PUBREL, PUBCOMP, PINGREQ) are still taken out of the buffer and served, so the client's
-//! acknowledgements of our messages, its PUBRELs and its pings do not starve. A held-back
+//! PUBREL, PUBCOMP, PINGREQ, SUBSCRIBE, UNSUBSCRIBE) are still taken out of the buffer and
+//! served, so the client's acknowledgements of our messages, its PUBRELs and its pings do not
+//! starve, and a subscription is in effect for every PUBLISH routed once its SUBSCRIBE was
+//! read, from whatever connection (as it is when the client is not held back: a SUBSCRIBE is
+//! served at once, while the client's earlier PUBLISHes may still await their verdict). A held-back
 //! connection has no keep-alive deadline (we are the ones not reading); the timer restarts
 //! when the hold ends.
 
@@ -59,9 +62,9 @@ impl Conn {
         }
     }
 
-    /// While held back: serves the acknowledgements and pings that follow the held
-    /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
-    /// DISCONNECT, ...). True if one was served (the window may have room again).
+    /// While held back: serves the acknowledgements, (UN)SUBSCRIBEs and pings that follow the
+    /// held PUBLISHes in the buffer, up to the first packet that must keep its place
+    /// (DISCONNECT, AUTH, ...). True if one was served (the hold may have ended).
     pub(super) async fn serve_past_held(&mut self) -> Result<bool, ConnectionEnd> {
         let max = self.state.config().max_packet_size;
         let mut off = 0;
@@ -80,7 +83,7 @@ impl Conn {
             let (byte1, len) = frame;
             match byte1 >> 4 {
                 3 => off += len,
-                4..=7 | 12 => {
+                4..=8 | 10 | 12 => {
                     let mut tail = self.rbuf.split_off(off);
                     let decoded = codec::decode(&mut tail, self.protocol, max);
                     self.rbuf.unsplit(tail);
