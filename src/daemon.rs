@@ -297,7 +297,7 @@ fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downl
 fn log_security_counters(broker: &crate::broker::BrokerHandle) {
     let s = broker.stats();
     log::info!(
-        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} receive_maximum_exceeded={} denied_publish={} denied_subscribe={}",
+        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} receive_maximum_exceeded={} held_back={} denied_publish={} denied_subscribe={}",
         s.refused_connections,
         s.auth_failures,
         s.bad_client_ids,
@@ -305,6 +305,7 @@ fn log_security_counters(broker: &crate::broker::BrokerHandle) {
         s.rate_limited,
         s.protocol_errors,
         s.receive_maximum_exceeded,
+        s.held_back,
         s.denied_publish,
         s.denied_subscribe,
     );
