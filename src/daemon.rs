@@ -297,7 +297,7 @@ fn log_freshness_counters(queue: &Queue, freshness: &Freshness, downlink: &Downl
 fn log_security_counters(broker: &crate::broker::BrokerHandle) {
     let s = broker.stats();
     log::info!(
-        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} receive_maximum_exceeded={} denied_publish={} denied_subscribe={}",
+        "local broker counters: refused_connections={} auth_failures={} bad_client_ids={} refused_per_address={} rate_limited={} protocol_errors={} receive_maximum_exceeded={} held_back={} denied_publish={} denied_subscribe={}",
         s.refused_connections,
         s.auth_failures,
         s.bad_client_ids,
@@ -305,6 +305,7 @@ fn log_security_counters(broker: &crate::broker::BrokerHandle) {
         s.rate_limited,
         s.protocol_errors,
         s.receive_maximum_exceeded,
+        s.held_back,
         s.denied_publish,
         s.denied_subscribe,
     );
@@ -317,6 +318,7 @@ fn broker_config(config: &Config) -> BrokerConfig {
         max_connections: l.max_connections,
         max_packet_size: u32::try_from(l.max_packet_size.as_u64()).unwrap_or(u32::MAX),
         receive_maximum: l.receive_maximum,
+        max_uncommitted_bytes: usize::try_from(l.max_uncommitted.as_u64()).unwrap_or(usize::MAX),
         max_queued_messages: l.max_queued_messages,
         max_subscriptions: l.max_subscriptions,
         max_session_expiry: l.max_session_expiry,

@@ -1,48 +1,52 @@
-//! A full inbound window slows a client down (we stop reading); it never disconnects it.
+//! Flow control of the client's PUBLISHes: while the store is behind, a client is slowed down
+//! (we stop reading), never disconnected; a v5 client that exceeds the Receive Maximum we
+//! announced is disconnected with 0x93 (MQTT 5 §4.9).
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubRel};
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PingReq, PubRel};
 use tokio::io::AsyncWriteExt;
 use trainrelay_testkit::broker::*;
+use trainrelay_testkit::require_or_skip;
 
-/// 200 QoS 1 PUBLISHes in one write from a v5 client, with our Receive Maximum at 64: all are
-/// acknowledged, none is refused, and the connection stays up.
+/// With its messages' verdicts held, a v5 client is held back once they occupy
+/// `max_uncommitted_bytes`: the rest stays unread, a PINGREQ behind them is answered, and
+/// once the verdicts come everything is acknowledged in order, without a disconnect.
 #[tokio::test]
-async fn v5_client_over_receive_maximum_gets_all_pubacks_and_no_disconnect() {
+async fn store_behind_holds_a_v5_client_back_without_disconnect() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
-    config.receive_maximum = 64;
+    config.max_uncommitted_bytes = 20_000;
     let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
     let mut sub = v5(b.addr, "sub", |_| {}).await;
     sub.subscribe(filter("up/flood", 1)).await;
-    // Verdicts held at first, so the window is surely full while the rest sits unread.
     b.hooks.set_mode(IngestMode::Hold);
     let mut c = Raw5::simple(b.addr, "flood", 0).await;
+    // 30 × 2,000 bytes: more than the bound, less than the bound plus the read-ahead, so the
+    // PINGREQ behind them is in reach.
     let mut bytes = BytesMut::new();
-    for i in 1..=200u16 {
-        pub5("up/flood", format!("{i}").as_bytes(), 1, i, None)
+    for i in 1..=30u16 {
+        let payload = format!("{i:>2000}");
+        pub5("up/flood", payload.as_bytes(), 1, i, None)
             .write(&mut bytes, None)
             .unwrap();
     }
+    Packet::PingReq(PingReq).write(&mut bytes, None).unwrap();
     c.stream.write_all(&bytes).await.unwrap();
-    eventually("a full window of 64 verdicts pending", || {
-        b.hooks.held() == 64
-    })
-    .await;
-    // Held back, not disconnected: a PINGREQ behind the held PUBLISHes is answered.
-    c.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
-        .await;
+    // Held back, not disconnected: the PINGREQ behind the held PUBLISHes is answered.
     assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
-    assert_eq!(b.hooks.held(), 64, "nothing beyond the window was taken in");
+    let held = b.hooks.held();
+    // Each message occupies more than its 2,000-byte payload: the hold begins by the 10th.
+    assert!((1..=10).contains(&held), "{held} verdicts pending");
+    assert_eq!(b.handle.stats().held_back, 1);
     b.hooks.set_mode(IngestMode::Accept);
-    for _ in 0..64 {
+    for _ in 0..held {
         b.hooks.release(Ok(()));
     }
-    let mut acked = HashSet::new();
-    while acked.len() < 200 {
+    let mut acked = Vec::new();
+    while acked.len() < 30 {
         match c.recv().await {
             Some(Packet::PubAck(a)) => {
                 assert_eq!(
@@ -51,32 +55,32 @@ async fn v5_client_over_receive_maximum_gets_all_pubacks_and_no_disconnect() {
                     "pkid {}",
                     a.pkid
                 );
-                assert!(acked.insert(a.pkid), "PUBACK {} twice", a.pkid);
+                acked.push(a.pkid);
             }
             other => panic!("expected PUBACK (after {}), got {other:?}", acked.len()),
         }
     }
+    assert_eq!(acked, (1..=30).collect::<Vec<_>>());
     let mut got = HashSet::new();
-    while got.len() < 200 {
+    while got.len() < 30 {
         let p = sub.publish().await;
         assert!(got.insert(p.payload.to_vec()), "duplicate at subscriber");
     }
-    // Still connected: a PINGREQ is answered.
-    c.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
-        .await;
+    c.send(Packet::PingReq(PingReq)).await;
     assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
     let stats = b.handle.stats();
     assert_eq!(stats.protocol_errors, 0);
-    assert_eq!(stats.receive_maximum_exceeded, 1);
+    assert_eq!(stats.receive_maximum_exceeded, 0);
 }
 
-/// While the window is full, PINGREQ and PUBREL behind the held PUBLISHes are still served,
-/// and the keep-alive does not run out although the client sends nothing else.
+/// While held back, PINGREQ behind the held PUBLISHes is still served, and the keep-alive
+/// does not run out although the client sends nothing else.
 #[tokio::test]
 async fn held_connection_serves_pings_and_is_not_timed_out() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
-    config.receive_maximum = 2;
+    // Any waiting message holds the connection back.
+    config.max_uncommitted_bytes = 1;
     let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
     b.hooks.set_mode(IngestMode::Hold);
     // Keep-alive 1 s: without the hold rule it would be closed after 1.5 s.
@@ -84,15 +88,13 @@ async fn held_connection_serves_pings_and_is_not_timed_out() {
     for i in 1..=3 {
         c.send(pub5("up/x", b"m", 1, i, None)).await;
     }
-    c.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
-        .await;
+    c.send(Packet::PingReq(PingReq)).await;
     assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
-    eventually("two verdicts pending", || b.hooks.held() == 2).await;
+    assert_eq!(b.hooks.held(), 1);
     // Well past 1.5 × keep-alive with nothing sent: still connected.
     assert!(c.recv_within(Duration::from_millis(2500)).await.is_none());
-    assert_eq!(b.hooks.held(), 2, "the third PUBLISH stays unread");
+    assert_eq!(b.hooks.held(), 1, "the other PUBLISHes stay unread");
     b.hooks.set_mode(IngestMode::Accept);
-    b.hooks.release(Ok(()));
     b.hooks.release(Ok(()));
     let mut acked = Vec::new();
     while acked.len() < 3 {
@@ -105,37 +107,233 @@ async fn held_connection_serves_pings_and_is_not_timed_out() {
     assert_eq!(b.handle.stats().protocol_errors, 0);
 }
 
-/// QoS 2: the window is full of messages awaiting PUBREL and the next PUBLISH comes before the
-/// PUBRELs; they must still be read, or nothing would ever move again.
+/// QoS 2 while held back: the PUBREL behind a held PUBLISH is served (PUBCOMP) before the
+/// store catches up.
 #[tokio::test]
-async fn qos2_pubrel_behind_held_publish_frees_the_window() {
+async fn held_connection_completes_qos2_behind_held_publishes() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
-    config.receive_maximum = 2;
+    config.max_uncommitted_bytes = 1;
     let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
     let mut c = Raw5::simple(b.addr, "q2", 0).await;
     c.send(pub5("up/x", b"1", 2, 1, None)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == 1));
+    b.hooks.set_mode(IngestMode::Hold);
     c.send(pub5("up/x", b"2", 2, 2, None)).await;
-    for _ in 0..2 {
-        assert!(matches!(c.recv().await, Some(Packet::PubRec(_))));
-    }
     c.send(pub5("up/x", b"3", 2, 3, None)).await;
     c.send(Packet::PubRel(PubRel::new(1, None))).await;
-    c.send(Packet::PubRel(PubRel::new(2, None))).await;
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        match c.recv().await {
-            Some(Packet::PubComp(p)) => seen.push(format!("comp{}", p.pkid)),
-            Some(Packet::PubRec(p)) => seen.push(format!("rec{}", p.pkid)),
-            other => panic!("got {other:?} after {seen:?}"),
-        }
+    assert!(matches!(c.recv().await, Some(Packet::PubComp(p)) if p.pkid == 1));
+    assert_eq!(b.hooks.held(), 1, "message 3 waits behind message 2");
+    b.hooks.set_mode(IngestMode::Accept);
+    b.hooks.release(Ok(()));
+    for pkid in [2, 3] {
+        assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == pkid));
     }
-    assert!(seen.contains(&"rec3".to_string()), "{seen:?}");
 }
 
-/// A 3.1.1 client has no Receive Maximum at all: it is slowed down the same way.
+/// A SUBSCRIBE read behind held PUBLISHes is in effect at once: a message another client
+/// publishes while this one is still held back reaches it.
 #[tokio::test]
-async fn v311_client_with_large_window_is_held_back_not_disconnected() {
+async fn subscribe_behind_held_publishes_is_in_effect_once_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.max_uncommitted_bytes = 1;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    let mut a = Raw5::simple(b.addr, "talker", 0).await;
+    let mut c = Raw5::simple(b.addr, "listener", 0).await;
+    // The listener's own message waits for the store; the next one is parked behind it.
+    b.hooks.set_mode(IngestMode::Hold);
+    c.send(pub5("up/own", b"1", 1, 1, None)).await;
+    eventually("the listener's message pending", || b.hooks.held() == 1).await;
+    b.hooks.set_mode(IngestMode::Accept);
+    let mut bytes = BytesMut::new();
+    pub5("up/own", b"2", 1, 2, None)
+        .write(&mut bytes, None)
+        .unwrap();
+    let mut subscribe = rumqttc::v5::mqttbytes::v5::Subscribe::new(filter("news/#", 1), None);
+    subscribe.pkid = 3;
+    Packet::Subscribe(subscribe)
+        .write(&mut bytes, None)
+        .unwrap();
+    Packet::PingReq(PingReq).write(&mut bytes, None).unwrap();
+    c.stream.write_all(&bytes).await.unwrap();
+    // SUBACK, then PINGRESP: the SUBSCRIBE was read and served while held back.
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(s)) if s.pkid == 3));
+    assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
+    assert_eq!(b.hooks.held(), 1, "still held back");
+    a.send(pub5("news/x", b"hello", 1, 1, None)).await;
+    assert!(matches!(a.recv().await, Some(Packet::PubAck(p)) if p.pkid == 1));
+    b.hooks.release(Ok(()));
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match c.recv().await {
+            Some(Packet::PubAck(p)) => got.push(format!("ack{}", p.pkid)),
+            Some(Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], b"hello");
+                got.push("news".into());
+            }
+            other => panic!("got {other:?} after {got:?}"),
+        }
+    }
+    assert!(got.contains(&"news".to_string()), "{got:?}");
+}
+
+/// QoS 2 messages that await their PUBREL hold nothing back: 1,100 of them (more than the
+/// old window, their PUBRELs far behind in the stream) are all received and completed.
+#[tokio::test]
+async fn qos2_awaiting_pubrel_never_holds_a_client_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.max_uncommitted_bytes = 1;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut bytes = connect4_bytes("q2-old", 0, true);
+    let mut publishes = BytesMut::new();
+    for i in 1..=1100u16 {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            "up/x",
+            rumqttc::mqttbytes::QoS::ExactlyOnce,
+            format!("{i:>100}"),
+        );
+        p.pkid = i;
+        p.write(&mut publishes).unwrap();
+    }
+    for i in 1..=1100u16 {
+        // PUBREL: 0x62, length 2, packet id.
+        publishes.extend_from_slice(&[0x62, 2]);
+        publishes.extend_from_slice(&i.to_be_bytes());
+    }
+    bytes.extend_from_slice(&publishes);
+    s.write_all(&bytes).await.unwrap();
+    // CONNACK (4 bytes), then 1,100 PUBRECs and 1,100 PUBCOMPs (4 bytes each).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < 4 + 2200 * 4 {
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {} bytes", got.len()))
+            .unwrap();
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    let kinds: Vec<(u8, u16)> = got[4..]
+        .chunks(4)
+        .map(|c| (c[0], u16::from_be_bytes([c[2], c[3]])))
+        .collect();
+    let recs = kinds.iter().filter(|(k, _)| *k == 0x50).count();
+    let comps: Vec<u16> = kinds
+        .iter()
+        .filter(|(k, _)| *k == 0x70)
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(recs, 1100);
+    assert_eq!(comps, (1..=1100).collect::<Vec<_>>());
+    assert_eq!(b.handle.stats().protocol_errors, 0);
+}
+
+/// A v5 client that sends one QoS 1 PUBLISH more than the Receive Maximum we announced is
+/// disconnected with 0x93, also while held back.
+#[tokio::test]
+async fn v5_client_over_receive_maximum_is_disconnected_with_0x93() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.receive_maximum = 8;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    b.hooks.set_mode(IngestMode::Hold);
+    let connect = p5::Connect {
+        keep_alive: 0,
+        client_id: "greedy".into(),
+        clean_start: true,
+        properties: None,
+    };
+    let (mut c, ack) = Raw5::connect(b.addr, connect, None).await;
+    let announced = ack.properties.and_then(|p| p.receive_max);
+    assert_eq!(announced, Some(8));
+    for i in 1..=8 {
+        c.send(pub5("up/x", b"m", 1, i, None)).await;
+    }
+    c.send(Packet::PingReq(PingReq)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp(_))));
+    assert_eq!(b.hooks.held(), 8);
+    c.send(pub5("up/x", b"m", 1, 9, None)).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::ReceiveMaximumExceeded)
+        }
+        other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+    }
+    assert!(c.recv().await.is_none(), "connection closed");
+    assert_eq!(b.handle.stats().receive_maximum_exceeded, 1);
+    assert_eq!(b.hooks.held(), 8, "the 9th message was not taken in");
+}
+
+/// QoS 2 messages count towards the Receive Maximum until their PUBREL is answered: within
+/// it the client goes on (also after a completed exchange frees a slot), one beyond it
+/// gets 0x93.
+#[tokio::test]
+async fn qos2_counts_towards_receive_maximum_until_pubcomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.receive_maximum = 4;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    let mut c = Raw5::simple(b.addr, "q2-window", 0).await;
+    for i in 1..=4 {
+        c.send(pub5("up/x", b"m", 2, i, None)).await;
+        assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == i));
+    }
+    // A resent PUBLISH of a PUBREC'd message is not a new one.
+    c.send(pub5("up/x", b"m", 2, 4, None)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == 4));
+    c.send(Packet::PubRel(PubRel::new(1, None))).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubComp(p)) if p.pkid == 1));
+    c.send(pub5("up/x", b"m", 2, 5, None)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubRec(r)) if r.pkid == 5));
+    assert_eq!(b.handle.stats().receive_maximum_exceeded, 0);
+    // 2, 3, 4 and 5 await PUBREL: a sixth is one too many.
+    c.send(pub5("up/x", b"m", 1, 6, None)).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::ReceiveMaximumExceeded)
+        }
+        other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+    }
+    assert_eq!(b.handle.stats().receive_maximum_exceeded, 1);
+}
+
+/// A v5 client that keeps exactly our Receive Maximum in flight, round after round while the
+/// store is slow, is never disconnected.
+#[tokio::test]
+async fn v5_client_within_receive_maximum_is_never_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.receive_maximum = 8;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
+    b.hooks.set_mode(IngestMode::Hold);
+    let mut c = Raw5::simple(b.addr, "polite", 0).await;
+    for round in 0..3u16 {
+        for i in 1..=8 {
+            c.send(pub5("up/x", b"m", 1, round * 8 + i, None)).await;
+        }
+        eventually("a full window pending", || b.hooks.held() == 8).await;
+        for _ in 0..8 {
+            b.hooks.release(Ok(()));
+        }
+        for i in 1..=8 {
+            match c.recv().await {
+                Some(Packet::PubAck(a)) => assert_eq!(a.pkid, round * 8 + i),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+    let stats = b.handle.stats();
+    assert_eq!(stats.receive_maximum_exceeded, 0);
+    assert_eq!(stats.protocol_errors, 0);
+}
+
+/// A 3.1.1 client has no Receive Maximum at all: more in flight than we announce to v5
+/// clients is no reason to disconnect it.
+#[tokio::test]
+async fn v311_client_beyond_receive_maximum_is_not_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
     config.receive_maximum = 4;
@@ -181,41 +379,51 @@ async fn v311_client_with_large_window_is_held_back_not_disconnected() {
     );
 }
 
-/// Whether a test that needs `python3` with paho-mqtt can run: in CI (`CI` set) a missing
-/// prerequisite fails the test, elsewhere it is skipped.
+/// Whether python3 with paho-mqtt is there (the test kit's skip rule decides what then).
 fn paho_available(test: &str) -> bool {
     let ok = std::process::Command::new("python3")
         .args(["-c", "import paho.mqtt.client"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: python3 with paho-mqtt is required in CI (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED {test}: python3 with paho-mqtt not installed");
-    }
-    ok
+    require_or_skip(
+        test,
+        ok,
+        "python3 with paho-mqtt is not installed (.ci/run installs it)",
+    )
 }
 
-/// paho-mqtt for Python with an in-flight window of 1,000 (it ignores Receive Maximum)
-/// publishes 1,000 QoS 1 messages: none is refused, the client is never disconnected, and the
-/// subscriber gets each message exactly once.
-async fn paho_window_1000(version: &str) {
-    let test = format!("paho_window_1000 v{version}");
+/// A paho-mqtt for Python publisher with an in-flight window of 1,000.
+struct Flood {
+    version: &'static str,
+    qos: u8,
+    count: usize,
+    /// Payload size in bytes.
+    size: usize,
+}
+
+/// `flood` against the broker with the first verdicts held until the publisher is held back
+/// (the store behind), then answered as they come: every message is acknowledged, the client
+/// is never disconnected, and the subscriber gets each message exactly once.
+async fn paho_flood(flood: Flood) {
+    let test = format!(
+        "paho_flood v{} QoS {} {} × {} bytes",
+        flood.version, flood.qos, flood.count, flood.size
+    );
     if !paho_available(&test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let b = TestBroker::start_with(dir.path(), test_config(), TestHooks::new()).await;
+    let mut config = test_config();
+    // Small, so that the window of 1,000 surely meets it.
+    config.max_uncommitted_bytes = 64 * 1024;
+    let b = TestBroker::start_with(dir.path(), config, TestHooks::new()).await;
     let mut sub = v5(b.addr, "sub", |_| {}).await;
     sub.subscribe(filter("up/paho", 1)).await;
-    // The first 64 verdicts are held until the window is full, so the broker surely has to
-    // hold the client back at least once; later ones are answered as they come.
     b.hooks.set_mode(IngestMode::Hold);
     let hooks = b.hooks.clone();
+    let handle = b.handle.clone();
     let releaser = tokio::spawn(async move {
-        eventually("a full window of verdicts pending", || hooks.held() == 64).await;
+        eventually("the publisher held back", || handle.stats().held_back > 0).await;
         hooks.set_mode(IngestMode::Accept);
         while hooks.held() > 0 {
             hooks.release(Ok(()));
@@ -223,21 +431,21 @@ async fn paho_window_1000(version: &str) {
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/paho_flood.py");
     // The script gives up by itself after 60 s.
-    let port = b.addr.port().to_string();
-    let version_arg = version.to_string();
+    let args: Vec<String> = [
+        script.to_string(),
+        "127.0.0.1".into(),
+        b.addr.port().to_string(),
+        flood.version.into(),
+        "paho-flood".into(),
+        "up/paho".into(),
+        flood.count.to_string(),
+        "1000".into(),
+        flood.qos.to_string(),
+        flood.size.to_string(),
+    ]
+    .into();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args([
-                script,
-                "127.0.0.1",
-                &port,
-                &version_arg,
-                "paho-flood",
-                "up/paho",
-                "1000",
-                "1000",
-            ])
-            .output()
+        std::process::Command::new("python3").args(&args).output()
     })
     .await
     .unwrap()
@@ -251,13 +459,13 @@ async fn paho_window_1000(version: &str) {
         )
     });
     eprintln!("{test}: {report}");
-    assert_eq!(report["acked"], 1000, "{report}");
+    assert_eq!(report["acked"], flood.count, "{report}");
     assert_eq!(report["connects"], 1, "reconnected: {report}");
     // The one disconnect paho reports is its own DISCONNECT at the end.
     assert_eq!(report["disconnects"], 1, "{report}");
     assert!(out.status.success(), "{report}");
     let mut got = HashSet::new();
-    while got.len() < 1000 {
+    while got.len() < flood.count {
         let p = sub.publish().await;
         assert!(
             got.insert(p.payload.to_vec()),
@@ -268,24 +476,63 @@ async fn paho_window_1000(version: &str) {
     }
     assert!(
         sub.no_publish_within(Duration::from_millis(300)).await,
-        "more than 1,000"
+        "more than {}",
+        flood.count
     );
     let stats = b.handle.stats();
     assert_eq!(stats.protocol_errors, 0);
+    assert_eq!(stats.receive_maximum_exceeded, 0);
     assert_eq!(
         stats.connections, 2,
         "subscriber and publisher, no reconnect"
     );
     let ingested = b.hooks.ingested.lock().unwrap().len();
-    assert_eq!(ingested, 1000, "each message taken in once (no DUP resend)");
+    assert_eq!(
+        ingested, flood.count,
+        "each message taken in once (no DUP resend)"
+    );
 }
 
 #[tokio::test]
 async fn paho_python_window_1000_v311() {
-    paho_window_1000("3.1.1").await;
+    paho_flood(Flood {
+        version: "3.1.1",
+        qos: 1,
+        count: 1000,
+        size: 0,
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn paho_python_window_1000_v5() {
-    paho_window_1000("5").await;
+    paho_flood(Flood {
+        version: "5",
+        qos: 1,
+        count: 1000,
+        size: 0,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn paho_python_qos2_window_1000_1kb_v311() {
+    paho_flood(Flood {
+        version: "3.1.1",
+        qos: 2,
+        count: 3000,
+        size: 1024,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn paho_python_qos2_window_1000_1kb_v5() {
+    paho_flood(Flood {
+        version: "5",
+        qos: 2,
+        count: 3000,
+        size: 1024,
+    })
+    .await;
 }

@@ -238,3 +238,63 @@ async fn topic_aliases_are_sent_up_to_the_clients_maximum() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// A SUBSCRIBE that reached the broker before another client's PUBLISH is in effect for it,
+/// also when the subscriber does not wait for its SUBACK: both packets are written back to
+/// back, 200 times (with the broker on a multi-threaded runtime, 20 to 50 of them were routed
+/// first).
+#[tokio::test]
+async fn subscribe_that_arrived_first_is_in_effect_for_another_clients_publish() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut publisher = Raw5::simple(b.addr, "requester", 0).await;
+    let mut subscriber = Raw5::simple(b.addr, "responder", 0).await;
+    let mut missed = Vec::new();
+    for i in 1..=200u16 {
+        let topic = format!("race/{i}");
+        let mut sub = Subscribe::new(filter(&topic, 1), None);
+        sub.pkid = i;
+        subscriber.send(Packet::Subscribe(sub)).await;
+        publisher.send(pub5(&topic, b"request", 1, i, None)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.pkid == i));
+        // Once the SUBACK is in, a marker on the same topic surely reaches the subscriber, and
+        // after the request if that was routed to it (one publisher, one topic: in order).
+        let mut got = false;
+        let mut subscribed = false;
+        let mut marker_sent = false;
+        loop {
+            match subscriber.recv().await {
+                Some(Packet::SubAck(_)) => subscribed = true,
+                Some(Packet::Publish(p)) => {
+                    if p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce {
+                        let ack = rumqttc::v5::mqttbytes::v5::PubAck::new(p.pkid, None);
+                        subscriber.send(Packet::PubAck(ack)).await;
+                    }
+                    match &p.payload[..] {
+                        b"request" => got = true,
+                        b"marker" => break,
+                        other => panic!("round {i}: unexpected payload {other:?}"),
+                    }
+                }
+                other => panic!("round {i}: got {other:?}"),
+            }
+            if subscribed && !marker_sent {
+                marker_sent = true;
+                publisher
+                    .send(pub5(&topic, b"marker", 1, 1000 + i, None))
+                    .await;
+                assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+            }
+        }
+        if !got {
+            missed.push(i);
+        }
+        // Within `max_subscriptions`.
+        let mut unsub = rumqttc::v5::mqttbytes::v5::Unsubscribe::new(&topic, None);
+        unsub.pkid = i;
+        subscriber.send(Packet::Unsubscribe(unsub)).await;
+        assert!(matches!(subscriber.recv().await, Some(Packet::UnsubAck(_))));
+    }
+    assert!(missed.is_empty(), "routed before the SUBSCRIBE: {missed:?}");
+}

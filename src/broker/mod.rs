@@ -18,6 +18,7 @@ mod limits;
 mod listener;
 mod persist;
 mod retained;
+mod runtime;
 mod session;
 mod state;
 mod subscriptions;
@@ -49,6 +50,10 @@ pub struct BrokerConfig {
     pub max_packet_size: u32,
     /// In-flight QoS 1/2 PUBLISHes a client may have towards the broker (v5 Receive Maximum).
     pub receive_maximum: u16,
+    /// Bytes of one connection's messages awaiting the ingest verdict (the store's commit)
+    /// beyond which the connection takes no further PUBLISH until verdicts come (backpressure).
+    /// At least one message is always taken, whatever its size.
+    pub max_uncommitted_bytes: usize,
     /// Messages kept per session for a client that is offline or slow; beyond it the oldest
     /// QoS 0 message, then the oldest message, is dropped and counted.
     pub max_queued_messages: usize,
@@ -75,7 +80,8 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 64,
             max_packet_size: 1024 * 1024,
-            receive_maximum: 64,
+            receive_maximum: 1024,
+            max_uncommitted_bytes: 1024 * 1024,
             max_queued_messages: 1000,
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
@@ -217,6 +223,10 @@ pub enum BrokerError {
     InvalidTopic { topic: String, reason: String },
     #[error("local broker is shut down")]
     Closed,
+    #[error("local broker: cannot start its thread and runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("local broker: its thread ended without a result (a panic; see the log)")]
+    Stopped,
 }
 
 /// A connected client, for the status socket.
@@ -257,9 +267,12 @@ pub struct BrokerStats {
     pub refused_per_address: u64,
     /// Clients disconnected for exceeding `max_publish_rate`.
     pub rate_limited: u64,
-    /// v5 connections that sent more QoS 1/2 PUBLISHes than our Receive Maximum allows (each
-    /// counted once); they are slowed down by backpressure, not disconnected.
+    /// v5 connections disconnected (0x93) for sending more unacknowledged QoS 1/2 PUBLISHes
+    /// than our Receive Maximum allows.
     pub receive_maximum_exceeded: u64,
+    /// Times a connection stopped taking PUBLISHes because its messages awaiting the store
+    /// reached `max_uncommitted_bytes` (backpressure; the store is behind).
+    pub held_back: u64,
 }
 
 pub use limits::{client_id_problem, valid_device_name, MAX_CLIENT_ID};
@@ -363,7 +376,44 @@ impl Broker {
     ///
     /// Wills of clients still connected at shutdown are not published: the clients did nothing
     /// wrong, and their persistent sessions resume when the daemon is back.
-    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), BrokerError> {
+    ///
+    /// The broker runs on a thread and runtime of its own (see [`runtime`]); this future ends
+    /// when it has.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), BrokerError> {
+        let listeners = Listeners {
+            plain: self.listener.into_std(),
+            tls: self.tls.map(|(l, files)| (l.into_std(), files)),
+            ws: self.ws.map(|l| l.into_std()),
+        };
+        let (local_addr, state) = (self.local_addr, self.state);
+        runtime::on_own_thread(move || async move {
+            let bind = |r: std::io::Result<std::net::TcpListener>, addr| {
+                r.and_then(TcpListener::from_std)
+                    .map_err(|source| BrokerError::Bind { addr, source })
+            };
+            let config = state.config();
+            let tls = match (listeners.tls, &config.tls) {
+                (Some((l, files)), Some(t)) => Some((bind(l, t.listen)?, files)),
+                _ => None,
+            };
+            let ws = match (listeners.ws, config.ws_listen) {
+                (Some(l), Some(addr)) => Some(bind(l, addr)?),
+                _ => None,
+            };
+            let broker = Broker {
+                listener: bind(listeners.plain, local_addr)?,
+                local_addr,
+                tls,
+                ws,
+                state,
+            };
+            broker.serve(shutdown).await
+        })
+        .await
+    }
+
+    /// [`Broker::run`], on the current runtime.
+    async fn serve(self, mut shutdown: Shutdown) -> Result<(), BrokerError> {
         let mut tasks = JoinSet::new();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -455,6 +505,13 @@ pub fn decode_client_bytes(data: &[u8]) {
         let mut buf = bytes::BytesMut::from(data);
         while let Ok(Some(_)) = codec::decode(&mut buf, protocol, MAX) {}
     }
+}
+
+/// The listeners, between the runtime that bound them and the broker's own.
+struct Listeners {
+    plain: std::io::Result<std::net::TcpListener>,
+    tls: Option<(std::io::Result<std::net::TcpListener>, Arc<tls::TlsFiles>)>,
+    ws: Option<std::io::Result<std::net::TcpListener>>,
 }
 
 /// Accepts on the WebSocket listener; never resolves without one.

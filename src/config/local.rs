@@ -18,6 +18,9 @@ pub struct LocalConfig {
     pub max_connections: usize,
     pub max_packet_size: ByteSize,
     pub receive_maximum: u16,
+    /// Bytes of one iPad's messages awaiting the store's commit beyond which the broker stops
+    /// reading that iPad until the store catches up (backpressure).
+    pub max_uncommitted: ByteSize,
     pub max_queued_messages: usize,
     pub max_subscriptions: usize,
     #[serde(with = "humantime_serde")]
@@ -104,7 +107,8 @@ impl Default for LocalConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 64,
             max_packet_size: ByteSize::mib(1),
-            receive_maximum: 64,
+            receive_maximum: 1024,
+            max_uncommitted: ByteSize::mib(1),
             max_queued_messages: 1000,
             max_subscriptions: 64,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),

@@ -257,7 +257,7 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
     if l.receive_maximum_exceeded > 0 {
         let _ = writeln!(
             o,
-            "slowed    {} MQTT 5 clients sent more than our Receive Maximum (held back, not disconnected)",
+            "exceeded  {} MQTT 5 clients sent more than our Receive Maximum (disconnected, 0x93)",
             l.receive_maximum_exceeded
         );
     }

@@ -241,7 +241,7 @@ pub struct LocalReport {
     pub connections: u64,
     pub refused_connections: u64,
     pub protocol_errors: u64,
-    /// v5 clients that exceeded our Receive Maximum (slowed down, not disconnected).
+    /// v5 clients disconnected (0x93) for exceeding our Receive Maximum.
     #[serde(default)]
     pub receive_maximum_exceeded: u64,
     pub messages_in: u64,

@@ -18,6 +18,7 @@
 //! t.topics = [pre + x for x in ("TopicA", "TopicA/B", "Topic/C", "TopicA/C", "/TopicA")]
 //! t.wildtopics = [pre + x for x in ("TopicA/+", "+/C", "#", "/#", "/+", "+/+", "TopicA/#")]
 //! t.nosubscribe_topics = ("test/nosubscribe",)
+//! t.topic_prefix = pre
 //! unittest.main(module=t, argv=[sys.argv[1], "-v"])
 //! ```
 

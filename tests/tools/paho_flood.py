@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Publishes N QoS 1 messages with paho-mqtt's in-flight window far above the broker's
-Receive Maximum (paho ignores the CONNACK's Receive Maximum), then reports what happened as
-one JSON line: {"acked": ..., "connects": ..., "disconnects": ...}.
+"""Publishes COUNT messages at QOS with paho-mqtt's in-flight window set to WINDOW (paho
+ignores the CONNACK's Receive Maximum), then reports what happened as one JSON line:
+{"acked": ..., "connects": ..., "disconnects": ..., "seconds": ...}; "seconds" runs from the
+first publish to the last acknowledgement (or the time limit).
 
-Usage: paho_flood.py HOST PORT {3.1.1|5} CLIENT_ID TOPIC [COUNT] [WINDOW]
-Exit status 0 if every message was acknowledged within the time limit, 1 otherwise.
+Usage: paho_flood.py HOST PORT {3.1.1|5} CLIENT_ID TOPIC [COUNT] [WINDOW] [QOS] [SIZE]
+Each payload is the message's number, padded to SIZE bytes. Exit status 0 if every message
+was acknowledged within the time limit, 1 otherwise.
 """
 import json
 import sys
@@ -18,6 +20,8 @@ def main():
     host, port, version, client_id, topic = sys.argv[1:6]
     count = int(sys.argv[6]) if len(sys.argv) > 6 else 1000
     window = int(sys.argv[7]) if len(sys.argv) > 7 else 1000
+    qos = int(sys.argv[8]) if len(sys.argv) > 8 else 1
+    size = int(sys.argv[9]) if len(sys.argv) > 9 else 0
     protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
     stats = {"acked": 0, "connects": 0, "disconnects": 0}
     lock = threading.Lock()
@@ -55,9 +59,11 @@ def main():
     if not connected.wait(10):
         print(json.dumps({**stats, "error": "no CONNACK"}))
         return 1
+    start = time.monotonic()
     for i in range(count):
-        client.publish(topic, payload=str(i), qos=1)
+        client.publish(topic, payload=str(i).rjust(size, "."), qos=qos)
     ok = done.wait(60)
+    stats["seconds"] = round(time.monotonic() - start, 3)
     time.sleep(0.2)
     client.disconnect()
     client.loop_stop()

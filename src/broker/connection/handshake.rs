@@ -9,7 +9,7 @@
 //! has not closed the socket meanwhile: an iPad on flaky Wi-Fi that gave up on a CONNECT and
 //! reconnected at once must not lose its new connection to the abandoned one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,7 +413,8 @@ impl Conn {
             keep_alive: (c.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
             last_recv: Instant::now(),
-            pending: VecDeque::new(),
+            pending: Default::default(),
+            unreleased: Default::default(),
             aliases: HashMap::new(),
             notify,
             kick_rx,
@@ -421,7 +422,6 @@ impl Conn {
             bucket: (state.config().max_publish_rate > 0)
                 .then(|| limits::TokenBucket::new(state.config().max_publish_rate)),
             held: false,
-            exceeded_counted: false,
             out_aliases: HashMap::new(),
             out_alias_max: if protocol == Protocol::V5 {
                 c.topic_alias_max

@@ -2,26 +2,26 @@
 //! (PUBLISH to [`super::publish`], (UN)SUBSCRIBE to [`super::subscribe`], acknowledgements of
 //! our messages to the session, PINGREQ, DISCONNECT).
 //!
-//! # Backpressure instead of disconnects
-//! The FIFO of pending verdicts ([`super::publish`]) plus the QoS 2 messages awaiting PUBREL
-//! is bounded by our Receive Maximum. When it is full, the connection stops decoding
-//! PUBLISHes: they stay in the read buffer, and once that holds [`super::HELD_READ_AHEAD`]
-//! bytes the socket is not read at all, so TCP slows the client down. Decoding resumes, in order, as verdicts free the window. This serves MQTT 3.1.1
-//! clients (which know no Receive Maximum) and v5 clients that ignore ours (paho-mqtt for
-//! Python does) alike; a v5 client that exceeds it is counted (`receive_maximum_exceeded`),
-//! not disconnected with 0x93, which the spec allows but does not require: a disconnected
-//! client would only resend its whole window. While held back, the packets that cannot wait
-//! behind the held PUBLISHes (PUBACK, PUBREC, PUBREL, PUBCOMP, PINGREQ) are still taken out
-//! of the buffer and served, so the client's acknowledgements of our messages, the PUBRELs
-//! that free the window, and its pings do not starve. A held-back connection has no
-//! keep-alive deadline (we are the ones not reading); the timer restarts when the window has
-//! room again.
+//! # Backpressure while the store is behind
+//! Every PUBLISH waits in [`super::uncommitted`] for its verdict (for the relay: the store's
+//! commit), QoS 0 included. While those waiting messages occupy `max_uncommitted_bytes` or
+//! more, the connection stops decoding PUBLISHes: they stay in the read buffer, and once that
+//! holds [`super::HELD_READ_AHEAD`] bytes the socket is not read at all, so TCP slows the
+//! client down. Decoding resumes, in order, as verdicts come. Only the store ends a hold: a
+//! QoS 2 message that awaits its PUBREL is committed already and holds nothing back, so no
+//! packet of the client's is needed to go on. This serves MQTT 3.1.1 and v5 clients alike.
+//! While held back, the packets that cannot wait behind the held PUBLISHes (PUBACK, PUBREC,
+//! PUBREL, PUBCOMP, PINGREQ, SUBSCRIBE, UNSUBSCRIBE) are still taken out of the buffer and
+//! served, so the client's acknowledgements of our messages, its PUBRELs and its pings do not
+//! starve, and a subscription is in effect for every PUBLISH routed once its SUBSCRIBE was
+//! read, from whatever connection (as it is when the client is not held back: a SUBSCRIBE is
+//! served at once, while the client's earlier PUBLISHes may still await their verdict). A held-back
+//! connection has no keep-alive deadline (we are the ones not reading); the timer restarts
+//! when the hold ends.
 
 use super::{Conn, ConnectionEnd};
 use crate::broker::codec::{self, Inbound, Outbound};
 use crate::broker::session::OutState;
-use crate::broker::Protocol;
-use crate::message::QoS;
 
 impl Conn {
     /// Resolves known verdicts and decodes what the buffer holds, as long as either frees
@@ -43,8 +43,8 @@ impl Conn {
 
     pub(super) async fn read_packets(&mut self) -> Result<(), ConnectionEnd> {
         loop {
-            // Window full: PUBLISHes wait in the buffer (see the module doc).
-            if self.inbound_full() {
+            // Store behind: PUBLISHes wait in the buffer (see the module doc).
+            if self.store_behind() {
                 if !self.serve_past_held().await? {
                     return Ok(());
                 }
@@ -62,9 +62,9 @@ impl Conn {
         }
     }
 
-    /// With the window full: serves the acknowledgements and pings that follow the held
-    /// PUBLISHes in the buffer, up to the first packet that must keep its place (SUBSCRIBE,
-    /// DISCONNECT, ...). True if one was served (the window may have room again).
+    /// While held back: serves the acknowledgements, (UN)SUBSCRIBEs and pings that follow the
+    /// held PUBLISHes in the buffer, up to the first packet that must keep its place
+    /// (DISCONNECT, AUTH, ...). True if one was served (the hold may have ended).
     pub(super) async fn serve_past_held(&mut self) -> Result<bool, ConnectionEnd> {
         let max = self.state.config().max_packet_size;
         let mut off = 0;
@@ -82,21 +82,8 @@ impl Conn {
             };
             let (byte1, len) = frame;
             match byte1 >> 4 {
-                3 => {
-                    if byte1 & 0x06 != 0 && self.protocol == Protocol::V5 && !self.exceeded_counted
-                    {
-                        self.exceeded_counted = true;
-                        self.state.count(|s| s.receive_maximum_exceeded += 1);
-                        log::info!(
-                            "local broker: '{}' ({}) sends more than our Receive Maximum of {} unacknowledged QoS 1/2 PUBLISHes; holding them back",
-                            self.info.client_id,
-                            self.info.peer,
-                            self.state.config().receive_maximum
-                        );
-                    }
-                    off += len;
-                }
-                4..=7 | 12 => {
+                3 => off += len,
+                4..=8 | 10 | 12 => {
                     let mut tail = self.rbuf.split_off(off);
                     let decoded = codec::decode(&mut tail, self.protocol, max);
                     self.rbuf.unsplit(tail);
@@ -114,16 +101,11 @@ impl Conn {
         }
     }
 
-    /// True when the client has as many QoS 1/2 PUBLISHes unacknowledged as we allow.
-    pub(super) fn inbound_full(&self) -> bool {
-        let awaiting_rel = self.state.awaiting_release(&self.info.client_id);
-        let in_flight = self
-            .pending
-            .iter()
-            .filter(|q| q.qos != QoS::AtMostOnce)
-            .count()
-            + awaiting_rel;
-        in_flight >= usize::from(self.state.config().receive_maximum)
+    /// True while the client's messages awaiting their verdict occupy `max_uncommitted_bytes`
+    /// or more: the connection takes no further PUBLISH.
+    pub(super) fn store_behind(&self) -> bool {
+        !self.pending.is_empty()
+            && self.pending.bytes() >= self.state.config().max_uncommitted_bytes
     }
 
     pub(super) async fn handle(&mut self, p: Inbound) -> Result<(), ConnectionEnd> {
@@ -147,6 +129,7 @@ impl Conn {
             }
             Inbound::PubRel(pkid) => {
                 let found = self.state.release(&self.info.client_id, pkid);
+                self.unreleased.remove(&pkid);
                 self.queue(Outbound::PubComp {
                     pkid,
                     reason: if found { 0 } else { 0x92 },

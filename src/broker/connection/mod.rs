@@ -3,8 +3,8 @@
 //!
 //! The work is split by role: [`handshake`] reads CONNECT, authenticates and attaches the
 //! session; [`inbound`] reads and dispatches the client's packets and holds back PUBLISHes
-//! while the window is full; [`publish`] runs the client's PUBLISHes through the ingest hook
-//! in order; [`subscribe`] serves SUBSCRIBE and UNSUBSCRIBE; [`outbound`] writes the
+//! while the store is behind; [`publish`] runs the client's PUBLISHes through the ingest hook
+//! in order (Receive Maximum included), [`uncommitted`] keeps them until their verdict; [`subscribe`] serves SUBSCRIBE and UNSUBSCRIBE; [`outbound`] writes the
 //! session's messages to the client. This module owns the socket, the loop and the ending.
 //!
 //! # Dead clients
@@ -17,8 +17,9 @@ mod inbound;
 mod outbound;
 mod publish;
 mod subscribe;
+mod uncommitted;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use self::handshake::{PreConnect, PreError};
-use self::publish::{head_verdict, PendingIn, Verdict};
+use self::uncommitted::{Uncommitted, Verdict};
 use super::codec::{self, Outbound};
 use super::state::BrokerState;
 use super::{BrokerEvent, ClientInfo, Protocol, RejectReason};
@@ -42,9 +43,9 @@ pub const TOPIC_ALIAS_MAX: u16 = 16;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for the peer to take our last packet.
 const LINGER: Duration = Duration::from_secs(1);
-/// While the inbound window is full, the socket is read only as long as the read buffer holds
-/// less than this: enough to find the acknowledgements and pings behind held PUBLISHes,
-/// little enough that TCP pushes back on the client.
+/// While the connection is held back (the store is behind), the socket is read only as long as
+/// the read buffer holds less than this: enough to find the acknowledgements and pings behind
+/// held PUBLISHes, little enough that TCP pushes back on the client.
 pub const HELD_READ_AHEAD: usize = 64 * 1024;
 
 /// Why a connection ended.
@@ -203,7 +204,10 @@ struct Conn {
     out_max: u32,
     keep_alive: Option<Duration>,
     last_recv: Instant,
-    pending: VecDeque<PendingIn>,
+    /// The client's messages awaiting their verdict, in order.
+    pending: Uncommitted,
+    /// QoS 2 packet ids PUBREC'd on this connection and awaiting PUBREL (Receive Maximum).
+    unreleased: HashSet<u16>,
     aliases: HashMap<u16, String>,
     notify: Arc<Notify>,
     kick_rx: mpsc::UnboundedReceiver<u8>,
@@ -211,10 +215,8 @@ struct Conn {
     connect_expiry: u32,
     /// `max_publish_rate`, if set.
     bucket: Option<super::limits::TokenBucket>,
-    /// The inbound window was full at the last turn of the loop (no keep-alive deadline).
+    /// The connection was held back at the last turn of the loop (no keep-alive deadline).
     held: bool,
-    /// This v5 connection was counted in `receive_maximum_exceeded`.
-    exceeded_counted: bool,
     /// Topic aliases we gave this client (v5), up to the Topic Alias Maximum of its CONNECT:
     /// the first PUBLISH on a topic carries topic and alias, later ones the alias alone.
     out_aliases: HashMap<String, u16>,
@@ -279,11 +281,15 @@ impl Conn {
             if let Err(end) = self.flush_queue().await {
                 return end;
             }
-            // While the window is full we are the ones not reading: no keep-alive deadline,
-            // and the timer starts afresh once the window has room.
-            let full = self.inbound_full();
+            // While held back we are the ones not reading: no keep-alive deadline, and the
+            // timer starts afresh once the store has caught up. The hold ends by the store's
+            // verdicts alone, whatever the client does.
+            let full = self.store_behind();
             if self.held && !full {
                 self.last_recv = Instant::now();
+            }
+            if full && !self.held {
+                self.state.count(|s| s.held_back += 1);
             }
             self.held = full;
             let deadline = self
@@ -303,7 +309,7 @@ impl Conn {
                 k = self.kick_rx.recv() => Ev::Kick(k.unwrap_or(0x8E)),
                 _ = shutdown.recv() => Ev::Shutdown,
                 r = self.reader.read_buf(&mut self.rbuf), if may_read => Ev::Read(r),
-                v = head_verdict(&mut self.pending) => Ev::Verdict(v),
+                v = self.pending.head_verdict() => Ev::Verdict(v),
                 _ = self.notify.notified() => Ev::Notified,
                 _ = sleep_until(deadline) => Ev::KeepAlive,
             };

@@ -16,12 +16,12 @@
 //! change on retry, so the message is acknowledged and dropped (and counted), as 3.1.1 §4.1
 //! allows.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::uncommitted::{PendingIn, Verdict};
 use super::{Conn, ConnectionEnd, TOPIC_ALIAS_MAX};
 use crate::broker::codec::{InPublish, Outbound};
 use crate::broker::{Ingest, Protocol, RejectReason};
@@ -31,21 +31,6 @@ use crate::topic;
 
 /// How long a normal DISCONNECT waits for the verdicts of messages sent just before it.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub(super) enum Verdict {
-    Ready(Result<(), RejectReason>),
-    Waiting(oneshot::Receiver<Result<(), RejectReason>>),
-}
-
-pub(super) struct PendingIn {
-    pkid: u16,
-    pub(super) qos: QoS,
-    msg: Message,
-    pub(super) verdict: Verdict,
-    acl_denied: bool,
-    /// The ingest hook keeps no copy ([`Ingest::Unrouted`]).
-    unrouted: bool,
-}
 
 impl Conn {
     pub(super) async fn on_publish(&mut self, p: InPublish) -> Result<(), ConnectionEnd> {
@@ -105,13 +90,12 @@ impl Conn {
                 });
                 return Ok(());
             }
-            if self
-                .pending
-                .iter()
-                .any(|q| q.qos == QoS::ExactlyOnce && q.pkid == p.pkid)
-            {
+            if self.pending.has_qos2(p.pkid) {
                 return Ok(());
             }
+        }
+        if p.qos != QoS::AtMostOnce {
+            self.check_receive_maximum().await?;
         }
         let accepted = Stamp::now();
         let msg = Message {
@@ -157,6 +141,32 @@ impl Conn {
         Ok(())
     }
 
+    /// A new QoS 1/2 PUBLISH from a v5 client: refused with DISCONNECT 0x93 when the client
+    /// already has as many unacknowledged as our Receive Maximum allows (MQTT 5 §3.3.4, §4.9).
+    /// Unacknowledged: awaiting their verdict, or PUBREC'd on this connection and awaiting
+    /// PUBREL (the client counts them until our PUBCOMP; its quota starts afresh with each
+    /// connection, so those of an earlier one do not count). We count at decoding, later than
+    /// the client sent: a client within the limit is never refused. 3.1.1 knows no such limit.
+    async fn check_receive_maximum(&mut self) -> Result<(), ConnectionEnd> {
+        if self.protocol != Protocol::V5 {
+            return Ok(());
+        }
+        let limit = self.state.config().receive_maximum;
+        let outstanding = self.pending.unacknowledged() + self.unreleased.len();
+        if outstanding < usize::from(limit) {
+            return Ok(());
+        }
+        self.state.count(|s| s.receive_maximum_exceeded += 1);
+        Err(self
+            .protocol_error(
+                0x93,
+                format!(
+                    "QoS 1/2 PUBLISH beyond our Receive Maximum of {limit} ({outstanding} unacknowledged already)"
+                ),
+            )
+            .await)
+    }
+
     /// Waits (bounded) for every outstanding verdict and resolves them in order; used when the
     /// client ends the connection normally right after publishing.
     pub(super) async fn settle_pending(&mut self) -> Result<(), ConnectionEnd> {
@@ -166,7 +176,7 @@ impl Conn {
             if self.pending.is_empty() {
                 return Ok(());
             }
-            match tokio::time::timeout_at(deadline, head_verdict(&mut self.pending)).await {
+            match tokio::time::timeout_at(deadline, self.pending.head_verdict()).await {
                 Ok(v) => {
                     if let Some(head) = self.pending.front_mut() {
                         head.verdict = Verdict::Ready(v);
@@ -253,6 +263,7 @@ impl Conn {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     self.state.await_release(&self.info.client_id, p.pkid);
+                    self.unreleased.insert(p.pkid);
                 }
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
@@ -261,12 +272,5 @@ impl Conn {
             }
         }
         Ok(())
-    }
-}
-
-pub(super) async fn head_verdict(pending: &mut VecDeque<PendingIn>) -> Result<(), RejectReason> {
-    match pending.front_mut().map(|p| &mut p.verdict) {
-        Some(Verdict::Waiting(rx)) => rx.await.unwrap_or(Err(RejectReason::UnspecifiedError)),
-        _ => std::future::pending().await,
     }
 }

@@ -387,14 +387,6 @@ impl BrokerState {
         Some(existed)
     }
 
-    /// QoS 2 packet ids `client_id` sent that await PUBREL.
-    pub fn awaiting_release(&self, client_id: &str) -> usize {
-        self.lock()
-            .sessions
-            .get(client_id)
-            .map_or(0, |s| s.incoming_qos2.len())
-    }
-
     /// Whether QoS 2 packet `pkid` of `client_id` was already PUBREC'd and awaits PUBREL.
     pub fn is_awaiting_release(&self, client_id: &str, pkid: u16) -> bool {
         self.lock()
