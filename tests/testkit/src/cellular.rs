@@ -486,3 +486,107 @@ fn clock_ticks() -> u64 {
             .unwrap_or(100)
     })
 }
+
+/// Mosquitto as the central broker inside a link's namespace, listening on
+/// [`LinkCentral::PORT`] of the namespace's address: the relay reaches it across the link
+/// (and so does a control client started here). Killed on drop; drop it before the link.
+pub struct LinkCentral {
+    pub addr: Ipv4Addr,
+    /// `max_inflight_messages` (also its Receive Maximum); more lines in `extra`.
+    pub inflight: u32,
+    pub extra: String,
+    exec: Vec<OsString>,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl LinkCentral {
+    pub const PORT: u16 = 1883;
+
+    /// Starts it in `link`'s namespace with its data in `dir/central`.
+    pub async fn start(dir: &Path, link: &CellularLink, inflight: u32, extra: &str) -> LinkCentral {
+        let dir = dir.join("central");
+        std::fs::create_dir_all(&dir).expect("central dir");
+        let mut c = LinkCentral {
+            addr: link.addr,
+            inflight,
+            extra: extra.to_string(),
+            exec: link.exec_prefix(),
+            dir,
+            child: None,
+        };
+        c.restart().await;
+        c
+    }
+
+    /// (Re)starts on the same data directory and waits until it listens.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "central broker already running");
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} {addr}\nallow_anonymous true\npersistence true\n\
+                 persistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 1000000\n\
+                 max_inflight_messages {inflight}\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
+                port = Self::PORT,
+                addr = self.addr,
+                dir = self.dir.display(),
+                inflight = self.inflight,
+                extra = self.extra
+            ),
+        )
+        .expect("central config");
+        let child = Command::new(&self.exec[0])
+            .args(&self.exec[1..])
+            .arg("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((self.addr, Self::PORT)),
+            )
+            .await;
+            if matches!(attempt, Ok(Ok(_))) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "central broker in the link's namespace does not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Its URL as the relay sees it (across the link).
+    pub fn url(&self) -> String {
+        format!("mqtt://{}:{}", self.addr, Self::PORT)
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LinkCentral {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
