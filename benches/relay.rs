@@ -31,6 +31,8 @@
 //!   `BENCH_KEEP=1` (keep the temp dirs with every process's log and store),
 //!   `BENCH_CENTRAL_INFLIGHT` (100: central's `max_inflight_messages`, which it also announces
 //!   as its Receive Maximum; the cellular workload sets its own, `BENCH_CELLULAR_RECEIVE_MAX`),
+//!   `BENCH_CENTRAL_CONF` (more lines for central's mosquitto.conf, `\n` between them, e.g.
+//!   `set_tcp_nodelay true`),
 //!   `BENCH_RELAY_CONNECTIONS` (unset: the daemon's default `uplink.connections`),
 //!   the cellular workload's `BENCH_CELLULAR_*` (see `relay/cellular.rs`).
 

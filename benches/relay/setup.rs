@@ -249,8 +249,12 @@ impl Central {
             &format!(
                 "user root\n{listeners}allow_anonymous true\npersistence true\n\
                  persistence_location {dir}/\nmax_queued_messages 0\n\
-                 max_inflight_messages {inflight}\n",
-                dir = self.dir.display()
+                 max_inflight_messages {inflight}\n{extra}\n",
+                dir = self.dir.display(),
+                // More lines for central's mosquitto.conf, e.g. `set_tcp_nodelay true`.
+                extra = std::env::var("BENCH_CENTRAL_CONF")
+                    .unwrap_or_default()
+                    .replace("\\n", "\n"),
             ),
         );
         // `cellular-link exec` execs the command in place: the pid is Mosquitto's own.
