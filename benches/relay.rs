@@ -8,9 +8,13 @@
 //! users put on a shared machine spreads over all three; medians are reported. Each
 //! measurement starts fresh processes on ephemeral loopback ports in a fresh temp dir.
 //!
-//! The `cellular` workload runs (b) and (c) only, with central in a network namespace of its
-//! own behind a cellular-like uplink: 60 ± 20 ms each way and 1 % loss (see `relay/cellular.rs`;
-//! needs root, skipped otherwise).
+//! The `cellular` workload runs (b), (c) and (c) with `uplink.connections = 1` over a
+//! per-packet emulated cellular link (`../shared/tools/cellular-link` through the test kit's
+//! `CellularLink`): central Mosquitto and the counting receiver run inside the link's network
+//! namespace, so only the local side's uplink crosses the link, and every run also measures a
+//! plain TCP transfer over the same link (the physical ceiling) and the local process's CPU
+//! time per message. Variants and their environment: see `relay/cellular.rs`. Needs root
+//! (skipped otherwise; a failure under `CI`).
 //!
 //! Environment (all optional):
 //! - `BENCH_QUICK=1`: a smoke run for CI (few messages, one repetition, short phases);
@@ -18,13 +22,19 @@
 //!   `BENCH_MEMORY_LEVELS` (10000,100000,1000000), `BENCH_PUBLISHERS` (4), `BENCH_WINDOW` (64),
 //!   `BENCH_CELLULAR_MSGS` (20000; 2000 with `BENCH_QUICK`), `BENCH_TOPICS` (16: messages go
 //!   round-robin to `up/bench/0..15`, as a train publishes on many topics),
-//!   `BENCH_RELAY_CONNECTIONS` (4: trainrelay's `uplink.connections`),
 //!   `BENCH_WORKLOADS` (ceiling,throughput,latency,drain,memory,enqueue,cellular),
 //!   `BENCH_SETUPS` (direct,mosquitto-bridge,trainrelay),
-//!   `BENCH_OUT` (target/bench/results.json), `TRAINRELAY_BIN` (the binary under test),
+//!   `BENCH_OUT` (target/bench/results.json), `BENCH_RELAY_BIN` (the trainrelay binary under
+//!   test, e.g. another checkout's `target/release/trainrelay`, measured without merging; the
+//!   older name `TRAINRELAY_BIN` works too; default: the release build cargo makes for the
+//!   benchmark),
 //!   `BENCH_KEEP=1` (keep the temp dirs with every process's log and store),
 //!   `BENCH_CENTRAL_INFLIGHT` (100: central's `max_inflight_messages`, which it also announces
-//!   as its Receive Maximum).
+//!   as its Receive Maximum; the cellular workload sets its own, `BENCH_CELLULAR_RECEIVE_MAX`),
+//!   `BENCH_CENTRAL_CONF` (more lines for central's mosquitto.conf, `\n` between them, e.g.
+//!   `set_tcp_nodelay true`),
+//!   `BENCH_RELAY_CONNECTIONS` (unset: the daemon's default `uplink.connections`),
+//!   the cellular workload's `BENCH_CELLULAR_*` (see `relay/cellular.rs`).
 
 #[path = "relay/cellular.rs"]
 mod cellular;
@@ -46,6 +56,7 @@ use serde_json::json;
 use setup::{Central, Local, Setup, SINK_FILTER};
 use stats::Results;
 use trainrelay::store::Synchronous;
+use trainrelay_testkit::cellular::CellularLink;
 use wire::{PubSpec, SinkReport, SinkSpec};
 
 /// What to run, from the environment.
@@ -118,10 +129,7 @@ impl Opts {
             setups: list("BENCH_SETUPS", "direct,mosquitto-bridge,trainrelay")
                 .iter()
                 .map(|s| {
-                    Setup::ALL
-                        .into_iter()
-                        .find(|x| x.name() == s)
-                        .unwrap_or_else(|| panic!("BENCH_SETUPS: unknown setup '{s}'"))
+                    Setup::by_name(s).unwrap_or_else(|| panic!("BENCH_SETUPS: unknown setup '{s}'"))
                 })
                 .collect(),
             out: std::env::var_os("BENCH_OUT")
@@ -151,12 +159,15 @@ fn scratch() -> tempfile::TempDir {
 
 /// A running setup: the central broker and, for (b) and (c), the local process; for the
 /// cellular profile also the link between them. Dropped in this order: processes first, then
-/// the link's namespace.
+/// the link (when this held its last reference).
 struct Rig {
     setup: Setup,
     central: Central,
     local: Option<Local>,
-    _link: Option<cellular::Link>,
+    link: Option<Arc<CellularLink>>,
+    /// Topics the publishers spread over, and payload bytes per message.
+    topics: u64,
+    payload: usize,
     _dir: tempfile::TempDir,
 }
 
@@ -169,36 +180,37 @@ impl Rig {
         Rig::finish(setup, central, None, dir).await
     }
 
-    /// Central in a network namespace of its own; the local side reaches it through the
-    /// cellular link. Err when the namespace or the proxy cannot be set up here.
-    async fn start_cellular(setup: Setup) -> Result<Rig, String> {
+    /// Central (with `max_inflight_messages inflight`) inside the namespace of `link`; the
+    /// local side reaches it across the link, the receiver from inside the namespace.
+    async fn start_cellular(
+        setup: Setup,
+        link: Arc<CellularLink>,
+        inflight: u32,
+        topics: u64,
+        payload: usize,
+    ) -> Rig {
         let dir = scratch();
-        let ns = cellular::Netns::create()?;
-        let mut central = Central::in_netns(
-            dir.path(),
-            &ns.name,
-            ns.addr.into(),
-            cellular::SINK_PORT,
-            cellular::UPLINK_PORT,
-        );
+        let mut central = Central::in_link(dir.path(), &link, 1883, inflight);
         central.start().await;
-        let proxy = cellular::DelayProxy::start(central.uplink_addr()).await?;
-        let link = cellular::Link::new(ns, proxy);
-        Ok(Rig::finish(setup, central, Some(link), dir).await)
+        let mut rig = Rig::finish(setup, central, Some(link), dir).await;
+        rig.topics = topics;
+        rig.payload = payload;
+        rig
     }
 
     async fn finish(
         setup: Setup,
         central: Central,
-        link: Option<cellular::Link>,
+        link: Option<Arc<CellularLink>>,
         dir: tempfile::TempDir,
     ) -> Rig {
-        // Central's address as the local side sees it.
-        let upstream = link.as_ref().map_or(central.uplink_addr(), |l| l.entry());
+        // Central's address as the local side sees it (across the link, if any).
+        let upstream = central.uplink_addr();
         let local = match setup {
             Setup::Direct => None,
             Setup::Bridge => Some(setup::start_bridge(dir.path(), upstream).await),
-            Setup::Relay => Some(setup::start_relay(dir.path(), upstream).await),
+            Setup::Relay => Some(setup::start_relay(dir.path(), upstream, None).await),
+            Setup::RelayOne => Some(setup::start_relay(dir.path(), upstream, Some(1)).await),
         };
         if let Some(l) = &local {
             println!("  {}: pid {}, port {}", setup.name(), l.proc.pid(), l.port);
@@ -207,7 +219,9 @@ impl Rig {
             setup,
             central,
             local,
-            _link: link,
+            link,
+            topics: opts_topics(),
+            payload: wire::PAYLOAD,
             _dir: dir,
         };
         rig.prime().await;
@@ -261,11 +275,12 @@ impl Rig {
     ) {
         let progress = Arc::new(AtomicU64::new(0));
         let (ready, subscribed) = tokio::sync::oneshot::channel();
-        // Always straight to central, never through the cellular link: only the local side's
-        // uplink is measured over it.
+        // Always straight to central, never through the cellular link (from inside its
+        // namespace): only the local side's uplink is measured over it.
         let spec = SinkSpec {
             addr: self.central.addr(),
             client_id: id.to_string(),
+            inside: self.link.as_ref().map(|l| l.ns.clone()),
             filter: SINK_FILTER.to_string(),
             persistent,
             expect,
@@ -310,7 +325,8 @@ impl Rig {
             port: self.entry_port(),
             client_id: id.to_string(),
             topic: self.setup.topic().to_string(),
-            topics: opts_topics(),
+            topics: self.topics,
+            payload: self.payload,
             first_seq,
             count,
             window,
@@ -411,7 +427,9 @@ async fn ceiling(opts: &Opts, res: &mut Results) {
             setup: Setup::Direct,
             central,
             local: None,
-            _link: None,
+            link: None,
+            topics: opts_topics(),
+            payload: wire::PAYLOAD,
             _dir: dir,
         };
         let epoch = Instant::now();
@@ -657,123 +675,6 @@ async fn memory(opts: &Opts, res: &mut Results) {
     }
 }
 
-/// The cellular profile, (b) and (c) only: N QoS 1 messages end to end over the cellular
-/// link, then (fresh processes) the same N buffered while central is down and drained over it
-/// once central starts, as in `drain`. The receiver connects to central straight, not over
-/// the link, so that only the local side's uplink sees the delay and the loss.
-async fn cellular(opts: &Opts, res: &mut Results) {
-    if let Some(why) = cellular::unavailable() {
-        println!("  SKIPPED cellular: {why}");
-        return;
-    }
-    let n = opts.cellular_msgs;
-    let setups: Vec<Setup> = opts
-        .setups
-        .iter()
-        .copied()
-        .filter(|s| *s != Setup::Direct)
-        .collect();
-    if setups.is_empty() {
-        println!("  SKIPPED cellular: it runs mosquitto-bridge and trainrelay only");
-        return;
-    }
-    for rep in 0..opts.reps {
-        for setup in order(rep, &setups) {
-            let name = setup.name();
-            let rig = match Rig::start_cellular(setup).await {
-                Ok(rig) => rig,
-                Err(why) => {
-                    println!("  SKIPPED cellular: cannot set up the link: {why}");
-                    return;
-                }
-            };
-            let (r, started, _) = rig.run_through(opts, n).await;
-            let last = r.last.expect("arrivals");
-            res.add(
-                "cellular",
-                name,
-                rep,
-                "cellular_throughput_msgs_per_s",
-                n as f64 / (last - started).as_secs_f64(),
-            );
-            // Flow control kept: the most any connection ever had in flight, and its window.
-            let windows = rig
-                .local
-                .as_ref()
-                .map(|l| l.uplink_windows())
-                .unwrap_or_default();
-            if let Some(most) = windows.iter().map(|w| w.1).max() {
-                let window = windows.iter().map(|w| w.0).max().unwrap_or(0);
-                res.add("cellular", name, rep, "cellular_max_in_flight", most as f64);
-                res.add("cellular", name, rep, "cellular_window", window as f64);
-                res.add(
-                    "cellular",
-                    name,
-                    rep,
-                    "cellular_connections",
-                    windows.len() as f64,
-                );
-                // How evenly the topics spread: the busiest connection's share over an even one.
-                let total: u64 = windows.iter().map(|w| w.2).sum();
-                let busiest = windows.iter().map(|w| w.2).max().unwrap_or(0);
-                if total > 0 {
-                    let even = total as f64 / windows.len() as f64;
-                    res.add(
-                        "cellular",
-                        name,
-                        rep,
-                        "cellular_busiest_share",
-                        busiest as f64 / even,
-                    );
-                }
-            }
-            res.add(
-                "cellular",
-                name,
-                rep,
-                "cellular_throughput_duplicates",
-                r.duplicates as f64,
-            );
-            drop(rig);
-
-            let mut rig = match Rig::start_cellular(setup).await {
-                Ok(rig) => rig,
-                Err(why) => {
-                    println!("  SKIPPED cellular: cannot set up the link: {why}");
-                    return;
-                }
-            };
-            // The priming messages' PUBACKs are still on the link when the receiver has them;
-            // stopping central before they reach the local side would have it resend them
-            // after the restart, counted as duplicates of the drain's first sequence numbers.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let (r, t0) = rig.run_drain(opts, n).await;
-            let (first, last) = (r.first.expect("arrivals"), r.last.expect("arrivals"));
-            res.add(
-                "cellular",
-                name,
-                rep,
-                "cellular_drain_s",
-                (last - t0).as_secs_f64(),
-            );
-            res.add(
-                "cellular",
-                name,
-                rep,
-                "cellular_drain_msgs_per_s",
-                n as f64 / (last - first).as_secs_f64().max(1e-6),
-            );
-            res.add(
-                "cellular",
-                name,
-                rep,
-                "cellular_drain_duplicates",
-                r.duplicates as f64,
-            );
-        }
-    }
-}
-
 /// The store alone, and the level it commits at.
 async fn enqueue_rate(opts: &Opts, res: &mut Results) {
     let n = opts.msgs as usize;
@@ -828,6 +729,9 @@ fn table(res: &Results) -> String {
         _ => "–".to_string(),
     };
     for ((workload, metric), m) in res.medians() {
+        if workload == "cellular" {
+            continue; // a table of its own, `cellular::table`
+        }
         let a = m.get(cols[0]);
         let b = m.get(cols[1]);
         let c = m.get(cols[2]);
@@ -913,19 +817,15 @@ fn main() {
             enqueue_rate(&opts, &mut res).await;
         }
         if opts.wants("cellular") {
-            println!(
-                "== cellular: {} QoS 1 msgs over {:?} ± {:?} each way and {} % loss, \
-                 end to end and drained",
-                opts.cellular_msgs,
-                cellular::DELAY,
-                cellular::JITTER,
-                cellular::LOSS * 100.0
-            );
-            cellular(&opts, &mut res).await;
+            println!("== cellular: QoS 1 msgs over a per-packet emulated cellular link");
+            cellular::run(&opts, &mut res).await;
         }
     });
     let elapsed = started.elapsed();
-    let table = table(&res);
+    let mut table = table(&res);
+    if opts.wants("cellular") {
+        table.push_str(&format!("\n{}", cellular::table(&res)));
+    }
     let machine_after = machine();
     println!(
         "\nMedians of {} repetition(s), {:.0} s in all:\n\n{table}",

@@ -1,12 +1,16 @@
 //! The processes under test: a central Mosquitto, a local Mosquitto bridging to it, and the
-//! trainrelay release binary. Each runs on an ephemeral loopback port with its own temp dir and
-//! is killed when its guard is dropped, so an aborted benchmark leaves nothing behind.
+//! trainrelay release binary. Each runs on an ephemeral loopback port (central, for the
+//! cellular workload, inside the namespace of a cellular link) with its own temp dir and is
+//! killed when its guard is dropped, so an aborted benchmark leaves nothing behind.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use trainrelay_testkit::cellular::CellularLink;
 
 /// The three setups compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,18 +19,28 @@ pub enum Setup {
     Direct,
     /// Local Mosquitto with a bridge section -> central.
     Bridge,
-    /// trainrelay -> central.
+    /// trainrelay -> central, with its default `uplink.connections` (or
+    /// `BENCH_RELAY_CONNECTIONS`).
     Relay,
+    /// trainrelay with `uplink.connections = 1` (the cellular workload's third setup).
+    RelayOne,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 3] = [Setup::Direct, Setup::Bridge, Setup::Relay];
+    /// Any setup by its name.
+    #[allow(dead_code)] // the relay benchmark's, not the fleet benchmark's
+    pub fn by_name(name: &str) -> Option<Setup> {
+        [Setup::Direct, Setup::Bridge, Setup::Relay, Setup::RelayOne]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Setup::Direct => "direct",
             Setup::Bridge => "mosquitto-bridge",
             Setup::Relay => "trainrelay",
+            Setup::RelayOne => "trainrelay-1conn",
         }
     }
 
@@ -34,7 +48,7 @@ impl Setup {
     pub fn topic(self) -> &'static str {
         match self {
             Setup::Direct => "trains/T1/up/bench",
-            Setup::Bridge | Setup::Relay => "up/bench",
+            Setup::Bridge | Setup::Relay | Setup::RelayOne => "up/bench",
         }
     }
 }
@@ -140,8 +154,12 @@ pub struct Central {
     /// The listener the local side's uplink uses: `port` itself on loopback, a second
     /// listener when central runs in a network namespace (so faults can apply to it alone).
     pub uplink_port: u16,
-    /// The network namespace it runs in, if any.
-    netns: Option<String>,
+    /// `max_inflight_messages`, also the Receive Maximum it announces to MQTT 5 clients
+    /// (`BENCH_CENTRAL_INFLIGHT`, 100, unless set otherwise).
+    pub inflight: u32,
+    /// The words that start a program where it runs (a cellular link's namespace), if not
+    /// here.
+    exec_prefix: Option<Vec<OsString>>,
     dir: PathBuf,
     proc: Option<Proc>,
 }
@@ -153,10 +171,14 @@ impl Central {
         Central::build(dir, IpAddr::V4(Ipv4Addr::LOCALHOST), port, port, None)
     }
 
-    /// Inside network namespace `netns`, listening on `host` (an address of the namespace
-    /// reachable from here): the receiver on `port`, the uplink on `uplink_port`.
-    pub fn in_netns(dir: &Path, netns: &str, host: IpAddr, port: u16, uplink_port: u16) -> Central {
-        Central::build(dir, host, port, uplink_port, Some(netns.to_string()))
+    /// Inside the namespace of a cellular link, on `port` of the namespace's address (for the
+    /// uplink, across the link, and for a receiver inside the namespace alike).
+    #[allow(dead_code)] // the relay benchmark's, not the fleet benchmark's
+    pub fn in_link(dir: &Path, link: &CellularLink, port: u16, inflight: u32) -> Central {
+        let mut c = Central::build(dir, IpAddr::V4(link.addr), port, port, None);
+        c.exec_prefix = Some(link.exec_prefix());
+        c.inflight = inflight;
+        c
     }
 
     fn build(
@@ -164,18 +186,29 @@ impl Central {
         host: IpAddr,
         port: u16,
         uplink_port: u16,
-        netns: Option<String>,
+        exec_prefix: Option<Vec<OsString>>,
     ) -> Central {
         let dir = dir.join("central");
         std::fs::create_dir_all(&dir).expect("central dir");
+        let inflight = std::env::var("BENCH_CENTRAL_INFLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
         Central {
             host,
             port,
             uplink_port,
-            netns,
+            inflight,
+            exec_prefix,
             dir,
             proc: None,
         }
+    }
+
+    /// What it logged so far (its connects: "New client connected from … as ID").
+    #[allow(dead_code)] // the relay benchmark's, not the fleet benchmark's
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     /// Its process id (0 while stopped).
@@ -210,24 +243,25 @@ impl Central {
             listeners += &format!("listener {} {}\n", self.uplink_port, self.host);
         }
         // Also the Receive Maximum it announces to MQTT 5 clients (the relay's window).
-        let inflight: u32 = std::env::var("BENCH_CENTRAL_INFLIGHT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100);
+        let inflight = self.inflight;
         write(
             &conf,
             &format!(
                 "user root\n{listeners}allow_anonymous true\npersistence true\n\
                  persistence_location {dir}/\nmax_queued_messages 0\n\
-                 max_inflight_messages {inflight}\n",
-                dir = self.dir.display()
+                 max_inflight_messages {inflight}\n{extra}\n",
+                dir = self.dir.display(),
+                // More lines for central's mosquitto.conf, e.g. `set_tcp_nodelay true`.
+                extra = std::env::var("BENCH_CENTRAL_CONF")
+                    .unwrap_or_default()
+                    .replace("\\n", "\n"),
             ),
         );
-        // `ip netns exec` execs the command in place: the pid is Mosquitto's own.
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, "mosquitto"]);
+        // `cellular-link exec` execs the command in place: the pid is Mosquitto's own.
+        let mut cmd = match &self.exec_prefix {
+            Some(prefix) => {
+                let mut cmd = Command::new(&prefix[0]);
+                cmd.args(&prefix[1..]).arg("mosquitto");
                 cmd
             }
             None => Command::new("mosquitto"),
@@ -256,9 +290,8 @@ pub struct Local {
 }
 
 impl Local {
-    /// The uplink connections' (window, most in flight, forwarded) from trainrelay's status
-    /// socket.
-    pub fn uplink_windows(&self) -> Vec<(u64, u64, u64)> {
+    /// The uplink connections as trainrelay's status socket reports them.
+    pub fn uplink_connections(&self) -> Vec<UplinkConn> {
         use std::io::{BufRead, BufReader};
         let Some(path) = &self.status else {
             return Vec::new();
@@ -279,17 +312,23 @@ impl Local {
             .as_array()
             .map(|list| {
                 list.iter()
-                    .map(|c| {
-                        (
-                            c["window"].as_u64().unwrap_or(0),
-                            c["max_in_flight"].as_u64().unwrap_or(0),
-                            c["forwarded"].as_u64().unwrap_or(0),
-                        )
+                    .map(|c| UplinkConn {
+                        window: c["window"].as_u64().unwrap_or(0),
+                        max_in_flight: c["max_in_flight"].as_u64().unwrap_or(0),
+                        forwarded: c["forwarded"].as_u64().unwrap_or(0),
                     })
                     .collect()
             })
             .unwrap_or_default()
     }
+}
+
+/// One uplink connection of trainrelay's status report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UplinkConn {
+    pub window: u64,
+    pub max_in_flight: u64,
+    pub forwarded: u64,
 }
 
 /// Local Mosquitto with a bridge section as a team would deploy it: QoS 1 topics, clean
@@ -329,8 +368,9 @@ pub async fn start_bridge(dir: &Path, central: SocketAddr) -> Local {
 /// trainrelay with its default durability (`synchronous = "full"`, the iPad acknowledged only
 /// after commit). Only the store bound is raised (the 1M-message backlog exceeds the default
 /// 256 MiB) and reconnect backoff is capped at 1 s like the bridge's `restart_timeout`.
-/// `central` is the central broker's address as the local side sees it.
-pub async fn start_relay(dir: &Path, central: SocketAddr) -> Local {
+/// `central` is the central broker's address as the local side sees it; `connections` is
+/// `uplink.connections` (`None`: the daemon's default, or `BENCH_RELAY_CONNECTIONS`).
+pub async fn start_relay(dir: &Path, central: SocketAddr, connections: Option<u64>) -> Local {
     let dir = dir.join("relay");
     std::fs::create_dir_all(&dir).expect("relay dir");
     let port = free_port();
@@ -347,8 +387,7 @@ listen = "127.0.0.1:{port}"
 url = "mqtt://{central}"
 backoff_min = "100ms"
 backoff_max = "1s"
-connections = {connections}
-
+{connections}
 [store]
 path = "{dir}/store.db"
 max_bytes = "4GiB"
@@ -362,7 +401,10 @@ local = "up/#"
 remote = "trains/T1/up/#"
 "#,
             dir = dir.display(),
-            connections = relay_connections(),
+            connections = connections
+                .or_else(relay_connections)
+                .map(|n| format!("connections = {n}\n"))
+                .unwrap_or_default(),
         ),
     );
     let mut cmd = Command::new(relay_binary());
@@ -379,17 +421,20 @@ remote = "trains/T1/up/#"
     }
 }
 
-/// trainrelay's `uplink.connections` (`BENCH_RELAY_CONNECTIONS`, default 4 like the daemon's).
-pub fn relay_connections() -> u64 {
+/// trainrelay's `uplink.connections` from `BENCH_RELAY_CONNECTIONS`; unset: the daemon's
+/// default.
+pub fn relay_connections() -> Option<u64> {
     std::env::var("BENCH_RELAY_CONNECTIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
 }
 
-/// The release binary cargo built alongside this benchmark (override: `TRAINRELAY_BIN`).
+/// The trainrelay binary under test: `BENCH_RELAY_BIN` (e.g. another checkout's build, to
+/// measure it without merging; `TRAINRELAY_BIN` is the older name), else the release binary
+/// cargo built alongside this benchmark.
 pub fn relay_binary() -> PathBuf {
-    std::env::var_os("TRAINRELAY_BIN")
+    std::env::var_os("BENCH_RELAY_BIN")
+        .or_else(|| std::env::var_os("TRAINRELAY_BIN"))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_trainrelay")))
 }

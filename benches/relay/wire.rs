@@ -16,7 +16,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-/// Payload size of every benchmark message.
+/// Payload size of the benchmark's messages (the cellular workload sets its own).
 pub const PAYLOAD: usize = 200;
 
 /// One decoded packet; only the kinds the benchmark uses are looked into.
@@ -144,8 +144,40 @@ struct Conn {
     wr: BufWriter<OwnedWriteHalf>,
 }
 
+/// Connects to `addr`, from inside network namespace `inside` when given (a receiver next
+/// to a central broker behind a cellular link).
+async fn connect_from(
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+    inside: Option<&str>,
+) -> io::Result<Conn> {
+    let stream = match inside {
+        None => TcpStream::connect(addr).await?,
+        Some(ns) => {
+            let ns = ns.to_string();
+            let s = tokio::task::spawn_blocking(move || {
+                trainrelay_testkit::cellular::connect_in(&ns, addr)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            s.set_nonblocking(true)?;
+            TcpStream::from_std(s)?
+        }
+    };
+    handshake(stream, addr, client_id, clean).await
+}
+
 async fn connect(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<Conn> {
-    let stream = TcpStream::connect(addr).await?;
+    connect_from(addr, client_id, clean, None).await
+}
+
+async fn handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+) -> io::Result<Conn> {
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
     let mut conn = Conn {
@@ -177,16 +209,18 @@ async fn connect(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<C
     }
 }
 
-/// Encodes a QoS 1 PUBLISH whose payload carries the send time and the sequence number.
-fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, sent_ns: u64, seq: u64) {
+/// Encodes a QoS 1 PUBLISH whose payload (`size` bytes, at least 16) carries the send time
+/// and the sequence number.
+fn encode_publish(out: &mut Vec<u8>, topic: &str, pkid: u16, sent_ns: u64, seq: u64, size: usize) {
+    let size = size.max(16);
     out.clear();
     out.push(0x32);
-    put_len(out, 2 + topic.len() + 2 + PAYLOAD);
+    put_len(out, 2 + topic.len() + 2 + size);
     put_str(out, topic);
     out.extend_from_slice(&pkid.to_be_bytes());
     out.extend_from_slice(&sent_ns.to_be_bytes());
     out.extend_from_slice(&seq.to_be_bytes());
-    out.resize(out.len() + PAYLOAD - 16, 0x5a);
+    out.resize(out.len() + size - 16, 0x5a);
 }
 
 /// What one publisher saw.
@@ -207,6 +241,8 @@ pub struct PubSpec {
     /// doors, diagnostics, acknowledgements), and per-topic order is what MQTT keeps.
     pub topic: String,
     pub topics: u64,
+    /// Payload bytes of every message.
+    pub payload: usize,
     /// Sequence numbers `first_seq .. first_seq + count` go into the payloads.
     pub first_seq: u64,
     pub count: u64,
@@ -253,7 +289,7 @@ pub async fn publish(spec: PubSpec, epoch: Instant) -> io::Result<PubReport> {
     };
     let started = Instant::now();
     let interval = spec.rate.map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut pkt = Vec::with_capacity(PAYLOAD + 64);
+    let mut pkt = Vec::with_capacity(spec.payload + 64);
     let topics: Vec<String> = (0..spec.topics.max(1))
         .map(|k| format!("{}/{k}", spec.topic))
         .collect();
@@ -280,7 +316,7 @@ pub async fn publish(spec: PubSpec, epoch: Instant) -> io::Result<PubReport> {
         sent_at[usize::from(pkid)].store(now, Ordering::Relaxed);
         let seq = spec.first_seq + i;
         let topic = &topics[(seq % topics.len() as u64) as usize];
-        encode_publish(&mut pkt, topic, pkid, now, seq);
+        encode_publish(&mut pkt, topic, pkid, now, seq, spec.payload);
         wr.write_all(&pkt).await?;
         if interval.is_some() {
             wr.flush().await?;
@@ -344,6 +380,8 @@ async fn subscribe(conn: &mut Conn, filter: &str) -> io::Result<()> {
 pub struct SinkSpec {
     pub addr: SocketAddr,
     pub client_id: String,
+    /// Connect from inside this network namespace (next to central) rather than from here.
+    pub inside: Option<String>,
     pub filter: String,
     /// Keep the session (see [`make_session`]).
     pub persistent: bool,
@@ -363,7 +401,8 @@ pub struct SinkSpec {
 /// Connecting is retried until the deadline, so the sink may start before its broker.
 pub async fn sink(mut spec: SinkSpec, epoch: Instant) -> io::Result<SinkReport> {
     let mut conn = loop {
-        match connect(spec.addr, &spec.client_id, !spec.persistent).await {
+        let inside = spec.inside.as_deref();
+        match connect_from(spec.addr, &spec.client_id, !spec.persistent, inside).await {
             Ok(c) => break c,
             Err(e) if Instant::now() > spec.deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,

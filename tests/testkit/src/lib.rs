@@ -647,6 +647,7 @@ impl V5Client {
 }
 
 pub mod broker;
+pub mod cellular;
 pub mod config;
 pub mod fresh;
 pub mod nats_core;
