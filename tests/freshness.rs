@@ -223,7 +223,19 @@ async fn high_priority_overtakes_a_low_priority_backlog() {
         "{}\n[[route]]\ndirection = \"up\"\nlocal = \"bulk/#\"\nremote = \"trains/T1/bulk/#\"\npriority = 9\n\n[[route]]\ndirection = \"up\"\nlocal = \"alarm/#\"\nremote = \"trains/T1/alarm/#\"\npriority = 0\n",
         store_section("")
     );
-    let relay = Relay::start(dir.path(), &relay_config(&central.url(), &extra)).await;
+    // One connection: the alarm must overtake the backlog in the connection's own order (with
+    // several, the alarm's topic would simply take a connection without a backlog). At
+    // 100 kB/s the backlog takes seconds to drain, so it is still there when the alarm comes
+    // (on loopback it would otherwise be gone in well under a second).
+    let config = trainrelay_testkit::Config::new(&central.url())
+        .standard_routes()
+        .lines(
+            "uplink",
+            "connections = 1\nmax_bytes_per_second = \"100KB\"",
+        )
+        .append(&extra)
+        .build();
+    let relay = Relay::start(dir.path(), &config).await;
     wait_online(central.port).await;
     let control = V5Client::connect(central.port, "control", false).await;
     control.subscribe("trains/T1/bulk/#").await;

@@ -932,6 +932,31 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_deadline_counts_from_when_a_message_left_the_socket() {
+        let mut d = Drain::default();
+        d.in_flight.insert(7, 100);
+        d.wrote(7);
+        // Still leaving (a long write on a slow stretch): its wait does not count yet.
+        assert_eq!(d.unanswered_for(true, Duration::ZERO), None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(d.unanswered_for(true, Duration::ZERO), None);
+        // The socket has been idle for 10 ms: it left at the latest then.
+        let waited = d
+            .unanswered_for(false, Duration::from_millis(10))
+            .expect("known to have left");
+        assert!(waited >= Duration::from_millis(10), "{waited:?}");
+        assert!(waited < Duration::from_millis(30), "{waited:?}");
+        // Once known, bytes of later writes waiting to leave do not reset it.
+        let later = d.unanswered_for(true, Duration::ZERO).expect("still known");
+        assert!(later >= waited);
+        // The next message takes its own measure.
+        d.answered(7);
+        d.in_flight.insert(8, 100);
+        d.wrote(8);
+        assert_eq!(d.unanswered_for(true, Duration::ZERO), None);
+    }
+
+    #[test]
     fn a_connection_that_lasted_30s_resets_the_backoff() {
         let (min, max) = (Duration::from_millis(100), Duration::from_secs(60));
         // A link that keeps failing quickly keeps its count: the backoff keeps growing.
