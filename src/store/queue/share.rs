@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::totals::Shared;
+use super::totals::{saturating_sub, Shared};
 use super::StoreError;
 
 /// The most shares (`uplink.connections` is at most 16).
@@ -152,15 +152,7 @@ impl Shared {
     /// Counts rows removed from `share` (never below zero).
     pub(super) fn share_removed(&self, share: u16, rows: u64) {
         if let Some(n) = self.share_rows.get(usize::from(share)) {
-            let mut current = n.load(Ordering::Acquire);
-            while let Err(actual) = n.compare_exchange_weak(
-                current,
-                current.saturating_sub(rows),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                current = actual;
-            }
+            saturating_sub(n, rows);
         }
     }
 
@@ -316,12 +308,9 @@ mod queue_tests {
 
     use std::collections::{BTreeMap, BTreeSet};
 
-    use bytes::Bytes;
-
-    use super::super::tests::{close, config};
+    use super::super::tests::{close, config, msg, new_entry};
     use super::*;
     use crate::clock::Stamp;
-    use crate::message::{Message, Properties, QoS};
     use crate::store::queue::{NewEntry, Queue, QueueConfig, WhenFull};
     use crate::store::{Db, DbThread, Synchronous};
 
@@ -335,19 +324,7 @@ mod queue_tests {
     }
 
     fn entry(route: &str, topic: &str) -> NewEntry {
-        NewEntry {
-            route: route.into(),
-            priority: 5,
-            message: Message {
-                topic: topic.into(),
-                payload: Bytes::from_static(b"p"),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: Properties::default(),
-                accepted: Stamp::now(),
-                deadline: None,
-            },
-        }
+        new_entry(route, 5, msg(topic, 1, Stamp::now(), None))
     }
 
     /// Share of every row, by topic.

@@ -22,7 +22,12 @@ fn at(ms: i64) -> Stamp {
     }
 }
 
-fn msg(topic: &str, payload_len: usize, accepted: Stamp, ttl_ms: Option<u64>) -> Message {
+pub(super) fn msg(
+    topic: &str,
+    payload_len: usize,
+    accepted: Stamp,
+    ttl_ms: Option<u64>,
+) -> Message {
     Message {
         topic: topic.to_string(),
         payload: Bytes::from(vec![b'x'; payload_len]),
@@ -34,7 +39,7 @@ fn msg(topic: &str, payload_len: usize, accepted: Stamp, ttl_ms: Option<u64>) ->
     }
 }
 
-fn new_entry(route: &str, priority: u8, message: Message) -> NewEntry {
+pub(super) fn new_entry(route: &str, priority: u8, message: Message) -> NewEntry {
     NewEntry {
         route: route.to_string(),
         priority,

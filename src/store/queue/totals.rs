@@ -121,20 +121,8 @@ impl Shared {
     }
 
     pub(super) fn removed(&self, t: Totals) {
-        // Saturating: a total never wraps below zero, whatever a resync raced with.
-        let sub = |a: &AtomicU64, n: u64| {
-            let mut current = a.load(Ordering::Acquire);
-            while let Err(actual) = a.compare_exchange_weak(
-                current,
-                current.saturating_sub(n),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                current = actual;
-            }
-        };
-        sub(&self.rows, t.rows);
-        sub(&self.bytes, t.bytes);
+        saturating_sub(&self.rows, t.rows);
+        saturating_sub(&self.bytes, t.bytes);
     }
 
     /// Second half of every job, after its commit: a failed commit means the totals are stale.
@@ -200,6 +188,14 @@ pub(super) fn size_value(v: ValueRef<'_>) -> u64 {
         ValueRef::Real(f) if f > 0.0 => f as u64,
         _ => 0,
     }
+}
+
+/// Takes `n` off `a`, never below zero, whatever a resync raced with.
+pub(super) fn saturating_sub(a: &AtomicU64, n: u64) {
+    // The closure always returns `Some`: the update cannot fail.
+    let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+        Some(c.saturating_sub(n))
+    });
 }
 
 /// The `share` column; anything unreadable counts as share 0 (the scan reports damaged rows).
