@@ -144,13 +144,14 @@ impl LinkError {
         }
     }
 
-    /// The peer closed the connection on its own, cleanly or not, without saying why (the
-    /// way a broker that cannot take a message behaves: NATS with a `.` in a topic). Only a
-    /// repetition of this with the same message at the head is evidence against it.
+    /// The peer closed the connection on its own, without saying why (the way a broker that
+    /// cannot take a message behaves: NATS with a `.` in a topic). Only a repetition of this
+    /// with the same message at the head is evidence against it. A reset is not: carrier
+    /// NATs and firewalls send them to healthy connections, so it is the network's.
     pub fn peer_closed(&self) -> bool {
         matches!(
             self,
-            LinkError::Closed | LinkError::Reset(_) | LinkError::Disconnected { code: None, .. }
+            LinkError::Closed | LinkError::Disconnected { code: None, .. }
         )
     }
 }
