@@ -82,7 +82,11 @@ impl Downlink {
             // 3.1.1 central brokers clear the flag on live delivery: the route says it is state.
             msg.retain = true;
         }
-        if msg.retain && self.broker.repeats_retained(&local_topic, &msg) {
+        if msg.retain
+            && self
+                .broker
+                .repeats_retained(&local_topic, &msg, ACCEPTED_MS_PROPERTY)
+        {
             self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }

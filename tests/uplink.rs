@@ -588,3 +588,46 @@ async fn a_live_topic_does_not_wait_behind_another_topics_backlog() {
     );
     drop(relay);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_change_of_properties_alone_reaches_the_ipads() {
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(dir.path()).await;
+    let relay = Relay::start(
+        dir.path(),
+        &relay_config(&central.url(), &store_section("")),
+    )
+    .await;
+    let unit = |u: &str| PublishProperties {
+        user_properties: vec![("unit".into(), u.into())],
+        ..Default::default()
+    };
+    let control = V5Client::connect(central.port, "control", true).await;
+    let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+    ipad.subscribe("down/#").await;
+    for u in ["km/h", "mph"] {
+        control
+            .client
+            .publish_with_properties(
+                "trains/T1/down/limit",
+                QoS::AtLeastOnce,
+                true,
+                "80",
+                unit(u),
+            )
+            .await
+            .unwrap();
+        let got = ipad.collect(1, QUIET).await;
+        let seen: Option<Vec<(String, String)>> =
+            got.first().and_then(|p| p.properties.as_ref()).map(|p| {
+                p.user_properties
+                    .iter()
+                    .filter(|(k, _)| k == "unit")
+                    .cloned()
+                    .collect()
+            });
+        // The same payload with other properties is another state: what an iPad sees changed.
+        assert_eq!(seen, Some(vec![("unit".to_string(), u.to_string())]));
+    }
+    drop(relay);
+}

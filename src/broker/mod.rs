@@ -572,10 +572,11 @@ impl BrokerHandle {
     }
 
     /// Whether `msg` would change nothing as the retained message of `topic`: the same
-    /// payload is retained there and lives at least as long. The retained snapshot that the
-    /// uplink asks for on every connect mostly repeats what the iPads already have.
-    pub fn repeats_retained(&self, topic: &str, msg: &Message) -> bool {
-        self.state.repeats_retained(topic, msg)
+    /// payload with the same properties (but the user property `stamp`) is retained there and
+    /// lives at least as long. The retained snapshot that the uplink asks for on every connect
+    /// mostly repeats what the iPads already have.
+    pub fn repeats_retained(&self, topic: &str, msg: &Message, stamp: &str) -> bool {
+        self.state.repeats_retained(topic, msg, stamp)
     }
 
     /// [`BrokerHandle::inject`] that commits `also` in the same transaction as the message's

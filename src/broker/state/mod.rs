@@ -262,8 +262,10 @@ impl BrokerState {
     }
 
     /// Whether `msg` would change nothing as the retained message of `topic`: the same
-    /// payload is retained there and lives at least as long.
-    pub fn repeats_retained(&self, topic: &str, msg: &Message) -> bool {
+    /// payload with the same properties is retained there and lives at least as long. The
+    /// user property named `stamp` (the injector's own, different on every copy) is left out
+    /// of the comparison.
+    pub fn repeats_retained(&self, topic: &str, msg: &Message, stamp: &str) -> bool {
         let t = self.lock();
         let Some(held) = t.retained.get(topic) else {
             return false;
@@ -278,7 +280,21 @@ impl BrokerState {
                     >= m.remaining(&now).unwrap_or_default()
             }
         };
-        held.payload == msg.payload && !held.is_expired(&now) && lives_as_long
+        // What an iPad would see: the payload and the properties (the expiry is weighed above).
+        let user = |p: &crate::message::Properties| {
+            p.user_properties
+                .iter()
+                .filter(|(k, _)| k != stamp)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let (h, m) = (&held.properties, &msg.properties);
+        let same_properties = h.payload_format_indicator == m.payload_format_indicator
+            && h.content_type == m.content_type
+            && h.response_topic == m.response_topic
+            && h.correlation_data == m.correlation_data
+            && user(h) == user(m);
+        held.payload == msg.payload && same_properties && !held.is_expired(&now) && lives_as_long
     }
 
     /// Numbers a connection in the order its CONNECT arrived.
