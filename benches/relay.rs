@@ -66,7 +66,7 @@ struct Opts {
     reps: usize,
     msgs: u64,
     latency_secs: f64,
-    rate: f64,
+    rates: Vec<f64>,
     memory_levels: Vec<u64>,
     publishers: u64,
     window: usize,
@@ -111,7 +111,13 @@ impl Opts {
             reps: env("BENCH_REPS", reps),
             msgs: env("BENCH_MSGS", msgs),
             latency_secs: env("BENCH_LATENCY_SECS", secs),
-            rate: env("BENCH_RATE", 1000.0),
+            rates: list("BENCH_RATES", "100,1000")
+                .iter()
+                .map(|s| {
+                    s.parse()
+                        .unwrap_or_else(|_| panic!("BENCH_RATES: '{s}' is not a number"))
+                })
+                .collect(),
             memory_levels: list("BENCH_MEMORY_LEVELS", levels)
                 .iter()
                 .map(|s| {
@@ -337,6 +343,14 @@ impl Rig {
         wire::publish_many(spec, publishers, epoch).await
     }
 
+    /// CPU time (user + system) the local process has used so far; zero for `direct`.
+    fn local_cpu(&self) -> Duration {
+        self.local
+            .as_ref()
+            .and_then(|l| trainrelay_testkit::cellular::cpu_time(l.proc.pid()).ok())
+            .unwrap_or_default()
+    }
+
     fn local_memory_kib(&self) -> Option<(u64, u64)> {
         self.local.as_ref().map(|l| l.proc.memory_kib())
     }
@@ -405,6 +419,14 @@ impl Rig {
     }
 }
 
+/// The local process's CPU time per message (µs), for the setups that have one.
+fn add_cpu(res: &mut Results, workload: &str, setup: Setup, rep: usize, cpu: Duration, n: u64) {
+    if setup != Setup::Direct {
+        let per_msg = cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+        res.add(workload, setup.name(), rep, "cpu_us_per_msg", per_msg);
+    }
+}
+
 /// Generous limit for `n` messages to arrive (only to fail a hung run).
 fn allowance(n: u64) -> Duration {
     Duration::from_secs(120 + n / 500)
@@ -463,7 +485,9 @@ async fn throughput(opts: &Opts, res: &mut Results) {
     for rep in 0..opts.reps {
         for setup in order(rep, &opts.setups) {
             let rig = Rig::start(setup).await;
+            let cpu0 = rig.local_cpu();
             let (r, started, pubs) = rig.run_through(opts, n).await;
+            let cpu = rig.local_cpu().saturating_sub(cpu0);
             let last = r.last.expect("arrivals");
             let acked = pubs.iter().map(|p| p.elapsed).max().unwrap_or_default();
             res.add(
@@ -487,18 +511,29 @@ async fn throughput(opts: &Opts, res: &mut Results) {
                 "duplicates",
                 r.duplicates as f64,
             );
+            add_cpu(res, "throughput", setup, rep, cpu, n);
         }
     }
 }
 
-/// Steady 1,000 msgs/s: end-to-end and PUBACK latency.
+/// Paced publishing at each of `BENCH_RATES`: end-to-end and PUBACK latency, and the local
+/// process's CPU per message (what a train's real rates cost).
 async fn latency(opts: &Opts, res: &mut Results) {
-    let n = (opts.rate * opts.latency_secs) as u64;
+    for &rate in &opts.rates {
+        latency_at(opts, rate, res).await;
+    }
+}
+
+async fn latency_at(opts: &Opts, rate: f64, res: &mut Results) {
+    let n = (rate * opts.latency_secs) as u64;
     // The first 200 ms warm connections and caches; they are left out of the percentiles.
-    let warm = (opts.rate * 0.2) as usize;
+    let warm = (rate * 0.2) as usize;
+    let workload = format!("paced_{rate:.0}");
+    let workload = workload.as_str();
     for rep in 0..opts.reps {
         for setup in order(rep, &opts.setups) {
             let rig = Rig::start(setup).await;
+            let cpu0 = rig.local_cpu();
             let epoch = Instant::now();
             let (sink, _) = rig
                 .spawn_sink("bench-sink", false, n, true, allowance(n), epoch)
@@ -509,7 +544,7 @@ async fn latency(opts: &Opts, res: &mut Results) {
                     n,
                     1,
                     opts.window,
-                    Some(opts.rate),
+                    Some(rate),
                     true,
                     "bench-pub",
                     epoch,
@@ -517,6 +552,7 @@ async fn latency(opts: &Opts, res: &mut Results) {
                 .await
                 .expect("publish");
             let r = sink.await.expect("sink task").expect("sink");
+            let cpu = rig.local_cpu().saturating_sub(cpu0);
             assert_eq!(
                 r.unique,
                 n,
@@ -524,48 +560,49 @@ async fn latency(opts: &Opts, res: &mut Results) {
                 setup.name(),
                 r.unique
             );
+            add_cpu(res, workload, setup, rep, cpu, n);
             let mut e2e: Vec<u64> = r.latency_ns.iter().skip(warm).copied().collect();
             e2e.sort_unstable();
             let mut ack: Vec<u64> = pubs[0].ack_latency_ns.iter().skip(warm).copied().collect();
             ack.sort_unstable();
             let name = setup.name();
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "e2e_p50_ms",
                 stats::percentile_ms(&e2e, 50.0),
             );
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "e2e_p99_ms",
                 stats::percentile_ms(&e2e, 99.0),
             );
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "e2e_max_ms",
                 stats::percentile_ms(&e2e, 100.0),
             );
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "puback_p50_ms",
                 stats::percentile_ms(&ack, 50.0),
             );
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "puback_p99_ms",
                 stats::percentile_ms(&ack, 99.0),
             );
             res.add(
-                "latency",
+                workload,
                 name,
                 rep,
                 "puback_max_ms",
@@ -583,6 +620,7 @@ async fn drain(opts: &Opts, res: &mut Results) {
     for rep in 0..opts.reps {
         for setup in order(rep, &opts.setups) {
             let mut rig = Rig::start(setup).await;
+            let cpu0 = rig.local_cpu();
             let (r, t0) = if setup == Setup::Direct {
                 let (r, started, _) = rig.run_through(opts, n).await;
                 (r, started)
@@ -606,6 +644,11 @@ async fn drain(opts: &Opts, res: &mut Results) {
                 n as f64 / (last - first).as_secs_f64().max(1e-6),
             );
             res.add("drain", name, rep, "duplicates", r.duplicates as f64);
+            // Buffering and draining together: what the backlog cost the unit in all.
+            add_cpu(res, "drain", setup, rep, rig.local_cpu().saturating_sub(cpu0), n);
+            if let Some((_, hwm)) = rig.local_memory_kib() {
+                res.add("drain", name, rep, "peak_rss_mib", hwm as f64 / 1024.0);
+            }
         }
     }
 }
@@ -790,8 +833,8 @@ fn main() {
         }
         if opts.wants("latency") {
             println!(
-                "== latency: {} msgs/s for {} s",
-                opts.rate, opts.latency_secs
+                "== latency: paced at {:?} msgs/s for {} s each",
+                opts.rates, opts.latency_secs
             );
             latency(&opts, &mut res).await;
         }
@@ -841,7 +884,7 @@ fn main() {
         "loadavg_after": machine_after["loadavg"],
         "options": {
             "quick": opts.quick, "reps": opts.reps, "msgs": opts.msgs, "payload_bytes": wire::PAYLOAD,
-            "latency_secs": opts.latency_secs, "rate": opts.rate, "memory_levels": opts.memory_levels,
+            "latency_secs": opts.latency_secs, "rates": opts.rates, "memory_levels": opts.memory_levels,
             "publishers": opts.publishers, "window": opts.window, "cellular_msgs": opts.cellular_msgs,
         },
         "elapsed_s": elapsed.as_secs_f64(),

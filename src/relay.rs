@@ -95,50 +95,40 @@ impl RelayHooks {
     }
 }
 
-type Enqueued = tokio::sync::oneshot::Receiver<Result<i64, StoreError>>;
+type Verdict = tokio::sync::oneshot::Receiver<Result<(), RejectReason>>;
 
-/// Queues `entry`, with the version row of `admission` in the same transaction.
+/// Queues `entry`, with the version row of `admission` in the same transaction. The iPad's
+/// verdict is made on the store's writer thread right after the commit (which also settles
+/// the admitted version), and goes from there straight to the connection that waits for it.
 fn enqueue(
     queue: &Queue,
     entry: NewEntry,
     conflate_key: Option<String>,
-    admission: &Option<Admission>,
-) -> Enqueued {
-    queue.enqueue_with(
-        entry,
-        conflate_key,
-        admission.as_ref().map(Admission::write),
-    )
+    admission: Option<Admission>,
+) -> Verdict {
+    let write = admission.as_ref().map(Admission::write);
+    queue.enqueue_answered(entry, conflate_key, write, move |committed| {
+        settle(committed, admission)
+    })
 }
 
 /// The iPad's verdict from the enqueue's outcome; settles the admitted version with it.
 fn settle(
-    committed: Result<Result<i64, StoreError>, tokio::sync::oneshot::error::RecvError>,
+    committed: Result<i64, StoreError>,
     admission: Option<Admission>,
 ) -> Result<(), RejectReason> {
     let answer = match committed {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(StoreError::Full)) => Err(RejectReason::QuotaExceeded),
-        Ok(Err(e)) => {
+        Ok(_) => Ok(()),
+        Err(StoreError::Full) => Err(RejectReason::QuotaExceeded),
+        Err(e) => {
             log::error!("store: cannot accept a message: {e}");
             Err(RejectReason::UnspecifiedError)
         }
-        Err(_) => Err(RejectReason::UnspecifiedError),
     };
     if let Some(admission) = admission {
         admission.settle(answer.is_ok());
     }
     answer
-}
-
-async fn store(
-    queue: &Queue,
-    entry: NewEntry,
-    conflate_key: Option<String>,
-    admission: Option<Admission>,
-) -> Result<(), RejectReason> {
-    let committed = enqueue(queue, entry, conflate_key, &admission).await;
-    settle(committed, admission)
 }
 
 /// Whether `filter` names another client's device level literally (`{prefix}/{other}` or
@@ -253,32 +243,27 @@ impl Hooks for RelayHooks {
                 deadline,
             },
         };
+        if !must_wait {
+            // Submitted here, in arrival order, so the queue keeps the iPad's order.
+            return Ingest::Pending(enqueue(&self.queue, entry, conflate_key, admission));
+        }
+        let (Some(freshness), route, msg) = (self.freshness.clone(), route.clone(), msg.clone())
+        else {
+            return Ingest::Reject(RejectReason::UnspecifiedError);
+        };
         let (verdict, pending) = tokio::sync::oneshot::channel();
         let queue = self.queue.clone();
-        if must_wait {
-            let (Some(freshness), route, msg) =
-                (self.freshness.clone(), route.clone(), msg.clone())
-            else {
-                return Ingest::Reject(RejectReason::UnspecifiedError);
+        tokio::spawn(async move {
+            let answer = match freshness.admit_committed(&route, &msg).await {
+                None => Ok(()),
+                Some(admission) => enqueue(&queue, entry, conflate_key, admission)
+                    .await
+                    .unwrap_or(Err(RejectReason::UnspecifiedError)),
             };
-            tokio::spawn(async move {
-                let answer = match freshness.admit_committed(&route, &msg).await {
-                    None => Ok(()),
-                    Some(admission) => store(&queue, entry, conflate_key, admission).await,
-                };
-                if verdict.send(answer).is_err() {
-                    log::debug!("relay: the publisher left before its message was settled");
-                }
-            });
-        } else {
-            // Submitted here, in arrival order, so the queue keeps the iPad's order.
-            let committed = enqueue(&queue, entry, conflate_key, &admission);
-            tokio::spawn(async move {
-                if verdict.send(settle(committed.await, admission)).is_err() {
-                    log::debug!("relay: the publisher left before its message was settled");
-                }
-            });
-        }
+            if verdict.send(answer).is_err() {
+                log::debug!("relay: the publisher left before its message was settled");
+            }
+        });
         Ingest::Pending(pending)
     }
 

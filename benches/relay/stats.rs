@@ -29,7 +29,7 @@ pub fn percentile_ms(sorted_ns: &[u64], p: f64) -> f64 {
 /// One measured figure of one repetition.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    pub workload: &'static str,
+    pub workload: String,
     pub setup: &'static str,
     pub rep: usize,
     pub metric: String,
@@ -45,7 +45,7 @@ pub struct Results {
 impl Results {
     pub fn add(
         &mut self,
-        workload: &'static str,
+        workload: &str,
         setup: &'static str,
         rep: usize,
         metric: &str,
@@ -53,7 +53,7 @@ impl Results {
     ) {
         println!("    {workload:<10} {setup:<17} rep {rep}: {metric} = {value:.3}");
         self.samples.push(Sample {
-            workload,
+            workload: workload.to_string(),
             setup,
             rep,
             metric: metric.to_string(),
@@ -65,7 +65,7 @@ impl Results {
     pub fn medians(&self) -> Vec<((String, String), BTreeMap<String, f64>)> {
         let mut keys: Vec<(String, String)> = Vec::new();
         for s in &self.samples {
-            let k = (s.workload.to_string(), s.metric.clone());
+            let k = (s.workload.clone(), s.metric.clone());
             if !keys.contains(&k) {
                 keys.push(k);
             }

@@ -101,8 +101,27 @@ pub type StoreWrite = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Se
 type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A read runs against the reader connection.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
-/// A job runs against the open transaction, or is told why there is none.
-type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
+/// A job's work against the open transaction, or told why there is none.
+type Work = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
+
+/// A unit of the writer's batch.
+struct Job {
+    guard: Guard,
+    work: Work,
+}
+
+/// How the writer keeps a failing job from leaving half its changes in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// The job runs inside a savepoint and is rolled back to it if it fails. The savepoint
+    /// copies every page the job touches (SQLite's sub-journal): for a one-row insert, more
+    /// than the insert itself.
+    Savepoint,
+    /// The job returns its own errors before its first write ([`Db::submit_fail_first`]): a
+    /// failure that changed no row needs no rollback. One that did (an SQLite error between
+    /// two statements) rolls back the whole batch, and every job of it gets the error.
+    FailFirst,
+}
 
 /// Handle to the store's writer thread. Cheap to clone.
 #[derive(Clone)]
@@ -182,8 +201,55 @@ impl Db {
         T: Send + 'static,
         U: Send + 'static,
     {
+        self.submit_job(Guard::Savepoint, f, then, |unanswered| {
+            answer_dropped("job", unanswered)
+        })
+    }
+
+    /// [`Db::submit_then`] whose answer is whatever `then` makes of the outcome, of any type:
+    /// the caller's own verdict reaches its waiter straight from the writer thread, with no
+    /// task in between to translate it. If the writer is gone the receiver sees a closed
+    /// channel.
+    pub fn submit_answered<T, V, F, G>(&self, f: F, then: G) -> oneshot::Receiver<V>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> V + Send + 'static,
+        T: Send + 'static,
+        V: Send + 'static,
+    {
+        self.submit_job(Guard::Savepoint, f, then, |_| {})
+    }
+
+    /// [`Db::submit_answered`] for a job that returns every error of its own (store full, a
+    /// refusal) before its first write, so it needs no savepoint: the hot jobs (an enqueue, the
+    /// delete of acknowledged rows) then cost the store only their own statements. An SQLite
+    /// error after the job's first write fails the job's whole batch.
+    pub fn submit_fail_first<T, V, F, G>(&self, f: F, then: G) -> oneshot::Receiver<V>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> V + Send + 'static,
+        T: Send + 'static,
+        V: Send + 'static,
+    {
+        self.submit_job(Guard::FailFirst, f, then, |_| {})
+    }
+
+    /// The job of [`Db::submit_answered`]; `unanswered` sees an answer nobody waited for.
+    fn submit_job<T, V, F, G>(
+        &self,
+        guard: Guard,
+        f: F,
+        then: G,
+        unanswered: fn(V),
+    ) -> oneshot::Receiver<V>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> V + Send + 'static,
+        T: Send + 'static,
+        V: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let work: Work = Box::new(move |conn| {
             let result = match conn {
                 Ok(conn) => f(conn),
                 Err(e) => Err(StoreError::Commit(e.to_string())),
@@ -194,15 +260,15 @@ impl Db {
                     Some(e) => Err(StoreError::Commit(e.to_string())),
                     None => result,
                 };
-                if let Err(unanswered) = reply.send(then(result)) {
-                    answer_dropped("job", unanswered);
+                if let Err(v) = reply.send(then(result)) {
+                    unanswered(v);
                 }
             });
             (ok, done)
         });
         // If the writer is gone the job, and with it the reply sender, is dropped and the
         // caller sees Closed.
-        if self.tx.send(job).is_err() {
+        if self.tx.send(Job { guard, work }).is_err() {
             log::debug!(
                 "store {}: writer has stopped; job refused",
                 self.path.display()
@@ -359,7 +425,7 @@ fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
         if let Err(e) = begun {
             let err = StoreError::Commit(e.to_string());
             for job in batch.drain(..) {
-                let (_, done) = job(Err(&err));
+                let (_, done) = (job.work)(Err(&err));
                 done(Some(&err));
             }
             continue;
@@ -370,14 +436,45 @@ fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
                 log::error!("store {}: {sql} failed: {e}", conn.path().unwrap_or("?"));
             }
         };
+        // Set when a fail-first job failed after a write: the batch cannot commit.
+        let mut spoiled: Option<StoreError> = None;
         for job in batch.drain(..) {
-            step("SAVEPOINT job");
-            let (ok, done) = job(Ok(&conn));
-            if !ok {
-                step("ROLLBACK TO job");
+            if let Some(err) = &spoiled {
+                let (_, done) = (job.work)(Err(err));
+                completions.push(done);
+                continue;
             }
-            step("RELEASE job");
+            let done = match job.guard {
+                Guard::Savepoint => {
+                    step("SAVEPOINT job");
+                    let (ok, done) = (job.work)(Ok(&conn));
+                    if !ok {
+                        step("ROLLBACK TO job");
+                    }
+                    step("RELEASE job");
+                    done
+                }
+                Guard::FailFirst => {
+                    let before = conn.total_changes();
+                    let (ok, done) = (job.work)(Ok(&conn));
+                    if !ok && conn.total_changes() != before {
+                        spoiled = Some(StoreError::Commit(
+                            "a job failed after its first write; its batch is rolled back".into(),
+                        ));
+                    }
+                    done
+                }
+            };
             completions.push(done);
+        }
+        if let Some(err) = spoiled {
+            let path = conn.path().unwrap_or("?");
+            log::error!("store {path}: {err}");
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                log::error!("store {path}: rollback of the spoiled batch failed: {e}");
+            }
+            completions.into_iter().for_each(|done| done(Some(&err)));
+            continue;
         }
         match conn.execute_batch("COMMIT") {
             Ok(()) => completions.into_iter().for_each(|done| done(None)),
@@ -432,6 +529,86 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys, vec!["a".to_string()]);
+        drop(db);
+        thread.join();
+    }
+
+    /// The keys of `meta` whose name starts with `prefix`.
+    async fn meta_keys(db: &Db, prefix: &str) -> Vec<String> {
+        let like = format!("{prefix}%");
+        db.read(move |c| {
+            let mut st = c.prepare("SELECT key FROM meta WHERE key LIKE ?1 ORDER BY key")?;
+            let rows = st.query_map([like], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fail_first_job_that_fails_before_writing_costs_its_batch_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Full).unwrap();
+        let insert = |key: &'static str| {
+            db.submit_fail_first(
+                move |c| {
+                    c.execute("INSERT INTO meta(key, value) VALUES (?1, '1')", [key])?;
+                    Ok(())
+                },
+                |r| r,
+            )
+        };
+        // Submitted together: the writer likely takes them as one batch.
+        let a = insert("t-a");
+        let refused = db.submit_fail_first(|_| Err::<(), _>(StoreError::Full), |r| r);
+        let b = insert("t-b");
+        assert!(matches!(refused.await.unwrap(), Err(StoreError::Full)));
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+        assert_eq!(meta_keys(&db, "t-").await, vec!["t-a", "t-b"]);
+        drop(db);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_fail_first_job_that_fails_after_a_write_leaves_nothing_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Full).unwrap();
+        let insert = |key: &'static str| {
+            db.submit_fail_first(
+                move |c| {
+                    c.execute("INSERT INTO meta(key, value) VALUES (?1, '1')", [key])?;
+                    Ok(())
+                },
+                |r| r,
+            )
+        };
+        let a = insert("t-a");
+        // Writes a row, then fails on a statement of its own: the row must not survive.
+        let broken = db.submit_fail_first(
+            |c| {
+                c.execute("INSERT INTO meta(key, value) VALUES ('t-broken', '1')", [])?;
+                c.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                Ok(())
+            },
+            |r| r,
+        );
+        let b = insert("t-b");
+        assert!(broken.await.unwrap().is_err());
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        // The others of its batch, if any, were answered with the error and left nothing;
+        // whatever was answered Ok is there.
+        let mut expected = Vec::new();
+        if a.is_ok() {
+            expected.push("t-a");
+        }
+        if b.is_ok() {
+            expected.push("t-b");
+        }
+        assert_eq!(meta_keys(&db, "t-").await, expected);
+        // The writer goes on after a spoiled batch.
+        insert("t-c").await.unwrap().unwrap();
+        assert!(meta_keys(&db, "t-").await.contains(&"t-c".to_string()));
         drop(db);
         thread.join();
     }

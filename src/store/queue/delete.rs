@@ -2,7 +2,8 @@
 //! ([`Queue::sweep_expired`]) and the expired or undecodable rows a scan met.
 //!
 //! # Contract
-//! - Each delete is one writer job; what it really deleted (counted in the same transaction)
+//! - Each delete is one writer job without a savepoint (it has no refusal of its own, see
+//!   [`crate::store::Db::submit_fail_first`]); what it really deleted (counted in the same transaction)
 //!   is subtracted from the totals at once and added to the counters (`acked`, `expired`,
 //!   `corrupt`) only after the commit.
 //! - Ids that are gone already are ignored, so a late or repeated ack is harmless.
@@ -43,7 +44,7 @@ impl Queue {
     ) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
-        self.db.submit_then(
+        self.db.submit_fail_first(
             move |conn| {
                 shared.sync_totals(conn)?;
                 let expired = delete_ids(conn, &shared, &found.expired)?;
@@ -73,7 +74,7 @@ impl Queue {
     pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
-        self.db.submit_then(
+        self.db.submit_fail_first(
             move |conn| {
                 shared.sync_totals(conn)?;
                 let gone = delete_ids(conn, &shared, &ids)?;

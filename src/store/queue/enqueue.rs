@@ -4,9 +4,12 @@
 //! - One job on the store's writer thread per entry: the optional companion write, the
 //!   conflation delete, the `max_bytes` policy (refuse, or delete the oldest rows by id) and
 //!   the insert commit together or not at all; the answer comes after the commit.
+//! - Every refusal (too large, full under `RejectNew`) is decided before the job's first write,
+//!   so it runs without a savepoint ([`crate::store::Db::submit_fail_first`]).
 //! - Ids grow with the order of submission (`AUTOINCREMENT`), never reused.
 //! - The in-memory totals change only once the job can no longer fail, by the rows the
-//!   statements really deleted (`RETURNING size`) and inserted; counters only after the commit.
+//!   statements delete (read in the same transaction) and insert; counters only after the
+//!   commit.
 //! - A row's logical size is [`entry_size`]: topic + payload + encoded properties +
 //!   [`ROW_OVERHEAD`], stored in its `size` column so totals never re-encode.
 
@@ -58,17 +61,29 @@ impl Queue {
         conflate_key: Option<String>,
         also: Option<StoreWrite>,
     ) -> oneshot::Receiver<Result<i64, StoreError>> {
+        self.enqueue_answered(e, conflate_key, also, |outcome| outcome)
+    }
+
+    /// [`Queue::enqueue_with`] whose answer is `verdict` of the outcome, made on the writer
+    /// thread right after the commit: the broker gets its PUBACK verdict from the commit
+    /// itself, with no task per message to translate it.
+    pub fn enqueue_answered<V: Send + 'static>(
+        &self,
+        e: NewEntry,
+        conflate_key: Option<String>,
+        also: Option<StoreWrite>,
+        verdict: impl FnOnce(Result<i64, StoreError>) -> V + Send + 'static,
+    ) -> oneshot::Receiver<V> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
         let props = props::encode(&e.message.properties);
         let size = size_of_parts(&e.message, props.as_deref());
         let priority = e.priority.min(LOWEST_PRIORITY);
         let order_key = self.shared.shares.order_key(&e.route, &e.message.topic);
-        self.db.submit_then(
+        self.db.submit_fail_first(
             move |conn| {
-                if let Some(also) = also {
-                    also(conn)?;
-                }
+                // Every refusal is decided before the first write (the job has no savepoint,
+                // see `Db::submit_fail_first`).
                 shared.sync_totals(conn)?;
                 let QueueConfig {
                     max_bytes,
@@ -84,8 +99,8 @@ impl Queue {
                 let mut gone_from: Vec<(u16, u64)> = Vec::new();
                 if let Some(key) = &conflate_key {
                     let mut older = conn.prepare_cached(
-                        "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2 \
-                         RETURNING size, share",
+                        "SELECT size, share FROM uplink_queue \
+                         WHERE route = ?1 AND conflate_key = ?2",
                     )?;
                     let mut rows = older.query(params![e.route, key])?;
                     while let Some(r) = rows.next()? {
@@ -94,16 +109,24 @@ impl Queue {
                         gone_from.push((share_value(r.get_ref(1)?), 1));
                     }
                 }
-                let mut dropped = Totals::default();
                 // Totals change only once the job cannot fail any more (it may roll back).
                 let current = shared
                     .bytes
                     .load(Ordering::Acquire)
                     .saturating_sub(replaced.bytes);
-                if current.saturating_add(size) > max_bytes {
-                    if when_full == WhenFull::RejectNew {
-                        return Err(StoreError::Full);
-                    }
+                let over = current.saturating_add(size) > max_bytes;
+                if over && when_full == WhenFull::RejectNew {
+                    return Err(StoreError::Full);
+                }
+                // Writes from here on; only an SQLite error can still fail the job.
+                if replaced.rows > 0 {
+                    conn.prepare_cached(
+                        "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2",
+                    )?
+                    .execute(params![e.route, conflate_key])?;
+                }
+                let mut dropped = Totals::default();
+                if over {
                     let mut oldest = conn.prepare_cached(
                         "DELETE FROM uplink_queue WHERE id = (SELECT MIN(id) FROM uplink_queue) \
                          RETURNING size, share",
@@ -127,6 +150,9 @@ impl Queue {
                             }
                         }
                     }
+                }
+                if let Some(also) = also {
+                    also(conn)?;
                 }
                 shared.may_have(priority);
                 let m = &e.message;
@@ -166,7 +192,7 @@ impl Queue {
             },
             move |result| {
                 after.settle(&result);
-                match result {
+                verdict(match result {
                     Ok((id, dropped, replaced, share)) => {
                         after.accepted.fetch_add(1, Ordering::Relaxed);
                         after.conflated.fetch_add(replaced, Ordering::Relaxed);
@@ -182,7 +208,7 @@ impl Queue {
                         Err(StoreError::Full)
                     }
                     Err(e) => Err(e),
-                }
+                })
             },
         )
     }
