@@ -34,6 +34,7 @@
 //!   `BENCH_CENTRAL_CONF` (more lines for central's mosquitto.conf, `\n` between them, e.g.
 //!   `set_tcp_nodelay true`),
 //!   `BENCH_RELAY_CONNECTIONS` (unset: the daemon's default `uplink.connections`),
+//!   `BENCH_RELAY_SYNC` (`full`, the default durability, or `normal`: what the fsync costs),
 //!   the cellular workload's `BENCH_CELLULAR_*` (see `relay/cellular.rs`).
 
 #[path = "relay/cellular.rs"]
@@ -539,16 +540,7 @@ async fn latency_at(opts: &Opts, rate: f64, res: &mut Results) {
                 .spawn_sink("bench-sink", false, n, true, allowance(n), epoch)
                 .await;
             let pubs = rig
-                .publish_seq(
-                    0,
-                    n,
-                    1,
-                    opts.window,
-                    Some(rate),
-                    true,
-                    "bench-pub",
-                    epoch,
-                )
+                .publish_seq(0, n, 1, opts.window, Some(rate), true, "bench-pub", epoch)
                 .await
                 .expect("publish");
             let r = sink.await.expect("sink task").expect("sink");
@@ -645,7 +637,14 @@ async fn drain(opts: &Opts, res: &mut Results) {
             );
             res.add("drain", name, rep, "duplicates", r.duplicates as f64);
             // Buffering and draining together: what the backlog cost the unit in all.
-            add_cpu(res, "drain", setup, rep, rig.local_cpu().saturating_sub(cpu0), n);
+            add_cpu(
+                res,
+                "drain",
+                setup,
+                rep,
+                rig.local_cpu().saturating_sub(cpu0),
+                n,
+            );
             if let Some((_, hwm)) = rig.local_memory_kib() {
                 res.add("drain", name, rep, "peak_rss_mib", hwm as f64 / 1024.0);
             }

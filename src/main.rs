@@ -141,10 +141,7 @@ fn main() -> ExitCode {
             if let Some(note) = file.as_ref().and_then(|f| config.builtin_routes_note(f)) {
                 log::warn!("{note}");
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     log::error!("cannot start the async runtime: {e}");
@@ -160,6 +157,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The daemon's async runtime: one worker thread unless `TOKIO_WORKER_THREADS` says otherwise.
+/// The local broker, the store's writer and its reader have threads of their own; what is left
+/// (the uplink connections, the downlink, the status socket) needs less than a core, and a
+/// second worker mostly woke up to steal a task from the first: on the paced bench one worker
+/// costs 13 % less CPU per message (docs/benchmarks.md).
+fn runtime() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder
 }
 
 /// The error and its causes on one line, leaving out a cause whose text the message before it

@@ -391,6 +391,7 @@ backoff_max = "1s"
 [store]
 path = "{dir}/store.db"
 max_bytes = "4GiB"
+synchronous = "{sync}"
 
 [status]
 socket = "{dir}/status.sock"
@@ -401,6 +402,7 @@ local = "up/#"
 remote = "trains/T1/up/#"
 "#,
             dir = dir.display(),
+            sync = std::env::var("BENCH_RELAY_SYNC").unwrap_or_else(|_| "full".into()),
             connections = connections
                 .or_else(relay_connections)
                 .map(|n| format!("connections = {n}\n"))

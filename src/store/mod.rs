@@ -2,12 +2,14 @@
 //!
 //! # Contract
 //! - Every change to durable state (uplink queue, iPad sessions, retained messages) is a *job*
-//!   sent to [`Db::run`]. The writer thread takes all jobs that are waiting, runs each inside
-//!   its own savepoint in one transaction, commits once, and only then answers every job. A job
-//!   whose caller sees `Ok` is committed; if the commit fails (disk full, I/O error) every job
-//!   of that batch gets the error and none of its changes are kept.
+//!   sent to [`Db::run`]. The writer thread takes the jobs that are waiting, runs them in one
+//!   transaction (each inside its own savepoint, unless it is fail-first:
+//!   [`Db::submit_fail_first`]), commits once, and only then answers every job. A job whose
+//!   caller sees `Ok` is committed; if the commit fails (disk full, I/O error) every job of that
+//!   batch gets the error and none of its changes are kept.
 //! - Batching is natural: while one batch commits (and fsyncs), the next one gathers, so under
-//!   load one fsync covers many messages and when idle a job waits for nothing.
+//!   load one fsync covers many messages, and when idle a job waits for nothing. Deletes nobody
+//!   waits for ride with the next batch ([`Db::submit_deferred`]; see `writer`).
 //! - Reads that need no transaction of their own (the uplink's fetch, statistics) go to a
 //!   second, read-only connection on a thread of its own ([`Db::read`]). In WAL mode it sees
 //!   the last committed state, so a read never waits behind a commit's fsync or behind the
@@ -22,6 +24,7 @@
 pub mod props;
 pub mod queue;
 pub mod schema;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -31,11 +34,10 @@ use serde::Deserialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
+use self::writer::{Completion, Guard, Job, Urgency, Work};
+
 /// SQLite's page cache, in KiB (as a negative `cache_size`; SQLite's default is 2000 KiB).
 const PAGE_CACHE_KIB: i64 = -512;
-
-/// Largest number of jobs committed in one transaction.
-const MAX_BATCH: usize = 1024;
 
 /// Errors of the store.
 #[derive(Debug, Error)]
@@ -98,35 +100,13 @@ pub enum Synchronous {
 /// (a route's version next to the message it admits): run inside that job's savepoint.
 pub type StoreWrite = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
 
-type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A read runs against the reader connection.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
-/// A job's work against the open transaction, or told why there is none.
-type Work = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
-
-/// A unit of the writer's batch.
-struct Job {
-    guard: Guard,
-    work: Work,
-}
-
-/// How the writer keeps a failing job from leaving half its changes in the batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Guard {
-    /// The job runs inside a savepoint and is rolled back to it if it fails. The savepoint
-    /// copies every page the job touches (SQLite's sub-journal): for a one-row insert, more
-    /// than the insert itself.
-    Savepoint,
-    /// The job returns its own errors before its first write ([`Db::submit_fail_first`]): a
-    /// failure that changed no row needs no rollback. One that did (an SQLite error between
-    /// two statements) rolls back the whole batch, and every job of it gets the error.
-    FailFirst,
-}
 
 /// Handle to the store's writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: std::sync::mpsc::Sender<Job>,
     reads: mpsc::UnboundedSender<ReadJob>,
     path: PathBuf,
 }
@@ -150,7 +130,7 @@ impl Db {
         let conn = open_connection(path, sync)?;
         // Opened after the writer's connection has migrated the schema.
         let read_conn = open_reader(path)?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (reads, mut read_rx) = mpsc::unbounded_channel::<ReadJob>();
         let spawn_failed = |thread, source| StoreError::Spawn { thread, source };
         let reader = thread::Builder::new()
@@ -159,7 +139,7 @@ impl Db {
             .map_err(|e| spawn_failed("reader", e))?;
         let writer = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, &mut rx))
+            .spawn(move || writer::run(conn, rx))
             .map_err(|e| spawn_failed("writer", e))?;
         Ok((
             Db {
@@ -201,7 +181,7 @@ impl Db {
         T: Send + 'static,
         U: Send + 'static,
     {
-        self.submit_job(Guard::Savepoint, f, then, |unanswered| {
+        self.submit_job(Guard::Savepoint, Urgency::Prompt, f, then, |unanswered| {
             answer_dropped("job", unanswered)
         })
     }
@@ -217,7 +197,7 @@ impl Db {
         T: Send + 'static,
         V: Send + 'static,
     {
-        self.submit_job(Guard::Savepoint, f, then, |_| {})
+        self.submit_job(Guard::Savepoint, Urgency::Prompt, f, then, |_| {})
     }
 
     /// [`Db::submit_answered`] for a job that returns every error of its own (store full, a
@@ -231,13 +211,28 @@ impl Db {
         T: Send + 'static,
         V: Send + 'static,
     {
-        self.submit_job(Guard::FailFirst, f, then, |_| {})
+        self.submit_job(Guard::FailFirst, Urgency::Prompt, f, then, |_| {})
+    }
+
+    /// [`Db::submit_fail_first`] for a job nobody needs committed soon (the delete of rows the
+    /// central broker acknowledged): it rides with the next batch of other jobs, and commits
+    /// on its own only if none comes within 100 ms. A durable message then costs one commit,
+    /// not one for its insert and one for its delete.
+    pub fn submit_deferred<T, V, F, G>(&self, f: F, then: G) -> oneshot::Receiver<V>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        G: FnOnce(Result<T, StoreError>) -> V + Send + 'static,
+        T: Send + 'static,
+        V: Send + 'static,
+    {
+        self.submit_job(Guard::FailFirst, Urgency::Deferred, f, then, |_| {})
     }
 
     /// The job of [`Db::submit_answered`]; `unanswered` sees an answer nobody waited for.
     fn submit_job<T, V, F, G>(
         &self,
         guard: Guard,
+        urgency: Urgency,
         f: F,
         then: G,
         unanswered: fn(V),
@@ -268,7 +263,7 @@ impl Db {
         });
         // If the writer is gone the job, and with it the reply sender, is dropped and the
         // caller sees Closed.
-        if self.tx.send(Job { guard, work }).is_err() {
+        if self.tx.send(Job::new(guard, urgency, work)).is_err() {
             log::debug!(
                 "store {}: writer has stopped; job refused",
                 self.path.display()
@@ -407,94 +402,6 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 fn reader_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<ReadJob>) {
     while let Some(job) = rx.blocking_recv() {
         job(&conn);
-    }
-}
-
-fn writer_loop(conn: Connection, rx: &mut mpsc::UnboundedReceiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut completions = Vec::with_capacity(batch.len());
-        let begun = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begun {
-            let err = StoreError::Commit(e.to_string());
-            for job in batch.drain(..) {
-                let (_, done) = (job.work)(Err(&err));
-                done(Some(&err));
-            }
-            continue;
-        }
-        // Cached statements: parsing these anew for every job cost more than most jobs.
-        let step = |sql: &str| {
-            if let Err(e) = conn.prepare_cached(sql).and_then(|mut st| st.execute([])) {
-                log::error!("store {}: {sql} failed: {e}", conn.path().unwrap_or("?"));
-            }
-        };
-        // Set when a fail-first job failed after a write: the batch cannot commit.
-        let mut spoiled: Option<StoreError> = None;
-        for job in batch.drain(..) {
-            if let Some(err) = &spoiled {
-                let (_, done) = (job.work)(Err(err));
-                completions.push(done);
-                continue;
-            }
-            let done = match job.guard {
-                Guard::Savepoint => {
-                    step("SAVEPOINT job");
-                    let (ok, done) = (job.work)(Ok(&conn));
-                    if !ok {
-                        step("ROLLBACK TO job");
-                    }
-                    step("RELEASE job");
-                    done
-                }
-                Guard::FailFirst => {
-                    let before = conn.total_changes();
-                    let (ok, done) = (job.work)(Ok(&conn));
-                    if !ok && conn.total_changes() != before {
-                        spoiled = Some(StoreError::Commit(
-                            "a job failed after its first write; its batch is rolled back".into(),
-                        ));
-                    }
-                    done
-                }
-            };
-            completions.push(done);
-        }
-        if let Some(err) = spoiled {
-            let path = conn.path().unwrap_or("?");
-            log::error!("store {path}: {err}");
-            if let Err(e) = conn.execute_batch("ROLLBACK") {
-                log::error!("store {path}: rollback of the spoiled batch failed: {e}");
-            }
-            completions.into_iter().for_each(|done| done(Some(&err)));
-            continue;
-        }
-        match conn.execute_batch("COMMIT") {
-            Ok(()) => completions.into_iter().for_each(|done| done(None)),
-            Err(e) => {
-                let path = conn.path().unwrap_or("?");
-                log::error!("store {path}: commit failed: {e}");
-                if let Err(e) = conn.execute_batch("ROLLBACK") {
-                    log::error!("store {path}: rollback after the failed commit failed: {e}");
-                }
-                let err = StoreError::Commit(e.to_string());
-                completions.into_iter().for_each(|done| done(Some(&err)));
-            }
-        }
-    }
-    // All handles dropped: checkpoint so the next start opens a compact database.
-    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-        log::warn!(
-            "store {}: checkpoint at close failed ({e}); the next start replays the WAL",
-            conn.path().unwrap_or("?")
-        );
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! # Contract
 //! - Each delete is one writer job without a savepoint (it has no refusal of its own, see
-//!   [`crate::store::Db::submit_fail_first`]); what it really deleted (counted in the same transaction)
+//!   [`crate::store::Db::submit_fail_first`]); an acknowledgement's delete is deferred to ride
+//!   with the next batch ([`crate::store::Db::submit_deferred`]); what it really deleted (counted in the same transaction)
 //!   is subtracted from the totals at once and added to the counters (`acked`, `expired`,
 //!   `corrupt`) only after the commit.
 //! - Ids that are gone already are ignored, so a late or repeated ack is harmless.
@@ -65,28 +66,43 @@ impl Queue {
 
     /// Deletes acknowledged rows; ids that are gone already are ignored.
     pub async fn ack(&self, ids: Vec<i64>) -> Result<(), StoreError> {
-        self.ack_submit(ids).await.map_err(|_| StoreError::Closed)?
+        self.delete_acked(ids, false)
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// [`Queue::ack`] without waiting for the commit; the answer comes after it. Until then
     /// [`Queue::next_batch`] may still return the rows, so the caller keeps them excluded.
-    /// The uplink uses it so that draining does not stop for one commit per PUBACK.
+    /// The uplink uses it so that draining does not stop for one commit per PUBACK. The delete
+    /// is deferred: it rides with the next batch of the store's writer (at most 100 ms later),
+    /// so a message's delete costs no fsync of its own.
     pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
+        self.delete_acked(ids, true)
+    }
+
+    fn delete_acked(
+        &self,
+        ids: Vec<i64>,
+        deferred: bool,
+    ) -> oneshot::Receiver<Result<(), StoreError>> {
         let shared = Arc::clone(&self.shared);
         let after = Arc::clone(&self.shared);
-        self.db.submit_fail_first(
-            move |conn| {
-                shared.sync_totals(conn)?;
-                let gone = delete_ids(conn, &shared, &ids)?;
-                shared.removed(gone);
-                Ok(gone.rows)
-            },
-            move |result| {
-                after.settle(&result);
-                after.acked.fetch_add(result?, Ordering::Relaxed);
-                Ok(())
-            },
-        )
+        let job = move |conn: &rusqlite::Connection| {
+            shared.sync_totals(conn)?;
+            let gone = delete_ids(conn, &shared, &ids)?;
+            shared.removed(gone);
+            Ok(gone.rows)
+        };
+        let then = move |result: Result<u64, StoreError>| {
+            after.settle(&result);
+            after.acked.fetch_add(result?, Ordering::Relaxed);
+            Ok(())
+        };
+        if deferred {
+            self.db.submit_deferred(job, then)
+        } else {
+            self.db.submit_fail_first(job, then)
+        }
     }
 
     /// Deletes every expired row; returns how many.
