@@ -127,6 +127,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: file } => {
+            limit_malloc_arenas();
             let config = match &file {
                 Some(file) => match Config::load(file) {
                     Ok(c) => c,
@@ -156,6 +157,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// At most two glibc malloc arenas. By default glibc gives each thread that allocates an arena
+/// of its own (up to eight per core), and each keeps the memory it once held: during a drain
+/// the daemon's threads held a megabyte more that way (docs/benchmarks.md). Other C libraries
+/// have no such arenas.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt changes a glibc tunable under glibc's own lock; called before the
+    // daemon starts its threads, so every later arena obeys it.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

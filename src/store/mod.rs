@@ -36,8 +36,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::writer::{Completion, Guard, Job, Urgency, Work};
 
-/// SQLite's page cache, in KiB (as a negative `cache_size`; SQLite's default is 2000 KiB).
+/// The writer's page cache, in KiB (as a negative `cache_size`; SQLite's default is 2000 KiB):
+/// the inner pages of the queue's indexes, which every insert and delete walks.
 const PAGE_CACHE_KIB: i64 = -512;
+
+/// The page cache of the reader ([`Db::read`]: statistics, recovery) and of each connection
+/// [`Db::open_reader`] opens (one per uplink connection, walking an index forward from where
+/// it left off). Every commit of the writer invalidates a reader's cache anyway, so a large
+/// one only holds memory: during a drain the readers' caches were most of the heap.
+const READER_CACHE_KIB: i64 = -64;
 
 /// Errors of the store.
 #[derive(Debug, Error)]
@@ -394,7 +401,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         .map_err(open_err)?;
     conn.pragma_update(None, "query_only", true)
         .map_err(open_err)?;
-    conn.pragma_update(None, "cache_size", PAGE_CACHE_KIB)
+    conn.pragma_update(None, "cache_size", READER_CACHE_KIB)
         .map_err(open_err)?;
     Ok(conn)
 }
