@@ -54,6 +54,10 @@ pub async fn run_from(config: Config, file: Option<PathBuf>) -> anyhow::Result<(
         QueueConfig {
             max_bytes: config.store.max_bytes.as_u64(),
             when_full: config.store.when_full,
+            urgent_reserve: config
+                .store
+                .urgent_reserve
+                .of(config.store.max_bytes.as_u64()),
         },
         Shares::new(config.uplink.connections, routes.load().fifo_up_routes()),
     )

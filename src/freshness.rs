@@ -445,6 +445,7 @@ mod tests {
         let config = crate::store::queue::QueueConfig {
             max_bytes,
             when_full: crate::store::queue::WhenFull::RejectNew,
+            urgent_reserve: 0,
         };
         crate::store::queue::Queue::open(db.clone(), config)
             .await

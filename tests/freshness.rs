@@ -463,3 +463,70 @@ async fn state_route_keeps_state_over_a_311_central_broker() {
     assert!(state[0].retain);
     drop(relay);
 }
+
+/// docs/guarantees.md "Store full", the urgent reserve: with the store full of diagnostics, a
+/// priority-0 alarm is still acknowledged, diagnostics never drop an alarm to make room, and
+/// every acknowledged alarm reaches the central broker. Under `reject_new` the diagnostics are
+/// refused with 0x97 once they reach the reserve; under `drop_oldest` they drop only older
+/// diagnostics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_keep_their_reserve_in_a_full_store() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    for policy in ["drop_oldest", "reject_new"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut central = Central::down_with_subscriber(dir.path(), "trains/T1/#").await;
+        // 8 KiB with a quarter kept for urgent routes; rows of 200 B payload + topic + 96 B.
+        let store = store_section(&format!(
+            "max_bytes = \"8KiB\"\nwhen_full = \"{policy}\"\nurgent_reserve = \"25%\""
+        ));
+        let extra = format!(
+            "{store}\n[[route]]\ndirection = \"up\"\nlocal = \"diag/#\"\nremote = \"trains/T1/diag/#\"\npriority = 7\n\n[[route]]\ndirection = \"up\"\nlocal = \"alarm/#\"\nremote = \"trains/T1/alarm/#\"\npriority = 0\n"
+        );
+        let relay = Relay::start(dir.path(), &relay_config(&central.url(), &extra)).await;
+        let mut ipad = V5Client::connect(relay.local_port, "ipad", true).await;
+        let body = |tag: &str, i: usize| {
+            let mut p = format!("{tag}-{i}").into_bytes();
+            p.push(b' ');
+            p.resize(200, b'.');
+            p
+        };
+        // Diagnostics first, far more than the store holds.
+        let diag = ipad
+            .publish_reasons("diag/log", (0..100).map(|i| body("d", i)))
+            .await;
+        // Then alarms: each fits in the reserve the diagnostics could not touch.
+        let alarms = ipad
+            .publish_reasons("alarm/brake", (0..5).map(|i| body("a", i)))
+            .await;
+        // More diagnostics: under drop_oldest they must not drop the alarms.
+        let late = ipad
+            .publish_reasons("diag/log", (100..150).map(|i| body("d", i)))
+            .await;
+        assert!(
+            alarms.iter().all(|r| *r == PubAckReason::Success),
+            "{policy}: alarms refused: {alarms:?}"
+        );
+        let refused = diag
+            .iter()
+            .chain(&late)
+            .filter(|r| **r == PubAckReason::QuotaExceeded)
+            .count();
+        match policy {
+            "drop_oldest" => assert_eq!(refused, 0, "drop_oldest refused diagnostics"),
+            _ => assert!(refused > 0, "reject_new refused no diagnostics"),
+        }
+
+        central.restart().await;
+        let mut control = V5Client::connect(central.port, "control", false).await;
+        let got = texts(&control.collect(200, Duration::from_secs(8)).await);
+        let delivered = |prefix: &str| got.iter().filter(|(_, p)| p.starts_with(prefix)).count();
+        println!(
+            "{policy}: {refused} diagnostics refused, {} delivered, {} alarms delivered",
+            delivered("d-"),
+            delivered("a-")
+        );
+        assert_eq!(delivered("a-"), 5, "{policy}: alarms lost");
+        assert!(delivered("d-") > 0, "{policy}: no diagnostics at all");
+        drop(relay);
+    }
+}

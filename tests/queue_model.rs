@@ -14,7 +14,7 @@ use trainrelay::clock::Stamp;
 use trainrelay::message::{Message, Properties, QoS};
 use trainrelay::store::queue::{
     entry_size, CounterSnapshot, Entry, NewEntry, Queue, QueueConfig, Totals, WhenFull,
-    LOWEST_PRIORITY,
+    LOWEST_PRIORITY, URGENT_PRIORITY,
 };
 use trainrelay::store::{Db, DbThread, StoreError, Synchronous};
 
@@ -102,16 +102,39 @@ impl Model {
 
     fn enqueue(&mut self, priority: u8, message: Message) -> Result<i64, ()> {
         let size = entry_size(&message);
-        let max = self.config.max_bytes;
-        if size > max
-            || (self.totals().bytes + size > max && self.config.when_full == WhenFull::RejectNew)
-        {
+        let urgent = priority <= URGENT_PRIORITY;
+        // Non-urgent rows stop short of the reserve, and may drop only non-urgent rows.
+        let limit = if urgent {
+            self.config.max_bytes
+        } else {
+            self.config.max_bytes - self.config.urgent_reserve
+        };
+        let over = |m: &Model, freed: u64| m.totals().bytes - freed + size > limit;
+        if size > limit || (over(self, 0) && self.config.when_full == WhenFull::RejectNew) {
             self.counters.rejected_full += 1;
             return Err(());
         }
-        while self.totals().bytes + size > max {
-            let oldest = *self.rows.keys().next().expect("over the limit but empty");
-            self.rows.remove(&oldest);
+        // The oldest non-urgent rows, then (for an urgent message) the oldest urgent ones.
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        let passes: &[bool] = if urgent { &[false, true] } else { &[false] };
+        'passes: for &urgent_rows in passes {
+            for (id, row) in &self.rows {
+                if !over(self, freed) {
+                    break 'passes;
+                }
+                if (row.priority <= URGENT_PRIORITY) == urgent_rows {
+                    victims.push(*id);
+                    freed += row.size;
+                }
+            }
+        }
+        if over(self, freed) {
+            self.counters.rejected_full += 1;
+            return Err(());
+        }
+        for id in victims {
+            self.rows.remove(&id);
             self.counters.dropped_full += 1;
         }
         let id = self.next_id;
@@ -229,12 +252,19 @@ fn check_entries(got: &[Entry], want: &[i64], model: &Model, epoch: &str) {
     }
 }
 
-async fn run(actions: Vec<Action>, max_bytes: u64, when_full: WhenFull, starvation_every: u32) {
+async fn run(
+    actions: Vec<Action>,
+    max_bytes: u64,
+    urgent_reserve: u64,
+    when_full: WhenFull,
+    starvation_every: u32,
+) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("store.db");
     let config = QueueConfig {
         max_bytes,
         when_full,
+        urgent_reserve,
     };
     let mut model = Model {
         config,
@@ -399,6 +429,7 @@ proptest! {
     fn queue_matches_model(
         actions in prop::collection::vec(action(), 1..80),
         max_bytes in 300u64..3_000,
+        reserve_pct in prop_oneof![Just(0u64), 1u64..50],
         reject in any::<bool>(),
         starvation_every in 0u32..4,
     ) {
@@ -407,6 +438,6 @@ proptest! {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(run(actions, max_bytes, when_full, starvation_every));
+        rt.block_on(run(actions, max_bytes, max_bytes * reserve_pct / 100, when_full, starvation_every));
     }
 }

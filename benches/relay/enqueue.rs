@@ -22,6 +22,7 @@ pub async fn rate(dir: &Path, sync: Synchronous, messages: usize, window: usize)
         QueueConfig {
             max_bytes: 1 << 32,
             when_full: WhenFull::RejectNew,
+            urgent_reserve: 0,
         },
     )
     .await

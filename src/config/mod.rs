@@ -363,6 +363,27 @@ mod tests {
     }
 
     #[test]
+    fn the_urgent_reserve_is_a_percentage_of_max_bytes() {
+        let c =
+            parse("train_id = \"T1\"\n[store]\nmax_bytes = \"1MiB\"\nurgent_reserve = \"10%\"\n")
+                .unwrap();
+        assert_eq!(
+            c.store.urgent_reserve.of(c.store.max_bytes.as_u64()),
+            104_857
+        );
+        let default = parse("train_id = \"T1\"\n").unwrap();
+        assert_eq!(default.store.urgent_reserve.of(1000), 50);
+        for bad in ["\"lots\"", "\"10\"", "\"60%\"", "\"-1%\""] {
+            let e = parse(&format!(
+                "train_id = \"T1\"\n[store]\nurgent_reserve = {bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("urgent_reserve"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn ops_keys_are_validated_by_name() {
         let e = parse("train_id = \"T1\"\n[log]\nlevel = \"loud\"\n")
             .unwrap_err()

@@ -356,6 +356,7 @@ mod model {
             QueueConfig {
                 max_bytes: 1 << 30,
                 when_full: WhenFull::RejectNew,
+                urgent_reserve: 0,
             },
             Shares::new(LANES, Vec::new()),
         )

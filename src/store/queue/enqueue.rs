@@ -16,12 +16,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
+use super::delete::delete_ids;
 use super::share::removed_per_share;
 use super::totals::{share_value, size_value};
-use super::{NewEntry, Queue, QueueConfig, StoreError, Totals, WhenFull, LOWEST_PRIORITY};
+use super::{
+    NewEntry, Queue, QueueConfig, StoreError, Totals, WhenFull, LOWEST_PRIORITY, URGENT_PRIORITY,
+};
 use crate::message::Message;
 use crate::store::{props, StoreWrite};
 
@@ -88,25 +91,35 @@ impl Queue {
                 let QueueConfig {
                     max_bytes,
                     when_full,
+                    urgent_reserve,
                 } = shared.config;
-                if size > max_bytes {
+                // Normal rows stop short of the reserve; urgent ones may use it.
+                let urgent = priority <= URGENT_PRIORITY;
+                let limit = if urgent {
+                    max_bytes
+                } else {
+                    max_bytes.saturating_sub(urgent_reserve)
+                };
+                if size > limit {
                     return Err(StoreError::Full);
                 }
                 // Before the conflation delete: a replaced row in flight keeps its key on its
                 // connection (see `share`).
                 let share = shared.share_for(conn, order_key)?;
                 let mut replaced = Totals::default();
+                let mut replaced_ids: Vec<i64> = Vec::new();
                 let mut gone_from: Vec<(u16, u64)> = Vec::new();
                 if let Some(key) = &conflate_key {
                     let mut older = conn.prepare_cached(
-                        "SELECT size, share FROM uplink_queue \
+                        "SELECT id, size, share FROM uplink_queue \
                          WHERE route = ?1 AND conflate_key = ?2",
                     )?;
                     let mut rows = older.query(params![e.route, key])?;
                     while let Some(r) = rows.next()? {
+                        replaced_ids.push(r.get(0)?);
                         replaced.rows += 1;
-                        replaced.bytes += size_value(r.get_ref(0)?);
-                        gone_from.push((share_value(r.get_ref(1)?), 1));
+                        replaced.bytes += size_value(r.get_ref(1)?);
+                        gone_from.push((share_value(r.get_ref(2)?), 1));
                     }
                 }
                 // Totals change only once the job cannot fail any more (it may roll back).
@@ -114,10 +127,24 @@ impl Queue {
                     .bytes
                     .load(Ordering::Acquire)
                     .saturating_sub(replaced.bytes);
-                let over = current.saturating_add(size) > max_bytes;
-                if over && when_full == WhenFull::RejectNew {
+                let need = current.saturating_add(size).saturating_sub(limit);
+                if need > 0 && when_full == WhenFull::RejectNew {
                     return Err(StoreError::Full);
                 }
+                let victims = if need > 0 {
+                    match make_room(conn, need, urgent, &replaced_ids)? {
+                        Some(victims) => victims,
+                        // Only urgent rows could make room, and this message may not drop them.
+                        None if !urgent => return Err(StoreError::Full),
+                        None => {
+                            // Fewer bytes in the table than the totals say: trust the table.
+                            shared.resync.store(true, Ordering::Release);
+                            Vec::new()
+                        }
+                    }
+                } else {
+                    Vec::new()
+                };
                 // Writes from here on; only an SQLite error can still fail the job.
                 if replaced.rows > 0 {
                     conn.prepare_cached(
@@ -125,32 +152,7 @@ impl Queue {
                     )?
                     .execute(params![e.route, conflate_key])?;
                 }
-                let mut dropped = Totals::default();
-                if over {
-                    let mut oldest = conn.prepare_cached(
-                        "DELETE FROM uplink_queue WHERE id = (SELECT MIN(id) FROM uplink_queue) \
-                         RETURNING size, share",
-                    )?;
-                    while current.saturating_sub(dropped.bytes).saturating_add(size) > max_bytes {
-                        let gone: Option<(u64, u16)> = oldest
-                            .query_row([], |r| {
-                                Ok((size_value(r.get_ref(0)?), share_value(r.get_ref(1)?)))
-                            })
-                            .optional()?;
-                        match gone {
-                            Some((bytes, from)) => {
-                                dropped.rows += 1;
-                                dropped.bytes += bytes;
-                                gone_from.push((from, 1));
-                            }
-                            None => {
-                                // Empty, yet the totals said otherwise: trust the table.
-                                shared.resync.store(true, Ordering::Release);
-                                break;
-                            }
-                        }
-                    }
-                }
+                let dropped = delete_ids(conn, &shared, &victims)?;
                 if let Some(also) = also {
                     also(conn)?;
                 }
@@ -212,6 +214,44 @@ impl Queue {
             },
         )
     }
+}
+
+/// The oldest rows whose deletion frees `need` bytes, chosen before anything is written (the
+/// job is fail-first): normal rows (priority above [`URGENT_PRIORITY`]) first, then, only for
+/// an urgent message, urgent rows; `skip` are rows the job deletes anyway. `None`: those rows
+/// do not hold enough.
+fn make_room(
+    conn: &Connection,
+    need: u64,
+    urgent: bool,
+    skip: &[i64],
+) -> Result<Option<Vec<i64>>, StoreError> {
+    const NORMAL_OLDEST: &str = "SELECT id, size FROM uplink_queue WHERE priority > ?1 ORDER BY id";
+    const URGENT_OLDEST: &str =
+        "SELECT id, size FROM uplink_queue WHERE priority <= ?1 ORDER BY id";
+    let passes: &[&str] = if urgent {
+        &[NORMAL_OLDEST, URGENT_OLDEST]
+    } else {
+        &[NORMAL_OLDEST]
+    };
+    let mut victims = Vec::new();
+    let mut freed = 0u64;
+    for sql in passes {
+        let mut st = conn.prepare_cached(sql)?;
+        let mut rows = st.query([URGENT_PRIORITY])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            if skip.contains(&id) {
+                continue;
+            }
+            victims.push(id);
+            freed += size_value(r.get_ref(1)?);
+            if freed >= need {
+                return Ok(Some(victims));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The logical size of a message in the queue, as charged against `max_bytes`: topic + payload

@@ -128,6 +128,10 @@ const EPOCH_KEY: &str = "uplink_epoch";
 /// Highest (least urgent) priority; larger values are stored as this.
 pub const LOWEST_PRIORITY: u8 = 9;
 
+/// Routes with this priority or a more urgent one (0, 1: presence, alarms) may use the store's
+/// urgent reserve ([`QueueConfig::urgent_reserve`]).
+pub const URGENT_PRIORITY: u8 = 1;
+
 /// What to do with a new entry that does not fit in `max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -145,6 +149,10 @@ pub struct QueueConfig {
     /// Upper bound of the sum of [`entry_size`] over all queued rows.
     pub max_bytes: u64,
     pub when_full: WhenFull,
+    /// Bytes of `max_bytes` only urgent entries (priority ≤ [`URGENT_PRIORITY`]) may fill:
+    /// other entries count as full at `max_bytes - urgent_reserve`, and under `DropOldest`
+    /// they make room by dropping only non-urgent rows.
+    pub urgent_reserve: u64,
 }
 
 /// A message accepted for the uplink, already mapped to its remote topic by its route.

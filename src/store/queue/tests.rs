@@ -51,6 +51,7 @@ pub(super) fn config(max_bytes: u64, when_full: WhenFull) -> QueueConfig {
     QueueConfig {
         max_bytes,
         when_full,
+        urgent_reserve: 0,
     }
 }
 
