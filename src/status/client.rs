@@ -177,6 +177,25 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], now_ms: i64) -> String
             bytes(r.bytes)
         );
     }
+    for l in &s.ledger.routes {
+        let d = &l.dropped;
+        let _ = writeln!(
+            o,
+            "ledger    {:<24} {} in = {} delivered + {} dropped + {} in store",
+            l.route,
+            l.accepted + l.requeued,
+            l.delivered,
+            d.total(),
+            l.in_store
+        );
+        if d.total() > 0 {
+            let _ = writeln!(
+                o,
+                "          {:<24} dropped: {} expired, {} store full, {} conflated, {} dead letter, {} corrupt",
+                "", d.expired, d.store_full, d.conflated, d.dead_letter, d.corrupt
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "iPads     {} connected on {}",

@@ -111,6 +111,7 @@ impl Detail {
             "queue_bytes": s.store.bytes,
             "oldest_age_s": s.store.oldest_age_s,
             "clients": s.local.clients,
+            "ledger": s.ledger,
             "uptime_s": s.uptime_s,
             "at_ms": now.wall_ms,
         });

@@ -206,6 +206,53 @@ pub fn render(s: &StatusReport, clients: &[ClientReport], format: Format) -> Str
         &routes,
     );
 
+    // The ledger: persisted, so these counters survive restarts.
+    let entries = |l: &crate::store::queue::ledger::RouteLedger| {
+        let d = &l.dropped;
+        [
+            ("accepted", l.accepted),
+            ("requeued", l.requeued),
+            ("delivered", l.delivered),
+            ("expired", d.expired),
+            ("store_full", d.store_full),
+            ("conflated", d.conflated),
+            ("dead_letter", d.dead_letter),
+            ("corrupt", d.corrupt),
+        ]
+    };
+    let ledger: Vec<(Vec<(&str, &str)>, f64)> = s
+        .ledger
+        .routes
+        .iter()
+        .flat_map(|l| {
+            entries(l).into_iter().map(|(entry, n)| {
+                (
+                    vec![("route", l.route.as_str()), ("entry", entry)],
+                    n as f64,
+                )
+            })
+        })
+        .collect();
+    w.family(
+        "trainrelay_ledger_messages",
+        Kind::Counter,
+        "Uplink messages per route and ledger entry, since the store was created: accepted + \
+         requeued = delivered + expired + store_full + conflated + dead_letter + corrupt + in store.",
+        &ledger,
+    );
+    let in_store: Vec<(Vec<(&str, &str)>, f64)> = s
+        .ledger
+        .routes
+        .iter()
+        .map(|l| (vec![("route", l.route.as_str())], l.in_store as f64))
+        .collect();
+    w.family(
+        "trainrelay_ledger_in_store_messages",
+        Kind::Gauge,
+        "Uplink messages per route in the store (waiting or in flight), as the ledger counts them.",
+        &in_store,
+    );
+
     // What happened to messages.
     let c = &s.counters;
     for (name, help, value) in [

@@ -25,8 +25,8 @@ use crate::downlink::Downlink;
 use crate::store::queue::Queue;
 use crate::uplink::{LinkState, StatusHandle};
 use protocol::{
-    ClientReport, ConnectionReport, Counters, DownlinkReport, LocalReport, RouteReport,
-    StatusReport, StoreReport, UplinkReport,
+    ClientReport, ConnectionReport, Counters, DownlinkReport, LedgerReport, LocalReport,
+    RouteReport, StatusReport, StoreReport, UplinkReport,
 };
 
 /// How long a status query waits for the store's per-route figures before answering with the
@@ -85,6 +85,20 @@ impl Sources {
                 }
             }
         };
+        let connections = self.uplink.connections();
+        let in_flight = connections.iter().map(|c| c.in_flight).sum();
+        let ledger = match tokio::time::timeout(STATS_TIMEOUT, self.queue.ledger()).await {
+            Ok(Ok(routes)) => LedgerReport {
+                routes,
+                in_flight,
+                partial: false,
+            },
+            _ => LedgerReport {
+                routes: Vec::new(),
+                in_flight,
+                partial: true,
+            },
+        };
         let q = self.queue.counters();
         let b = self.broker.stats();
         let d = self.downlink.counters();
@@ -110,9 +124,7 @@ impl Sources {
                 link_for_s: u64::try_from((now.wall_ms - link.link_since_ms).max(0) / 1000)
                     .unwrap_or(0),
                 connects: link.connects,
-                connections: self
-                    .uplink
-                    .connections()
+                connections: connections
                     .into_iter()
                     .map(|c| ConnectionReport {
                         client_id: c.client_id,
@@ -163,6 +175,7 @@ impl Sources {
                 expired: load(&d.expired),
                 unrouted: load(&d.unrouted),
             },
+            ledger,
         }
     }
 

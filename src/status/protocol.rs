@@ -128,6 +128,21 @@ pub struct StatusReport {
     pub counters: Counters,
     pub local: LocalReport,
     pub downlink: DownlinkReport,
+    /// What entered the uplink queue and how it left, per route, persisted with the rows.
+    #[serde(default)]
+    pub ledger: LedgerReport,
+}
+
+/// The ledger (docs/operations.md): per route `accepted + requeued = delivered + dropped +
+/// in_store`, counted in the store's transactions, so it survives restarts and kill -9.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LedgerReport {
+    pub routes: Vec<crate::store::queue::ledger::RouteLedger>,
+    /// Of the rows in the store, those in flight on an uplink connection now (all routes).
+    pub in_flight: u64,
+    /// The ledger could not be read in time (the store is busy).
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// The uplink's state machine.

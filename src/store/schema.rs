@@ -175,6 +175,23 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX uplink_queue_share_order ON uplink_queue(share, priority, id);
     CREATE INDEX uplink_queue_order_key ON uplink_queue(order_key);
     "#),
+    // 8: the ledger (`queue::ledger`): per route, what entered the queue and why it left. Rows
+    // already waiting count as accepted, so the ledger adds up from the start.
+    Sql(r#"
+    CREATE TABLE route_ledger (
+        route       TEXT PRIMARY KEY,
+        accepted    INTEGER NOT NULL DEFAULT 0,
+        requeued    INTEGER NOT NULL DEFAULT 0,
+        delivered   INTEGER NOT NULL DEFAULT 0,
+        expired     INTEGER NOT NULL DEFAULT 0,
+        store_full  INTEGER NOT NULL DEFAULT 0,
+        conflated   INTEGER NOT NULL DEFAULT 0,
+        dead_letter INTEGER NOT NULL DEFAULT 0,
+        corrupt     INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO route_ledger (route, accepted)
+        SELECT route, COUNT(*) FROM uplink_queue GROUP BY route;
+    "#),
 ];
 
 /// The schema version this build writes.

@@ -87,7 +87,12 @@ impl Queue {
                      WHERE id = ?1"
                 ))?
                 .execute(params![id, reason, Stamp::now().wall_ms])?;
-                let gone = super::delete::delete_ids(conn, &shared, &[id])?;
+                let gone = super::delete::delete_ids(
+                    conn,
+                    &shared,
+                    &[id],
+                    super::ledger::Entry::DeadLetter,
+                )?;
                 shared.removed(gone);
                 Ok(Failure::DeadLettered)
             },
@@ -196,6 +201,7 @@ impl Queue {
                         .query_row(params![id, share, key], |r| r.get(0))
                         .optional()?;
                     if let Some(size) = size {
+                        super::ledger::add(conn, &route, super::ledger::Entry::Requeued, 1)?;
                         moved += 1;
                         bytes += size.max(0) as u64;
                         shared.share_added(share, 1);

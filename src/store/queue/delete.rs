@@ -20,8 +20,10 @@ use rusqlite::types::Value;
 use rusqlite::{named_params, Connection};
 use tokio::sync::oneshot;
 
+use super::ledger;
 use super::scan::Found;
 use super::share::removed_per_share;
+use super::stats::text_lossy;
 use super::totals::{share_value, size_value, Shared};
 use super::{Queue, StoreError, Totals};
 use crate::clock::Stamp;
@@ -48,8 +50,8 @@ impl Queue {
         self.db.submit_fail_first(
             move |conn| {
                 shared.sync_totals(conn)?;
-                let expired = delete_ids(conn, &shared, &found.expired)?;
-                let bad = delete_ids(conn, &shared, &found.bad)?;
+                let expired = delete_ids(conn, &shared, &found.expired, ledger::Entry::Expired)?;
+                let bad = delete_ids(conn, &shared, &found.bad, ledger::Entry::Corrupt)?;
                 shared.removed(expired);
                 shared.removed(bad);
                 Ok((expired.rows, bad.rows))
@@ -89,7 +91,7 @@ impl Queue {
         let after = Arc::clone(&self.shared);
         let job = move |conn: &rusqlite::Connection| {
             shared.sync_totals(conn)?;
-            let gone = delete_ids(conn, &shared, &ids)?;
+            let gone = delete_ids(conn, &shared, &ids, ledger::Entry::Delivered)?;
             shared.removed(gone);
             Ok(gone.rows)
         };
@@ -123,24 +125,25 @@ impl Queue {
                     ":now_wall": now.wall_ms,
                 };
                 // Counted first and deleted in the same transaction: the same rows.
-                let (rows, bytes, per_share) =
+                let counted =
                     count_per_share(conn, &format!("FROM uplink_queue WHERE {EXPIRED}"), args)?;
                 let mut deleted = 0;
-                if rows > 0 {
+                if counted.rows > 0 {
                     deleted = conn
                         .prepare_cached(&format!("DELETE FROM uplink_queue WHERE {EXPIRED}"))?
                         .execute(args)?;
-                    if deleted as u64 != rows {
+                    if deleted as u64 != counted.rows {
                         // Cannot happen within one transaction; if it does, trust the table.
                         shared.resync.store(true, Ordering::Release);
                     }
+                    ledger::add_all(conn, &counted.per_route, ledger::Entry::Expired)?;
                 }
                 let gone = Totals {
                     rows: deleted as u64,
-                    bytes,
+                    bytes: counted.bytes,
                 };
                 shared.removed(gone);
-                removed_per_share(&shared, &per_share);
+                removed_per_share(&shared, &counted.per_share);
                 Ok(gone.rows)
             },
             move |result| {
@@ -154,49 +157,70 @@ impl Queue {
     }
 }
 
-/// Deletes the rows with these ids; returns what was really deleted. Two statements for the
-/// whole set (an id array bound as a table), counted before the delete in the same
-/// transaction.
+/// Deletes the rows with these ids, counting them in the ledger as `why`; returns what was
+/// really deleted. Two statements for the whole set (an id array bound as a table), counted
+/// before the delete in the same transaction.
 /// The rows per share are taken off `shared`'s counts at once (they only steer the choice of
 /// a share for new keys).
 pub(super) fn delete_ids(
     conn: &Connection,
     shared: &Shared,
     ids: &[i64],
+    why: ledger::Entry,
 ) -> Result<Totals, StoreError> {
     if ids.is_empty() {
         return Ok(Totals::default());
     }
     let array = Rc::new(ids.iter().copied().map(Value::from).collect::<Vec<Value>>());
-    let (rows, bytes, per_share) =
-        count_per_share(conn, "FROM uplink_queue WHERE id IN rarray(?1)", [&array])?;
-    if rows > 0 {
+    let counted = count_per_share(conn, "FROM uplink_queue WHERE id IN rarray(?1)", [&array])?;
+    if counted.rows > 0 {
         conn.prepare_cached("DELETE FROM uplink_queue WHERE id IN rarray(?1)")?
             .execute([&array])?;
+        ledger::add_all(conn, &counted.per_route, why)?;
     }
-    removed_per_share(shared, &per_share);
-    Ok(Totals { rows, bytes })
+    removed_per_share(shared, &counted.per_share);
+    Ok(Totals {
+        rows: counted.rows,
+        bytes: counted.bytes,
+    })
 }
 
-/// Rows, logical bytes, and `(share, rows)` pairs.
-type Counted = (u64, u64, Vec<(u16, u64)>);
+/// What a `SELECT ... GROUP BY share, route` over rows about to go counted.
+#[derive(Default)]
+struct Counted {
+    rows: u64,
+    bytes: u64,
+    /// `(share, rows)`.
+    per_share: Vec<(u16, u64)>,
+    /// `(route, rows)`.
+    per_route: Vec<(String, u64)>,
+}
 
-/// Rows, logical bytes and rows per share of `SELECT ... {from_where}`.
+/// Rows, logical bytes, rows per share and rows per route of `SELECT ... {from_where}`.
 fn count_per_share<P: rusqlite::Params>(
     conn: &Connection,
     from_where: &str,
     args: P,
 ) -> Result<Counted, StoreError> {
     let mut st = conn.prepare_cached(&format!(
-        "SELECT share, COUNT(*), COALESCE(SUM(size), 0) {from_where} GROUP BY share"
+        "SELECT share, route, COUNT(*), COALESCE(SUM(size), 0) {from_where} GROUP BY share, route"
     ))?;
     let mut rows = st.query(args)?;
-    let (mut total, mut bytes, mut per_share) = (0u64, 0u64, Vec::new());
+    let mut counted = Counted::default();
     while let Some(r) = rows.next()? {
-        let n = r.get::<_, i64>(1)?.max(0) as u64;
-        total += n;
-        bytes += size_value(r.get_ref(2)?);
-        per_share.push((share_value(r.get_ref(0)?), n));
+        let n = r.get::<_, i64>(2)?.max(0) as u64;
+        counted.rows += n;
+        counted.bytes += size_value(r.get_ref(3)?);
+        let share = share_value(r.get_ref(0)?);
+        match counted.per_share.iter_mut().find(|(s, _)| *s == share) {
+            Some((_, rows)) => *rows += n,
+            None => counted.per_share.push((share, n)),
+        }
+        let route = text_lossy(r.get_ref(1)?);
+        match counted.per_route.iter_mut().find(|(r, _)| *r == route) {
+            Some((_, rows)) => *rows += n,
+            None => counted.per_route.push((route, n)),
+        }
     }
-    Ok((total, bytes, per_share))
+    Ok(counted)
 }

@@ -20,6 +20,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::delete::delete_ids;
+use super::ledger;
 use super::share::removed_per_share;
 use super::totals::{share_value, size_value};
 use super::{
@@ -151,8 +152,9 @@ impl Queue {
                         "DELETE FROM uplink_queue WHERE route = ?1 AND conflate_key = ?2",
                     )?
                     .execute(params![e.route, conflate_key])?;
+                    ledger::add(conn, &e.route, ledger::Entry::Conflated, replaced.rows)?;
                 }
-                let dropped = delete_ids(conn, &shared, &victims)?;
+                let dropped = delete_ids(conn, &shared, &victims, ledger::Entry::StoreFull)?;
                 if let Some(also) = also {
                     also(conn)?;
                 }
@@ -185,6 +187,7 @@ impl Queue {
                     order_key,
                 ])?;
                 let id = conn.last_insert_rowid();
+                ledger::add(conn, &e.route, ledger::Entry::Accepted, 1)?;
                 shared.removed(dropped);
                 shared.removed(replaced);
                 removed_per_share(&shared, &gone_from);

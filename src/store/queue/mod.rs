@@ -104,6 +104,7 @@ use tokio::sync::watch;
 pub mod dead_letter;
 mod delete;
 mod enqueue;
+pub mod ledger;
 mod row;
 mod scan;
 pub mod share;

@@ -111,7 +111,7 @@ impl Queue {
     }
 }
 
-fn text_lossy(v: ValueRef<'_>) -> String {
+pub(super) fn text_lossy(v: ValueRef<'_>) -> String {
     match v {
         ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
         ValueRef::Integer(n) => n.to_string(),

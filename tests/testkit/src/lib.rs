@@ -229,6 +229,11 @@ impl Central {
         }
     }
 
+    /// Whether it was started and not stopped since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
