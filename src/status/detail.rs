@@ -98,7 +98,7 @@ impl Detail {
     }
 
     async fn enqueue(&self, queue: &Queue) -> Result<i64, StoreError> {
-        let s = self.sources.status().await;
+        let s = self.sources.summary().await;
         let now = Stamp::now();
         let doc = serde_json::json!({
             "v": 1,

@@ -50,12 +50,29 @@ pub(crate) struct Sources {
 }
 
 impl Sources {
-    /// The `status` answer.
+    /// The `status` answer, with the store's figures per route.
     pub async fn status(&self) -> StatusReport {
+        self.report(true).await
+    }
+
+    /// [`Sources::status`] without the per-route figures of the store, whose cost grows with
+    /// the backlog: for the health document, produced on every link change.
+    pub async fn summary(&self) -> StatusReport {
+        self.report(false).await
+    }
+
+    async fn report(&self, per_route: bool) -> StatusReport {
         let now = Stamp::now();
         let link = self.uplink.snapshot();
         let age = |s: Option<Stamp>| s.map(|s| now.since(&s).as_secs());
-        let store = match tokio::time::timeout(STATS_TIMEOUT, self.queue.stats()).await {
+        let stats = async {
+            if per_route {
+                self.queue.stats().await
+            } else {
+                self.queue.summary().await
+            }
+        };
+        let store = match tokio::time::timeout(STATS_TIMEOUT, stats).await {
             Ok(Ok(stats)) => StoreReport {
                 depth: stats.depth,
                 bytes: stats.bytes,

@@ -96,6 +96,37 @@ impl Queue {
             .await
     }
 
+    /// Depth and bytes from the in-memory totals and the oldest waiting row's acceptance (the
+    /// lowest id): a cost that does not grow with the backlog, unlike [`Queue::stats`], for
+    /// what is produced on every link change (the health document).
+    pub async fn summary(&self) -> Result<QueueStats, StoreError> {
+        let totals = self.totals();
+        let oldest_accepted = self
+            .db
+            .read(|conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT accepted_wall, accepted_boot, boot_id FROM uplink_queue \
+                         ORDER BY id LIMIT 1",
+                    )?
+                    .query_row([], |r| {
+                        Ok(Stamp {
+                            wall_ms: r.get(0)?,
+                            boot_ms: r.get(1)?,
+                            boot_id: r.get(2)?,
+                        })
+                    })
+                    .optional()?)
+            })
+            .await?;
+        Ok(QueueStats {
+            depth: totals.rows,
+            bytes: totals.bytes,
+            oldest_accepted,
+            routes: Vec::new(),
+        })
+    }
+
     /// Whether row `id` is still queued (not yet acknowledged, expired or dropped). A primary
     /// key lookup, cheap at any depth: lets a producer keep at most one row of its own pending.
     pub async fn is_queued(&self, id: i64) -> Result<bool, StoreError> {

@@ -430,6 +430,13 @@ async fn queue_resumes_after_reopening_the_store() {
     assert_eq!(put(&q, 0, msg("t", 1, at(0), None)).await.unwrap(), 5);
     let stats = q.stats().await.unwrap();
     assert_eq!((stats.depth, stats.bytes), (4, q.totals().bytes));
+    // The summary (no per-route walk) says the same about the whole queue.
+    let summary = q.summary().await.unwrap();
+    assert_eq!(
+        (summary.depth, summary.bytes, summary.oldest_accepted),
+        (stats.depth, stats.bytes, stats.oldest_accepted)
+    );
+    assert!(summary.oldest_accepted.is_some() && summary.routes.is_empty());
     close(q, db, t);
 }
 
