@@ -1,8 +1,8 @@
 //! Link fault tests: the central Mosquitto in a network namespace of the test's own, the relay
 //! in the root namespace, and the faults a train's uplink meets (tunnel, flapping coverage,
 //! poor cellular, crashes on either side). Each test asserts what arrives (nothing lost, order
-//! kept) and the bound on duplicates in docs/guarantees.md: at most the in-flight window of
-//! every reconnect ([`duplicate_bound`]). Timings are asserted only where docs/guarantees.md or
+//! kept) and the bound on duplicates in docs/guarantees.md: at most what every ended
+//! connection had written and not seen acknowledged ([`duplicate_bound`]). Timings are asserted only where docs/guarantees.md or
 //! docs/link-resilience.md states a deadline (dead-link detection, the netlink reconnect), with
 //! scheduling slack for a loaded 2-core machine; the other figures (drain rates, reconnect times) are printed as benchmark-style measurements.
 //!
@@ -297,14 +297,14 @@ async fn relay_sigkill_while_draining_loses_nothing_acknowledged() {
         rest.as_secs_f64(),
         seen.tally(0).duplicates
     );
-    // A SIGKILL also loses the deletes of rows the central broker had acknowledged but whose
-    // delete was not committed yet (deletes are batched): those are resent too. They are the
-    // PUBACKs of one store commit, far fewer than a window per connection on this machine,
-    // which is the allowance.
+    // A SIGKILL logs nothing: what the connections had in flight (at most a window each) is
+    // sent again, and so are the rows the central broker had acknowledged whose delete had not
+    // committed yet (a delete rides with the store's next commit, at most 25 ms later: far
+    // fewer PUBACKs than a window per connection on this machine). That is the allowance.
     assert_duplicates_bounded(
         seen.tally(0),
         &relay.log(),
-        CONNECTIONS * CENTRAL_WINDOW,
+        2 * CONNECTIONS * CENTRAL_WINDOW,
         "relay SIGKILL",
     );
 }

@@ -223,7 +223,7 @@ impl Db {
 
     /// [`Db::submit_fail_first`] for a job nobody needs committed soon (the delete of rows the
     /// central broker acknowledged): it rides with the next batch of other jobs, and commits
-    /// on its own only if none comes within 100 ms. A durable message then costs one commit,
+    /// on its own only if none comes within 25 ms. A durable message then costs one commit,
     /// not one for its insert and one for its delete.
     pub fn submit_deferred<T, V, F, G>(&self, f: F, then: G) -> oneshot::Receiver<V>
     where

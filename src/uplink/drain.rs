@@ -46,14 +46,14 @@ pub(super) struct Drain {
     pub(super) skipped: HashSet<i64>,
     /// Rows whose delivery failed, not to fetch again before the instant.
     pub(super) retry_at: HashMap<i64, Instant>,
-    /// Rows written and waiting for their PUBACK, oldest first, each with its place in the
-    /// order of writes on this connection.
-    pub(super) written: VecDeque<(u64, i64, Instant)>,
+    /// Messages (rows and the presence message) written and waiting for their PUBACK, oldest
+    /// first, each with its place in the order of writes on this connection.
+    pub(super) written: VecDeque<(u64, Tag, Instant)>,
     /// Writes of rows on this connection so far.
     pub(super) writes: u64,
-    /// The oldest row written and not answered, and when it is known to have left the socket
-    /// (see [`Drain::unanswered_for`]).
-    pub(super) front_left: Option<(i64, Instant)>,
+    /// The place of the oldest message written and not answered, and when it is known to have
+    /// left the socket (see [`Drain::unanswered_for`]).
+    pub(super) front_left: Option<(u64, Instant)>,
     /// The place of the last-written row that the broker answered (see [`Drain::wrote`]).
     pub(super) answered_up_to: Option<u64>,
     /// The bandwidth cap, if one is configured.
@@ -127,18 +127,38 @@ impl Drain {
 
     /// Row `id` was written to the socket.
     pub(super) fn wrote(&mut self, id: i64) {
-        self.written.push_back((self.writes, id, Instant::now()));
+        self.wrote_tag(Tag::Row(id));
+    }
+
+    /// The relay's presence message was written to the socket: it waits for its PUBACK under
+    /// the same deadline as the rows.
+    pub(super) fn wrote_presence(&mut self) {
+        self.wrote_tag(Tag::Presence);
+    }
+
+    fn wrote_tag(&mut self, tag: Tag) {
+        self.written.push_back((self.writes, tag, Instant::now()));
         self.writes += 1;
     }
 
     /// The broker answered row `id` (acknowledged or refused it).
     pub(super) fn answered(&mut self, id: i64) {
         self.in_flight.remove(&id);
+        self.answered_tag(Tag::Row(id));
+    }
+
+    /// The broker acknowledged the presence message.
+    pub(super) fn answered_presence(&mut self) {
+        self.presence_in_flight = false;
+        self.answered_tag(Tag::Presence);
+    }
+
+    fn answered_tag(&mut self, tag: Tag) {
         // Brokers answer in order, so this is nearly always the front.
-        let pos = if self.written.front().is_some_and(|w| w.1 == id) {
+        let pos = if self.written.front().is_some_and(|w| w.1 == tag) {
             Some(0)
         } else {
-            self.written.iter().position(|w| w.1 == id)
+            self.written.iter().position(|w| w.1 == tag)
         };
         if let Some((place, _, _)) = pos.and_then(|p| self.written.remove(p)) {
             self.answered_up_to = self.answered_up_to.max(Some(place));
@@ -148,7 +168,10 @@ impl Drain {
     /// The oldest row written and not answered, if nothing written after it was answered: the
     /// one a broker that processes in order was working on when it closed the connection.
     pub(super) fn close_suspect(&self) -> Option<i64> {
-        let &(place, id, _) = self.written.front()?;
+        let &(place, tag, _) = self.written.front()?;
+        let Tag::Row(id) = tag else {
+            return None;
+        };
         (self.answered_up_to.map_or(true, |up_to| up_to < place)).then_some(id)
     }
 
@@ -156,23 +179,27 @@ impl Drain {
     pub(super) fn largest_unacknowledged(&self) -> Option<i64> {
         self.written
             .iter()
-            .max_by_key(|(_, id, _)| self.in_flight.get(id).copied().unwrap_or(0))
-            .map(|&(_, id, _)| id)
+            .filter_map(|&(_, tag, _)| match tag {
+                Tag::Row(id) => Some(id),
+                Tag::Presence => None,
+            })
+            .max_by_key(|id| self.in_flight.get(id).copied().unwrap_or(0))
     }
 
-    /// How long the oldest row written and not answered has waited for its answer since it
-    /// left the socket, as far as the link tells: `sending` is whether bytes were waiting to
-    /// leave at the link's last look, `idle_for` how long none have. A row is known to have
-    /// left once the link was seen with nothing waiting after the row was written; until then
-    /// it may still be on its way over a slow stretch, and its wait does not count.
+    /// How long the oldest message written and not answered (a row or the presence message)
+    /// has waited for its answer since it left the socket, as far as the link tells: `sending`
+    /// is whether bytes were waiting to leave at the link's last look, `idle_for` how long none
+    /// have. A message is known to have left once the link was seen with nothing waiting after
+    /// it was written; until then it may still be on its way over a slow stretch, and its wait
+    /// does not count.
     pub(super) fn unanswered_for(&mut self, sending: bool, idle_for: Duration) -> Option<Duration> {
-        let &(_, id, written) = self.written.front()?;
+        let &(place, _, written) = self.written.front()?;
         let now = Instant::now();
-        if self.front_left.map_or(true, |(front, _)| front != id) {
+        if self.front_left.map_or(true, |(front, _)| front != place) {
             self.front_left = None;
             if !sending {
                 let idle_since = now.checked_sub(idle_for).unwrap_or(written);
-                self.front_left = Some((id, written.max(idle_since)));
+                self.front_left = Some((place, written.max(idle_since)));
             }
         }
         self.front_left
@@ -523,7 +550,15 @@ mod model {
                 Op::Fill { lane, want } => fill(&mut relay, lane, want, &mut model),
                 Op::Ack { lane, n } => {
                     let d = &mut relay.lanes[lane].drain;
-                    let ids: Vec<i64> = d.written.iter().take(n).map(|w| w.1).collect();
+                    let ids: Vec<i64> = d
+                        .written
+                        .iter()
+                        .take(n)
+                        .filter_map(|w| match w.1 {
+                            Tag::Row(id) => Some(id),
+                            Tag::Presence => None,
+                        })
+                        .collect();
                     for id in ids {
                         d.answered(id);
                         d.acked(id);
@@ -554,7 +589,14 @@ mod model {
             for n in 0..LANES {
                 fill(&mut relay, n, 8, &mut model);
                 let d = &mut relay.lanes[n].drain;
-                let ids: Vec<i64> = d.written.iter().map(|w| w.1).collect();
+                let ids: Vec<i64> = d
+                    .written
+                    .iter()
+                    .filter_map(|w| match w.1 {
+                        Tag::Row(id) => Some(id),
+                        Tag::Presence => None,
+                    })
+                    .collect();
                 for id in ids {
                     d.answered(id);
                     d.acked(id);

@@ -261,6 +261,15 @@ impl Lane {
                     &mut commits,
                 )
                 .await;
+            // What the next connection sends again and the central broker may already have:
+            // the bound on duplicates in docs/guarantees.md.
+            let unanswered = drain.written.len();
+            if unanswered > 0 && !matches!(end, End::Shutdown) {
+                log::info!(
+                    "{}: connection ended with {unanswered} messages written and not acknowledged",
+                    self.label
+                );
+            }
             // Rows the central broker acknowledged are deleted before the next connection
             // fetches, so they are not sent twice.
             drain.finish_acks(&self.queue).await;
@@ -664,8 +673,9 @@ impl Lane {
                         *more = true;
                     }
                 } else {
-                    if let Tag::Row(id) = tag {
-                        drain.wrote(id);
+                    match tag {
+                        Tag::Row(id) => drain.wrote(id),
+                        Tag::Presence => drain.wrote_presence(),
                     }
                     drain.by_pkid.insert(pkid, tag);
                 }
@@ -675,7 +685,7 @@ impl Lane {
                     return Ok(());
                 };
                 if tag == Tag::Presence {
-                    drain.presence_in_flight = false;
+                    drain.answered_presence();
                 }
                 if let Tag::Row(id) = tag {
                     drain.answered(id);
@@ -954,6 +964,30 @@ mod tests {
         d.in_flight.insert(8, 100);
         d.wrote(8);
         assert_eq!(d.unanswered_for(true, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn the_presence_message_waits_under_the_same_deadline_and_is_never_blamed() {
+        let mut d = Drain {
+            presence_in_flight: true,
+            ..Drain::default()
+        };
+        d.wrote_presence();
+        d.in_flight.insert(3, 100);
+        d.wrote(3);
+        // The presence message is the oldest unanswered one: its wait counts.
+        let waited = d
+            .unanswered_for(false, Duration::ZERO)
+            .expect("presence left the socket");
+        assert!(waited < Duration::from_secs(1));
+        // A broker that closes the connection does not blame presence (not a stored row).
+        assert_eq!(d.close_suspect(), None);
+        assert_eq!(d.largest_unacknowledged(), Some(3));
+        // Once answered, the row behind it is measured.
+        d.answered_presence();
+        assert!(!d.presence_in_flight);
+        assert_eq!(d.written.len(), 1);
+        assert_eq!(d.close_suspect(), Some(3));
     }
 
     #[test]

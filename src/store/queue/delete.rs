@@ -76,7 +76,7 @@ impl Queue {
     /// [`Queue::ack`] without waiting for the commit; the answer comes after it. Until then
     /// [`Queue::next_batch`] may still return the rows, so the caller keeps them excluded.
     /// The uplink uses it so that draining does not stop for one commit per PUBACK. The delete
-    /// is deferred: it rides with the next batch of the store's writer (at most 100 ms later),
+    /// is deferred: it rides with the next batch of the store's writer (at most 25 ms later),
     /// so a message's delete costs no fsync of its own.
     pub fn ack_submit(&self, ids: Vec<i64>) -> oneshot::Receiver<Result<(), StoreError>> {
         self.delete_acked(ids, true)
