@@ -166,12 +166,13 @@ impl Drain {
     }
 
     /// The oldest row written and not answered, if nothing written after it was answered: the
-    /// one a broker that processes in order was working on when it closed the connection.
+    /// one a broker that processes in order was working on when it closed the connection. The
+    /// presence message is never a suspect (it is not a stored row).
     pub(super) fn close_suspect(&self) -> Option<i64> {
-        let &(place, tag, _) = self.written.front()?;
-        let Tag::Row(id) = tag else {
-            return None;
-        };
+        let (place, id) = self.written.iter().find_map(|&(place, tag, _)| match tag {
+            Tag::Row(id) => Some((place, id)),
+            Tag::Presence => None,
+        })?;
         (self.answered_up_to.map_or(true, |up_to| up_to < place)).then_some(id)
     }
 

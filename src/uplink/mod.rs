@@ -980,10 +980,11 @@ mod tests {
             .unanswered_for(false, Duration::ZERO)
             .expect("presence left the socket");
         assert!(waited < Duration::from_secs(1));
-        // A broker that closes the connection does not blame presence (not a stored row).
-        assert_eq!(d.close_suspect(), None);
+        // A broker that closes the connection never blames presence (not a stored row): the
+        // suspect is the oldest row.
+        assert_eq!(d.close_suspect(), Some(3));
         assert_eq!(d.largest_unacknowledged(), Some(3));
-        // Once answered, the row behind it is measured.
+        // Once presence is answered, the row behind it is measured.
         d.answered_presence();
         assert!(!d.presence_in_flight);
         assert_eq!(d.written.len(), 1);
