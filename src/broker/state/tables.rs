@@ -105,10 +105,12 @@ impl Tables {
         Some((cid.clone(), sub.clone()))
     }
 
-    /// Hands the unacknowledged messages a leaving member got through shared subscriptions
-    /// to another connected member of the same group (MQTT 5 §4.8.2); with no other member
-    /// connected they stay with the session. QoS 2 messages already PUBREC'd stay: the
-    /// member has them.
+    /// Hands the messages a leaving member got through shared subscriptions and has not
+    /// acknowledged to another connected member of the same group (MQTT 5 §4.8.2): those not
+    /// sent yet and QoS 1 ones awaiting PUBACK. A QoS 2 message once sent stays with the
+    /// member whatever its state ([MQTT-4.8.2-4]: its delivery is completed when the member
+    /// reconnects; [MQTT-4.8.2-5]: no other member gets it, also if the session ends). With
+    /// no other member connected everything stays with the session.
     pub(super) fn reassign_shared(
         &mut self,
         hooks: &dyn Hooks,
@@ -122,7 +124,7 @@ impl Tables {
         let mut taken = Vec::new();
         let mut keep_inflight = VecDeque::new();
         for f in s.inflight.drain(..) {
-            if f.delivery.shared.is_some() && f.state != OutState::Pubcomp {
+            if f.delivery.shared.is_some() && f.state == OutState::Puback {
                 taken.push(f.delivery);
             } else {
                 keep_inflight.push_back(f);
