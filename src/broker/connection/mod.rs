@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use self::handshake::{PreConnect, PreError};
 use self::uncommitted::{Uncommitted, Verdict};
 use super::codec::{self, Outbound};
-use super::state::BrokerState;
+use super::state::{BrokerState, NotOwner};
 use super::{BrokerEvent, ClientInfo, Protocol, RejectReason};
 use crate::shutdown::Shutdown;
 
@@ -254,6 +254,19 @@ impl Conn {
                 "client did not read for {WRITE_TIMEOUT:?}"
             ))),
         }
+    }
+
+    /// The outcome of a session operation; refused ([`NotOwner`]) once another connection took
+    /// the session over, which ends this connection with nothing changed.
+    fn owns<T>(&self, r: Result<T, NotOwner>, what: &str) -> Result<T, ConnectionEnd> {
+        r.map_err(|NotOwner| {
+            log::info!(
+                "local broker: '{}' ({}): {what} ignored: the session is held by a newer connection",
+                self.info.client_id,
+                self.info.peer
+            );
+            ConnectionEnd::TakenOver
+        })
     }
 
     /// Sends a v5 DISCONNECT (3.1.1 has none) and counts a protocol error.

@@ -3,7 +3,9 @@
 //! [`BrokerState`] is shared by every connection task, but its tables sit behind a private
 //! lock and only its methods touch them. Each method is one operation of the broker (attach a
 //! connection, subscribe, route a message, take an acknowledgement, detach, expire...): it
-//! makes the state change and submits the store writes that go with it. Critical sections are
+//! makes the state change and submits the store writes that go with it. An operation on a
+//! session names the connection that makes it (`conn_id`, numbered at CONNECT) and is
+//! refused with [`NotOwner`] once another connection holds the session. Critical sections are
 //! short and never span an `.await`; the only hook called with the lock held is
 //! `may_receive`, so any other hook may call back into [`super::BrokerHandle`]. Store writes
 //! are submitted while the lock is held, which keeps the rows in the order of the state
@@ -48,6 +50,11 @@ pub struct Attach {
 
 /// Why an outgoing message left the in-flight window unsent: [`BrokerState::send_queued`].
 pub struct NotSent(pub String);
+
+/// The connection named in a session operation no longer holds the session (another
+/// connection took it over, or it ended): the operation changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotOwner;
 
 /// The broker's state: configuration, the hooks, the admission limits, and the session tables
 /// that only its methods change.
@@ -404,108 +411,126 @@ impl BrokerState {
     }
 
     /// Whether QoS 2 packet `pkid` of `client_id` was already PUBREC'd and awaits PUBREL.
-    pub fn is_awaiting_release(&self, client_id: &str, pkid: u16) -> bool {
-        self.lock()
-            .sessions
-            .get(client_id)
-            .is_some_and(|s| s.incoming_qos2.contains(&pkid))
+    pub fn is_awaiting_release(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        pkid: u16,
+    ) -> Result<bool, NotOwner> {
+        let mut t = self.lock();
+        Ok(t.owned(client_id, conn_id)?.incoming_qos2.contains(&pkid))
     }
 
     /// Records that QoS 2 packet `pkid` of `client_id` is PUBREC'd, until its PUBREL.
-    pub fn await_release(&self, client_id: &str, pkid: u16) {
+    pub fn await_release(&self, client_id: &str, conn_id: u64, pkid: u16) -> Result<(), NotOwner> {
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            if s.incoming_qos2.insert(pkid) && s.persistent() {
-                ops.push(Op::InsertIncoming {
-                    client_id: client_id.to_string(),
-                    pkid,
-                });
-            }
+        if s.incoming_qos2.insert(pkid) && s.persistent() {
+            ops.push(Op::InsertIncoming {
+                client_id: client_id.to_string(),
+                pkid,
+            });
         }
         self.persist(ops, Some(client_id), "PUBREC of a QoS 2 message");
+        Ok(())
     }
 
     /// PUBREL of QoS 2 packet `pkid` from `client_id`; false if it was not awaited.
-    pub fn release(&self, client_id: &str, pkid: u16) -> bool {
+    pub fn release(&self, client_id: &str, conn_id: u64, pkid: u16) -> Result<bool, NotOwner> {
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        let mut found = false;
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            found = s.incoming_qos2.remove(&pkid);
-            if found && s.persistent() {
-                ops.push(Op::DeleteIncoming {
-                    client_id: client_id.to_string(),
-                    pkid,
-                });
-            }
+        let found = s.incoming_qos2.remove(&pkid);
+        if found && s.persistent() {
+            ops.push(Op::DeleteIncoming {
+                client_id: client_id.to_string(),
+                pkid,
+            });
         }
         self.persist(ops, Some(client_id), "PUBREL of a QoS 2 message");
-        found
+        Ok(found)
     }
 
     /// The client acknowledged our message `pkid` with the packet `expected` stands for
     /// (PUBACK, PUBCOMP): it leaves the in-flight window.
-    pub fn acknowledged(&self, client_id: &str, pkid: u16, expected: OutState) {
+    pub fn acknowledged(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        pkid: u16,
+        expected: OutState,
+    ) -> Result<(), NotOwner> {
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            if let Some(pos) = s
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.state == expected)
-            {
-                if let Some(f) = s.inflight.remove(pos) {
-                    ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                }
-                s.conn.iter().for_each(|c| c.notify.notify_one());
+        if let Some(pos) = s
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.state == expected)
+        {
+            if let Some(f) = s.inflight.remove(pos) {
+                ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
             }
+            s.conn.iter().for_each(|c| c.notify.notify_one());
         }
         self.persist(
             ops,
             Some(client_id),
             "acknowledgement of a delivered message",
         );
+        Ok(())
     }
 
     /// PUBREC of our QoS 2 message `pkid`; `failed`: with a failure reason code, which ends
     /// the message. True if PUBREL is to be sent.
-    pub fn received(&self, client_id: &str, pkid: u16, failed: bool) -> bool {
+    pub fn received(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        pkid: u16,
+        failed: bool,
+    ) -> Result<bool, NotOwner> {
         let mut release = true;
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            if let Some(pos) = s
-                .inflight
-                .iter()
-                .position(|f| f.pkid == pkid && f.state == OutState::Pubrec)
-            {
-                if failed {
-                    if let Some(f) = s.inflight.remove(pos) {
-                        ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                    }
-                    release = false;
-                } else if let Some(f) = s.inflight.get_mut(pos) {
-                    f.state = OutState::Pubcomp;
-                    ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
+        if let Some(pos) = s
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.state == OutState::Pubrec)
+        {
+            if failed {
+                if let Some(f) = s.inflight.remove(pos) {
+                    ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
                 }
+                release = false;
+            } else if let Some(f) = s.inflight.get_mut(pos) {
+                f.state = OutState::Pubcomp;
+                ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
             }
         }
         self.persist(ops, Some(client_id), "PUBREC of a delivered message");
-        release
+        Ok(release)
     }
 
     /// Stores `subs` in the session of `client_id` and queues the retained messages they
     /// ask for. Returns, per subscription, whether it was refused because the session holds
     /// `max_subscriptions` already.
-    pub fn subscribe(&self, client_id: &str, subs: Vec<Subscription>) -> Vec<bool> {
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        subs: Vec<Subscription>,
+    ) -> Result<Vec<bool>, NotOwner> {
         let now = Stamp::now();
         let mut refused = vec![false; subs.len()];
         let mut t = self.lock();
         let mut ops = Vec::new();
         let mut retained = Vec::new();
         let limit = self.config.max_subscriptions;
-        if let Some(s) = t.sessions.get_mut(client_id) {
+        {
+            let s = t.owned(client_id, conn_id)?;
             for (i, sub) in subs.into_iter().enumerate() {
                 if !s.subs.contains(&sub.filter) && s.subs.len() >= limit {
                     refused[i] = true;
@@ -546,104 +571,106 @@ impl BrokerState {
             t.enqueue(client_id, d, self.config.max_queued_messages, &mut ops);
         }
         self.persist(ops, Some(client_id), "subscribe");
-        refused
+        Ok(refused)
     }
 
     /// Removes `filters` from the session of `client_id`; per filter, the UNSUBACK code
     /// (0x00, or 0x11 no subscription existed).
-    pub fn unsubscribe(&self, client_id: &str, filters: Vec<String>) -> Vec<u8> {
+    pub fn unsubscribe(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        filters: Vec<String>,
+    ) -> Result<Vec<u8>, NotOwner> {
         let mut codes = Vec::with_capacity(filters.len());
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            for f in filters {
-                if s.subs.remove(&f) {
-                    codes.push(0);
-                    if s.persistent() {
-                        ops.push(Op::DeleteSub {
-                            client_id: client_id.to_string(),
-                            filter: f,
-                        });
-                    }
-                } else {
-                    codes.push(0x11);
+        for f in filters {
+            if s.subs.remove(&f) {
+                codes.push(0);
+                if s.persistent() {
+                    ops.push(Op::DeleteSub {
+                        client_id: client_id.to_string(),
+                        filter: f,
+                    });
                 }
+            } else {
+                codes.push(0x11);
             }
         }
         self.persist(ops, Some(client_id), "unsubscribe");
-        codes
+        Ok(codes)
     }
 
     /// Sets the Session Expiry Interval a v5 DISCONNECT asks for, capped by
     /// `max_session_expiry`.
-    pub fn set_expiry(&self, client_id: &str, secs: u32) {
+    pub fn set_expiry(&self, client_id: &str, conn_id: u64, secs: u32) -> Result<(), NotOwner> {
         let max = u32::try_from(self.config.max_session_expiry.as_secs()).unwrap_or(u32::MAX);
         let e = secs.min(max);
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            let was = s.persistent();
-            s.expiry_secs = e;
-            if s.persistent() {
-                ops.push(Op::UpsertSession {
-                    client_id: client_id.to_string(),
-                    expiry_secs: e,
-                });
-            } else if was {
-                ops.push(Op::DeleteSession {
-                    client_id: client_id.to_string(),
-                });
-            }
+        let was = s.persistent();
+        s.expiry_secs = e;
+        if s.persistent() {
+            ops.push(Op::UpsertSession {
+                client_id: client_id.to_string(),
+                expiry_secs: e,
+            });
+        } else if was {
+            ops.push(Op::DeleteSession {
+                client_id: client_id.to_string(),
+            });
         }
         self.persist(ops, Some(client_id), "session expiry set by DISCONNECT");
+        Ok(())
     }
 
     /// What a resumed session has in flight towards `client_id`, to send again; expired
     /// messages not yet PUBREC'd are dropped first.
-    pub fn in_flight(&self, client_id: &str) -> Vec<Inflight> {
+    pub fn in_flight(&self, client_id: &str, conn_id: u64) -> Result<Vec<Inflight>, NotOwner> {
         let now = Stamp::now();
         let mut t = self.lock();
+        let s = t.owned(client_id, conn_id)?;
         let mut ops = Vec::new();
-        let mut out = Vec::new();
         let mut expired = 0;
-        if let Some(s) = t.sessions.get_mut(client_id) {
-            s.inflight.retain(|f| {
-                if f.state != OutState::Pubcomp && f.delivery.msg.is_expired(&now) {
-                    expired += 1;
-                    ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
-                    false
-                } else {
-                    true
-                }
-            });
-            out.extend(s.inflight.iter().cloned());
-        }
+        s.inflight.retain(|f| {
+            if f.state != OutState::Pubcomp && f.delivery.msg.is_expired(&now) {
+                expired += 1;
+                ops.extend(f.delivery.seq.map(|seq| Op::DeleteMsg { seq }));
+                false
+            } else {
+                true
+            }
+        });
+        let out = s.inflight.iter().cloned().collect();
         t.stats.dropped_expired += expired;
         self.persist(ops, Some(client_id), "expiry of in-flight messages");
-        out
+        Ok(out)
     }
 
     /// Moves messages from the queue of `client_id` into its in-flight window, as far as the
     /// window allows and at most `batch` of them (then the connection is woken again), and
     /// hands each to `send`. A message `send` refuses ([`NotSent`]) is dropped and counted as
-    /// too large. Nothing if connection `conn_id` no longer holds the session.
+    /// too large.
     pub fn send_queued(
         &self,
         client_id: &str,
         conn_id: u64,
         batch: usize,
         mut send: impl FnMut(&Inflight) -> Result<(), NotSent>,
-    ) {
+    ) -> Result<(), NotOwner> {
         let now = Stamp::now();
         let mut guard = self.lock();
         let t = &mut *guard;
         let mut ops = Vec::new();
-        let Some(s) = t.sessions.get_mut(client_id) else {
-            return;
-        };
-        let Some(link) = s.conn.as_ref().filter(|c| c.conn_id == conn_id) else {
-            return;
-        };
+        let s = t.sessions.get_mut(client_id).ok_or(NotOwner)?;
+        let link = s
+            .conn
+            .as_ref()
+            .filter(|c| c.conn_id == conn_id)
+            .ok_or(NotOwner)?;
         let window = link.out_window;
         let notify = Arc::clone(&link.notify);
         let mut sent = 0usize;
@@ -702,6 +729,7 @@ impl BrokerState {
             }
         }
         self.persist(ops, Some(client_id), "sending queued messages");
+        Ok(())
     }
 
     /// Detaches connection `conn_id` of `info.client_id` from its session, if it still holds
@@ -990,7 +1018,10 @@ fn describe(ops: &[Op]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod describe_tests {
     use super::*;
 
     #[test]

@@ -12,6 +12,8 @@ use crate::broker::retained::Retained;
 use crate::broker::session::{Delivery, OutState, Session};
 use crate::broker::subscriptions::{shared_parts, Subscription};
 use crate::broker::{BrokerStats, Hooks};
+
+use super::NotOwner;
 use crate::message::{Message, QoS};
 use crate::topic;
 
@@ -27,6 +29,18 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// The session of `client_id` if connection `conn_id` holds it.
+    pub(super) fn owned(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+    ) -> Result<&mut Session, NotOwner> {
+        self.sessions
+            .get_mut(client_id)
+            .filter(|s| s.conn.as_ref().is_some_and(|c| c.conn_id == conn_id))
+            .ok_or(NotOwner)
+    }
+
     /// Queues a delivery for one session, persisting it if the session is persistent.
     pub(super) fn enqueue(
         &mut self,
