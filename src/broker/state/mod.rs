@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Notify};
 use super::codec::WillSpec;
 use super::limits::Admission;
 use super::persist::{self, Op};
-use super::retained::Retained;
+use super::retained::{Retained, RetainedWrite};
 use super::session::{ConnLink, Delivery, Inflight, OutState, Session};
 use super::subscriptions::{is_shared, Subscription};
 use super::{BrokerConfig, BrokerEvent, BrokerStats, ClientInfo, ClientSummary, Hooks, Ingest};
@@ -63,6 +63,8 @@ pub struct BrokerState {
     db: Db,
     hooks: Arc<dyn Hooks>,
     tables: Mutex<Tables>,
+    /// The tables' retained messages, for settling changes as the store commits them.
+    retained: Arc<Mutex<Retained>>,
     admission: Admission,
     /// Set once shutdown begins: no new connections, `inject` refused.
     closed: AtomicBool,
@@ -148,9 +150,10 @@ impl BrokerState {
             sessions.len(),
             retained.len()
         );
+        let retained = Arc::new(Mutex::new(retained));
         let tables = Tables {
             sessions,
-            retained,
+            retained: Arc::clone(&retained),
             stats: BrokerStats::default(),
             share_turn: HashMap::new(),
             next_conn_id: 0,
@@ -162,6 +165,7 @@ impl BrokerState {
                 db,
                 hooks,
                 tables: Mutex::new(tables),
+                retained,
                 admission: Admission::default(),
                 closed: AtomicBool::new(false),
                 wills_pending: AtomicUsize::new(0),
@@ -191,26 +195,47 @@ impl BrokerState {
 
     /// Sends `ops` to the store; called with the lock held to keep rows in state order.
     fn submit(&self, ops: Vec<Op>) -> Option<Commit> {
-        if ops.is_empty() {
-            return None;
-        }
-        Some(self.db.submit(move |conn| persist::apply(conn, &ops)))
+        self.store(Writes::new(ops), None)
     }
 
     /// Sends `ops` to the store without waiting; a failure is logged with `client_id` (the
     /// client whose action made the change, if any), `during` and what the rows were. Called
     /// with the lock held to keep rows in state order.
     fn persist(&self, ops: Vec<Op>, client_id: Option<&str>, during: &'static str) {
-        if ops.is_empty() {
-            return;
+        drop(self.store(Writes::new(ops), Some((client_id, during))));
+    }
+
+    /// Sends the writes of one state change to the store, in one job; called with the lock
+    /// held to keep rows in state order. Once the outcome is known, on the store's writer
+    /// thread, a retained change is settled with it, and a failure is logged when `blame`
+    /// names who made the change (`client_id`, if any) and `during` what; otherwise the
+    /// caller awaits the commit. `None` if there is nothing to write.
+    fn store(&self, w: Writes, blame: Option<(Option<&str>, &'static str)>) -> Option<Commit> {
+        let Writes {
+            ops,
+            also,
+            retained,
+        } = w;
+        if ops.is_empty() && also.is_none() {
+            return None;
         }
         let ops = Arc::new(ops);
         let written = Arc::clone(&ops);
-        let client = client_id.map(str::to_string);
-        drop(self.db.submit_then(
-            move |conn| persist::apply(conn, &written),
+        let blame = blame.map(|(c, during)| (c.map(str::to_string), during));
+        let settle = retained.map(|r| (Arc::clone(&self.retained), r));
+        Some(self.db.submit_then(
+            move |conn| {
+                if let Some(also) = also {
+                    also(conn)?;
+                }
+                persist::apply(conn, &written)
+            },
             move |result| {
-                if let Err(e) = &result {
+                if let Some((retained, write)) = settle {
+                    let mut retained = retained.lock().unwrap_or_else(|p| p.into_inner());
+                    retained.settle(&write, result.is_ok());
+                }
+                if let (Err(e), Some((client, during))) = (&result, blame) {
                     let by = client
                         .map(|c| format!(" of client '{c}'"))
                         .unwrap_or_default();
@@ -221,7 +246,7 @@ impl BrokerState {
                 }
                 result
             },
-        ));
+        ))
     }
 
     /// Changes counters.
@@ -271,10 +296,12 @@ impl BrokerState {
     /// Whether `msg` would change nothing as the retained message of `topic`: the same
     /// payload with the same properties is retained there and lives at least as long. The
     /// user property named `stamp` (the injector's own, different on every copy) is left out
-    /// of the comparison.
+    /// of the comparison. Only a committed retained message counts: a copy whose store write
+    /// is pending or failed does not make the next one redundant.
     pub fn repeats_retained(&self, topic: &str, msg: &Message, stamp: &str) -> bool {
         let t = self.lock();
-        let Some(held) = t.retained.get(topic) else {
+        let retained = t.retained();
+        let Some(held) = retained.committed(topic) else {
             return false;
         };
         let now = Stamp::now();
@@ -553,7 +580,8 @@ impl BrokerState {
         }
         let mut deliveries = Vec::new();
         for sub in retained {
-            for m in t.retained.matching(&sub.filter, &now) {
+            let found = t.retained().matching(&sub.filter, &now);
+            for m in found {
                 if !self.hooks.may_receive(client_id, &m.topic) {
                     continue;
                 }
@@ -803,14 +831,19 @@ impl BrokerState {
         let msg = Arc::new(msg);
         let mut t = self.lock();
         let mut ops = Vec::new();
-        t.route(
+        let (_, retained) = t.route(
             self.hooks.as_ref(),
             self.config.max_queued_messages,
             &msg,
             None,
             &mut ops,
         );
-        self.submit(ops)
+        let w = Writes {
+            ops,
+            also: None,
+            retained,
+        };
+        self.store(w, None)
     }
 
     /// [`BrokerState::publish`] whose durable part also runs `also`, in the same store job,
@@ -819,16 +852,23 @@ impl BrokerState {
         let msg = Arc::new(msg);
         let mut t = self.lock();
         let mut ops = Vec::new();
-        t.route(
+        let (_, retained) = t.route(
             self.hooks.as_ref(),
             self.config.max_queued_messages,
             &msg,
             None,
             &mut ops,
         );
-        self.db.submit(move |conn| {
-            also(conn)?;
-            persist::apply(conn, &ops)
+        let w = Writes {
+            ops,
+            also: Some(also),
+            retained,
+        };
+        // With `also` there is always a job.
+        self.store(w, None).unwrap_or_else(|| {
+            let (done, commit) = oneshot::channel();
+            let _ = done.send(Ok(()));
+            commit
         })
     }
 
@@ -839,14 +879,19 @@ impl BrokerState {
         let mut t = self.lock();
         t.stats.messages_in += 1;
         let mut ops = Vec::new();
-        let reached = t.route(
+        let (reached, retained) = t.route(
             self.hooks.as_ref(),
             self.config.max_queued_messages,
             &msg,
             Some(publisher),
             &mut ops,
         );
-        self.persist(ops, Some(publisher), "routing a message it published");
+        let w = Writes {
+            ops,
+            also: None,
+            retained,
+        };
+        drop(self.store(w, Some((Some(publisher), "routing a message it published"))));
         reached
     }
 
@@ -958,7 +1003,8 @@ impl BrokerState {
             log::info!("local broker: session '{cid}' expired");
             t.remove_session(&cid, &mut ops);
         }
-        for topic in t.retained.remove_expired(&now) {
+        let expired_retained = t.retained().remove_expired(&now);
+        for topic in expired_retained {
             ops.push(Op::DeleteRetained { topic });
         }
         let mut dropped = 0u64;
@@ -980,6 +1026,25 @@ impl BrokerState {
         }
         t.stats.dropped_expired += dropped;
         self.persist(ops, None, "expiry sweep");
+    }
+}
+
+/// The store writes of one state change, submitted in one job by [`BrokerState::store`].
+struct Writes {
+    ops: Vec<Op>,
+    /// Another module's write, committed in the same job before `ops`.
+    also: Option<StoreWrite>,
+    /// The retained change `ops` write, settled with their outcome.
+    retained: Option<RetainedWrite>,
+}
+
+impl Writes {
+    fn new(ops: Vec<Op>) -> Writes {
+        Writes {
+            ops,
+            also: None,
+            retained: None,
+        }
     }
 }
 

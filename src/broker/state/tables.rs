@@ -5,10 +5,10 @@
 //! appends the store writes it implies to `ops`; the caller submits them under the same lock.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::broker::persist::Op;
-use crate::broker::retained::Retained;
+use crate::broker::retained::{Retained, RetainedWrite};
 use crate::broker::session::{Delivery, OutState, Session};
 use crate::broker::subscriptions::{shared_parts, Subscription};
 use crate::broker::{BrokerStats, Hooks};
@@ -20,7 +20,8 @@ use crate::topic;
 /// What the lock guards. Only [`super::BrokerState`]'s methods reach it.
 pub(super) struct Tables {
     pub(super) sessions: HashMap<String, Session>,
-    pub(super) retained: Retained,
+    /// Shared with the store's writer thread, which settles retained changes as they commit.
+    pub(super) retained: Arc<Mutex<Retained>>,
     pub(super) stats: BrokerStats,
     /// Round-robin position per shared subscription (`$share/{group}/{filter}`).
     pub(super) share_turn: HashMap<String, usize>,
@@ -29,6 +30,11 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// The retained messages; poisoning is ignored as for the tables' own lock.
+    pub(super) fn retained(&self) -> MutexGuard<'_, Retained> {
+        self.retained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The session of `client_id` if connection `conn_id` holds it.
     pub(super) fn owned(
         &mut self,
@@ -191,7 +197,7 @@ impl Tables {
     }
 
     /// Queues `msg` for every matching session and applies its retain flag. Returns how many
-    /// sessions it was queued for.
+    /// sessions it was queued for, and the retained change to settle once `ops` commit.
     pub(super) fn route(
         &mut self,
         hooks: &dyn Hooks,
@@ -199,9 +205,12 @@ impl Tables {
         msg: &Arc<Message>,
         publisher: Option<&str>,
         ops: &mut Vec<Op>,
-    ) -> usize {
+    ) -> (usize, Option<RetainedWrite>) {
+        let mut retained_write = None;
         if msg.retain {
-            if self.retained.apply(msg) {
+            let (stored, write) = self.retained().apply(msg);
+            retained_write = Some(write);
+            if stored {
                 ops.push(Op::UpsertRetained(Arc::clone(msg)));
             } else {
                 ops.push(Op::DeleteRetained {
@@ -254,6 +263,6 @@ impl Tables {
             };
             self.enqueue(&cid, d, limit, ops);
         }
-        reached
+        (reached, retained_write)
     }
 }

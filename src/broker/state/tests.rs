@@ -188,3 +188,85 @@ async fn a_taken_over_connection_cannot_touch_a_clean_session_either() {
     assert_eq!(state.is_awaiting_release("cab", new, 7), Ok(false));
     close(state, thread).await;
 }
+
+fn failing_write() -> StoreWrite {
+    Box::new(|_| Err(StoreError::Full))
+}
+
+/// Payloads a new subscriber to `filter` gets as retained messages.
+fn retained_for(state: &Arc<BrokerState>, filter: &str) -> Vec<String> {
+    let (conn, _k) = connect(state, "probe", true, 0);
+    state
+        .subscribe("probe", conn, vec![sub(filter, QoS::AtLeastOnce)])
+        .unwrap();
+    let got = send_all(state, "probe", conn).into_iter().map(|(_, p)| p);
+    let got = got.collect();
+    state.detach(&link("probe", conn).0.info, conn, false, false);
+    got
+}
+
+#[tokio::test]
+async fn a_retained_message_whose_commit_fails_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, thread) = open(dir.path()).await;
+    let speed = |v: &str| msg("down/speed", v, QoS::AtLeastOnce, true);
+    state.publish(speed("80")).unwrap().await.unwrap().unwrap();
+    assert!(state.repeats_retained("down/speed", &speed("80"), "stamp"));
+
+    let failed = state
+        .publish_with(speed("60"), failing_write())
+        .await
+        .unwrap();
+    assert!(failed.is_err());
+    // The store still holds 80, and so does memory: the central broker's redelivery of 60
+    // is not taken for a repeat, and a new subscriber gets 80.
+    assert!(!state.repeats_retained("down/speed", &speed("60"), "stamp"));
+    assert!(state.repeats_retained("down/speed", &speed("80"), "stamp"));
+    assert_eq!(retained_for(&state, "down/#"), vec!["80".to_string()]);
+
+    // A clearing that fails clears nothing.
+    let failed = state
+        .publish_with(speed(""), failing_write())
+        .await
+        .unwrap();
+    assert!(failed.is_err());
+    assert_eq!(retained_for(&state, "down/#"), vec!["80".to_string()]);
+
+    // Two changes in a row, the newer one failing: the older one is what stays.
+    let older = state.publish(speed("70")).unwrap();
+    let newer = state.publish_with(speed("50"), failing_write());
+    assert!(older.await.unwrap().is_ok());
+    assert!(newer.await.unwrap().is_err());
+    assert!(state.repeats_retained("down/speed", &speed("70"), "stamp"));
+    assert_eq!(retained_for(&state, "down/#"), vec!["70".to_string()]);
+
+    // The redelivery is written, and a restart serves it.
+    state.publish(speed("60")).unwrap().await.unwrap().unwrap();
+    close(state, thread).await;
+    let (state, thread) = open(dir.path()).await;
+    assert!(state.repeats_retained("down/speed", &speed("60"), "stamp"));
+    assert_eq!(retained_for(&state, "down/#"), vec!["60".to_string()]);
+    close(state, thread).await;
+}
+
+#[tokio::test]
+async fn a_retained_message_is_served_before_its_commit_but_repeats_only_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, thread) = open(dir.path()).await;
+    let m = msg("down/speed", "80", QoS::AtLeastOnce, true);
+    // Held back in the store's queue: a job that waits until the test lets it go.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let blocker = state.db.submit(move |_| {
+        let _ = wait.recv();
+        Ok(())
+    });
+    let commit = state.publish(m.clone()).unwrap();
+    // A subscription read now gets it (it was routed), but it does not count as stored yet.
+    assert_eq!(retained_for(&state, "down/#"), vec!["80".to_string()]);
+    assert!(!state.repeats_retained("down/speed", &m, "stamp"));
+    go.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+    commit.await.unwrap().unwrap();
+    assert!(state.repeats_retained("down/speed", &m, "stamp"));
+    close(state, thread).await;
+}
