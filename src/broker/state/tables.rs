@@ -8,11 +8,12 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::broker::persist::Op;
-use crate::broker::retained::{Retained, RetainedWrite};
+use crate::broker::retained::Retained;
 use crate::broker::session::{Delivery, OutState, Session};
 use crate::broker::subscriptions::{shared_parts, Subscription};
 use crate::broker::{BrokerStats, Hooks};
 
+use super::writes::Writes;
 use super::NotOwner;
 use crate::message::{Message, QoS};
 use crate::topic;
@@ -196,20 +197,20 @@ impl Tables {
         Some(s)
     }
 
-    /// Queues `msg` for every matching session and applies its retain flag. Returns how many
-    /// sessions it was queued for, and the retained change to settle once `ops` commit.
+    /// Queues `msg` for every matching session and applies its retain flag (a change settled
+    /// when `w` commits). Returns how many sessions it was queued for.
     pub(super) fn route(
         &mut self,
         hooks: &dyn Hooks,
         limit: usize,
         msg: &Arc<Message>,
         publisher: Option<&str>,
-        ops: &mut Vec<Op>,
-    ) -> (usize, Option<RetainedWrite>) {
-        let mut retained_write = None;
+        w: &mut Writes,
+    ) -> usize {
+        let ops = &mut w.ops;
         if msg.retain {
             let (stored, write) = self.retained().apply(msg);
-            retained_write = Some(write);
+            w.retained = Some(write);
             if stored {
                 ops.push(Op::UpsertRetained(Arc::clone(msg)));
             } else {
@@ -263,6 +264,6 @@ impl Tables {
             };
             self.enqueue(&cid, d, limit, ops);
         }
-        (reached, retained_write)
+        reached
     }
 }

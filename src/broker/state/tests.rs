@@ -6,8 +6,12 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::*;
-use crate::broker::Protocol;
-use crate::store::{DbThread, Synchronous};
+use crate::broker::session::OutState;
+use crate::broker::subscriptions::Subscription;
+use crate::broker::{ClientInfo, Protocol};
+use crate::clock::Stamp;
+use crate::message::{Message, QoS};
+use crate::store::{DbThread, StoreWrite, Synchronous};
 
 struct NoHooks;
 impl Hooks for NoHooks {}
