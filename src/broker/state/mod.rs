@@ -117,4 +117,6 @@ impl BrokerState {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;
