@@ -225,6 +225,11 @@ async fn a_slow_old_connection_does_not_write_into_the_new_session() {
             .any(|p| matches!(p, p5::Packet::PubRec(r) if r.pkid == 7)),
         "the old connection acknowledged after losing the session: {closing:?}"
     );
+    assert!(
+        closing.iter().any(|p| matches!(p, p5::Packet::Disconnect(d)
+            if d.reason_code == p5::DisconnectReasonCode::SessionTakenOver)),
+        "the old connection was not told of the takeover: {closing:?}"
+    );
 
     // Packet id 7 on the new session is a new message, delivered once.
     new.send(pub5("orders", b"fresh", 2, 7, None)).await;
