@@ -3,12 +3,12 @@
 //! [`BrokerState`] is shared by every connection task, but its tables sit behind a private
 //! lock and only its methods touch them. Each method is one operation of the broker (attach a
 //! connection, subscribe, route a message, take an acknowledgement, detach, expire...): it
-//! makes the state change and submits the store writes that go with it, through the one
-//! helper of [`writes`] (lock → change → persist). An operation on a session names the
-//! connection that makes it (`conn_id`, numbered at CONNECT) and is refused with [`NotOwner`]
-//! once another connection holds the session. Critical sections are short and never span an
-//! `.await`; the only hook called with the lock held is `may_receive`, so any other hook may
-//! call back into [`super::BrokerHandle`].
+//! makes the state change and submits the store writes that go with it, always through
+//! `BrokerState::change` in [`writes`] (lock → change → persist). An operation on a session
+//! names the connection that makes it (`conn_id`, numbered at CONNECT) and is refused with
+//! [`NotOwner`] once another connection holds the session. Critical sections are short and
+//! never span an `.await`; the only hook called with the lock held is `may_receive`, so any
+//! other hook may call back into [`super::BrokerHandle`].
 //!
 //! The operations by role: [`recovery`] (start-up from the store), [`lifecycle`] (attach,
 //! detach, expiry), [`inbound`] (the client's QoS 2 packet ids), [`outbound`] (the in-flight
