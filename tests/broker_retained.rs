@@ -155,3 +155,45 @@ async fn retained_messages_survive_a_restart() {
     assert!(got.retain);
     assert_eq!(got.payload.as_ref(), b"green");
 }
+
+/// The downlink's case: the store write of a retained message fails (here the route version
+/// committed with it). Memory does not keep it, so the central broker's redelivery is not
+/// found unchanged and is written; after a restart the iPads get it, not the older value.
+#[tokio::test]
+async fn a_retained_message_that_failed_to_commit_is_taken_again_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let speed = |v: &str| trainrelay::message::Message {
+        topic: "down/speed".into(),
+        payload: v.to_string().into(),
+        qos: trainrelay::message::QoS::AtLeastOnce,
+        retain: true,
+        properties: Default::default(),
+        accepted: trainrelay::clock::Stamp::now(),
+        deadline: None,
+    };
+    b.handle.inject(speed("80")).await.unwrap();
+    let failing: trainrelay::store::StoreWrite =
+        Box::new(|_| Err(trainrelay::store::StoreError::Full));
+    assert!(b.handle.inject_with(speed("60"), failing).await.is_err());
+
+    // The redelivery, as the downlink handles it.
+    assert!(
+        !b.handle
+            .repeats_retained("down/speed", &speed("60"), "stamp"),
+        "a value the store does not hold was taken for unchanged"
+    );
+    b.handle.inject(speed("60")).await.unwrap();
+    assert!(b
+        .handle
+        .repeats_retained("down/speed", &speed("60"), "stamp"));
+    b.stop().await;
+
+    let b = TestBroker::start(dir.path()).await;
+    let mut s = v4(b.addr, "s", true).await;
+    s.subscribe("down/#", qos4(1)).await;
+    let got = s.publish().await;
+    assert!(got.retain);
+    assert_eq!(got.payload.as_ref(), b"60");
+    assert!(s.no_publish_within(Duration::from_millis(300)).await);
+}

@@ -150,3 +150,90 @@ async fn response_topic_and_correlation_data_reach_the_subscriber() {
         Some(&b"corr-17"[..])
     );
 }
+
+/// A persistent v5 member on a raw socket (session expiry 600 s).
+async fn persistent_member(
+    addr: std::net::SocketAddr,
+    id: &str,
+    clean_start: bool,
+) -> (Raw5, bool) {
+    let c = p5::Connect {
+        keep_alive: 0,
+        client_id: id.into(),
+        clean_start,
+        properties: Some(p5::ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..p5::ConnectProperties::new()
+        }),
+    };
+    let (raw, ack) = Raw5::connect(addr, c, None).await;
+    assert_eq!(ack.code, p5::ConnectReturnCode::Success);
+    (raw, ack.session_present)
+}
+
+async fn expect_publish(c: &mut Raw5, payload: &[u8]) -> p5::Publish {
+    match c.recv().await {
+        Some(Packet::Publish(m)) => {
+            assert_eq!(m.payload.as_ref(), payload, "{m:?}");
+            m
+        }
+        other => panic!("expected the PUBLISH of {payload:?}, got {other:?}"),
+    }
+}
+
+/// MQTT 5 §4.8.2: a QoS 2 message sent to a member whose connection breaks is completed with
+/// that member when it reconnects, and never sent to another member; a QoS 1 message it left
+/// unacknowledged goes to another member.
+#[tokio::test]
+async fn a_qos2_message_sent_to_a_member_that_leaves_stays_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    // Members in client id order: "a-member" gets the first and third message.
+    let (mut a, _) = persistent_member(b.addr, "a-member", true).await;
+    a.send(Packet::Subscribe(rumqttc::v5::mqttbytes::v5::Subscribe {
+        pkid: 1,
+        filters: vec![filter("$share/g/orders", 2)],
+        properties: None,
+    }))
+    .await;
+    assert!(matches!(a.recv().await, Some(Packet::SubAck(_))));
+    let mut other = v5(b.addr, "b-other", |_| {}).await;
+    other.subscribe(filter("$share/g/orders", 2)).await;
+    let p = v5(b.addr, "pub", |_| {}).await;
+    for (payload, qos) in [("exactly once", 2), ("one", 1), ("two", 1)] {
+        p.client
+            .publish("orders", qos5(qos), false, payload)
+            .await
+            .unwrap();
+    }
+    let sent = expect_publish(&mut a, b"exactly once").await;
+    assert_eq!(sent.qos, qos5(2));
+    assert_eq!(other.publish().await.payload.as_ref(), b"one");
+    expect_publish(&mut a, b"two").await;
+
+    // Gone with both unacknowledged: the QoS 1 message goes to the other member, the QoS 2
+    // message does not.
+    drop(a);
+    assert_eq!(other.publish().await.payload.as_ref(), b"two");
+    assert!(other.no_publish_within(Duration::from_millis(500)).await);
+
+    // Back: the member gets it again and completes it.
+    let (mut a, present) = persistent_member(b.addr, "a-member", false).await;
+    assert!(present);
+    let again = expect_publish(&mut a, b"exactly once").await;
+    assert!(again.dup);
+    assert_eq!(again.pkid, sent.pkid);
+    a.send(Packet::PubRec(p5::PubRec::new(sent.pkid, None)))
+        .await;
+    assert!(matches!(a.recv().await, Some(Packet::PubRel(r)) if r.pkid == sent.pkid));
+
+    // Gone between PUBREL and PUBCOMP: still nobody else's; the PUBREL comes again.
+    drop(a);
+    let (mut a, present) = persistent_member(b.addr, "a-member", false).await;
+    assert!(present);
+    assert!(matches!(a.recv().await, Some(Packet::PubRel(r)) if r.pkid == sent.pkid));
+    a.send(Packet::PubComp(p5::PubComp::new(sent.pkid, None)))
+        .await;
+    assert!(a.recv_within(Duration::from_millis(300)).await.is_none());
+    assert!(other.no_publish_within(Duration::from_millis(200)).await);
+}

@@ -167,3 +167,81 @@ async fn eventually_connect_seen(b: &TestBroker) {
     })
     .await;
 }
+
+/// A v5 connection with session expiry 600 s on a raw socket.
+async fn raw_session(addr: std::net::SocketAddr, id: &str, clean_start: bool) -> Raw5 {
+    let c = p5::Connect {
+        keep_alive: 0,
+        client_id: id.into(),
+        clean_start,
+        properties: Some(p5::ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..p5::ConnectProperties::new()
+        }),
+    };
+    let (raw, ack) = Raw5::connect(addr, c, None).await;
+    assert_eq!(ack.code, p5::ConnectReturnCode::Success);
+    raw
+}
+
+/// The old connection is slow: its QoS 2 PUBLISH gets its verdict only after another
+/// connection took the session over (it waits for it after its DISCONNECT). It must not record
+/// its packet id in the new session, where the same id then names a new message; nor deliver
+/// a message whose PUBREC it can no longer send.
+#[tokio::test]
+async fn a_slow_old_connection_does_not_write_into_the_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mut watch = v5(b.addr, "watch", |_| {}).await;
+    watch.subscribe(filter("orders", 2)).await;
+
+    b.hooks.set_mode(IngestMode::Hold);
+    let mut old = raw_session(b.addr, "cab", true).await;
+    let mut bytes = BytesMut::new();
+    pub5("orders", b"stale", 2, 7, None)
+        .write(&mut bytes, None)
+        .unwrap();
+    p5::Packet::Disconnect(p5::Disconnect::new(
+        p5::DisconnectReasonCode::NormalDisconnection,
+    ))
+    .write(&mut bytes, None)
+    .unwrap();
+    old.send_bytes(&bytes).await.unwrap();
+    let hooks = b.hooks.clone();
+    eventually("the old connection's PUBLISH at ingest", || {
+        hooks.held() == 1
+    })
+    .await;
+    // The DISCONNECT came in the same read: the old connection now waits for the verdict.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut new = raw_session(b.addr, "cab", true).await;
+    b.hooks.set_mode(IngestMode::Accept);
+    b.hooks.release(Ok(()));
+    let closing = old.until_closed().await;
+    assert!(
+        !closing
+            .iter()
+            .any(|p| matches!(p, p5::Packet::PubRec(r) if r.pkid == 7)),
+        "the old connection acknowledged after losing the session: {closing:?}"
+    );
+    assert!(
+        closing.iter().any(|p| matches!(p, p5::Packet::Disconnect(d)
+            if d.reason_code == p5::DisconnectReasonCode::SessionTakenOver)),
+        "the old connection was not told of the takeover: {closing:?}"
+    );
+
+    // Packet id 7 on the new session is a new message, delivered once.
+    new.send(pub5("orders", b"fresh", 2, 7, None)).await;
+    assert!(matches!(new.recv().await, Some(p5::Packet::PubRec(r)) if r.pkid == 7));
+    new.send(p5::Packet::PubRel(p5::PubRel::new(7, None))).await;
+    match new.recv().await {
+        Some(p5::Packet::PubComp(c)) => {
+            assert_eq!(c.pkid, 7);
+            assert_eq!(c.reason, p5::PubCompReason::Success);
+        }
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    assert_eq!(watch.publish().await.payload.as_ref(), b"fresh");
+    assert!(watch.no_publish_within(Duration::from_millis(300)).await);
+}

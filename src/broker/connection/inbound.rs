@@ -112,23 +112,35 @@ impl Conn {
         match p {
             Inbound::Publish(p) => self.on_publish(p).await,
             Inbound::PubAck(pkid) => {
-                self.state
-                    .acknowledged(&self.info.client_id, pkid, OutState::Puback);
-                Ok(())
+                let acked = self.state.acknowledged(
+                    &self.info.client_id,
+                    self.conn_id,
+                    pkid,
+                    OutState::Puback,
+                );
+                self.owns(acked, "PUBACK")
             }
             Inbound::PubRec { pkid, failed } => {
-                if self.state.received(&self.info.client_id, pkid, failed) {
+                let release = self
+                    .state
+                    .received(&self.info.client_id, self.conn_id, pkid, failed);
+                if self.owns(release, "PUBREC")? {
                     self.queue(Outbound::PubRel { pkid });
                 }
                 Ok(())
             }
             Inbound::PubComp(pkid) => {
-                self.state
-                    .acknowledged(&self.info.client_id, pkid, OutState::Pubcomp);
-                Ok(())
+                let acked = self.state.acknowledged(
+                    &self.info.client_id,
+                    self.conn_id,
+                    pkid,
+                    OutState::Pubcomp,
+                );
+                self.owns(acked, "PUBCOMP")
             }
             Inbound::PubRel(pkid) => {
-                let found = self.state.release(&self.info.client_id, pkid);
+                let found = self.state.release(&self.info.client_id, self.conn_id, pkid);
+                let found = self.owns(found, "PUBREL")?;
                 self.unreleased.remove(&pkid);
                 self.queue(Outbound::PubComp {
                     pkid,
@@ -141,10 +153,7 @@ impl Conn {
                 filters,
                 sub_id,
             } => self.on_subscribe(pkid, filters, sub_id).await,
-            Inbound::Unsubscribe { pkid, filters } => {
-                self.on_unsubscribe(pkid, filters);
-                Ok(())
-            }
+            Inbound::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters),
             Inbound::PingReq => {
                 self.queue(Outbound::PingResp);
                 Ok(())
@@ -163,7 +172,8 @@ impl Conn {
                             )
                             .await);
                     }
-                    self.state.set_expiry(&self.info.client_id, e);
+                    let set = self.state.set_expiry(&self.info.client_id, self.conn_id, e);
+                    self.owns(set, "DISCONNECT's Session Expiry Interval")?;
                 }
                 // Messages sent before DISCONNECT are still owed their delivery.
                 self.settle_pending().await?;

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use self::handshake::{PreConnect, PreError};
 use self::uncommitted::{Uncommitted, Verdict};
 use super::codec::{self, Outbound};
-use super::state::BrokerState;
+use super::state::{BrokerState, NotOwner};
 use super::{BrokerEvent, ClientInfo, Protocol, RejectReason};
 use crate::shutdown::Shutdown;
 
@@ -173,6 +173,10 @@ pub async fn serve(
         return;
     };
     let end = conn.run(shutdown).await;
+    if matches!(end, ConnectionEnd::TakenOver) {
+        // What was queued before the session was found taken over, DISCONNECT 0x8E last.
+        let _ = conn.write_out().await;
+    }
     conn.finish(end);
     linger(&mut conn.reader, &mut conn.writer).await;
 }
@@ -254,6 +258,21 @@ impl Conn {
                 "client did not read for {WRITE_TIMEOUT:?}"
             ))),
         }
+    }
+
+    /// The outcome of a session operation; refused ([`NotOwner`]) once another connection took
+    /// the session over, which ends this connection with nothing changed (and DISCONNECT 0x8E,
+    /// written as it ends).
+    fn owns<T>(&mut self, r: Result<T, NotOwner>, what: &str) -> Result<T, ConnectionEnd> {
+        r.map_err(|NotOwner| {
+            log::info!(
+                "local broker: '{}' ({}): {what} ignored: the session is held by a newer connection",
+                self.info.client_id,
+                self.info.peer
+            );
+            self.queue(Outbound::Disconnect { reason: 0x8E });
+            ConnectionEnd::TakenOver
+        })
     }
 
     /// Sends a v5 DISCONNECT (3.1.1 has none) and counts a protocol error.

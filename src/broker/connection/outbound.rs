@@ -18,9 +18,9 @@ impl Conn {
     /// After a session resumes, sends again what the client has not acknowledged.
     pub(super) async fn resend_inflight(&mut self) -> Result<(), ConnectionEnd> {
         let now = Stamp::now();
+        let in_flight = self.state.in_flight(&self.info.client_id, self.conn_id);
         let packets: Vec<Outbound> = self
-            .state
-            .in_flight(&self.info.client_id)
+            .owns(in_flight, "resending in-flight messages")?
             .iter()
             .map(|f| match f.state {
                 OutState::Pubcomp => Outbound::PubRel { pkid: f.pkid },
@@ -41,7 +41,8 @@ impl Conn {
         let out_alias_max = self.out_alias_max;
         let out_aliases = &mut self.out_aliases;
         let wbuf = &mut self.wbuf;
-        self.state
+        let sent = self
+            .state
             .send_queued(&self.info.client_id, self.conn_id, FLUSH_BATCH, |f| {
                 let mut publish = out_publish(f, false, &now);
                 // Topic alias: a known topic is sent as its alias alone; a new one gets the
@@ -69,6 +70,7 @@ impl Conn {
                     ))),
                 }
             });
+        self.owns(sent, "sending queued messages")?;
         self.write_out().await
     }
 }

@@ -81,8 +81,10 @@ impl Conn {
                 .await);
         }
         if p.qos == QoS::ExactlyOnce {
-            let duplicate = self.state.is_awaiting_release(&self.info.client_id, p.pkid);
-            if duplicate {
+            let duplicate =
+                self.state
+                    .is_awaiting_release(&self.info.client_id, self.conn_id, p.pkid);
+            if self.owns(duplicate, "QoS 2 PUBLISH")? {
                 // Already accepted and PUBREC'd: acknowledge again, deliver nothing.
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
@@ -222,6 +224,18 @@ impl Conn {
         p: PendingIn,
         result: Result<(), RejectReason>,
     ) -> Result<(), ConnectionEnd> {
+        // QoS 2: the packet id is recorded before the message goes anywhere (MQTT 5 §4.3.3
+        // method B), and only while this connection holds the session: a connection taken
+        // over meanwhile routes nothing, and the client's resend on its new connection is
+        // the one delivered.
+        let acknowledged = result.is_ok() || (p.acl_denied && self.protocol == Protocol::V311);
+        if p.qos == QoS::ExactlyOnce && acknowledged {
+            let recorded = self
+                .state
+                .await_release(&self.info.client_id, self.conn_id, p.pkid);
+            self.owns(recorded, "QoS 2 PUBLISH")?;
+            self.unreleased.insert(p.pkid);
+        }
         let code = match result {
             Ok(()) => {
                 let reached = self.state.publish_from(&self.info.client_id, p.msg);
@@ -261,10 +275,6 @@ impl Conn {
                 reason: code,
             }),
             QoS::ExactlyOnce => {
-                if code < 0x80 {
-                    self.state.await_release(&self.info.client_id, p.pkid);
-                    self.unreleased.insert(p.pkid);
-                }
                 self.queue(Outbound::PubRec {
                     pkid: p.pkid,
                     reason: code,

@@ -59,7 +59,10 @@ impl Conn {
                 (idx, sub)
             })
             .unzip();
-        let refused = self.state.subscribe(&self.info.client_id, subs);
+        let refused = self
+            .state
+            .subscribe(&self.info.client_id, self.conn_id, subs);
+        let refused = self.owns(refused, "SUBSCRIBE")?;
         for (idx, refused) in idx.into_iter().zip(refused) {
             if let Some(c) = codes.get_mut(idx).filter(|_| refused) {
                 *c = if v5 { 0x97 } else { 0x80 };
@@ -70,8 +73,16 @@ impl Conn {
         self.write_out().await
     }
 
-    pub(super) fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
-        let codes = self.state.unsubscribe(&self.info.client_id, filters);
+    pub(super) fn on_unsubscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<String>,
+    ) -> Result<(), ConnectionEnd> {
+        let codes = self
+            .state
+            .unsubscribe(&self.info.client_id, self.conn_id, filters);
+        let codes = self.owns(codes, "UNSUBSCRIBE")?;
         self.queue(Outbound::UnsubAck { pkid, codes });
+        Ok(())
     }
 }

@@ -5,20 +5,24 @@
 //! appends the store writes it implies to `ops`; the caller submits them under the same lock.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::broker::persist::Op;
 use crate::broker::retained::Retained;
 use crate::broker::session::{Delivery, OutState, Session};
 use crate::broker::subscriptions::{shared_parts, Subscription};
 use crate::broker::{BrokerStats, Hooks};
+
+use super::writes::Writes;
+use super::NotOwner;
 use crate::message::{Message, QoS};
 use crate::topic;
 
 /// What the lock guards. Only [`super::BrokerState`]'s methods reach it.
 pub(super) struct Tables {
     pub(super) sessions: HashMap<String, Session>,
-    pub(super) retained: Retained,
+    /// Shared with the store's writer thread, which settles retained changes as they commit.
+    pub(super) retained: Arc<Mutex<Retained>>,
     pub(super) stats: BrokerStats,
     /// Round-robin position per shared subscription (`$share/{group}/{filter}`).
     pub(super) share_turn: HashMap<String, usize>,
@@ -27,6 +31,23 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// The retained messages; poisoning is ignored as for the tables' own lock.
+    pub(super) fn retained(&self) -> MutexGuard<'_, Retained> {
+        self.retained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session of `client_id` if connection `conn_id` holds it.
+    pub(super) fn owned(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+    ) -> Result<&mut Session, NotOwner> {
+        self.sessions
+            .get_mut(client_id)
+            .filter(|s| s.conn.as_ref().is_some_and(|c| c.conn_id == conn_id))
+            .ok_or(NotOwner)
+    }
+
     /// Queues a delivery for one session, persisting it if the session is persistent.
     pub(super) fn enqueue(
         &mut self,
@@ -105,10 +126,12 @@ impl Tables {
         Some((cid.clone(), sub.clone()))
     }
 
-    /// Hands the unacknowledged messages a leaving member got through shared subscriptions
-    /// to another connected member of the same group (MQTT 5 §4.8.2); with no other member
-    /// connected they stay with the session. QoS 2 messages already PUBREC'd stay: the
-    /// member has them.
+    /// Hands the messages a leaving member got through shared subscriptions and has not
+    /// acknowledged to another connected member of the same group (MQTT 5 §4.8.2): those not
+    /// sent yet and QoS 1 ones awaiting PUBACK. A QoS 2 message once sent stays with the
+    /// member whatever its state ([MQTT-4.8.2-4]: its delivery is completed when the member
+    /// reconnects; [MQTT-4.8.2-5]: no other member gets it, also if the session ends). With
+    /// no other member connected everything stays with the session.
     pub(super) fn reassign_shared(
         &mut self,
         hooks: &dyn Hooks,
@@ -122,7 +145,7 @@ impl Tables {
         let mut taken = Vec::new();
         let mut keep_inflight = VecDeque::new();
         for f in s.inflight.drain(..) {
-            if f.delivery.shared.is_some() && f.state != OutState::Pubcomp {
+            if f.delivery.shared.is_some() && f.state == OutState::Puback {
                 taken.push(f.delivery);
             } else {
                 keep_inflight.push_back(f);
@@ -174,18 +197,21 @@ impl Tables {
         Some(s)
     }
 
-    /// Queues `msg` for every matching session and applies its retain flag. Returns how many
-    /// sessions it was queued for.
+    /// Queues `msg` for every matching session and applies its retain flag (a change settled
+    /// when `w` commits). Returns how many sessions it was queued for.
     pub(super) fn route(
         &mut self,
         hooks: &dyn Hooks,
         limit: usize,
         msg: &Arc<Message>,
         publisher: Option<&str>,
-        ops: &mut Vec<Op>,
+        w: &mut Writes,
     ) -> usize {
+        let ops = &mut w.ops;
         if msg.retain {
-            if self.retained.apply(msg) {
+            let (stored, write) = self.retained().apply(msg);
+            w.retained = Some(write);
+            if stored {
                 ops.push(Op::UpsertRetained(Arc::clone(msg)));
             } else {
                 ops.push(Op::DeleteRetained {
