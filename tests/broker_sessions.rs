@@ -260,3 +260,68 @@ async fn incoming_qos2_awaiting_pubrel_survives_a_restart() {
         other => panic!("{other:?}"),
     }
 }
+
+/// MQTT 5 §4.4: a resumed session gets its unacknowledged PUBRELs again. A QoS 2 message the
+/// client answered with PUBREC before the broker restarted is not sent again after the
+/// restart; its PUBREL is, under the packet id of that PUBREC, and PUBCOMP completes it.
+#[tokio::test]
+async fn outgoing_qos2_answered_with_pubrec_gets_its_pubrel_after_a_restart() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, PubComp, PubRec, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start(dir.path()).await;
+    let mk = |clean| Connect {
+        keep_alive: 0,
+        client_id: "q2out".into(),
+        clean_start: clean,
+        properties: Some(ConnectProperties {
+            session_expiry_interval: Some(600),
+            ..ConnectProperties::new()
+        }),
+    };
+    let (mut c, _) = Raw5::connect(b.addr, mk(true), None).await;
+    let mut sub = Subscribe::new(
+        Filter::new("down/q2", rumqttc::v5::mqttbytes::QoS::ExactlyOnce),
+        None,
+    );
+    sub.pkid = 1;
+    c.send(Packet::Subscribe(sub)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    let msg = trainrelay::message::Message {
+        topic: "down/q2".into(),
+        payload: "stop at km 12".into(),
+        qos: trainrelay::message::QoS::ExactlyOnce,
+        retain: false,
+        properties: Default::default(),
+        accepted: trainrelay::clock::Stamp::now(),
+        deadline: None,
+    };
+    b.handle.inject(msg).await.unwrap();
+    let pkid = match c.recv().await {
+        Some(Packet::Publish(p)) => p.pkid,
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    };
+    c.send(Packet::PubRec(PubRec::new(pkid, None))).await;
+    // The PUBREL comes; the client does not complete it before the broker goes away.
+    assert!(matches!(c.recv().await, Some(Packet::PubRel(r)) if r.pkid == pkid));
+    // The PUBREC's row change was submitted before the PUBREL was sent; stopping the broker
+    // joins the store's writer, which commits everything submitted.
+    b.stop().await;
+    drop(c);
+
+    let b = TestBroker::start(dir.path()).await;
+    let (mut c, ack) = Raw5::connect(b.addr, mk(false), None).await;
+    assert!(ack.session_present);
+    match c.recv_within(Duration::from_secs(5)).await {
+        Some(Packet::PubRel(r)) => assert_eq!(r.pkid, pkid),
+        other => panic!("expected the PUBREL of packet id {pkid} again, got {other:?}"),
+    }
+    c.send(Packet::PubComp(PubComp::new(pkid, None))).await;
+    // Completed: nothing more comes, on this connection or after another restart.
+    assert!(c.recv_within(Duration::from_millis(300)).await.is_none());
+    b.stop().await;
+    drop(c);
+    let b = TestBroker::start(dir.path()).await;
+    let (mut c, ack) = Raw5::connect(b.addr, mk(false), None).await;
+    assert!(ack.session_present);
+    assert!(c.recv_within(Duration::from_millis(500)).await.is_none());
+}

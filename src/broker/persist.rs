@@ -7,7 +7,8 @@
 //!
 //! Outgoing in-flight bookkeeping (packet ids) is not stored: after a restart every stored
 //! message is sent again (as a new delivery with DUP=0), except that a QoS 2 message the client
-//! already acknowledged with PUBREC is remembered (`released`) and not sent again. Incoming
+//! already acknowledged with PUBREC is remembered (`released`, with the PUBREC's packet id) and
+//! not sent again: its PUBREL is, under that packet id, as MQTT asks of a resumed session. Incoming
 //! QoS 2 packet ids awaiting PUBREL are stored, so a client's resend after a restart is still
 //! recognised as a duplicate.
 
@@ -53,8 +54,11 @@ pub enum Op {
     DeleteMsg {
         seq: i64,
     },
+    /// The client answered the QoS 2 message `seq` with PUBREC under packet id `pkid`: the
+    /// message is not sent again, its PUBREL is (also after a restart).
     ReleaseMsg {
         seq: i64,
+        pkid: u16,
     },
     /// A QoS 2 packet id acknowledged with PUBREC, until PUBREL.
     InsertIncoming {
@@ -168,10 +172,11 @@ pub fn apply(conn: &Connection, ops: &[Op]) -> Result<(), StoreError> {
                     params![seq],
                 )?;
             }
-            Op::ReleaseMsg { seq } => {
+            Op::ReleaseMsg { seq, pkid } => {
                 conn.execute(
-                    "UPDATE broker_session_messages SET released = 1 WHERE seq = ?1",
-                    params![seq],
+                    "UPDATE broker_session_messages SET released = 1, released_pkid = ?2 \
+                     WHERE seq = ?1",
+                    params![seq, pkid],
                 )?;
             }
             Op::InsertIncoming { client_id, pkid } => {
@@ -247,8 +252,9 @@ pub struct LoadedSession {
     pub expiry_secs: u32,
     pub disconnected_wall: Option<i64>,
     pub subs: Vec<Subscription>,
-    /// Queued messages in order, with whether the client already sent PUBREC for it.
-    pub messages: Vec<(Delivery, bool)>,
+    /// Queued messages in order, each with the packet id of the client's PUBREC for it, if
+    /// it sent one (`Some(None)`: a PUBREC stored before packet ids were kept).
+    pub messages: Vec<(Delivery, Option<Option<u16>>)>,
     /// QoS 2 packet ids from the client that await PUBREL.
     pub incoming_qos2: Vec<u16>,
 }
@@ -301,7 +307,8 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
         }
         let mut st = conn.prepare(
             "SELECT seq, topic, payload, msg_qos, qos, msg_retain, retain, props, sub_ids,
-                    accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, released
+                    accepted_wall, accepted_boot, boot_id, deadline_wall, deadline_boot, released,
+                    released_pkid
              FROM broker_session_messages WHERE client_id = ?1 ORDER BY seq",
         )?;
         let rows = st.query_map(params![s.client_id], |r| {
@@ -333,7 +340,13 @@ pub fn load(conn: &Connection) -> Result<Loaded, StoreError> {
                     sub_ids: serde_json::from_str(&sub_ids).unwrap_or_default(),
                     seq: Some(r.get(0)?),
                 },
-                r.get::<_, bool>(14)?,
+                r.get::<_, bool>(14)?.then(|| {
+                    r.get::<_, Option<i64>>(15)
+                        .ok()
+                        .flatten()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p != 0)
+                }),
             ))
         })?;
         for m in rows {

@@ -192,6 +192,11 @@ const MIGRATIONS: &[Migration] = &[
     INSERT INTO route_ledger (route, accepted)
         SELECT route, COUNT(*) FROM uplink_queue GROUP BY route;
     "#),
+    // 9: the packet id of the client's PUBREC for a released QoS 2 message, so its PUBREL is
+    // sent again after a restart (NULL for rows released before).
+    Sql(r#"
+    ALTER TABLE broker_session_messages ADD COLUMN released_pkid INTEGER;
+    "#),
 ];
 
 /// The schema version this build writes.

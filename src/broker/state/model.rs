@@ -293,16 +293,26 @@ impl Model {
         self.sessions.retain(|_, s| s.persistent);
         for s in self.sessions.values_mut() {
             s.connected = false;
-            let mut stored: Vec<Owed> = s
+            // A stored message the client answered with PUBREC stays in flight, its PUBREL
+            // owed (in row order); the rest is queued again in row order.
+            let (mut released, rest): (Vec<_>, Vec<_>) = s
                 .inflight
                 .drain(..)
-                .filter(|(_, state)| *state != OutState::Pubcomp)
+                .filter(|(d, _)| d.seq.is_some())
+                .partition(|(_, state)| *state == OutState::Pubcomp);
+            released.sort_by_key(|(d, _)| d.seq);
+            let mut stored: Vec<Owed> = rest
+                .into_iter()
                 .map(|(d, _)| d)
                 .chain(s.queue.drain(..))
                 .filter(|d| d.seq.is_some())
                 .map(|d| Owed { shared: None, ..d })
                 .collect();
             stored.sort_by_key(|d| d.seq);
+            s.inflight = released
+                .into_iter()
+                .map(|(d, state)| (Owed { shared: None, ..d }, state))
+                .collect();
             s.queue = stored.into();
         }
     }

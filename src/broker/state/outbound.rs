@@ -62,7 +62,7 @@ impl BrokerState {
             }
             if let Some(f) = s.inflight.get_mut(pos) {
                 f.state = OutState::Pubcomp;
-                ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq }));
+                ops.extend(f.delivery.seq.map(|seq| Op::ReleaseMsg { seq, pkid }));
             }
             true
         })

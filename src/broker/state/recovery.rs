@@ -14,7 +14,7 @@ use super::BrokerState;
 use crate::broker::limits::Admission;
 use crate::broker::persist::{self, Op};
 use crate::broker::retained::Retained;
-use crate::broker::session::Session;
+use crate::broker::session::{Inflight, OutState, Session};
 use crate::broker::{BrokerConfig, BrokerStats, Hooks};
 use crate::clock::Stamp;
 use crate::store::{Db, StoreError};
@@ -67,13 +67,21 @@ impl BrokerState {
                 s.subs.insert(sub);
             }
             for (d, released) in ls.messages {
-                if released || d.msg.is_expired(&now) {
-                    if let Some(seq) = d.seq {
-                        ops.push(Op::DeleteMsg { seq });
+                match released {
+                    // PUBREC'd: the client has it; what it still needs is the PUBREL, under
+                    // the packet id it answered (expiry no longer applies).
+                    Some(Some(pkid)) => s.inflight.push_back(Inflight {
+                        pkid,
+                        delivery: d,
+                        state: OutState::Pubcomp,
+                    }),
+                    // PUBREC'd in a store that did not keep the packet id, or expired.
+                    Some(None) => ops.extend(d.seq.map(|seq| Op::DeleteMsg { seq })),
+                    None if d.msg.is_expired(&now) => {
+                        ops.extend(d.seq.map(|seq| Op::DeleteMsg { seq }))
                     }
-                    continue;
+                    None => s.queue.push_back(d),
                 }
-                s.queue.push_back(d);
             }
             s.incoming_qos2.extend(ls.incoming_qos2);
             s.expires_at = Some(now.plus(Duration::from_millis(left as u64)));
