@@ -406,7 +406,13 @@ async fn wait_connected(
 async fn publish_on(cluster: &Cluster, i: usize, id: &str, topic: &str, payload: &str) {
     let deadline = Instant::now() + RECOVERY;
     loop {
-        let mut c = V4Client::connect(cluster.nodes[i].mqtt, id, true).await;
+        // A node busy with leader elections may not answer a CONNECT in time either.
+        let Some(mut c) =
+            V4Client::try_connect(cluster.nodes[i].mqtt, id, true, Duration::from_secs(10)).await
+        else {
+            assert!(Instant::now() < deadline, "no CONNACK from node {i}");
+            continue;
+        };
         c.client
             .publish(
                 topic,

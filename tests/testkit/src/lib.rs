@@ -543,6 +543,19 @@ impl Drop for V4Client {
 
 impl V4Client {
     pub async fn connect(port: u16, id: &str, clean: bool) -> V4Client {
+        V4Client::try_connect(port, id, clean, Duration::from_secs(10))
+            .await
+            .expect("no CONNACK within 10 s")
+    }
+
+    /// [`V4Client::connect`], or `None` when no CONNACK comes `within` (a broker still
+    /// electing its leaders).
+    pub async fn try_connect(
+        port: u16,
+        id: &str,
+        clean: bool,
+        within: Duration,
+    ) -> Option<V4Client> {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(clean);
@@ -570,15 +583,17 @@ impl V4Client {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("no CONNACK within 10 s")
-            .expect("client task ended");
-        V4Client {
-            client,
-            messages,
-            acks,
-            task,
+        match tokio::time::timeout(within, ready_rx).await {
+            Ok(Ok(())) => Some(V4Client {
+                client,
+                messages,
+                acks,
+                task,
+            }),
+            _ => {
+                task.abort();
+                None
+            }
         }
     }
 
