@@ -225,18 +225,35 @@ fn commit(conn: &Connection, batch: &mut Vec<Job>) {
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::Connection;
+
     use crate::store::{Db, StoreError, Synchronous};
+
+    /// A job inserting `key` into `meta`.
+    fn insert(key: &'static str) -> impl FnOnce(&Connection) -> Result<(), StoreError> {
+        move |c| {
+            c.execute("INSERT INTO meta(key, value) VALUES (?1, '1')", [key])?;
+            Ok(())
+        }
+    }
+
+    /// Rows of `meta` with `key`, as the reader sees them.
+    async fn count(db: &Db, key: &'static str) -> i64 {
+        db.read(move |c| {
+            Ok(
+                c.query_row("SELECT COUNT(*) FROM meta WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .await
+        .unwrap()
+    }
 
     #[tokio::test]
     async fn a_deferred_job_rides_with_the_next_prompt_one() {
         let dir = tempfile::tempdir().unwrap();
         let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Full).unwrap();
-        let insert = |key: &'static str| {
-            move |c: &rusqlite::Connection| -> Result<(), StoreError> {
-                c.execute("INSERT INTO meta(key, value) VALUES (?1, '1')", [key])?;
-                Ok(())
-            }
-        };
         let mut deferred = db.submit_deferred(insert("t-deferred"), |r| r);
         // Waits up to 25 ms for company; the prompt job comes at once.
         let prompt = db.submit_fail_first(insert("t-prompt"), |r| r);
@@ -251,25 +268,9 @@ mod tests {
     async fn a_deferred_job_alone_still_commits() {
         let dir = tempfile::tempdir().unwrap();
         let (db, thread) = Db::open(&dir.path().join("s.db"), Synchronous::Full).unwrap();
-        let answer = db.submit_deferred(
-            |c| {
-                c.execute("INSERT INTO meta(key, value) VALUES ('t-alone', '1')", [])?;
-                Ok(())
-            },
-            |r| r,
-        );
+        let answer = db.submit_deferred(insert("t-alone"), |r| r);
         answer.await.unwrap().unwrap();
-        let n: i64 = db
-            .read(|c| {
-                Ok(
-                    c.query_row("SELECT COUNT(*) FROM meta WHERE key = 't-alone'", [], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(count(&db, "t-alone").await, 1);
         drop(db);
         thread.join();
     }
@@ -279,28 +280,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let (db, thread) = Db::open(&path, Synchronous::Full).unwrap();
-        let answer = db.submit_deferred(
-            |c| {
-                c.execute("INSERT INTO meta(key, value) VALUES ('t-last', '1')", [])?;
-                Ok(())
-            },
-            |r| r,
-        );
+        let answer = db.submit_deferred(insert("t-last"), |r| r);
         drop(db);
         thread.join();
         answer.await.unwrap().unwrap();
         let (db, thread) = Db::open(&path, Synchronous::Full).unwrap();
-        let n: i64 = db
-            .read(|c| {
-                Ok(
-                    c.query_row("SELECT COUNT(*) FROM meta WHERE key = 't-last'", [], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(count(&db, "t-last").await, 1);
         drop(db);
         thread.join();
     }

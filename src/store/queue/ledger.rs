@@ -29,16 +29,31 @@ pub enum Entry {
 }
 
 impl Entry {
-    fn column(self) -> &'static str {
+    /// The upsert that adds `?2` to route `?1`'s count of this entry (a literal per entry, so
+    /// the hot path formats nothing).
+    fn upsert(self) -> &'static str {
+        macro_rules! upsert {
+            ($column:literal) => {
+                concat!(
+                    "INSERT INTO route_ledger (route, ",
+                    $column,
+                    ") VALUES (?1, ?2) ON CONFLICT (route) DO UPDATE SET ",
+                    $column,
+                    " = ",
+                    $column,
+                    " + ?2"
+                )
+            };
+        }
         match self {
-            Entry::Accepted => "accepted",
-            Entry::Requeued => "requeued",
-            Entry::Delivered => "delivered",
-            Entry::Expired => "expired",
-            Entry::StoreFull => "store_full",
-            Entry::Conflated => "conflated",
-            Entry::DeadLetter => "dead_letter",
-            Entry::Corrupt => "corrupt",
+            Entry::Accepted => upsert!("accepted"),
+            Entry::Requeued => upsert!("requeued"),
+            Entry::Delivered => upsert!("delivered"),
+            Entry::Expired => upsert!("expired"),
+            Entry::StoreFull => upsert!("store_full"),
+            Entry::Conflated => upsert!("conflated"),
+            Entry::DeadLetter => upsert!("dead_letter"),
+            Entry::Corrupt => upsert!("corrupt"),
         }
     }
 }
@@ -48,15 +63,11 @@ pub(super) fn add(conn: &Connection, route: &str, entry: Entry, n: u64) -> Resul
     if n == 0 {
         return Ok(());
     }
-    let column = entry.column();
-    conn.prepare_cached(&format!(
-        "INSERT INTO route_ledger (route, {column}) VALUES (?1, ?2) \
-         ON CONFLICT (route) DO UPDATE SET {column} = {column} + ?2"
-    ))?
-    .execute(rusqlite::params![
-        route,
-        i64::try_from(n).unwrap_or(i64::MAX)
-    ])?;
+    conn.prepare_cached(entry.upsert())?
+        .execute(rusqlite::params![
+            route,
+            i64::try_from(n).unwrap_or(i64::MAX)
+        ])?;
     Ok(())
 }
 
